@@ -1,0 +1,23 @@
+"""FreeFuse's method itself: masks from attention (stage 1) and masked LoRA outputs (stage 2).
+
+Depends on torch, numpy and scikit-image only; never on Forge or gradio.
+"""
+
+from .config import MaskConfig
+from .lora import StackedLoRA, masked_lora_delta
+from .masks import extract_masks
+from .prompt import SubjectTokens, find_subject_tokens, split_phrases
+from .schedule import default_capture_step
+from .superpixel import pixel_masks_to_tokens
+
+__all__ = [
+    "MaskConfig",
+    "StackedLoRA",
+    "SubjectTokens",
+    "default_capture_step",
+    "extract_masks",
+    "find_subject_tokens",
+    "masked_lora_delta",
+    "pixel_masks_to_tokens",
+    "split_phrases",
+]

@@ -1,0 +1,85 @@
+"""Attention maps of stage 1 (paper Eq. 5-10), computed row by row: only the rows that are used."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+# Working memory for one chunk of attention logits; bounds the peak of `mean_attention_rows`.
+CHUNK_BYTES = 16 * 2**20
+
+
+def mean_attention_rows(q_rows: torch.Tensor, k: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """Head-averaged softmax(q k^T / sqrt(D)) for the given query rows only (Eq. 5 and Eq. 10's A_self).
+
+    q_rows: (H, R, D), k: (H, N, D) -> (R, N) float32. Works through heads and rows in chunks so that no
+    more than about `chunk_bytes` of logits exist at once, whatever R and N are.
+    """
+    heads, rows, dim = q_rows.shape
+    n_keys = k.shape[1]
+    scale = 1.0 / math.sqrt(dim)
+    out = torch.zeros(rows, n_keys, dtype=torch.float32, device=q_rows.device)
+    bytes_per_row = n_keys * 4
+    row_chunk = max(1, min(rows, chunk_bytes // bytes_per_row))
+    head_chunk = max(1, min(heads, chunk_bytes // (bytes_per_row * row_chunk)))
+    for h0 in range(0, heads, head_chunk):
+        k_chunk = k[h0 : h0 + head_chunk].float()  # (h, N, D)
+        for r0 in range(0, rows, row_chunk):
+            q_chunk = q_rows[h0 : h0 + head_chunk, r0 : r0 + row_chunk].float()  # (h, r, D)
+            logits = torch.bmm(q_chunk, k_chunk.transpose(1, 2)).mul_(scale)  # (h, r, N)
+            out[r0 : r0 + row_chunk] += logits.softmax(dim=-1).sum(dim=0)
+    return out.div_(heads)
+
+
+def edge_tokens(grid_hw: tuple[int, int], edge_width: int, device: torch.device | None = None) -> torch.Tensor:
+    """The set E of Eq. 6: image tokens within `edge_width` tokens of the grid border, (h*w,) bool."""
+    h, w = grid_hw
+    rows = torch.arange(h, device=device)
+    cols = torch.arange(w, device=device)
+    row_edge = (rows < edge_width) | (rows >= h - edge_width)
+    col_edge = (cols < edge_width) | (cols >= w - edge_width)
+    return (row_edge[:, None] | col_edge[None, :]).reshape(-1)
+
+
+def top_count(n_tokens: int, fraction: float) -> int:
+    """k = floor(N_img * fraction) of Eq. 6 and Eq. 9."""
+    return math.floor(n_tokens * fraction)
+
+
+def filter_attention_sinks(attention: torch.Tensor, edge: torch.Tensor, top_fraction: float) -> torch.Tensor:
+    """Eq. 6-7: zero the values that are both in a row's top k and on the edge, then renormalise the row.
+
+    attention: (R, N) rows that sum to 1; edge: (N,) bool -> (R, N). A row that the filter would empty
+    entirely is kept as it was (renormalising it would divide by zero).
+    """
+    k = top_count(attention.shape[-1], top_fraction)
+    if k == 0:
+        return attention
+    tau_k = attention.topk(k, dim=-1).values[:, -1:]  # (R, 1): the k-th largest value of each row
+    sink = (attention >= tau_k) & edge
+    filtered = attention.masked_fill(sink, 0.0)
+    total = filtered.sum(dim=-1, keepdim=True)
+    emptied = total <= 0
+    return torch.where(emptied, attention, filtered / total.clamp_min(torch.finfo(total.dtype).tiny))
+
+
+def subject_maps(rows: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Eq. 8: M_l = mean of the rows that belong to subject l. rows: (R, N), groups index rows -> (L, N)."""
+    return torch.stack([rows[list(group)].mean(dim=0) for group in groups])
+
+
+def self_attention_maps(
+    q_img: torch.Tensor, k_img: torch.Tensor, maps: torch.Tensor, top_fraction: float
+) -> torch.Tensor:
+    """Eq. 9-10: mean self-attention row over each map's top tokens T_l.
+
+    q_img, k_img: (H, N, D) image queries and keys; maps: (L, N) -> (L, N). |T_l| = floor(N * fraction),
+    at least one token. Only the L * |T_l| self-attention rows are computed, never the N x N matrix.
+    """
+    n_subjects, n_tokens = maps.shape
+    top = max(1, top_count(n_tokens, top_fraction))
+    salient = maps.topk(top, dim=-1).indices  # (L, top)
+    rows = mean_attention_rows(q_img[:, salient.reshape(-1)], k_img)  # (L * top, N)
+    return rows.view(n_subjects, top, n_tokens).mean(dim=1)

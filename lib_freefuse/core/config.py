@@ -1,0 +1,51 @@
+"""Settings of the mask extraction (stage 1 of ALGORITHM.md), one frozen dataclass."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """How subject masks are derived from one block's attention (paper Eq. 5-13)."""
+
+    sink_filter: bool = True  # Eq. 6-7: drop top-k attention that lies on the grid's edge
+    sink_top_fraction: float = 0.01  # p of Eq. 6: k = floor(N_img * p)
+    edge_width: int = 1  # tokens from the grid border that count as "edge"
+    self_attention: bool = True  # Eq. 9-10: refine each map with self-attention of its top tokens
+    self_attention_top_fraction: float = 0.01  # Eq. 9: |T| = floor(N_img * fraction), at least 1
+    superpixel_vote: bool = True  # Eq. 11-13: one owner per SLIC superpixel of x0
+    n_segments: int | None = None  # None: sqrt(pixel count of the image), as the paper
+    compactness: float = 10.0  # SLIC compactness, as the paper
+    slic_max_side: int = 512  # SLIC runs on a copy downscaled to this long side
+    soft: bool = False  # token masks as area fractions instead of 0/1
+
+    def __post_init__(self) -> None:
+        for flag in ("sink_filter", "self_attention", "superpixel_vote", "soft"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}: expected True or False, got {getattr(self, flag)!r}")
+        for name in ("sink_top_fraction", "self_attention_top_fraction"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0.0 < value <= 1.0:
+                raise ValueError(f"{name}: expected a fraction in (0, 1], got {value!r}")
+        if not _is_real(self.compactness) or not 0.0 < self.compactness < math.inf:
+            raise ValueError(f"compactness: expected a positive finite number, got {self.compactness!r}")
+        _require_int("edge_width", self.edge_width, minimum=0)
+        _require_int("slic_max_side", self.slic_max_side, minimum=16)
+        if self.n_segments is not None:
+            _require_int("n_segments", self.n_segments, minimum=1)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """Names of every setting, in declaration order."""
+        return tuple(f.name for f in fields(cls))
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")

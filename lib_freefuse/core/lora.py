@@ -1,0 +1,109 @@
+"""Stage 2 of FreeFuse: subject LoRA outputs masked per token, in rank space (ALGORITHM.md stage 2)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Real
+
+import torch
+
+__all__ = ["StackedLoRA", "masked_lora_delta"]
+
+
+class StackedLoRA:
+    """The subject LoRAs of one linear layer, stacked along the rank axis.
+
+    downs[l]: (r_l, d_in), ups[l]: (d_out, r_l), scales[l] = strength * alpha / rank. Stacked once into
+    A_all (R, d_in) and B_all (d_out, R), R = sum of r_l, so that every call is one low-rank product.
+    """
+
+    def __init__(self, downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor], scales: Sequence[float]):
+        _check_factors(downs, ups, scales)
+        ranks = [d.shape[0] for d in downs]
+        device = downs[0].device
+        self.n_subjects = len(downs)
+        self.d_in = downs[0].shape[1]
+        self.d_out = ups[0].shape[0]
+        self.down = torch.cat([d.to(device) for d in downs])  # (R, d_in)
+        self.up = torch.cat([u.to(device) for u in ups], dim=1)  # (d_out, R)
+        self.rank_subject = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))  # (R,)
+        self.rank_scale = torch.repeat_interleave(torch.tensor([float(s) for s in scales]), torch.tensor(ranks))
+        self._cast: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
+
+    def factors(
+        self, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A_all, B_all, rank->subject index and rank scales in the given dtype/device (cached)."""
+        key = (dtype, device)
+        if key not in self._cast:
+            self._cast[key] = (
+                self.down.to(device=device, dtype=dtype),
+                self.up.to(device=device, dtype=dtype),
+                self.rank_subject.to(device),
+                self.rank_scale.to(device=device, dtype=dtype),
+            )
+        return self._cast[key]
+
+    def __call__(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """sum_l masks[..., l] * s_l * B_l A_l x as ((x A^T) * m_rank) B^T. x: (B, T, d_in), masks: (B|1, T, L)."""
+        _check_call(x, masks, self.d_in, self.n_subjects)
+        down, up, rank_subject, rank_scale = self.factors(x.dtype, x.device)
+        hidden = x @ down.T  # (B, T, R)
+        rank_weight = masks.to(device=x.device, dtype=x.dtype).index_select(-1, rank_subject) * rank_scale  # (B, T, R)
+        hidden.mul_(rank_weight)
+        return hidden @ up.T  # (B, T, d_out)
+
+
+def masked_lora_delta(
+    x: torch.Tensor,
+    downs: Sequence[torch.Tensor],
+    ups: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    masks: torch.Tensor,
+) -> torch.Tensor:
+    """(B, T, d_out) = sum_l masks[..., l, None] * scales[l] * (x @ downs[l].T @ ups[l].T), one stacked product.
+
+    x: (B, T, d_in); downs[l]: (r_l, d_in); ups[l]: (d_out, r_l); masks: (B, T, L) (or (1, T, L), shared by the
+    batch). The mask is applied to the rank-r activations, never to the d_out-wide output; x's dtype/device.
+    """
+    return StackedLoRA(downs, ups, scales)(x, masks)
+
+
+def _check_factors(downs, ups, scales) -> None:
+    for name, seq in (("downs", downs), ("ups", ups), ("scales", scales)):
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
+            raise ValueError(f"{name}: expected a list with one entry per subject LoRA, got {type(seq).__name__}")
+    if len(downs) == 0:
+        raise ValueError("downs: no subject LoRAs given")
+    if not len(downs) == len(ups) == len(scales):
+        raise ValueError(f"ups, scales: expected {len(downs)} entries like downs, got {len(ups)} and {len(scales)}")
+    d_in = d_out = None
+    for index, (down, up, scale) in enumerate(zip(downs, ups, scales, strict=True)):
+        for name, t in ((f"downs[{index}]", down), (f"ups[{index}]", up)):
+            if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
+                raise ValueError(f"{name}: expected a 2-D float tensor, got {t!r:.80}")
+        d_in = down.shape[1] if d_in is None else d_in
+        d_out = up.shape[0] if d_out is None else d_out
+        if down.shape[1] != d_in:
+            raise ValueError(f"downs[{index}]: input width {down.shape[1]} differs from downs[0]'s {d_in}")
+        if up.shape[0] != d_out:
+            raise ValueError(f"ups[{index}]: output width {up.shape[0]} differs from ups[0]'s {d_out}")
+        if up.shape[1] != down.shape[0]:
+            raise ValueError(f"ups[{index}]: rank {up.shape[1]} differs from downs[{index}]'s rank {down.shape[0]}")
+        if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
+            raise ValueError(f"scales[{index}]: expected a finite number, got {scale!r}")
+
+
+def _check_call(x: torch.Tensor, masks: torch.Tensor, d_in: int, n_subjects: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 3 or not x.is_floating_point():
+        raise ValueError(f"x: expected a float tensor of shape (batch, tokens, {d_in}), got {x!r:.80}")
+    if x.shape[2] != d_in:
+        raise ValueError(f"x: last dimension {x.shape[2]} differs from the LoRA input width {d_in}")
+    if not isinstance(masks, torch.Tensor) or masks.ndim != 3:
+        raise ValueError(f"masks: expected a tensor of shape (batch, tokens, {n_subjects}), got {masks!r:.80}")
+    batch, tokens, _ = x.shape
+    if masks.shape[1] != tokens or masks.shape[2] != n_subjects or masks.shape[0] not in (1, batch):
+        raise ValueError(
+            f"masks: expected shape ({batch}, {tokens}, {n_subjects}) (or batch 1), got {tuple(masks.shape)}"
+        )

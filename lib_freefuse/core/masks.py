@@ -1,0 +1,167 @@
+"""Stage 1 of FreeFuse: one mask per subject from one block's q and k (paper Eq. 5-13)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .attention import edge_tokens, filter_attention_sinks, mean_attention_rows, self_attention_maps, subject_maps
+from .config import MaskConfig
+from .superpixel import (
+    owner_to_pixel_masks,
+    pixel_masks_to_tokens,
+    resize_image,
+    slic_scale,
+    slic_segments,
+    vote_superpixels,
+)
+
+__all__ = ["extract_masks", "subject_score_maps"]
+
+
+def extract_masks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    subject_tokens: Sequence[Sequence[int]],
+    grid_hw: tuple[int, int],
+    image: np.ndarray | torch.Tensor | None = None,
+    config: MaskConfig = MaskConfig(),
+) -> torch.Tensor:
+    """Subject masks of one image (Eq. 5-13).
+
+    q, k: (H, L_txt + h*w, D) at the capture block, after QK-norm and RoPE, text tokens first.
+    subject_tokens: one sequence of text-token positions per subject. grid_hw: (h, w), row-major.
+    image: predicted x0 as (H_px, W_px, 3) RGB in [0, 1]; needed when `config.superpixel_vote` is on.
+    Returns (L, h, w) float32 masks in [0, 1] on q's device, disjoint (sum over subjects <= 1).
+    """
+    n_text, groups = _check_inputs(q, k, subject_tokens, grid_hw, image, config)
+    h, w = grid_hw
+    scores = subject_score_maps(q, k, groups, grid_hw, config, n_text=n_text)  # (L, N)
+    maps = scores.view(-1, h, w)
+    if config.superpixel_vote:
+        masks = _vote_masks(maps, _as_image(image), grid_hw, config)
+    else:
+        # Without voting each token goes to the subject with the largest score: the paper's "holes".
+        masks = owner_to_pixel_masks(maps.argmax(dim=0), maps.shape[0])
+    return masks.to(device=q.device, dtype=torch.float32)
+
+
+def subject_score_maps(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    groups: Sequence[Sequence[int]],
+    grid_hw: tuple[int, int],
+    config: MaskConfig,
+    *,
+    n_text: int,
+) -> torch.Tensor:
+    """Eq. 5-10 for validated input: per-subject score over the image tokens, (L, h*w) float32."""
+    k_img = k[:, n_text:]  # (H, N, D)
+    used_rows = sorted({i for group in groups for i in group})
+    row_of = {token: r for r, token in enumerate(used_rows)}
+    cross = mean_attention_rows(q[:, used_rows], k_img)  # Eq. 5: (R, N), rows of the subject tokens only
+    if config.sink_filter:
+        edge = edge_tokens(grid_hw, config.edge_width, device=cross.device)
+        cross = filter_attention_sinks(cross, edge, config.sink_top_fraction)  # Eq. 6-7
+    maps = subject_maps(cross, [[row_of[t] for t in group] for group in groups])  # Eq. 8: (L, N)
+    if config.self_attention:
+        maps = self_attention_maps(q[:, n_text:], k_img, maps, config.self_attention_top_fraction)  # Eq. 9-10
+    return maps
+
+
+def _vote_masks(maps: torch.Tensor, image: torch.Tensor, grid_hw: tuple[int, int], config: MaskConfig) -> torch.Tensor:
+    """Eq. 11-13 on a copy of x0 whose every token is an s x s pixel block, then back to tokens."""
+    h, w = grid_hw
+    s = slic_scale(grid_hw, tuple(image.shape[:2]), config.slic_max_side)
+    small = resize_image(image, (h * s, w * s))
+    n_segments = config.n_segments or round(math.sqrt(image.shape[0] * image.shape[1]))
+    segments = slic_segments(small, min(n_segments, small.shape[0] * small.shape[1]), config.compactness)
+    owner = vote_superpixels(maps, segments)
+    return pixel_masks_to_tokens(owner_to_pixel_masks(owner, maps.shape[0]), grid_hw, soft=config.soft)
+
+
+def _as_image(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    tensor = torch.as_tensor(image).detach().cpu() if not isinstance(image, torch.Tensor) else image.detach().cpu()
+    return tensor.float().clamp(0.0, 1.0)
+
+
+def _check_inputs(q, k, subject_tokens, grid_hw, image, config) -> tuple[int, list[list[int]]]:
+    """Validate every argument; return L_txt and the token groups as lists of ints."""
+    if not isinstance(config, MaskConfig):
+        raise ValueError(f"config: expected a MaskConfig, got {type(config).__name__}")
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 3 or not t.is_floating_point():
+            raise ValueError(f"{name}: expected a float tensor of shape (heads, tokens, head_dim), got {_describe(t)}")
+    if q.shape != k.shape:
+        raise ValueError(f"k: shape {tuple(k.shape)} differs from q's {tuple(q.shape)}")
+    if (
+        not isinstance(grid_hw, Sequence)
+        or len(grid_hw) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid_hw)
+    ):
+        raise ValueError(f"grid_hw: expected two positive integers (h, w), got {grid_hw!r}")
+    n_img = grid_hw[0] * grid_hw[1]
+    n_text = q.shape[1] - n_img
+    if n_text < 1:
+        raise ValueError(
+            f"grid_hw: {grid_hw[0]}x{grid_hw[1]} = {n_img} image tokens leave no text tokens in a sequence of "
+            f"{q.shape[1]}"
+        )
+    for name, t in (("q", q), ("k", k)):
+        if not all(bool(torch.isfinite(head).all()) for head in t):
+            raise ValueError(f"{name}: contains NaN or infinite values")
+    groups = _check_subject_tokens(subject_tokens, n_text)
+    if config.superpixel_vote:
+        _check_image(image, grid_hw)
+    return n_text, groups
+
+
+def _check_subject_tokens(subject_tokens, n_text: int) -> list[list[int]]:
+    if isinstance(subject_tokens, (str, bytes)) or not isinstance(subject_tokens, Sequence):
+        raise ValueError(
+            f"subject_tokens: expected one sequence of token positions per subject, got {subject_tokens!r}"
+        )
+    if len(subject_tokens) == 0:
+        raise ValueError("subject_tokens: no subjects given")
+    groups = []
+    for index, positions in enumerate(subject_tokens):
+        if isinstance(positions, torch.Tensor):
+            positions = positions.tolist()
+        if isinstance(positions, (str, bytes)) or not isinstance(positions, Sequence):
+            raise ValueError(f"subject_tokens[{index}]: expected a sequence of token positions, got {positions!r}")
+        if len(positions) == 0:
+            raise ValueError(f"subject_tokens[{index}]: subject has no tokens")
+        for p in positions:
+            if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= p < n_text:
+                raise ValueError(f"subject_tokens[{index}]: position {p!r} is outside the text tokens [0, {n_text})")
+        groups.append([int(p) for p in positions])
+    return groups
+
+
+def _check_image(image, grid_hw: tuple[int, int]) -> None:
+    if image is None:
+        raise ValueError("image: superpixel_vote is on but no image (predicted x0) was given")
+    if not isinstance(image, (np.ndarray, torch.Tensor)):
+        raise ValueError(f"image: expected a numpy array or tensor, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"image: expected shape (H_px, W_px, 3), got {tuple(image.shape)}")
+    finite = np.isfinite(image).all() if isinstance(image, np.ndarray) else torch.isfinite(image).all()
+    if not bool(finite):
+        raise ValueError("image: contains NaN or infinite values")
+    h, w = grid_hw
+    per_token_h, per_token_w = image.shape[0] / h, image.shape[1] / w
+    # FLUX's grid is ceil(side / 16): the pixel-per-token ratios of the two axes may differ by up to one token.
+    tolerance = 1.0 / min(h, w) + 0.02
+    if abs(per_token_h - per_token_w) > tolerance * max(per_token_h, per_token_w):
+        raise ValueError(
+            f"image: {image.shape[0]}x{image.shape[1]} px does not have the aspect of the {h}x{w} token grid"
+        )
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__

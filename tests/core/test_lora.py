@@ -1,0 +1,125 @@
+"""masked_lora_delta: the masked, stacked low-rank product equals the naive per-subject sum."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from lib_freefuse.core import StackedLoRA, masked_lora_delta
+
+pytestmark = pytest.mark.core
+
+
+def make_loras(ranks, d_in=24, d_out=40, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    downs = [torch.randn(r, d_in, generator=g).to(dtype) for r in ranks]
+    ups = [torch.randn(d_out, r, generator=g).to(dtype) for r in ranks]
+    scales = [0.5 + 0.25 * i for i in range(len(ranks))]
+    return downs, ups, scales
+
+
+def naive_delta(x, downs, ups, scales, masks):
+    """sum_l masks[..., l, None] * s_l * (x @ A_l^T @ B_l^T), subject by subject, in float64."""
+    out = 0
+    for l, (down, up, scale) in enumerate(zip(downs, ups, scales, strict=True)):
+        out = out + masks[..., l, None].double() * scale * (x.double() @ down.double().T @ up.double().T)
+    return out
+
+
+@pytest.fixture
+def x():
+    return torch.randn(2, 30, 24, generator=torch.Generator().manual_seed(1))
+
+
+def random_masks(batch=2, tokens=30, subjects=2, seed=2):
+    return torch.rand(batch, tokens, subjects, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("ranks", [(4, 4), (2, 8, 3)])
+def test_equals_naive_sum_fp32(x, ranks):
+    downs, ups, scales = make_loras(ranks)
+    masks = random_masks(subjects=len(ranks))
+    got = masked_lora_delta(x, downs, ups, scales, masks)
+    assert got.dtype == torch.float32 and got.shape == (2, 30, 40)
+    torch.testing.assert_close(got.double(), naive_delta(x, downs, ups, scales, masks), atol=1e-4, rtol=1e-5)
+
+
+def test_equals_naive_sum_bf16(x):
+    downs, ups, scales = make_loras((4, 6), dtype=torch.bfloat16)
+    masks = random_masks()
+    got = masked_lora_delta(x.bfloat16(), downs, ups, scales, masks)
+    assert got.dtype == torch.bfloat16
+    expected = naive_delta(x.bfloat16(), downs, ups, scales, masks)
+    torch.testing.assert_close(got.double(), expected, atol=0.1 * expected.abs().max().item() / 8, rtol=2e-2)
+
+
+def test_all_ones_masks_equal_plain_lora_delta(x):
+    downs, ups, scales = make_loras((4, 8))
+    plain = sum(s * (x @ d.T @ u.T) for d, u, s in zip(downs, ups, scales, strict=True))
+    got = masked_lora_delta(x, downs, ups, scales, torch.ones(2, 30, 2))
+    torch.testing.assert_close(got, plain, atol=1e-4, rtol=1e-5)
+
+
+def test_zero_masks_give_zeros(x):
+    downs, ups, scales = make_loras((4, 8))
+    got = masked_lora_delta(x, downs, ups, scales, torch.zeros(2, 30, 2))
+    assert torch.count_nonzero(got) == 0
+
+
+def test_each_subject_acts_only_on_its_tokens(x):
+    downs, ups, scales = make_loras((4, 8))
+    masks = torch.zeros(2, 30, 2)
+    masks[:, :10, 0] = 1
+    masks[:, 10:, 1] = 1
+    got = masked_lora_delta(x, downs, ups, scales, masks)
+    first = scales[0] * (x @ downs[0].T @ ups[0].T)
+    second = scales[1] * (x @ downs[1].T @ ups[1].T)
+    torch.testing.assert_close(got[:, :10], first[:, :10], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got[:, 10:], second[:, 10:], atol=1e-4, rtol=1e-5)
+
+
+def test_batch_one_masks_are_shared_by_the_batch(x):
+    downs, ups, scales = make_loras((3, 5))
+    masks = random_masks(batch=1)
+    got = masked_lora_delta(x, downs, ups, scales, masks)
+    torch.testing.assert_close(got, masked_lora_delta(x, downs, ups, scales, masks.expand(2, -1, -1)))
+
+
+def test_result_follows_x_dtype_when_factors_differ(x):
+    downs, ups, scales = make_loras((4, 4), dtype=torch.float16)
+    got = masked_lora_delta(x, downs, ups, scales, random_masks())
+    assert got.dtype == x.dtype
+
+
+def test_prepared_stack_reuses_cast_factors(x):
+    downs, ups, scales = make_loras((4, 4))
+    stack = StackedLoRA(downs, ups, scales)
+    first = stack(x, random_masks())
+    cached = stack.factors(x.dtype, x.device)
+    second = stack(x, random_masks())
+    assert stack.factors(x.dtype, x.device)[0] is cached[0]
+    torch.testing.assert_close(first, second)
+
+
+@pytest.mark.parametrize(
+    ("change", "argument"),
+    [
+        (lambda a: {**a, "x": a["x"][0]}, "x"),
+        (lambda a: {**a, "x": a["x"][..., :5]}, "x"),
+        (lambda a: {**a, "masks": a["masks"][..., :1]}, "masks"),
+        (lambda a: {**a, "masks": a["masks"][:, :4]}, "masks"),
+        (lambda a: {**a, "downs": []}, "downs"),
+        (lambda a: {**a, "ups": a["ups"][:1]}, "ups"),
+        (lambda a: {**a, "ups": [a["ups"][0][:, :2], a["ups"][1]]}, "ups[0]"),
+        (lambda a: {**a, "downs": [a["downs"][0], a["downs"][1][:, :3]]}, "downs[1]"),
+        (lambda a: {**a, "scales": [1.0, float("nan")]}, "scales[1]"),
+        (lambda a: {**a, "scales": [1.0, "2"]}, "scales[1]"),
+    ],
+)
+def test_bad_input_names_the_argument(x, change, argument):
+    downs, ups, scales = make_loras((4, 4))
+    args = change({"x": x, "downs": downs, "ups": ups, "scales": scales, "masks": random_masks()})
+    with pytest.raises(ValueError, match="^" + re.escape(argument)):
+        masked_lora_delta(**args)

@@ -34,7 +34,7 @@ def extract_masks(
 
     q, k: (H, L_txt + h*w, D) at the capture block, after QK-norm and RoPE, text tokens first.
     subject_tokens: one sequence of text-token positions per subject. grid_hw: (h, w), row-major.
-    image: predicted x0 as (H_px, W_px, 3) RGB in [0, 1]; needed when `config.superpixel_vote` is on.
+    image: predicted x0 as (H_px, W_px, 3) RGB in [0, 1] (or uint8); needed when `config.superpixel_vote` is on.
     Returns (L, h, w) float32 masks in [0, 1] on q's device, disjoint (sum over subjects <= 1).
     """
     n_text, groups = _check_inputs(q, k, subject_tokens, grid_hw, image, config)
@@ -84,7 +84,10 @@ def _vote_masks(maps: torch.Tensor, image: torch.Tensor, grid_hw: tuple[int, int
 
 
 def _as_image(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    tensor = torch.as_tensor(image).detach().cpu() if not isinstance(image, torch.Tensor) else image.detach().cpu()
+    """(H, W, 3) float in [0, 1] on the CPU; 8-bit images are scaled from [0, 255]."""
+    tensor = torch.as_tensor(image).detach().cpu()
+    if tensor.dtype == torch.uint8:
+        return tensor.float().div_(255.0)
     return tensor.float().clamp(0.0, 1.0)
 
 

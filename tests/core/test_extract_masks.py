@@ -48,7 +48,14 @@ def test_soft_masks_are_area_fractions_of_the_hard_ones():
     assert torch.equal(soft.argmax(dim=0), hard.argmax(dim=0))
 
 
-def test_numpy_uint8_free_float_image_and_bf16_qk_work():
+def test_uint8_image_reads_as_0_to_255():
+    args = inputs(2)
+    as_float = extract_masks(**args)
+    args["image"] = (args["image"] * 255).round().to(torch.uint8).numpy()
+    assert torch.equal(extract_masks(**args), as_float)
+
+
+def test_numpy_float64_image_and_bf16_qk_work():
     args = inputs()
     args["image"] = args["image"].numpy().astype(np.float64)
     args["q"], args["k"] = args["q"].bfloat16(), args["k"].bfloat16()

@@ -23,13 +23,20 @@ def mean_attention_rows(q_rows: torch.Tensor, k: torch.Tensor, chunk_bytes: int 
     out = torch.zeros(rows, n_keys, dtype=torch.float32, device=q_rows.device)
     bytes_per_row = n_keys * 4
     row_chunk = max(1, min(rows, chunk_bytes // bytes_per_row))
-    head_chunk = max(1, min(heads, chunk_bytes // (bytes_per_row * row_chunk)))
+    # A k that is not float32 (bf16 on the GPU) is converted a chunk of heads at a time: count that copy too.
+    k_copy_per_head = 0 if k.dtype == torch.float32 else n_keys * dim * 4
+    head_chunk = max(1, min(heads, chunk_bytes // (bytes_per_row * row_chunk + k_copy_per_head)))
     for h0 in range(0, heads, head_chunk):
         k_chunk = k[h0 : h0 + head_chunk].float()  # (h, N, D)
         for r0 in range(0, rows, row_chunk):
-            q_chunk = q_rows[h0 : h0 + head_chunk, r0 : r0 + row_chunk].float()  # (h, r, D)
-            logits = torch.bmm(q_chunk, k_chunk.transpose(1, 2)).mul_(scale)  # (h, r, N)
-            out[r0 : r0 + row_chunk] += logits.softmax(dim=-1).sum(dim=0)
+            q_chunk = q_rows[h0 : h0 + head_chunk, r0 : r0 + row_chunk].float() * scale  # (h, r, D)
+            logits = torch.bmm(q_chunk, k_chunk.transpose(1, 2))  # (h, r, N)
+            # softmax in place: one chunk of logits is all the working memory, not two
+            logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+            logits.div_(logits.sum(dim=-1, keepdim=True))
+            out[r0 : r0 + row_chunk] += logits.sum(dim=0)
+            del logits  # before the next chunk's bmm allocates its own
+        del k_chunk
     return out.div_(heads)
 
 

@@ -47,12 +47,32 @@ class StackedLoRA:
 
     def __call__(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """sum_l masks[..., l] * s_l * B_l A_l x as ((x A^T) * m_rank) B^T. x: (B, T, d_in), masks: (B|1, T, L)."""
+        return self._masked_hidden(x, masks) @ self.factors(x.dtype, x.device)[1].T  # (B, T, d_out)
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """out += the masked delta, written in place (no d_out-wide temporary); returns out.
+
+        out: (B, T, d_out) in x's dtype, e.g. the base layer's output or a column slice of it.
+        """
+        shape = (*x.shape[:2], self.d_out)
+        if out.shape != shape or out.dtype != x.dtype:
+            raise ValueError(f"out: expected a {x.dtype} tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
+        hidden = self._masked_hidden(x, masks)
+        up = self.factors(x.dtype, x.device)[1]
+        # (B, T, d_out) folds into (B*T, d_out) rows when rows are evenly spaced: contiguous, or a column slice.
+        if out.stride(2) == 1 and out.stride(0) == out.shape[1] * out.stride(1):
+            out.view(-1, self.d_out).addmm_(hidden.view(-1, hidden.shape[-1]), up.T)
+        else:
+            out.add_(hidden @ up.T)
+        return out
+
+    def _masked_hidden(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """(x A^T) scaled per rank by its subject's mask and scale: (B, T, R)."""
         _check_call(x, masks, self.d_in, self.n_subjects)
-        down, up, rank_subject, rank_scale = self.factors(x.dtype, x.device)
+        down, _, rank_subject, rank_scale = self.factors(x.dtype, x.device)
         hidden = x @ down.T  # (B, T, R)
-        rank_weight = masks.to(device=x.device, dtype=x.dtype).index_select(-1, rank_subject) * rank_scale  # (B, T, R)
-        hidden.mul_(rank_weight)
-        return hidden @ up.T  # (B, T, d_out)
+        rank_weight = masks.to(device=x.device, dtype=x.dtype).index_select(-1, rank_subject) * rank_scale
+        return hidden.mul_(rank_weight)
 
 
 def masked_lora_delta(

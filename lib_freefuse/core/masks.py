@@ -88,7 +88,7 @@ def _as_image(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     tensor = torch.as_tensor(image).detach().cpu()
     if tensor.dtype == torch.uint8:
         return tensor.float().div_(255.0)
-    return tensor.float().clamp(0.0, 1.0)
+    return tensor.float()  # resize_image clamps its (small) result
 
 
 def _check_inputs(q, k, subject_tokens, grid_hw, image, config) -> tuple[int, list[list[int]]]:
@@ -114,7 +114,8 @@ def _check_inputs(q, k, subject_tokens, grid_hw, image, config) -> tuple[int, li
             f"{q.shape[1]}"
         )
     for name, t in (("q", q), ("k", k)):
-        if not all(bool(torch.isfinite(head).all()) for head in t):
+        # One reduction per tensor: min and max are NaN if any value is, +-inf if any value is.
+        if t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
             raise ValueError(f"{name}: contains NaN or infinite values")
     groups = _check_subject_tokens(subject_tokens, n_text)
     if config.superpixel_vote:

@@ -19,9 +19,9 @@ def slic_scale(grid_hw: tuple[int, int], image_hw: tuple[int, int], max_side: in
 
 
 def resize_image(image: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
-    """(H, W, 3) float image -> (size_h, size_w, 3), antialiased when shrinking."""
+    """(H, W, 3) float image -> (size_h, size_w, 3) clamped to [0, 1], antialiased when shrinking."""
     if tuple(image.shape[:2]) == tuple(size_hw):
-        return image
+        return image.clamp(0.0, 1.0)
     chw = image.permute(2, 0, 1)[None]
     shrinking = size_hw[0] < image.shape[0] or size_hw[1] < image.shape[1]
     resized = F.interpolate(chw, size=size_hw, mode="bilinear", align_corners=False, antialias=shrinking)
@@ -30,7 +30,7 @@ def resize_image(image: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
 
 def slic_segments(image: torch.Tensor, n_segments: int, compactness: float) -> torch.Tensor:
     """Eq. 11: R = SLIC(x0, n_segments, compactness). image: (H, W, 3) in [0, 1] -> (H, W) int64 labels."""
-    pixels = image.detach().cpu().numpy().astype(np.float64, copy=False)
+    pixels = np.ascontiguousarray(image.detach().cpu().numpy(), dtype=np.float32)  # skimage keeps float32
     labels = slic(pixels, n_segments=n_segments, compactness=compactness, start_label=0, channel_axis=-1)
     return torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
 

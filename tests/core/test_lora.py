@@ -123,3 +123,32 @@ def test_bad_input_names_the_argument(x, change, argument):
     args = change({"x": x, "downs": downs, "ups": ups, "scales": scales, "masks": random_masks()})
     with pytest.raises(ValueError, match="^" + re.escape(argument)):
         masked_lora_delta(**args)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "column-slice", "transposed"])
+def test_add_to_accumulates_in_place(x, layout):
+    downs, ups, scales = make_loras((4, 6))
+    stack = StackedLoRA(downs, ups, scales)
+    masks = random_masks()
+    base = torch.randn(2, 30, 100, generator=torch.Generator().manual_seed(4))
+    untouched = base.clone()
+    if layout == "contiguous":
+        out = base[..., :40].clone()
+    elif layout == "column-slice":  # e.g. the k part of a fused qkv output
+        out = base[..., 30:70]
+    else:
+        out = base[..., :40].transpose(0, 1).clone().transpose(0, 1)
+    expected = out.clone() + stack(x, masks)
+    returned = stack.add_to(out, x, masks)
+    assert returned is out
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-5)
+    if layout == "column-slice":
+        assert torch.equal(base[..., :30], untouched[..., :30]) and torch.equal(base[..., 70:], untouched[..., 70:])
+
+
+def test_add_to_rejects_a_mismatched_output(x):
+    stack = StackedLoRA(*make_loras((4, 4)))
+    with pytest.raises(ValueError, match="^out:"):
+        stack.add_to(torch.zeros(2, 30, 41), x, random_masks())
+    with pytest.raises(ValueError, match="^out:"):
+        stack.add_to(torch.zeros(2, 30, 40, dtype=torch.float64), x, random_masks())

@@ -1,0 +1,173 @@
+"""Forge's own backend on CPU without the webui: import setup, a tiny FLUX, its UnetPatcher, Euler sampling.
+
+Nothing here is Forge's code; it builds Forge's classes the way backend/loader.py and the webui's sampler do.
+Call `setup()` before importing anything from `backend`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+TINY_CONFIG = dict(
+    in_channels=16,  # latent channels; the model patchifies 2x2 itself
+    vec_in_dim=32,
+    context_in_dim=64,
+    hidden_size=128,
+    mlp_ratio=4.0,
+    num_heads=2,
+    depth=3,
+    depth_single_blocks=2,
+    axes_dim=[16, 24, 24],  # sums to the head dim, 64
+    theta=10000,
+    qkv_bias=True,
+    guidance_embed=True,
+)
+
+
+def setup(forge_root: Path) -> None:
+    """Put Forge on sys.path and import backend.args under a CPU-only argv (it parses argv at import time)."""
+    for path in (forge_root, forge_root / "packages_3rdparty", forge_root / "repositories" / "huggingface_guess"):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    torch.set_num_threads(1)  # 2 shared cores: oversubscribed threads make tiny forwards 10-40x slower
+    if "backend.args" in sys.modules:
+        return
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "forge", "--always-cpu", "--attention-pytorch"]
+    try:
+        import backend.args  # noqa: F401
+    finally:
+        sys.argv = saved
+
+
+def make_tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """Forge's IntegratedFluxTransformer2DModel built as backend/loader.py builds it (ForgeOperations, then a
+    state dict), with random weights and non-trivial QK-norm scales."""
+    from backend import memory_management
+    from backend.nn.flux import IntegratedFluxTransformer2DModel
+    from backend.operations import using_forge_operations
+    from backend.state_dict import load_state_dict
+
+    config = {**TINY_CONFIG, **overrides}
+    torch.manual_seed(seed)
+    reference = IntegratedFluxTransformer2DModel(**config)
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            if name.endswith(".scale"):
+                parameter.copy_(1.0 + 0.1 * torch.randn_like(parameter))
+            elif name.endswith(".bias"):
+                parameter.copy_(0.02 * torch.randn_like(parameter))  # zero-free biases (modulation included)
+    state_dict = {k: v.to(dtype) for k, v in reference.state_dict().items()}
+    device = memory_management.cpu
+    with using_forge_operations(device=device, dtype=dtype, manual_cast_enabled=False):
+        model = IntegratedFluxTransformer2DModel(**config).to(device=device, dtype=dtype)
+    load_state_dict(model, state_dict)
+    model.config = config
+    model.storage_dtype = model.computation_dtype = dtype
+    model.load_device = memory_management.get_torch_device()
+    model.initial_device = device
+    model.offload_device = memory_management.unet_offload_device()
+    return model
+
+
+def make_unet_patcher(model):
+    """UnetPatcher as backend/diffusion_engine/flux.py builds it (FLUX.1-dev prediction)."""
+    from backend.modules.k_prediction import PredictionFlux
+    from backend.patcher.unet import UnetPatcher
+
+    predictor = PredictionFlux(seq_len=4096, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    try:
+        from huggingface_guess import model_list
+
+        estimated = model_list.Flux(dict(model.config))
+    except ImportError:
+        estimated = SimpleNamespace(huggingface_repo="black-forest-labs/FLUX.1-dev", unet_config=dict(model.config))
+    return UnetPatcher.from_model(model=model, diffusers_scheduler=None, k_predictor=predictor, config=estimated)
+
+
+def import_k_diffusion():
+    """Forge's vendored k_diffusion. Its utils import torchvision, which has no build for the CPU torch wheel: a
+    stub stands in during this import only (a lasting stub breaks diffusers' find_spec)."""
+    import backend.modules.k_prediction  # noqa: F401 - imports diffusers before the stub exists
+
+    names = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
+    stub = importlib.util.find_spec("torchvision") is None
+    if stub:
+        tv, tvt, tvf = (types.ModuleType(n) for n in names)
+        tv.transforms, tvt.functional = tvt, tvf
+        sys.modules.update(zip(names, (tv, tvt, tvf), strict=True))
+    try:
+        import k_diffusion.external as external
+        import k_diffusion.sampling as sampling
+    finally:
+        if stub:
+            for name in names:
+                sys.modules.pop(name, None)
+    return sampling, external
+
+
+def simple_sigmas(unet, steps: int) -> torch.Tensor:
+    """The webui's "Simple" scheduler over the model's own sigmas, with the final 0."""
+    sigmas = unet.model.predictor.sigmas
+    stride = len(sigmas) / steps
+    return torch.tensor([float(sigmas[-(1 + int(i * stride))]) for i in range(steps)] + [0.0])
+
+
+def conditions(batch: int = 1, text_tokens: int = 8, seed: int = 1, zero: bool = False):
+    """compile_conditions() of random T5 states, pooled vector and guidance: what the webui passes for FLUX."""
+    from backend.sampling.condition import compile_conditions
+
+    g = torch.Generator().manual_seed(seed)
+    context = torch.randn(batch, text_tokens, TINY_CONFIG["context_in_dim"], generator=g)
+    pooled = torch.randn(batch, TINY_CONFIG["vec_in_dim"], generator=g)
+    if zero:
+        context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+    return compile_conditions({"crossattn": context, "vector": pooled, "guidance": torch.full((batch,), 3.5)})
+
+
+def sample(
+    unet,
+    *,
+    steps: int = 4,
+    cfg_scale: float = 1.0,
+    batch: int = 1,
+    latent_hw: tuple[int, int] = (16, 16),
+    seed: int = 0,
+    sampler: str = "sample_euler",
+    cond=None,
+    uncond=None,
+    on_sigmas=None,
+):
+    """Forge's sampling path for one job: sampling_prepare, a k-diffusion sampler over a CFG denoiser that calls
+    sampling_function_inner (as the webui's CFGDenoiser does for FLUX), sampling_cleanup."""
+    from backend.sampling.sampling_function import sampling_cleanup, sampling_function_inner, sampling_prepare
+
+    k_sampling, k_external = import_k_diffusion()
+    cond = cond if cond is not None else conditions(batch)
+    uncond = uncond if uncond is not None else conditions(batch, zero=True)
+
+    class Denoiser(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner_model = k_external.ForgeScheduleLinker(unet.model.predictor)
+
+        def forward(self, x, sigma, **_):
+            return sampling_function_inner(unet.model, x, sigma, uncond, cond, cfg_scale, unet.model_options)
+
+    sigmas = simple_sigmas(unet, steps)
+    if on_sigmas is not None:
+        on_sigmas(sigmas)
+    noise = torch.randn(batch, 16, *latent_hw, generator=torch.Generator().manual_seed(seed))
+    x = unet.model.predictor.noise_scaling(sigmas[0], noise, torch.zeros_like(noise))
+    sampling_prepare(unet, x)
+    try:
+        with torch.no_grad():
+            return getattr(k_sampling, sampler)(Denoiser(), x, sigmas, disable=True)
+    finally:
+        sampling_cleanup(unet)

@@ -14,20 +14,31 @@ __all__ = ["StackedLoRA", "masked_lora_delta"]
 class StackedLoRA:
     """The subject LoRAs of one linear layer, stacked along the rank axis.
 
-    downs[l]: (r_l, d_in), ups[l]: (d_out, r_l), scales[l] = strength * alpha / rank. Stacked once into
-    A_all (R, d_in) and B_all (d_out, R), R = sum of r_l, so that every call is one low-rank product.
+    downs[i]: (r_i, d_in), ups[i]: (d_out, r_i), scales[i] = strength * alpha / rank. Stacked once into
+    A_all (R, d_in) and B_all (d_out, R), R = sum of r_i, so that every call is one low-rank product.
+    subjects[i]: the mask column (subject) of LoRA i; by default LoRA i is subject i. Several LoRAs may share a
+    subject, and a subject may have none here (a layer that only some subject LoRAs touch).
     """
 
-    def __init__(self, downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor], scales: Sequence[float]):
+    def __init__(
+        self,
+        downs: Sequence[torch.Tensor],
+        ups: Sequence[torch.Tensor],
+        scales: Sequence[float],
+        subjects: Sequence[int] | None = None,
+    ):
         _check_factors(downs, ups, scales)
         ranks = [d.shape[0] for d in downs]
         device = downs[0].device
-        self.n_subjects = len(downs)
+        subjects = list(range(len(downs))) if subjects is None else list(subjects)
+        if len(subjects) != len(downs) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in subjects):
+            raise ValueError(f"subjects: expected {len(downs)} non-negative mask columns, got {subjects!r}")
+        self.n_subjects = max(subjects) + 1  # masks need at least this many columns
         self.d_in = downs[0].shape[1]
         self.d_out = ups[0].shape[0]
         self.down = torch.cat([d.to(device) for d in downs])  # (R, d_in)
         self.up = torch.cat([u.to(device) for u in ups], dim=1)  # (d_out, R)
-        self.rank_subject = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))  # (R,)
+        self.rank_subject = torch.repeat_interleave(torch.tensor(subjects), torch.tensor(ranks))  # (R,)
         self.rank_scale = torch.repeat_interleave(torch.tensor([float(s) for s in scales]), torch.tensor(ranks))
         self._cast: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
 
@@ -123,7 +134,8 @@ def _check_call(x: torch.Tensor, masks: torch.Tensor, d_in: int, n_subjects: int
     if not isinstance(masks, torch.Tensor) or masks.ndim != 3:
         raise ValueError(f"masks: expected a tensor of shape (batch, tokens, {n_subjects}), got {masks!r:.80}")
     batch, tokens, _ = x.shape
-    if masks.shape[1] != tokens or masks.shape[2] != n_subjects or masks.shape[0] not in (1, batch):
+    if masks.shape[1] != tokens or masks.shape[2] < n_subjects or masks.shape[0] not in (1, batch):
         raise ValueError(
-            f"masks: expected shape ({batch}, {tokens}, {n_subjects}) (or batch 1), got {tuple(masks.shape)}"
+            f"masks: expected shape ({batch}, {tokens}, {n_subjects}) (or batch 1; more subject columns allowed), "
+            f"got {tuple(masks.shape)}"
         )

@@ -152,3 +152,19 @@ def test_add_to_rejects_a_mismatched_output(x):
         stack.add_to(torch.zeros(2, 30, 41), x, random_masks())
     with pytest.raises(ValueError, match="^out:"):
         stack.add_to(torch.zeros(2, 30, 40, dtype=torch.float64), x, random_masks())
+
+
+def test_explicit_subjects_share_and_skip_mask_columns(x):
+    downs, ups, scales = make_loras((4, 2, 3))
+    masks = random_masks(subjects=3)
+    # LoRAs 0 and 1 both belong to subject 2 (say to_q and to_k of one file); LoRA 2 to subject 0; subject 1 has none.
+    got = StackedLoRA(downs, ups, scales, subjects=[2, 2, 0])(x, masks)
+    remapped = masks[..., [2, 2, 0]]
+    torch.testing.assert_close(got.double(), naive_delta(x, downs, ups, scales, remapped), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("subjects", [[0], [0, -1], [0, 1.0], [0, True]])
+def test_bad_subjects_name_subjects(x, subjects):
+    downs, ups, scales = make_loras((4, 4))
+    with pytest.raises(ValueError, match="^subjects:"):
+        StackedLoRA(downs, ups, scales, subjects=subjects)

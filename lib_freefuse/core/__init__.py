@@ -9,15 +9,18 @@ from .masks import extract_masks
 from .prompt import SubjectTokens, find_subject_tokens, split_phrases
 from .schedule import default_capture_step
 from .superpixel import pixel_masks_to_tokens
+from .token_masks import call_token_masks, text_token_masks
 
 __all__ = [
     "MaskConfig",
     "StackedLoRA",
     "SubjectTokens",
+    "call_token_masks",
     "default_capture_step",
     "extract_masks",
     "find_subject_tokens",
     "masked_lora_delta",
     "pixel_masks_to_tokens",
     "split_phrases",
+    "text_token_masks",
 ]

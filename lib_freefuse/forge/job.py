@@ -1,0 +1,212 @@
+"""One sampling run of FreeFuse: its step, the captured attention, the masks, and the masks each layer sees.
+
+Created per sampling call (a hires-fix pass 2 gets its own, seeded with pass 1's masks); never stored on the
+script or in a module global. Knows nothing of Forge: the host adapter feeds it and asks it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..core import MaskConfig, call_token_masks, extract_masks, text_token_masks
+from ..core.steps import StepCounter
+from ..log import logger
+
+PRE_MASK_MODES = ("joint", "off")
+MODULATION_MODES = ("per_token", "global", "off")
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What the script resolved before sampling."""
+
+    word_positions: tuple[tuple[tuple[int, ...], ...], ...]  # [image][subject] -> token positions in its prompt
+    text_length: int  # length of the tokenised prompt those positions index (the period of a repeated context)
+    capture_step: int  # 0-based step of the run at which masks are made
+    mask_config: MaskConfig = field(default_factory=MaskConfig)
+    pre_mask: str = "joint"  # subject LoRAs before masks exist: "joint" (unmasked, the paper) or "off"
+    modulation: str = "per_token"  # subject LoRAs' modulation deltas: "per_token", "global" or "off"
+    initial_masks: torch.Tensor | None = None  # (B_img, L, h, w) from an earlier pass: used from the first step
+
+    @property
+    def n_images(self) -> int:
+        return len(self.word_positions)
+
+    @property
+    def n_subjects(self) -> int:
+        return len(self.word_positions[0])
+
+
+@dataclass
+class _Call:
+    """One model evaluation: its step and batch layout, and the masks built for it."""
+
+    step: int
+    cond_or_uncond: list[int]
+    grid_hw: tuple[int, int]
+    text_tokens: int
+    cache: dict = field(default_factory=dict)
+
+
+class FreeFuseJob:
+    """Per-run state, fed by the host's model wrapper (`begin_call`/`end_call`) and the block patch
+    (`capturing`/`store_attention`), asked by the layer patches (`masks_for`, `modulation_masks`)."""
+
+    def __init__(self, plan: JobPlan, decode: Callable[[torch.Tensor], torch.Tensor], schedule=None):
+        """decode: denoised latents (B, C, H, W) -> RGB images (B, H_px, W_px, 3) in [0, 1], for SLIC."""
+        self.plan = plan
+        self.decode = decode
+        self.steps = StepCounter(schedule)
+        self.masks: torch.Tensor | None = plan.initial_masks  # (B_img, L, h, w)
+        self.failure: str | None = None
+        self.capture_count = 0
+        self._call: _Call | None = None
+        self._captured: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- the model wrapper's side -------------------------------------------------------------------------------
+    def begin_call(self, x: torch.Tensor, sigma: torch.Tensor, cond_or_uncond: Sequence[int], text_tokens: int):
+        """Record a model call: x (B, C, H, W) latents, sigma (B,), the [uncond, cond] chunk order, L_txt."""
+        step = self.steps.step_of(float(sigma.reshape(-1)[0]))
+        grid = (math.ceil(x.shape[-2] / 2), math.ceil(x.shape[-1] / 2))  # FLUX's 2x2 patches, padded
+        chunks = list(cond_or_uncond) or [0]
+        if x.shape[0] != len(chunks) * self.plan.n_images:
+            self.fail(f"a model call has batch {x.shape[0]}, expected {len(chunks)} x {self.plan.n_images} images")
+        self._call = _Call(step, chunks, grid, text_tokens)
+
+    def end_call(self, denoised: torch.Tensor) -> None:
+        """After the call: if attention was captured in it, make the masks from it and the predicted x0."""
+        captured, self._captured = self._captured, None
+        call, self._call = self._call, None
+        if captured is None or call is None or self.failure:
+            return
+        try:
+            self.masks = self._make_masks(captured, self._cond_rows(denoised, call), call.grid_hw)
+        except Exception as error:  # any failure here must still end in an image, made without masks
+            self.fail(f"mask extraction failed: {type(error).__name__}: {error}")
+
+    def abort_call(self) -> None:
+        """The call raised (an interrupt, an error elsewhere): forget it."""
+        self._call = None
+        self._captured = None
+
+    # -- the capture block's side -------------------------------------------------------------------------------
+    @property
+    def capturing(self) -> bool:
+        """True during the call in which the capture block must hand over its q and k."""
+        call = self._call
+        return (
+            call is not None
+            and self.masks is None
+            and self.failure is None
+            and call.step >= self.plan.capture_step
+            and 0 in call.cond_or_uncond
+        )
+
+    def store_attention(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """q, k: (B, H, L_txt + N_img, D) after QK-norm and RoPE; the conditional rows are kept."""
+        self._captured = (self._cond_rows(q, self._call).detach(), self._cond_rows(k, self._call).detach())
+        self.capture_count += 1
+
+    # -- the layer patches' side --------------------------------------------------------------------------------
+    def masks_for(self, stream: str, x: torch.Tensor) -> torch.Tensor | None:
+        """(B|1, T, L) masks for a layer of `stream` ("image", "text", "joint") whose input is x (B, T, d), or
+        None when the subject LoRAs must not act now."""
+        call = self._call
+        if call is None:
+            return None
+        if self.masks is None or self.failure:
+            return self._unmasked(x) if self.plan.pre_mask == "joint" or self.failure else None
+        masks = call.cache.get(stream)
+        if masks is None:
+            masks = call.cache[stream] = self._call_masks(stream, call)
+        if masks.shape[1] != x.shape[1]:
+            self.fail(f"a {stream} layer saw {x.shape[1]} tokens, the masks have {masks.shape[1]}")
+            return self._unmasked(x)
+        return masks
+
+    def modulation_masks(self, stream: str) -> tuple[str, torch.Tensor | None]:
+        """How a modulation layer applies the subject LoRAs now: ("none", None), ("global", None) or
+        ("per_token", (B, T, L) masks of `stream`)."""
+        call = self._call
+        if call is None:
+            return "none", None
+        if self.masks is None or self.failure:
+            return ("global", None) if self.plan.pre_mask == "joint" or self.failure else ("none", None)
+        mode = self.plan.modulation
+        if mode == "off":
+            return "none", None
+        if mode == "global":
+            return "global", None
+        masks = call.cache.get(stream)
+        if masks is None:
+            masks = call.cache[stream] = self._call_masks(stream, call)
+        return "per_token", masks
+
+    def vector_masks(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Masks for a layer with one value per image (time, guidance, pooled-text embedders): such a layer cannot
+        act per token, so its subject deltas apply to the whole image when modulation deltas are global (and before
+        masks exist in "joint" mode), and not at all otherwise."""
+        mode, _ = self.modulation_masks("image")
+        if mode != "global":
+            return None
+        return torch.ones(1, 1, self.plan.n_subjects, device=x.device, dtype=x.dtype)
+
+    # -- results --------------------------------------------------------------------------------------------------
+    def fail(self, reason: str) -> None:
+        """Stop masking for the rest of the run (subject LoRAs act unmasked, as merged); report once."""
+        if self.failure is None:
+            self.failure = reason
+            logger.warning("FreeFuse: %s; the rest of this image is made without masks", reason)
+
+    def coverage(self) -> list[list[float]] | None:
+        """Per image, the percent of the image each subject's mask covers."""
+        if self.masks is None:
+            return None
+        return (self.masks.float().mean(dim=(2, 3)) * 100).tolist()
+
+    # -- internals ------------------------------------------------------------------------------------------------
+    def _unmasked(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ones(1, x.shape[1], self.plan.n_subjects, device=x.device, dtype=x.dtype)
+
+    def _cond_rows(self, batch: torch.Tensor, call: _Call) -> torch.Tensor:
+        """The rows of the conditional chunk of a [uncond, cond]-ordered batch: (B_img, ...)."""
+        n = self.plan.n_images
+        chunk = call.cond_or_uncond.index(0)
+        return batch[chunk * n : (chunk + 1) * n]
+
+    def _call_masks(self, stream: str, call: _Call) -> torch.Tensor:
+        image = self._masks_at(call.grid_hw).flatten(2).transpose(1, 2)  # (B_img, N, L)
+        text = torch.stack(
+            [text_token_masks(words, call.text_tokens, self.plan.text_length) for words in self.plan.word_positions]
+        ).to(image)
+        return call_token_masks(stream, image, text, call.cond_or_uncond)
+
+    def _masks_at(self, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """The masks on a token grid of this call's size (hires pass 2 reuses pass 1's)."""
+        masks = self.masks
+        if tuple(masks.shape[-2:]) != tuple(grid_hw):
+            mode = "bilinear" if self.plan.mask_config.soft else "nearest-exact"
+            masks = F.interpolate(masks.float(), size=grid_hw, mode=mode)
+        return masks
+
+    def _make_masks(self, captured, denoised: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+        q, k = captured
+        images = self.decode(denoised) if self.plan.mask_config.superpixel_vote else [None] * q.shape[0]
+        masks = [
+            extract_masks(q[b], k[b], list(self.plan.word_positions[b]), grid_hw, images[b], self.plan.mask_config)
+            for b in range(q.shape[0])
+        ]
+        result = torch.stack(masks)  # (B_img, L, h, w)
+        logger.info("FreeFuse: masks made at step %d, coverage %s", self.plan.capture_step + 1, self._summary(result))
+        return result
+
+    @staticmethod
+    def _summary(masks: torch.Tensor) -> str:
+        return "; ".join(
+            ", ".join(f"{p:.0f}%" for p in image) for image in (masks.float().mean(dim=(2, 3)) * 100).tolist()
+        )

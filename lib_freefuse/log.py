@@ -1,0 +1,7 @@
+"""FreeFuse's one named logger."""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("FreeFuse")

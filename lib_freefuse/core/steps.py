@@ -20,6 +20,10 @@ class StepCounter:
         self._last_sigma: float | None = None
         self._distinct = -1
 
+    def use_schedule(self, schedule: torch.Tensor) -> None:
+        """Set the run's schedule (before its first call)."""
+        self.schedule = schedule.detach().double().cpu()
+
     def step_of(self, sigma: float) -> int:
         """Step index of a call at `sigma` (calls arrive in sampling order)."""
         if self.schedule is not None:

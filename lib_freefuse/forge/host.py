@@ -73,22 +73,33 @@ def patch_unet(
     clone.lora_patches = {key: value for key, value in clone.lora_patches.items() if key not in set(unmerged_loras)}
 
     block = f"diffusion_model.double_blocks.{capture_block}.forward"
-    clone.add_object_patch(block, CaptureBlock(clone.get_model_object(block), job))
+    clone.add_object_patch(block, CaptureBlock(_unpatched(clone, block), job))
     for module, deltas in subject_deltas.items():
         stream = layer_stream(module)
         if stream.startswith("modulation:"):
             parent = module.rsplit(".", 1)[0]
-            lin_forward = clone.get_model_object(f"diffusion_model.{module}.forward")
+            lin_forward = _unpatched(clone, f"diffusion_model.{module}.forward")
             modulation = clone.get_model_object(f"diffusion_model.{parent}")
             patch = PerTokenModulation(lin_forward, modulation.multiplier, deltas, job, stream.split(":", 1)[1])
             clone.add_object_patch(f"diffusion_model.{parent}.forward", patch)
         else:
             name = f"diffusion_model.{module}.forward"
             source = job.vector_masks if stream == "vector" else _stream_masks(job, stream)
-            clone.add_object_patch(name, MaskedLinearPatch(clone.get_model_object(name), deltas, source))
+            clone.add_object_patch(name, MaskedLinearPatch(_unpatched(clone, name), deltas, source))
     previous = clone.model_options.get("model_function_wrapper")
     clone.set_model_unet_function_wrapper(ModelCallTracker(job, previous))
     return clone
+
+
+def _unpatched(unet, name: str):
+    """The method `name` as this patcher means it: its own object patch (another extension's), else the class's
+    method. Never the live attribute, which may still be an earlier job's patch: Forge undoes a loaded
+    patcher's object patches only when another patcher of the model loads."""
+    if name in unet.object_patches:
+        return unet.object_patches[name]
+    owner_path, method = name.rsplit(".", 1)
+    owner = unet.get_model_object(owner_path)
+    return getattr(type(owner), method).__get__(owner)
 
 
 def _stream_masks(job: FreeFuseJob, stream: str) -> Callable[[torch.Tensor], torch.Tensor | None]:

@@ -1,0 +1,1 @@
+"""FreeFuse's adapter to classic Forge: the only package that imports Forge."""

@@ -1,0 +1,130 @@
+"""Two subject LoRAs through the whole FreeFuse path (job, host patches, Forge's sampling), against Forge's merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib_freefuse.forge.host import patch_unet
+from lib_freefuse.forge.job import FreeFuseJob, JobPlan
+from lib_freefuse.forge.lora_layers import subject_deltas
+
+H, MLP = 128, 512
+LATENT = (12, 16)  # a 6x8 token grid
+GRID = (6, 8)
+
+
+def lora_sd(seed: int, image_only: bool) -> dict[str, torch.Tensor]:
+    """A kohya-style LoRA; image_only keeps it to image-stream layers and the image modulation."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        "double_blocks_0_img_attn_qkv": (3 * H, H),
+        "double_blocks_1_img_mlp_0": (MLP, H),
+        "double_blocks_2_img_attn_proj": (H, H),
+        "double_blocks_1_img_mod_lin": (6 * H, H),
+    }
+    if not image_only:
+        shapes |= {
+            "double_blocks_0_txt_attn_qkv": (3 * H, H),
+            "single_blocks_0_linear1": (3 * H + MLP, H),
+            "single_blocks_1_linear2": (H, H + MLP),
+            "single_blocks_1_modulation_lin": (3 * H, H),
+            "double_blocks_2_txt_mod_lin": (6 * H, H),
+        }
+    sd = {}
+    for name, (out_f, in_f) in shapes.items():
+        sd[f"lora_unet_{name}.lora_up.weight"] = 0.3 * torch.randn(out_f, 4, generator=g)
+        sd[f"lora_unet_{name}.lora_down.weight"] = 0.3 * torch.randn(4, in_f, generator=g)
+        sd[f"lora_unet_{name}.alpha"] = torch.tensor(4.0)
+    return sd
+
+
+def with_loras(unet, sds: dict[str, dict], strength: float = 0.9):
+    """What sd_forge_lora does for the prompt's tags: Forge's key map, load_lora, add_patches, one file each."""
+    from backend.patcher.lora import load_lora, model_lora_keys_unet
+
+    for filename, sd in sds.items():
+        patches, unmatched = load_lora(sd, model_lora_keys_unet(unet.model, {}))
+        assert not unmatched
+        unet = unet.clone()
+        unet.add_patches(filename=filename, patches=patches, strength_patch=strength)
+    return unet
+
+
+def freefuse_unet(merged_unet, names, masks: torch.Tensor, modulation="per_token"):
+    """A FreeFuse clone of a patcher with the subject LoRAs merged: they come out of the merge and are applied
+    masked, with the given (B_img, L, h, w) masks from the first step."""
+    params = dict(merged_unet.model.named_parameters())
+    deltas: dict[str, list] = {}
+    keys = []
+    for index, name in enumerate(names):
+        (key,) = [k for k in merged_unet.lora_patches if k[0] == name]
+        keys.append(key)
+        found, _ = subject_deltas(merged_unet.lora_patches[key], lambda k: params[k])
+        for delta in found:
+            deltas.setdefault(delta.module, []).append((index, delta))
+    n_images = masks.shape[0]
+    plan = JobPlan(
+        word_positions=tuple(((),) * len(names) for _ in range(n_images)),  # no words: text tokens get every LoRA
+        text_length=8,
+        capture_step=10**6,
+        modulation=modulation,
+        initial_masks=masks,
+    )
+    job = FreeFuseJob(plan, decode=None)
+    return patch_unet(merged_unet, job, deltas, capture_block=0, unmerged_loras=keys), job
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+@pytest.mark.parametrize("modulation", ["per_token", "global"])
+def test_all_ones_masks_equal_forges_merged_loras(forge, tiny_unet, cfg_scale, modulation):
+    sds = {"a.safetensors": lora_sd(1, image_only=False), "b.safetensors": lora_sd(2, image_only=False)}
+    merged = with_loras(tiny_unet, sds)
+    expected = forge.sample(merged, steps=3, cfg_scale=cfg_scale, latent_hw=LATENT)
+    unet, job = freefuse_unet(merged, list(sds), torch.ones(1, 2, *GRID), modulation)
+    got = forge.sample(unet, steps=3, cfg_scale=cfg_scale, latent_hw=LATENT)
+    assert job.failure is None
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+    plain = forge.sample(tiny_unet, steps=3, cfg_scale=cfg_scale, latent_hw=LATENT)
+    assert (expected - plain).abs().max() > 1e-2  # the LoRAs do change the image
+
+
+def test_zero_masks_equal_no_lora(forge, tiny_unet):
+    sds = {"a.safetensors": lora_sd(1, image_only=True), "b.safetensors": lora_sd(2, image_only=True)}
+    merged = with_loras(tiny_unet, sds)
+    unet, _ = freefuse_unet(merged, list(sds), torch.zeros(1, 2, *GRID))
+    got = forge.sample(unet, steps=3, latent_hw=LATENT)
+    torch.testing.assert_close(got, forge.sample(tiny_unet, steps=3, latent_hw=LATENT), atol=2e-5, rtol=1e-5)
+
+
+def test_batch_of_two_with_different_masks(forge, tiny_unet):
+    """Image 0 wholly subject A, image 1 wholly subject B: each equals a run with only its own LoRA merged."""
+    sds = {"a.safetensors": lora_sd(1, image_only=True), "b.safetensors": lora_sd(2, image_only=True)}
+    masks = torch.zeros(2, 2, *GRID)
+    masks[0, 0] = 1
+    masks[1, 1] = 1
+    unet, _ = freefuse_unet(with_loras(tiny_unet, sds), list(sds), masks)
+    got = forge.sample(unet, steps=3, batch=2, latent_hw=LATENT)
+    only_a = forge.sample(
+        with_loras(tiny_unet, {"a.safetensors": sds["a.safetensors"]}), steps=3, batch=2, latent_hw=LATENT
+    )
+    only_b = forge.sample(
+        with_loras(tiny_unet, {"b.safetensors": sds["b.safetensors"]}), steps=3, batch=2, latent_hw=LATENT
+    )
+    torch.testing.assert_close(got[0], only_a[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], only_b[1], atol=2e-5, rtol=1e-5)
+
+
+def test_per_token_modulation_follows_the_masks(forge, tiny_unet):
+    """Left half subject A, right half subject B: the image-modulation delta differs between the halves, which a
+    global delta could not do; with per-token off ("off"), no subject modulation acts at all."""
+    sds = {"a.safetensors": lora_sd(1, image_only=True), "b.safetensors": lora_sd(2, image_only=True)}
+    masks = torch.zeros(1, 2, *GRID)
+    masks[0, 0, :, :4] = 1
+    masks[0, 1, :, 4:] = 1
+    merged = with_loras(tiny_unet, sds)
+    per_token = forge.sample(freefuse_unet(merged, list(sds), masks, "per_token")[0], steps=2, latent_hw=LATENT)
+    global_ = forge.sample(freefuse_unet(merged, list(sds), masks, "global")[0], steps=2, latent_hw=LATENT)
+    off = forge.sample(freefuse_unet(merged, list(sds), masks, "off")[0], steps=2, latent_hw=LATENT)
+    assert not torch.allclose(per_token, global_, atol=1e-4)
+    assert not torch.allclose(per_token, off, atol=1e-4)

@@ -1,0 +1,496 @@
+"""FreeFuse's arguments: one typed, validated model shared by the UI, the API, infotext and XYZ plot.
+
+`FreeFuseArgs.from_dict` is the only door for outside values (API dicts, pasted infotext, XYZ strings) and
+raises nothing but ValueError, whose message starts with the field at fault ("capture_step: ...",
+"subjects[1].weight: ..."). Its coercion rules:
+- booleans: True/False, or the strings "true"/"false" (any case); never numbers, not even 0 and 1;
+- integers: ints, floats with no fractional part (6.0, as sliders send), or plain decimal strings ("6");
+- numbers: ints, finite floats, or decimal strings ("0.9", "1e-2"); never NaN, infinities or "nan";
+- automatic values (capture_step, n_segments): None or the string "auto";
+- choices: one of the listed words, any case, surrounding spaces ignored;
+- capture_block: an index (17), "17" or "double_blocks.17";
+- subjects: a list of {"lora", "words", "weight"?} dicts; rows with both lora and words empty are dropped.
+Constructing the dataclasses directly validates too; it only strips text, makes weights floats, subjects a tuple.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+import re
+import reprlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from lib_freefuse.core import MaskConfig, default_capture_step, split_phrases
+
+PRE_MASK_CHOICES = ("joint", "off")
+MODULATION_CHOICES = ("per_token", "global", "off")
+SLIC_IMAGE_CHOICES = ("vae", "preview")
+HIRES_MASKS_CHOICES = ("reuse", "extract")
+WEIGHT_LIMIT = 10.0
+MAX_CAPTURE_STEP = 10_000  # bounds that no real run reaches, so that pasted junk stays out of logs and infotext
+MAX_CAPTURE_BLOCK = 999
+BLOCK_PREFIX = "double_blocks."
+AUTO = "auto"
+
+_FORBIDDEN_IN_LORA = re.compile(r"[:<>\x00-\x1f\x7f]")  # characters a <lora:NAME:...> tag cannot carry
+_INT_TEXT = re.compile(r"[+-]?[0-9]{1,18}", re.ASCII)
+_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]{1,40}(?:\.[0-9]{0,40})?|\.[0-9]{1,40})(?:[eE][+-]?[0-9]{1,4})?", re.ASCII)
+_SUBJECT_KEYS = ("lora", "words", "weight")
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+
+
+@dataclass(frozen=True)
+class SubjectBinding:
+    """One subject: a LoRA, by its `<lora:NAME:...>` name, bound to the activation words of its subject."""
+
+    lora: str
+    words: str  # several phrases separated by commas
+    weight: float = 1.0  # strength used when the prompt has no <lora:...> tag for this LoRA
+
+    def __post_init__(self) -> None:
+        for name in ("lora", "words"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{name}: expected non-empty text, got {_show(value)}")
+            object.__setattr__(self, name, value.strip())
+        if _FORBIDDEN_IN_LORA.search(self.lora):
+            raise ValueError(
+                f"lora: <lora:NAME:...> names cannot hold ':', '<', '>' or control characters, got {_show(self.lora)}"
+            )
+        if not split_phrases(self.words):
+            raise ValueError(f"words: expected at least one activation phrase, got {_show(self.words)}")
+        if not _is_real(self.weight) or not -WEIGHT_LIMIT <= self.weight <= WEIGHT_LIMIT:
+            raise ValueError(
+                f"weight: expected a number in [-{WEIGHT_LIMIT:g}, {WEIGHT_LIMIT:g}], got {_show(self.weight)}"
+            )
+        object.__setattr__(self, "weight", float(self.weight))
+
+    @property
+    def phrases(self) -> tuple[str, ...]:
+        """The activation phrases, split at commas and whitespace-normalised."""
+        return split_phrases(self.words)
+
+    def to_dict(self, only_changed: bool = False) -> dict[str, Any]:
+        """{"lora", "words", "weight"}; with only_changed, weight is left out when it is the default 1.0."""
+        row: dict[str, Any] = {"lora": self.lora, "words": self.words, "weight": self.weight}
+        if only_changed and self.weight == 1.0:
+            del row["weight"]
+        return row
+
+
+@dataclass(frozen=True)
+class FreeFuseArgs:
+    """Every FreeFuse argument: the subject bindings and the settings of ALGORITHM.md."""
+
+    enabled: bool = False
+    subjects: tuple[SubjectBinding, ...] = ()
+    capture_step: int | None = None  # 1-based; None: default_capture_step(steps)
+    capture_block: int = 17  # index into FLUX's double_blocks
+    pre_mask: str = "joint"  # subject LoRAs before masks exist: "joint" (unmasked, as the paper) or "off"
+    restart: bool = False  # restart sampling once the masks exist, as the authors' later code
+    modulation: str = "per_token"  # subject LoRAs' modulation deltas: "per_token", "global" or "off"
+    slic_image: str = "vae"  # image for SLIC: "vae" decode of x0 or Forge's fast latent "preview"
+    show_masks: bool = False  # add a mask overlay per image to the output
+    hires_masks: str = "reuse"  # hires fix pass 2: "reuse" pass-1 masks resized, or "extract" again
+    mask: MaskConfig = MaskConfig()  # flat in the dict form
+
+    def __post_init__(self) -> None:
+        for flag in ("enabled", "restart", "show_masks"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}: expected True or False, got {_show(getattr(self, flag))}")
+        if not isinstance(self.subjects, (tuple, list)) or not all(
+            isinstance(s, SubjectBinding) for s in self.subjects
+        ):
+            raise ValueError(f"subjects: expected a tuple of SubjectBinding, got {_show(self.subjects)}")
+        object.__setattr__(self, "subjects", tuple(self.subjects))
+        _check_unique_loras(enumerate(self.subjects))
+        if self.enabled and not self.subjects:
+            raise ValueError("subjects: FreeFuse is enabled but no subject binds a LoRA to its activation words")
+        if self.capture_step is not None:
+            _require_int("capture_step", self.capture_step, minimum=1, maximum=MAX_CAPTURE_STEP)
+        _require_int("capture_block", self.capture_block, minimum=0, maximum=MAX_CAPTURE_BLOCK)
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}: expected one of {_listing(choices)}, got {_show(getattr(self, name))}")
+        if not isinstance(self.mask, MaskConfig):
+            raise ValueError(f"mask: expected a MaskConfig, got {_show(self.mask)}")
+
+    @classmethod
+    def defaults(cls) -> FreeFuseArgs:
+        """Every setting at its default: FreeFuse off, no subjects, the paper's method."""
+        return cls()
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The keys of the dict form, in UI order: own settings, then MaskConfig's, flat."""
+        own = tuple(f.name for f in fields(cls) if f.name != "mask")
+        return own + MaskConfig.field_names()
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> FreeFuseArgs:
+        """Validated arguments from a dict (API, infotext, XYZ); keys not given keep their defaults."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"FreeFuse args: expected a dict of settings, got {type(values).__name__}")
+        _reject_unknown_keys(values, cls.field_names(), what="FreeFuse setting", prefix="")
+        own: dict[str, Any] = {}
+        mask: dict[str, Any] = {}
+        for name in cls.field_names():
+            if name in values:
+                target = mask if name in _MASK_PARSERS else own
+                target[name] = _PARSERS[name](name, values[name])
+        return cls(**own, mask=MaskConfig(**mask))
+
+    def to_dict(self, only_changed: bool = False) -> dict[str, Any]:
+        """The flat dict form, JSON-ready; with only_changed, defaults are left out (as infotext wants)."""
+        flat: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "subjects":
+                flat["subjects"] = [s.to_dict(only_changed) for s in self.subjects]
+            elif f.name != "mask":
+                flat[f.name] = getattr(self, f.name)
+        flat.update((name, getattr(self.mask, name)) for name in MaskConfig.field_names())
+        if not only_changed:
+            return flat
+        return {key: value for key, value in flat.items() if value != _DEFAULT_DICT[key]}
+
+    def updated(self, changes: Mapping[str, Any]) -> FreeFuseArgs:
+        """A copy with some keys changed, validated as from_dict does (XYZ plot axes use this)."""
+        if not isinstance(changes, Mapping):
+            raise ValueError(f"FreeFuse args: expected a dict of changes, got {type(changes).__name__}")
+        return FreeFuseArgs.from_dict({**self.to_dict(), **changes})
+
+    @property
+    def capture_block_name(self) -> str:
+        """The capture block as the UI and logs name it, e.g. "double_blocks.17"."""
+        return f"{BLOCK_PREFIX}{self.capture_block}"
+
+    def resolved_capture_step(self, steps: int) -> int:
+        """1-based step whose attention makes the masks in a run of `steps` steps (why: capture_step_note)."""
+        return self._resolve_capture_step(steps)[0]
+
+    def capture_step_note(self, steps: int) -> str:
+        """Why resolved_capture_step is not what was asked for, as one log line; empty when nothing to say."""
+        return self._resolve_capture_step(steps)[1]
+
+    def _resolve_capture_step(self, steps: int) -> tuple[int, str]:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps: expected a positive integer, got {_show(steps)}")
+        if self.capture_step is None:
+            step, note = default_capture_step(steps), ""
+        elif self.capture_step > steps:
+            step = max(1, steps - 1)
+            note = f"capture step {self.capture_step} is beyond the {_steps(steps)} run: using {step}"
+        elif self.capture_step == steps > 1:
+            step = steps - 1
+            note = (
+                f"capture step {steps} is the last of the {_steps(steps)} run, leaving none for the masks: using {step}"
+            )
+        else:
+            step, note = self.capture_step, ""
+        if steps == 1:
+            note = "; ".join(filter(None, [note, "a 1-step run leaves no step to use the masks"]))
+        return step, note
+
+
+@dataclass(frozen=True)
+class FieldHelp:
+    """How the UI shows one key of the dict form: its label, a tooltip, and its choices if any."""
+
+    key: str
+    label: str
+    help: str
+    choices: tuple[str, ...] = ()
+
+
+FIELD_HELP: tuple[FieldHelp, ...] = (
+    FieldHelp("enabled", "Enable FreeFuse", "Keep each bound LoRA to its own subject, with masks found at test time."),
+    FieldHelp(
+        "subjects", "Subjects", "Each row binds a LoRA (its <lora:NAME:...> name) to its subject's activation words."
+    ),
+    FieldHelp(
+        "capture_step",
+        "Capture step",
+        "1-based step whose attention makes the masks; automatic: 6 of 28, same share of any schedule.",
+    ),
+    FieldHelp(
+        "capture_block",
+        "Capture block",
+        "double_blocks index whose attention makes the masks (the paper: double_blocks.17).",
+    ),
+    FieldHelp(
+        "pre_mask",
+        "LoRAs before masks exist",
+        "joint: subject LoRAs act unmasked until the masks exist (the paper); off: not at all.",
+        PRE_MASK_CHOICES,
+    ),
+    FieldHelp(
+        "restart",
+        "Restart after masks",
+        "Restart sampling from the first step once the masks exist (the authors' later code).",
+    ),
+    FieldHelp(
+        "modulation",
+        "LoRA modulation layers",
+        "per_token: masked per token; global: applied everywhere; off: subject LoRAs' modulation dropped.",
+        MODULATION_CHOICES,
+    ),
+    FieldHelp(
+        "slic_image",
+        "Image for superpixels",
+        "vae: VAE decode of the predicted image (exact); preview: Forge's fast latent preview.",
+        SLIC_IMAGE_CHOICES,
+    ),
+    FieldHelp("show_masks", "Show masks", "Add a coloured overlay of each image's subject masks to the output."),
+    FieldHelp(
+        "hires_masks",
+        "Hires fix masks",
+        "reuse: pass-1 masks resized to pass 2; extract: find them again in pass 2.",
+        HIRES_MASKS_CHOICES,
+    ),
+    FieldHelp(
+        "sink_filter", "Attention sink filter", "Drop the top attention values on the grid's edge (paper Eq. 6-7)."
+    ),
+    FieldHelp(
+        "sink_top_fraction",
+        "Sink top fraction",
+        "Share of image tokens per row checked as sinks: k = floor(N * fraction) (paper: 0.01).",
+    ),
+    FieldHelp(
+        "edge_width", "Sink edge width", "Tokens from the grid border that count as the edge for the sink filter."
+    ),
+    FieldHelp(
+        "self_attention",
+        "Self-attention refinement",
+        "Refine each map with the self-attention of its top tokens (paper Eq. 9-10).",
+    ),
+    FieldHelp(
+        "self_attention_top_fraction",
+        "Self-attention top fraction",
+        "Share of image tokens taken as each subject's top tokens (paper: 0.01).",
+    ),
+    FieldHelp(
+        "superpixel_vote", "Superpixel vote", "One owner per SLIC superpixel of the predicted image (paper Eq. 11-13)."
+    ),
+    FieldHelp(
+        "n_segments",
+        "Superpixels",
+        "Number of SLIC superpixels; automatic: square root of the pixel count (the paper).",
+    ),
+    FieldHelp("compactness", "Superpixel compactness", "SLIC compactness (the paper: 10)."),
+    FieldHelp("slic_max_side", "Superpixel image size", "SLIC runs on a copy downscaled to this long side, in pixels."),
+    FieldHelp("soft", "Soft masks", "Token masks as the share of each token's pixels instead of 0 or 1."),
+)
+
+SUBJECT_FIELD_HELP: tuple[FieldHelp, ...] = (
+    FieldHelp("lora", "LoRA", "The name used in <lora:NAME:...>."),
+    FieldHelp("words", "Activation words", "Words of this subject in the prompt; several phrases separated by commas."),
+    FieldHelp("weight", "Weight", "LoRA strength when the prompt has no <lora:...> tag for it."),
+)
+
+
+def help_for(key: str) -> FieldHelp:
+    """The label and help of one key of the dict form."""
+    for entry in FIELD_HELP:
+        if entry.key == key:
+            return entry
+    raise KeyError(key)
+
+
+def _show(value: object) -> str:
+    """A short repr for messages, safe for any value (huge ints, long text, broken __repr__)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        return _REPR.repr(value)
+    except Exception:
+        return f"a {type(value).__name__}"
+
+
+def _listing(names: Iterable[str]) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+def _steps(steps: int) -> str:
+    return f"{steps} step" if steps == 1 else f"{steps} steps"
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _require_int(name: str, value: object, *, minimum: int, maximum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ValueError(f"{name}: expected an integer from {minimum} to {maximum}, got {_show(value)}")
+
+
+def _check_unique_loras(rows: Iterable[tuple[int, SubjectBinding]]) -> None:
+    seen: dict[str, int] = {}
+    for index, row in rows:
+        if row.lora in seen:
+            raise ValueError(f"subjects[{index}].lora: {row.lora!r} is already bound by subjects[{seen[row.lora]}]")
+        seen[row.lora] = index
+
+
+def _reject_unknown_keys(values: Mapping[Any, Any], known: tuple[str, ...], *, what: str, prefix: str) -> None:
+    for key in values:
+        if isinstance(key, str) and key in known:
+            continue
+        name = key if isinstance(key, str) and key.isidentifier() and len(key) <= 60 else _show(key)
+        if key == "mask" and not prefix:
+            raise ValueError(f"mask: give the mask settings as flat keys ({_listing(MaskConfig.field_names())})")
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6) if isinstance(key, str) else []
+        hint = f"did you mean {_listing(close)}?" if close else f"known keys: {_listing(known)}"
+        raise ValueError(f"{prefix}{name}: unknown {what}; {hint}")
+
+
+def _as_bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{name}: expected true or false, got {_show(value)}")
+
+
+def _as_int(name: str, value: object) -> int:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float) and _finite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+        return int(value.strip())
+    raise ValueError(f"{name}: expected an integer, got {_show(value)}")
+
+
+def _as_optional_int(name: str, value: object) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() == AUTO):
+        return None
+    try:
+        return _as_int(name, value)
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer or {AUTO!r} (automatic), got {_show(value)}") from None
+
+
+def _as_float(name: str, value: object) -> float:
+    number: float | None = None
+    try:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            number = float(value.strip())
+    except (OverflowError, TypeError, ValueError):
+        number = None
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"{name}: expected a finite number, got {_show(value)}")
+    return number
+
+
+def _as_choice(name: str, value: object) -> str:
+    choices = _CHOICES[name]
+    if isinstance(value, str) and value.strip().lower() in choices:
+        return value.strip().lower()
+    raise ValueError(f"{name}: expected one of {_listing(choices)}, got {_show(value)}")
+
+
+def _as_block(name: str, value: object) -> int:
+    if isinstance(value, str) and value.strip().startswith(BLOCK_PREFIX):
+        value = value.strip()[len(BLOCK_PREFIX) :]
+    try:
+        return _as_int(name, value)
+    except ValueError:
+        raise ValueError(
+            f"{name}: expected a block index such as 17 or '{BLOCK_PREFIX}17', got {_show(value)}"
+        ) from None
+
+
+def _as_text(name: str, value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    raise ValueError(f"{name}: expected text, got {_show(value)}")
+
+
+def _as_subjects(name: str, value: object) -> tuple[SubjectBinding, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name}: expected a list of {{lora, words, weight}} rows, got {_show(value)}")
+    rows = []
+    for index, row in enumerate(value):
+        parsed = _as_subject(f"{name}[{index}]", row)
+        if parsed is not None:
+            rows.append((index, parsed))
+    _check_unique_loras(rows)
+    return tuple(row for _, row in rows)
+
+
+def _as_subject(name: str, row: object) -> SubjectBinding | None:
+    """One row of the subjects list; None for an unused row (lora and words both empty)."""
+    if isinstance(row, SubjectBinding):
+        return row
+    if not isinstance(row, Mapping):
+        raise ValueError(f"{name}: expected a dict with lora, words and optionally weight, got {_show(row)}")
+    _reject_unknown_keys(row, _SUBJECT_KEYS, what="subject key", prefix=f"{name}.")
+    lora = _as_text(f"{name}.lora", row.get("lora"))
+    words = _as_text(f"{name}.words", row.get("words"))
+    if not lora and not words:
+        return None
+    weight = _as_float(f"{name}.weight", row["weight"]) if "weight" in row else 1.0
+    try:
+        return SubjectBinding(lora=lora, words=words, weight=weight)
+    except ValueError as error:
+        raise ValueError(f"{name}.{error}") from None
+
+
+def _mask_parser(annotation: object) -> Callable[[str, object], Any]:
+    parsers = {"bool": _as_bool, "int": _as_int, "float": _as_float, "int | None": _as_optional_int}
+    if annotation not in parsers:
+        raise TypeError(f"MaskConfig field type {annotation!r} has no parser in lib_freefuse.args")
+    return parsers[annotation]
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "pre_mask": PRE_MASK_CHOICES,
+    "modulation": MODULATION_CHOICES,
+    "slic_image": SLIC_IMAGE_CHOICES,
+    "hires_masks": HIRES_MASKS_CHOICES,
+}
+_MASK_PARSERS = {f.name: _mask_parser(f.type) for f in fields(MaskConfig)}
+_PARSERS: dict[str, Callable[[str, object], Any]] = {
+    "enabled": _as_bool,
+    "subjects": _as_subjects,
+    "capture_step": _as_optional_int,
+    "capture_block": _as_block,
+    **dict.fromkeys(_CHOICES, _as_choice),
+    "restart": _as_bool,
+    "show_masks": _as_bool,
+    **_MASK_PARSERS,
+}
+_DEFAULT_DICT = FreeFuseArgs().to_dict()
+
+__all__ = [
+    "FIELD_HELP",
+    "HIRES_MASKS_CHOICES",
+    "MAX_CAPTURE_BLOCK",
+    "MAX_CAPTURE_STEP",
+    "MODULATION_CHOICES",
+    "PRE_MASK_CHOICES",
+    "SLIC_IMAGE_CHOICES",
+    "SUBJECT_FIELD_HELP",
+    "WEIGHT_LIMIT",
+    "FieldHelp",
+    "FreeFuseArgs",
+    "SubjectBinding",
+    "help_for",
+]

@@ -1,0 +1,241 @@
+"""From a webui job to a FreeFuse run: find each subject's words and LoRA, build the job, patch the unet.
+
+Called by the script's `process_before_every_sampling`, once per sampling call (classic Forge calls it three
+times for a hires-fix job, the first pass-2 call discarded by a reset): every call starts again from the
+unpatched unet, so the hook is idempotent.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from ..args import FreeFuseArgs
+from ..core import find_subject_tokens
+from ..log import logger
+from .host import flux_model, patch_unet
+from .job import FreeFuseJob, JobPlan
+from .lora_layers import load_subject_lora, subject_deltas
+
+
+@dataclass
+class RunState:
+    """What FreeFuse did in one webui job (all its sampling calls), for infotext, previews and the next pass."""
+
+    jobs: list[FreeFuseJob] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    subject_names: list[str] = field(default_factory=list)
+
+    def warn(self, message: str) -> None:
+        """A problem the user must see: logged once per job, kept for the infotext and the UI."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+            logger.warning("FreeFuse: %s", message)
+
+    @property
+    def masks(self) -> torch.Tensor | None:
+        """The latest masks made in this job: (B_img, L, h, w)."""
+        for job in reversed(self.jobs):
+            if job.masks is not None:
+                return job.masks
+        return None
+
+
+def run_state(p) -> RunState:
+    """The job's RunState, kept on p (per job, never on the script)."""
+    state = getattr(p, "freefuse_state", None)
+    if state is None:
+        state = RunState()
+        p.freefuse_state = state
+    return state
+
+
+def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
+    """Patch p's unet for this sampling call, or leave it as it is (with a warning) when FreeFuse cannot run."""
+    state = run_state(p)
+    unet = p.sd_model.forge_objects.unet
+    unet = getattr(unet, "freefuse_base", unet)  # never patch a patched clone twice
+    if flux_model(unet) is None:
+        state.warn("the model is not FLUX: FreeFuse does nothing for it")
+        return None
+    is_hr = bool(getattr(p, "is_hr_pass", False))
+    prompts = list(p.hr_prompts if is_hr else p.prompts)
+    words = _subject_words(p, prompts, args, state)
+    subjects = [s for s in args.subjects if s.lora in words]
+    loras = _subject_loras(p, unet, subjects, state)
+    subjects = [s for s in subjects if s.lora in loras]
+    if len(subjects) < 2:
+        state.warn(f"{len(subjects)} usable subject(s): FreeFuse needs at least 2; the LoRAs act as usual")
+        return None
+    state.subject_names = [s.lora for s in subjects]
+
+    deltas: dict[str, list] = defaultdict(list)
+    unmerged = []
+    base_weight = _base_weights(unet)
+    for index, subject in enumerate(subjects):
+        keys, patches = loras[subject.lora]
+        unmerged.extend(keys)
+        for delta in _deltas(patches, base_weight, subject.lora, state):
+            deltas[delta.module].append((index, delta))
+
+    steps = _steps_in_run(p, is_hr)
+    capture = args.resolved_capture_step(steps)
+    if note := args.capture_step_note(steps):
+        state.warn(note)
+    previous = state.masks if is_hr and args.hires_masks == "reuse" else None
+    plan = JobPlan(
+        word_positions=tuple(tuple(words[s.lora][b] for s in subjects) for b in range(len(prompts))),
+        text_length=words["__length__"],
+        capture_step=capture - 1,
+        mask_config=args.mask,
+        pre_mask=args.pre_mask,
+        modulation=args.modulation,
+        initial_masks=previous,
+    )
+    job = FreeFuseJob(plan, _decoder(p, args.slic_image))
+    _record_schedule(p, job)
+    blocks = len(flux_model(unet).double_blocks)
+    block = args.capture_block
+    if block >= blocks:
+        state.warn(f"capture block double_blocks.{block} does not exist (the model has {blocks}): using the last")
+        block = blocks - 1
+    patched = patch_unet(unet, job, deltas, block, unmerged)
+    patched.freefuse_base = unet
+    p.sd_model.forge_objects.unet = patched
+    state.jobs.append(job)
+    logger.info(
+        "FreeFuse: %d subjects (%s), capture at step %d of %d in double_blocks.%d",
+        len(subjects),
+        ", ".join(s.lora for s in subjects),
+        capture,
+        steps,
+        block,
+    )
+    return job
+
+
+def _subject_words(p, prompts: list[str], args: FreeFuseArgs, state: RunState) -> dict:
+    """{lora: [positions per image]} for subjects whose words occur in every prompt, plus "__length__"."""
+    engine = p.sd_model.text_processing_engine_t5
+    found: dict = {}
+    lengths = []
+    per_image = []
+    for prompt in prompts:
+        chunks, _ = engine.tokenize_line(prompt)
+        ids = [token for chunk in chunks for token in chunk.tokens]
+        lengths.append(len(ids))
+        pieces = engine.tokenizer.convert_ids_to_tokens(ids)
+        per_image.append(find_subject_tokens(pieces, [s.words for s in args.subjects]))
+    for index, subject in enumerate(args.subjects):
+        results = [image[index] for image in per_image]
+        if not all(r.found for r in results):
+            missing = sorted({m for r in results for m in r.missing})
+            state.warn(
+                f"the words of {subject.lora} ({', '.join(missing)}) are not in the prompt: "
+                f"{subject.lora} acts as an ordinary LoRA"
+            )
+            continue
+        for r in results:
+            if r.missing:
+                state.warn(f"{subject.lora}: '{', '.join(r.missing)}' not in the prompt; using its other words")
+        found[subject.lora] = [r.positions for r in results]
+    found["__length__"] = max(lengths)
+    return found
+
+
+def _subject_loras(p, unet, subjects, state: RunState) -> dict:
+    """{lora name: (keys of unet.lora_patches to unmerge, patches)}: from the prompt's tags, else loaded here."""
+    import networks  # Forge's built-in LoRA extension (extensions-builtin/sd_forge_lora)
+
+    loras = {}
+    for subject in subjects:
+        on_disk = networks.available_network_aliases.get(subject.lora) or networks.available_networks.get(subject.lora)
+        if on_disk is None:
+            state.warn(f"LoRA {subject.lora} not found: check the name (as in <lora:NAME:weight>)")
+            continue
+        keys = [key for key in unet.lora_patches if key[0] == on_disk.filename]
+        if keys:
+            patches = {}
+            for key in keys:
+                for param, entries in unet.lora_patches[key].items():
+                    patches.setdefault(param, []).extend(entries)
+            loras[subject.lora] = (keys, patches)
+            continue
+        try:
+            patches = load_subject_lora(unet, on_disk.filename, subject.weight)
+        except Exception as error:  # an unreadable or non-LoRA file must not stop the job
+            state.warn(f"LoRA {subject.lora} could not be read: {type(error).__name__}: {error}")
+            continue
+        if not patches:
+            state.warn(f"LoRA {subject.lora} changes no layer of this model")
+            continue
+        logger.info("FreeFuse: %s has no tag in the prompt: loaded at weight %s", subject.lora, subject.weight)
+        loras[subject.lora] = ([], patches)
+    return loras
+
+
+def _deltas(patches, base_weight, name: str, state: RunState):
+    deltas, notes = subject_deltas(patches, base_weight)
+    for note in notes:
+        logger.info("FreeFuse: %s: %s", name, note)
+    if not deltas:
+        state.warn(f"LoRA {name} changes no layer FreeFuse can mask")
+    return deltas
+
+
+def _base_weights(unet):
+    """base_weight(key): a parameter before any LoRA merge (Forge keeps a backup of the weights it merged)."""
+    from backend import utils
+
+    backup = getattr(getattr(unet.model, "lora_loader", None), "backup", {}) or {}
+
+    def base_weight(key: str) -> torch.Tensor:
+        saved = backup.get(key)
+        return saved if saved is not None else utils.get_attr(unet.model, key)
+
+    return base_weight
+
+
+def _steps_in_run(p, is_hr: bool) -> int:
+    """Denoising steps this sampling call runs (img2img: only those its denoising strength runs)."""
+    if is_hr:
+        return int(getattr(p, "hr_second_pass_steps", 0) or p.steps)
+    if getattr(p, "init_images", None) is not None and hasattr(p, "denoising_strength"):
+        from modules import sd_samplers_common
+
+        _, t_enc = sd_samplers_common.setup_img2img_steps(p)
+        return t_enc + 1  # the run uses sigmas[steps - t_enc - 1:]
+    return int(p.steps)
+
+
+def _decoder(p, source: str):
+    """x0 latents (B, C, H, W) -> (B, H_px, W_px, 3) RGB in [0, 1] for SLIC: the VAE, or Forge's cheap preview."""
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        if source == "preview":
+            from modules import sd_samplers_common
+
+            images = sd_samplers_common.samples_to_images_tensor(latents, approximation=2)
+        else:
+            images = p.sd_model.decode_first_stage(latents)
+        return ((images.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+    return decode
+
+
+def _record_schedule(p, job: FreeFuseJob) -> None:
+    """Give the job the run's sigma schedule when the sampler computes it (step counting for every sampler)."""
+    sampler = getattr(p, "sampler", None)
+    if sampler is None or not hasattr(sampler, "get_sigmas"):
+        return
+    original = getattr(sampler, "freefuse_get_sigmas", None) or sampler.get_sigmas
+    sampler.freefuse_get_sigmas = original
+
+    def get_sigmas(*args, **kwargs):
+        sigmas = original(*args, **kwargs)
+        job.steps.use_schedule(sigmas)
+        return sigmas
+
+    sampler.get_sigmas = get_sigmas

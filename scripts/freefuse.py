@@ -1,0 +1,131 @@
+"""FreeFuse for Forge: the AlwaysOn script. A thin adapter: the UI, and the hooks that call lib_freefuse."""
+
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+from modules import scripts
+from modules.ui_components import InputAccordion
+
+from lib_freefuse import __version__
+from lib_freefuse.args import FIELD_HELP, SUBJECT_FIELD_HELP, FreeFuseArgs
+from lib_freefuse.forge.processing import run_state, start_run
+from lib_freefuse.overlay import mask_overlay
+from lib_freefuse.script_values import SETTING_KEYS, SUBJECT_ROWS, args_from_values
+
+HELP = {entry.key: entry for entry in FIELD_HELP}
+DEFAULTS = FreeFuseArgs().to_dict()
+
+
+def _lora_names() -> list[str]:
+    try:
+        import networks
+
+        return sorted(networks.available_network_aliases)
+    except Exception:  # the LoRA extension is disabled or not loaded yet: the box still takes any name
+        return []
+
+
+def _setting(key: str, elem_prefix: str):
+    """The widget of one setting, from the argument model's label, help and choices."""
+    entry, value, elem_id = HELP[key], DEFAULTS[key], f"{elem_prefix}-{key.replace('_', '-')}"
+    if entry.choices:
+        return gr.Radio(list(entry.choices), value=value, label=entry.label, info=entry.help, elem_id=elem_id)
+    if isinstance(value, bool):
+        return gr.Checkbox(value=value, label=entry.label, info=entry.help, elem_id=elem_id)
+    if key in ("capture_step", "n_segments"):
+        return gr.Number(
+            value=0, precision=0, minimum=0, label=f"{entry.label} (0 = automatic)", info=entry.help, elem_id=elem_id
+        )
+    if isinstance(value, int):
+        return gr.Number(value=value, precision=0, minimum=0, label=entry.label, info=entry.help, elem_id=elem_id)
+    return gr.Number(value=value, label=entry.label, info=entry.help, elem_id=elem_id)
+
+
+class FreeFuseScript(scripts.Script):
+    def title(self):
+        return "FreeFuse"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        prefix = f"freefuse-{'img2img' if is_img2img else 'txt2img'}"
+        lora, words, weight = SUBJECT_FIELD_HELP
+        with InputAccordion(False, label="FreeFuse", elem_id=prefix) as enabled:
+            gr.Markdown(HELP["subjects"].help)
+            rows = []
+            for index in range(SUBJECT_ROWS):
+                with gr.Row(elem_id=f"{prefix}-subject-{index}"):
+                    rows.append(
+                        gr.Dropdown(
+                            _lora_names(),
+                            value="",
+                            allow_custom_value=True,
+                            label=lora.label,
+                            elem_id=f"{prefix}-lora-{index}",
+                            scale=2,
+                        )
+                    )
+                    rows.append(
+                        gr.Textbox(
+                            value="",
+                            label=words.label,
+                            placeholder=words.help,
+                            elem_id=f"{prefix}-words-{index}",
+                            scale=3,
+                        )
+                    )
+                    rows.append(
+                        gr.Slider(
+                            -2.0,
+                            2.0,
+                            value=1.0,
+                            step=0.05,
+                            label=weight.label,
+                            elem_id=f"{prefix}-weight-{index}",
+                            scale=1,
+                        )
+                    )
+            with gr.Accordion("Advanced", open=False, elem_id=f"{prefix}-advanced"):
+                settings = [_setting(key, prefix) for key in SETTING_KEYS]
+        return [enabled, *rows, *settings]
+
+    def process(self, p, *values):
+        args = args_from_values(values)  # invalid arguments stop the job here, before sampling, naming the field
+        p.freefuse_args = args
+        if args.enabled:
+            p.extra_generation_params["FreeFuse"] = json.dumps(args.to_dict(only_changed=True), ensure_ascii=False)
+            p.extra_generation_params["FreeFuse version"] = __version__
+
+    def process_before_every_sampling(self, p, *values, **kwargs):
+        args = getattr(p, "freefuse_args", None)
+        if args is None or not args.enabled:
+            return
+        start_run(p, args, kwargs.get("x"))
+
+    def postprocess_batch(self, p, *values, **kwargs):
+        args = getattr(p, "freefuse_args", None)
+        if args is None or not args.enabled:
+            return
+        state = run_state(p)
+        coverage = [job.coverage() for job in state.jobs if job.masks is not None]
+        if coverage:
+            p.extra_generation_params["FreeFuse coverage"] = json.dumps(
+                {name: [round(image[i], 1) for image in coverage[-1]] for i, name in enumerate(state.subject_names)}
+            )
+        failures = [job.failure for job in state.jobs if job.failure]
+        if failures or state.warnings:
+            p.extra_generation_params["FreeFuse warnings"] = "; ".join(dict.fromkeys([*failures, *state.warnings]))
+
+    def postprocess(self, p, processed, *values):
+        args = getattr(p, "freefuse_args", None)
+        state = getattr(p, "freefuse_state", None)
+        if args is None or not args.show_masks or state is None or state.masks is None:
+            return
+        masks = state.masks
+        count = min(len(processed.images), masks.shape[0])
+        for index in range(count):
+            processed.images.append(mask_overlay(processed.images[index], masks[index], state.subject_names))
+            processed.infotexts.append(processed.infotexts[index])

@@ -32,6 +32,7 @@ class JobPlan:
     pre_mask: str = "joint"  # subject LoRAs before masks exist: "joint" (unmasked, the paper) or "off"
     modulation: str = "per_token"  # subject LoRAs' modulation deltas: "per_token", "global" or "off"
     initial_masks: torch.Tensor | None = None  # (B_img, L, h, w) from an earlier pass: used from the first step
+    restart: bool = False  # once the masks exist, sample again from the first step with them (authors' later code)
 
     @property
     def n_images(self) -> int:
@@ -40,6 +41,10 @@ class JobPlan:
     @property
     def n_subjects(self) -> int:
         return len(self.word_positions[0])
+
+
+class RestartWithMasks(Exception):
+    """Raised out of the model call that made the masks when the plan restarts sampling with them."""
 
 
 @dataclass
@@ -88,6 +93,18 @@ class FreeFuseJob:
             self.masks = self._make_masks(captured, self._cond_rows(denoised, call), call.grid_hw)
         except Exception as error:  # any failure here must still end in an image, made without masks
             self.fail(f"mask extraction failed: {type(error).__name__}: {error}")
+            return
+        if self.plan.restart:
+            self.steps = StepCounter(self.steps.schedule)
+            raise RestartWithMasks
+
+    def run(self, sample: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run one sampling call; with `restart`, run it again from the start once the first run made the masks."""
+        try:
+            return sample()
+        except RestartWithMasks:
+            logger.info("FreeFuse: masks made, sampling again from the first step with them")
+            return sample()
 
     def abort_call(self) -> None:
         """The call raised (an interrupt, an error elsewhere): forget it."""

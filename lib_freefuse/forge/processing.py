@@ -93,9 +93,12 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
         pre_mask=args.pre_mask,
         modulation=args.modulation,
         initial_masks=previous,
+        restart=args.restart,
     )
     job = FreeFuseJob(plan, _decoder(p, args.slic_image))
     _record_schedule(p, job)
+    if args.restart:
+        _restart_with_masks(p, job)
     blocks = len(flux_model(unet).double_blocks)
     block = args.capture_block
     if block >= blocks:
@@ -239,3 +242,21 @@ def _record_schedule(p, job: FreeFuseJob) -> None:
         return sigmas
 
     sampler.get_sigmas = get_sigmas
+
+
+def _restart_with_masks(p, job: FreeFuseJob) -> None:
+    """Make this call's sampler run again from the start once the masks exist (the sampler is per job)."""
+    sampler = getattr(p, "sampler", None)
+    for name in ("sample", "sample_img2img"):
+        original = getattr(sampler, f"freefuse_{name}", None) or getattr(sampler, name, None)
+        if original is None:
+            continue
+        setattr(sampler, f"freefuse_{name}", original)
+
+        def sample(*args, _original=original, **kwargs):
+            kept = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+            return job.run(
+                lambda: _original(*[a.clone() if isinstance(a, torch.Tensor) else a for a in kept], **kwargs)
+            )
+
+        setattr(sampler, name, sample)

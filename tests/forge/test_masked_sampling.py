@@ -51,7 +51,7 @@ def with_loras(unet, sds: dict[str, dict], strength: float = 0.9):
     return unet
 
 
-def freefuse_unet(merged_unet, names, masks: torch.Tensor, modulation="per_token"):
+def freefuse_unet(merged_unet, names, masks: torch.Tensor | None, modulation="per_token", **plan_fields):
     """A FreeFuse clone of a patcher with the subject LoRAs merged: they come out of the merge and are applied
     masked, with the given (B_img, L, h, w) masks from the first step."""
     params = dict(merged_unet.model.named_parameters())
@@ -63,15 +63,17 @@ def freefuse_unet(merged_unet, names, masks: torch.Tensor, modulation="per_token
         found, _ = subject_deltas(merged_unet.lora_patches[key], lambda k: params[k])
         for delta in found:
             deltas.setdefault(delta.module, []).append((index, delta))
-    n_images = masks.shape[0]
-    plan = JobPlan(
-        word_positions=tuple(((),) * len(names) for _ in range(n_images)),  # no words: text tokens get every LoRA
-        text_length=8,
-        capture_step=10**6,
-        modulation=modulation,
-        initial_masks=masks,
-    )
-    job = FreeFuseJob(plan, decode=None)
+    fields = {
+        "word_positions": (((),) * len(names),),  # no words: text tokens get every LoRA
+        "text_length": 8,
+        "capture_step": 10**6,
+        "modulation": modulation,
+        "initial_masks": masks,
+        **plan_fields,
+    }
+    if masks is not None:
+        fields["word_positions"] = tuple(((),) * len(names) for _ in range(masks.shape[0]))
+    job = FreeFuseJob(JobPlan(**fields), decode=None)
     return patch_unet(merged_unet, job, deltas, capture_block=0, unmerged_loras=keys), job
 
 
@@ -128,3 +130,29 @@ def test_per_token_modulation_follows_the_masks(forge, tiny_unet):
     off = forge.sample(freefuse_unet(merged, list(sds), masks, "off")[0], steps=2, latent_hw=LATENT)
     assert not torch.allclose(per_token, global_, atol=1e-4)
     assert not torch.allclose(per_token, off, atol=1e-4)
+
+
+def test_restart_samples_again_from_the_first_step_with_the_masks(forge, tiny_unet):
+    """With restart, the masks made at the capture step are used from step 0 of a second run: the result is the
+    run that had those masks from the start, and differs from the run without restart."""
+    from lib_freefuse.core import MaskConfig
+
+    sds = {"a.safetensors": lora_sd(1, image_only=True), "b.safetensors": lora_sd(2, image_only=True)}
+    merged = with_loras(tiny_unet, sds)
+    words = {"word_positions": (((1, 2), (5,)),), "capture_step": 1, "mask_config": MaskConfig(superpixel_vote=False)}
+    unet, job = freefuse_unet(merged, list(sds), None, restart=True, **words)
+    runs = []
+
+    def sample():
+        runs.append(1)
+        return forge.sample(unet, steps=4, seed=5, latent_hw=LATENT)
+
+    restarted = job.run(sample)
+    assert len(runs) == 2 and job.capture_count == 1 and job.masks is not None
+    assert 0 < job.masks[0, 0].mean() < 1  # the tiny model's masks split the image
+    from_start, _ = freefuse_unet(merged, list(sds), job.masks)
+    torch.testing.assert_close(restarted, forge.sample(from_start, steps=4, seed=5, latent_hw=LATENT))
+    plain_unet, plain_job = freefuse_unet(merged, list(sds), None, **words)
+    no_restart = forge.sample(plain_unet, steps=4, seed=5, latent_hw=LATENT)
+    assert torch.equal(plain_job.masks, job.masks)
+    assert not torch.allclose(no_restart, restarted, atol=1e-4)

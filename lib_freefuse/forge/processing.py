@@ -62,7 +62,7 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
         return None
     is_hr = bool(getattr(p, "is_hr_pass", False))
     prompts = list(p.hr_prompts if is_hr else p.prompts)
-    words = _subject_words(p, prompts, args, state)
+    words, text_length = _subject_words(p, prompts, args, state)
     subjects = [s for s in args.subjects if s.lora in words]
     loras = _subject_loras(p, unet, subjects, state)
     subjects = [s for s in subjects if s.lora in loras]
@@ -87,7 +87,7 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
     previous = state.masks if is_hr and args.hires_masks == "reuse" else None
     plan = JobPlan(
         word_positions=tuple(tuple(words[s.lora][b] for s in subjects) for b in range(len(prompts))),
-        text_length=words["__length__"],
+        text_length=text_length,
         capture_step=capture - 1,
         mask_config=args.mask,
         pre_mask=args.pre_mask,
@@ -119,8 +119,8 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
     return job
 
 
-def _subject_words(p, prompts: list[str], args: FreeFuseArgs, state: RunState) -> dict:
-    """{lora: [positions per image]} for subjects whose words occur in every prompt, plus "__length__"."""
+def _subject_words(p, prompts: list[str], args: FreeFuseArgs, state: RunState) -> tuple[dict, int]:
+    """({lora: [positions per image]} for subjects whose words occur in every prompt, the tokenised length)."""
     engine = p.sd_model.text_processing_engine_t5
     found: dict = {}
     lengths = []
@@ -144,8 +144,7 @@ def _subject_words(p, prompts: list[str], args: FreeFuseArgs, state: RunState) -
             if r.missing:
                 state.warn(f"{subject.lora}: '{', '.join(r.missing)}' not in the prompt; using its other words")
         found[subject.lora] = [r.positions for r in results]
-    found["__length__"] = max(lengths)
-    return found
+    return found, max(lengths)
 
 
 def _subject_loras(p, unet, subjects, state: RunState) -> dict:

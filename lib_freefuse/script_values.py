@@ -22,10 +22,9 @@ def value_count() -> int:
 
 
 def args_from_values(values: Sequence[Any]) -> FreeFuseArgs:
-    """FreeFuseArgs from the script's values: positional (missing trailing values keep defaults) or one dict."""
+    """FreeFuseArgs from the script's values: positional (missing trailing values keep defaults) or one dict first
+    (the API pads the values it was not sent with the UI's defaults: those are ignored)."""
     if len(values) >= 1 and isinstance(values[0], Mapping):
-        if len(values) > 1:
-            raise ValueError("FreeFuse args: a dict must be the only value")
         return FreeFuseArgs.from_dict(values[0])
     if len(values) > value_count():
         raise ValueError(f"FreeFuse args: expected at most {value_count()} values, got {len(values)}")

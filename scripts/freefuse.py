@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 
 import gradio as gr
-from modules import scripts
+from modules import scripts, shared
 from modules.ui_components import InputAccordion
 
 from lib_freefuse import __version__
 from lib_freefuse.args import FIELD_HELP, SUBJECT_FIELD_HELP, FreeFuseArgs
 from lib_freefuse.forge.processing import run_state, start_run
+from lib_freefuse.log import configure, logger
 from lib_freefuse.overlay import mask_overlay
 from lib_freefuse.script_values import SETTING_KEYS, SUBJECT_ROWS, args_from_values
 
+configure(getattr(shared.cmd_opts, "freefuse_log_level", "INFO"))
 HELP = {entry.key: entry for entry in FIELD_HELP}
 DEFAULTS = FreeFuseArgs().to_dict()
 
@@ -41,6 +43,17 @@ def _setting(key: str, elem_prefix: str):
     if isinstance(value, int):
         return gr.Number(value=value, precision=0, minimum=0, label=entry.label, info=entry.help, elem_id=elem_id)
     return gr.Number(value=value, label=entry.label, info=entry.help, elem_id=elem_id)
+
+
+def _reject_job(p, message: str) -> None:
+    """Stop the job before sampling with `message` (the API answers with it). Forge catches every exception of a
+    script hook, so the job's own sample() raises instead: p lives for this job only."""
+    logger.error(message)
+
+    def rejected(*args, **kwargs):
+        raise ValueError(message)
+
+    p.sample = rejected
 
 
 class FreeFuseScript(scripts.Script):
@@ -93,7 +106,11 @@ class FreeFuseScript(scripts.Script):
         return [enabled, *rows, *settings]
 
     def process(self, p, *values):
-        args = args_from_values(values)  # invalid arguments stop the job here, before sampling, naming the field
+        try:
+            args = args_from_values(values)
+        except ValueError as error:
+            _reject_job(p, f"FreeFuse: {error}")
+            return
         p.freefuse_args = args
         if args.enabled:
             p.extra_generation_params["FreeFuse"] = json.dumps(args.to_dict(only_changed=True), ensure_ascii=False)

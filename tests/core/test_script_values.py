@@ -49,10 +49,14 @@ def test_one_dict_is_the_api_form():
     assert args.enabled and len(args.subjects) == 2
 
 
+def test_a_dict_padded_with_ui_defaults_by_the_api():
+    padded = [{"enabled": True, "subjects": [{"lora": "a", "words": "x"}]}, *values_from_args(FreeFuseArgs())[1:]]
+    assert args_from_values(padded).subjects[0].lora == "a"
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ([{"enabled": True}, 1], "a dict must be the only value"),
         ([False] * 100, "at most"),
         ([{"capture_stepp": 3}], "capture_stepp"),
     ],

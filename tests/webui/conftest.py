@@ -1,0 +1,414 @@
+"""The webui tier: a real Forge webui started on CPU on 127.0.0.1, with a tiny random FLUX and tiny LoRAs.
+
+One server per test session (`webui` fixture):
+1. a temporary data dir (Forge's --data-dir: it looks up models/ and extensions/ there and writes its settings,
+   cache/ and params.txt there; Forge's own tree is left untouched);
+2. tiny_models.py, run by Forge's Python, writes models/Stable-diffusion/tiny_flux.safetensors, models/Lora/
+   tiny_lora_a|b.safetensors and the tiny pipeline configs;
+3. this repository is linked in as extensions/sd-forge-freefuse;
+4. `launch.py` starts under Forge's Python (FORGE_PYTHON, else <forge>/venv/bin/python) with webui_hook/ on
+   PYTHONPATH (its sitecustomize.py lets Forge's loader take the tiny FLUX), bound to 127.0.0.1 on a free port;
+5. the fixture waits until the API answers and Forge has finished starting, yields a `WebUI` client (base URL,
+   txt2img helper, PNG decoding, the server's log), and at the end ends the server's whole process group.
+   Startup and request times are printed in pytest's terminal summary.
+
+The test process itself needs only the standard library (urllib, zlib) and pytest.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from forge_locator import REPO_ROOT, find_forge
+
+HERE = Path(__file__).resolve().parent
+HOOK_DIR = HERE / "webui_hook"
+EXTENSION_NAME = "sd-forge-freefuse"
+
+STARTUP_TIMEOUT_S = float(os.environ.get("FREEFUSE_WEBUI_STARTUP_TIMEOUT", "300"))
+REQUEST_TIMEOUT_S = 600.0
+
+# What launch.py needs beyond Forge's backend; pkg_resources (setuptools < 81) is imported by pytorch_lightning.
+WEBUI_MODULES = ("torch", "torchvision", "gradio", "fastapi", "transformers", "diffusers", "pkg_resources", "joblib")
+
+SERVER_FLAGS = (
+    "--always-cpu",  # Forge's backend on the CPU (else it asserts on CUDA)
+    "--attention-pytorch",  # SDPA, as the forge tier uses
+    "--skip-torch-cuda-test",
+    "--skip-install",  # no extension installers, no pip
+    "--skip-prepare-environment",  # no git clones, no requirement checks
+    "--skip-version-check",
+    "--no-download-sd-model",
+    "--api",
+)
+
+TIMINGS: dict[str, object] = {}  # for the terminal summary
+
+
+def find_forge_python(forge_root: Path) -> tuple[str | None, str]:
+    """(Python that can run Forge's webui, "") or (None, one-line reason)."""
+    configured = os.environ.get("FORGE_PYTHON")
+    if configured:
+        python, origin = Path(configured).expanduser(), f"FORGE_PYTHON={configured}"
+    else:
+        python, origin = forge_root / "venv" / "bin" / "python", f"{forge_root}/venv/bin/python (FORGE_PYTHON unset)"
+    if not python.is_file():
+        return None, f"no Python for Forge's webui: {origin} does not exist"
+    probe = "import sys; from importlib.util import find_spec as f; print(*(m for m in sys.argv[1:] if not f(m)))"
+    try:
+        result = subprocess.run(
+            [str(python), "-c", probe, *WEBUI_MODULES], capture_output=True, text=True, timeout=120, check=True
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        return None, f"{origin} does not run: {error}"
+    missing = result.stdout.split()
+    if missing:
+        return None, f"{origin} lacks what Forge's webui needs: {', '.join(missing)}"
+    return str(python), ""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------------- PNG
+
+
+@dataclass
+class PngImage:
+    """A PNG decoded with the standard library (8-bit grey/RGB/RGBA, no interlace): enough for tests."""
+
+    width: int
+    height: int
+    channels: int
+    pixels: bytes  # row-major, unfiltered, `channels` bytes per pixel
+    text: dict[str, str] = field(default_factory=dict)  # tEXt/iTXt chunks: Forge's infotext is "parameters"
+
+    @classmethod
+    def decode(cls, data: bytes) -> PngImage:
+        if data[:8] != b"\x89PNG\r\n\x1a\n":
+            raise ValueError("not a PNG")
+        pos, idat, text, header = 8, bytearray(), {}, None
+        while pos < len(data):
+            (length,) = struct.unpack(">I", data[pos : pos + 4])
+            kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+            (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+            if zlib.crc32(kind + body) != crc:
+                raise ValueError(f"bad CRC in {kind!r}")
+            pos += 12 + length
+            if kind == b"IHDR":
+                header = struct.unpack(">IIBBBBB", body)
+            elif kind == b"IDAT":
+                idat += body
+            elif kind == b"tEXt":
+                key, _, value = body.partition(b"\0")
+                text[key.decode("latin-1")] = value.decode("latin-1")
+            elif kind == b"iTXt":
+                key, _, rest = body.partition(b"\0")
+                compressed, rest = rest[0], rest[2:]
+                _language, _, rest = rest.partition(b"\0")
+                _translated, _, value = rest.partition(b"\0")
+                text[key.decode("latin-1")] = (zlib.decompress(value) if compressed else value).decode("utf-8")
+            elif kind == b"IEND":
+                break
+        if header is None:
+            raise ValueError("no IHDR")
+        width, height, depth, color, _compression, _filter, interlace = header
+        channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(color)
+        if depth != 8 or channels is None or interlace:
+            raise ValueError(f"unsupported PNG: depth {depth}, colour type {color}, interlace {interlace}")
+        return cls(width, height, channels, _unfilter(zlib.decompress(bytes(idat)), width, height, channels), text)
+
+    def mean_and_spread(self) -> tuple[float, int]:
+        """Mean byte value and (max - min) over all pixels: a constant image has spread 0."""
+        return sum(self.pixels) / len(self.pixels), max(self.pixels) - min(self.pixels)
+
+
+def _unfilter(raw: bytes, width: int, height: int, bpp: int) -> bytes:
+    stride, out, prev = width * bpp, bytearray(), bytearray(width * bpp)
+    for y in range(height):
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+            if kind == 1:
+                line[i] = (line[i] + a) & 255
+            elif kind == 2:
+                line[i] = (line[i] + b) & 255
+            elif kind == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif kind == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        out += line
+        prev = line
+    return bytes(out)
+
+
+# ------------------------------------------------------------------------------------------------------ client
+
+
+@dataclass
+class Txt2ImgResult:
+    images: list[PngImage]
+    info: dict  # the API's "info", parsed: "infotexts", "seed", "all_seeds", ...
+    parameters: dict
+    seconds: float
+
+    @property
+    def infotext(self) -> str:
+        return self.info["infotexts"][0]
+
+
+@dataclass
+class WebUI:
+    """A running Forge webui: base URL, its data dir and log, the tiny models, and HTTP helpers."""
+
+    url: str
+    data_dir: Path
+    log_path: Path
+    manifest: dict  # from tiny_models.py: checkpoint, checkpoint_name, loras {name: path}, transformer config
+    startup_s: float
+
+    @property
+    def checkpoint(self) -> str:
+        return self.manifest["checkpoint_name"]
+
+    @property
+    def lora_names(self) -> list[str]:
+        return list(self.manifest["loras"])
+
+    def request(self, method: str, path: str, payload=None, timeout: float = 60.0):
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                body = response.read()
+        except urllib.error.HTTPError as error:
+            detail = error.read().decode(errors="replace")[:2000]
+            raise AssertionError(f"{method} {path} -> HTTP {error.code}: {detail}\n{self.log_tail()}") from error
+        return json.loads(body) if body else None
+
+    def get(self, path: str, timeout: float = 60.0):
+        return self.request("GET", path, timeout=timeout)
+
+    def post(self, path: str, payload, timeout: float = REQUEST_TIMEOUT_S):
+        return self.request("POST", path, payload, timeout=timeout)
+
+    def txt2img_payload(self, prompt: str, **overrides) -> dict:
+        """A small FLUX job on the tiny checkpoint: 64x64, Euler + Simple, 3 steps, CFG 1 (as FLUX-dev runs)."""
+        payload = {
+            "prompt": prompt,
+            "negative_prompt": "",
+            "width": 64,
+            "height": 64,
+            "steps": 3,
+            "cfg_scale": 1.0,
+            "distilled_cfg_scale": 3.5,
+            "sampler_name": "Euler",  # "Euler a" gives NaN on a random tiny FLUX
+            "scheduler": "Simple",
+            "seed": 1234,
+            "batch_size": 1,
+            "n_iter": 1,
+            "send_images": True,
+            "save_images": False,
+            "override_settings": {"sd_model_checkpoint": self.checkpoint},
+        }
+        payload.update(overrides)
+        return payload
+
+    def txt2img(self, prompt: str, **overrides) -> Txt2ImgResult:
+        payload = self.txt2img_payload(prompt, **overrides)
+        started = time.monotonic()
+        response = self.post("/sdapi/v1/txt2img", payload)
+        seconds = time.monotonic() - started
+        TIMINGS.setdefault("txt2img", [])
+        TIMINGS["txt2img"].append(seconds)
+        images = [PngImage.decode(base64.b64decode(image.split(",", 1)[-1])) for image in response["images"]]
+        return Txt2ImgResult(images, json.loads(response["info"]), response["parameters"], seconds)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "--- webui log (tail) ---\n" + "\n".join(self.log().splitlines()[-lines:])
+
+
+# ----------------------------------------------------------------------------------------------------- fixture
+
+
+def _server_env(data_dir: Path, configs: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("COMMANDLINE_ARGS", "PYTHONSTARTUP")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HOOK_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    env.update(
+        FREEFUSE_TEST_TINY_FLUX_CONFIGS=configs,
+        FREEFUSE_TEST_WEBUI_ASSETS=str(data_dir / "webui-assets"),
+        FREEFUSE_TEST_EXIT_WITH_PARENT="1",  # a server whose pytest was killed ends itself (sitecustomize.py)
+        CUDA_VISIBLE_DEVICES="",  # a CUDA build of torch stays on the CPU, as --always-cpu asks
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        GRADIO_ANALYTICS_ENABLED="False",
+        DO_NOT_TRACK="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.setdefault("OMP_NUM_THREADS", "1")  # tiny tensors on 2 shared cores: one thread is the fastest
+    return env
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """End the server and everything it started: it leads its own process group."""
+    if process.poll() is None:
+        for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # children left after the leader exited
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def _wait_for_api(process: subprocess.Popen, url: str, log_path: Path, checkpoint: str) -> str:
+    """Wait until the API answers *and* Forge has finished starting; returns Forge's own "Startup time" line.
+
+    The API answers before it is ready: Forge serves (gradio launch) before it registers the API's routes, and
+    registers them before it computes the scripts' default arguments; a txt2img in that window runs every
+    always-on script with no arguments ("not enough values to unpack (expected 2, got 0)"). Forge prints
+    "Startup time: ..." once everything, app_started callbacks included, is done.
+    """
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    listed = False
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-60:])
+            pytest.fail(f"Forge's webui exited with {process.returncode} before its API came up:\n{tail}")
+        if not listed:
+            try:
+                with urllib.request.urlopen(url + "/sdapi/v1/sd-models", timeout=5) as response:
+                    models = json.loads(response.read())
+                if not any(m.get("model_name") == checkpoint for m in models):
+                    pytest.fail(f"the webui is up but lists no {checkpoint}: {models}")
+                listed = True
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+                pass
+        if listed:
+            startup = [line for line in log_path.read_text(errors="replace").splitlines() if "Startup time:" in line]
+            if startup:
+                return startup[-1].strip()
+        time.sleep(0.25)
+    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-60:])
+    pytest.fail(f"Forge's webui did not finish starting in {STARTUP_TIMEOUT_S:.0f} s:\n{tail}")
+
+
+@pytest.fixture(scope="session")
+def webui(tmp_path_factory):
+    forge_root, why = find_forge()
+    if forge_root is None:
+        pytest.skip(why)
+    if not (forge_root / "repositories" / "huggingface_guess" / "huggingface_guess").is_dir():
+        # launch.py clones it unless --skip-prepare-environment, which this fixture passes (no network here)
+        pytest.skip(f"Forge at {forge_root} has no repositories/huggingface_guess: run its launch.py once first")
+    python, why = find_forge_python(forge_root)
+    if python is None:
+        pytest.skip(why)
+
+    data_dir = tmp_path_factory.mktemp("forge-data")
+    models = data_dir / "models"
+    made = subprocess.run(
+        [
+            python,
+            str(HERE / "tiny_models.py"),
+            "--forge",
+            str(forge_root),
+            "--checkpoint",
+            str(models / "Stable-diffusion" / "tiny_flux.safetensors"),
+            "--lora-dir",
+            str(models / "Lora"),
+            "--configs",
+            str(data_dir / "tiny-configs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ""},
+    )
+    if made.returncode != 0:
+        pytest.fail(f"tiny_models.py failed ({made.returncode}):\n{made.stdout[-3000:]}\n{made.stderr[-3000:]}")
+    manifest = json.loads(made.stdout.strip().splitlines()[-1])
+
+    (data_dir / "extensions").mkdir()
+    (data_dir / "extensions" / EXTENSION_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = data_dir / "webui.log"
+    command = [
+        python,
+        "launch.py",
+        *SERVER_FLAGS,
+        "--data-dir",
+        str(data_dir),
+        "--server-name",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    started = time.monotonic()
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command,
+            cwd=forge_root,
+            env=_server_env(data_dir, manifest["configs"]),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        forge_summary = _wait_for_api(process, url, log_path, manifest["checkpoint_name"])
+        startup = time.monotonic() - started
+        TIMINGS.update(startup=startup, url=url, log=str(log_path), forge_summary=forge_summary)
+        print(f"\n[webui] Forge's webui up at {url} in {startup:.1f} s (log: {log_path})")
+        yield WebUI(url, data_dir, log_path, manifest, startup)
+    finally:
+        stopping = time.monotonic()
+        _stop(process)
+        TIMINGS["stop"] = time.monotonic() - stopping
+
+
+def pytest_terminal_summary(terminalreporter):
+    if "startup" not in TIMINGS:
+        return
+    calls = TIMINGS.get("txt2img", [])
+    line = f"webui tier: Forge's webui started in {TIMINGS['startup']:.1f} s"
+    if calls:
+        line += f"; {len(calls)} txt2img calls, first {calls[0]:.1f} s (loads the model)"
+        if len(calls) > 1:
+            line += f", then {sum(calls[1:]) / (len(calls) - 1):.1f} s on average"
+    if "stop" in TIMINGS:
+        line += f"; stopped in {TIMINGS['stop']:.1f} s"
+    terminalreporter.write_line(line + f" (log: {TIMINGS['log']})")
+    terminalreporter.write_line(f"webui tier: Forge says {TIMINGS['forge_summary']}")

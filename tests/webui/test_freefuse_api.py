@@ -1,0 +1,93 @@
+"""FreeFuse through Forge's API in a real webui: two bound LoRAs, masks, infotext; hires fix, batch 2, CFG > 1."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+PROMPT = "a photo of a cat and a dog in a garden"
+
+
+def freefuse(webui, **settings) -> dict:
+    """alwayson_scripts entry: FreeFuse's args as ONE dict, binding the two tiny LoRAs to "cat" and "dog"."""
+    a, b = webui.lora_names[:2]
+    args = {"enabled": True, "subjects": [{"lora": a, "words": "cat"}, {"lora": b, "words": "dog"}], "capture_block": 1}
+    args.update(settings)
+    return {"FreeFuse": {"args": [args]}}
+
+
+def tagged(webui, prompt: str = PROMPT) -> str:
+    a, b = webui.lora_names[:2]
+    return f"{prompt} <lora:{a}:0.8> <lora:{b}:0.8>"
+
+
+def infotext_json(infotext: str, key: str):
+    match = re.search(rf'{key}: ("(?:[^"\\]|\\.)*"|[^,]*)', infotext)
+    assert match, f"no {key} in {infotext}"
+    value = match.group(1)
+    return json.loads(json.loads(value) if value.startswith('"') else value)
+
+
+def test_script_is_listed_with_its_arguments(webui):
+    info = webui.get("/sdapi/v1/script-info")
+    (entry,) = [s for s in info if s["name"] == "freefuse" and not s["is_img2img"]]
+    assert entry["is_alwayson"] and len(entry["args"]) > 20
+
+
+def test_two_bound_loras_give_an_image_masks_and_infotext(webui):
+    result = webui.txt2img(tagged(webui), steps=6, alwayson_scripts=freefuse(webui, show_masks=True))
+    assert len(result.images) == 2  # the image and its mask overlay
+    image, overlay = result.images
+    assert (image.width, image.height) == (overlay.width, overlay.height) == (64, 64)
+    assert image.pixels != overlay.pixels
+    settings = infotext_json(result.infotext, "FreeFuse")
+    assert [s["words"] for s in settings["subjects"]] == ["cat", "dog"]
+    coverage = infotext_json(result.infotext, "FreeFuse coverage")
+    a, b = webui.lora_names[:2]
+    assert set(coverage) == {a, b} and sum(coverage[a] + coverage[b]) == pytest.approx(100, abs=0.5)
+    assert "FreeFuse version" in result.infotext
+    assert "FreeFuse: masks made at step 1" in webui.log()
+
+
+def test_freefuse_changes_the_image_and_leaves_no_trace(webui):
+    """The same job without FreeFuse before and after a FreeFuse job: bit-identical (CPU)."""
+    before = webui.txt2img(tagged(webui), steps=6)
+    with_freefuse = webui.txt2img(tagged(webui), steps=6, alwayson_scripts=freefuse(webui))
+    after = webui.txt2img(tagged(webui), steps=6)
+    assert before.images[0].pixels == after.images[0].pixels
+    assert with_freefuse.images[0].pixels != before.images[0].pixels
+    assert "FreeFuse" not in after.infotext
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"batch_size": 2},
+        {"cfg_scale": 3.0},
+        {
+            "enable_hr": True,
+            "hr_scale": 1.5,
+            "hr_upscaler": "Latent",
+            "hr_second_pass_steps": 3,
+            "denoising_strength": 0.6,
+            "hr_additional_modules": ["Use same choices"],  # Forge's API fails on hires fix without it
+        },
+    ],
+    ids=["batch-2", "cfg-3", "hires-fix"],
+)
+def test_variants_give_images_with_masks(webui, overrides):
+    result = webui.txt2img(tagged(webui), steps=6, alwayson_scripts=freefuse(webui, show_masks=True), **overrides)
+    images = overrides.get("batch_size", 1)
+    assert len(result.images) == 2 * images  # each image and its overlay
+    size = 96 if overrides.get("enable_hr") else 64
+    assert all((im.width, im.height) == (size, size) for im in result.images)
+    assert "FreeFuse coverage" in result.infotext
+    assert "FreeFuse warnings" not in result.infotext, result.infotext
+
+
+def test_invalid_arguments_are_rejected_before_sampling(webui):
+    payload = webui.txt2img_payload(tagged(webui), alwayson_scripts=freefuse(webui, capture_stepp=3))
+    with pytest.raises(AssertionError, match="capture_stepp"):
+        webui.post("/sdapi/v1/txt2img", payload)

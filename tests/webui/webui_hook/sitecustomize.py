@@ -1,0 +1,171 @@
+"""Test-only hook for the webui tier: lets Forge's unmodified loader take the tiny random FLUX of tiny_models.py.
+
+The webui fixture puts this folder on the webui subprocess's PYTHONPATH, so Python imports this file at start-up
+(as `sitecustomize`). It imports nothing of Forge; it waits for two of Forge's modules to be imported and then
+patches them in memory, never on disk:
+
+- `huggingface_guess.guess`: huggingface_guess detects FLUX by a key and then hard-codes the 12B shapes (hidden
+  3072, 19 + 38 blocks, context 4096, ...). For a checkpoint whose transformer is *not* 12B-sized, the wrapper
+  reads the shapes off the state dict instead, and points the guess at the tiny pipeline configs (CLIP-L, T5, VAE
+  and the tokenizers) in $FREEFUSE_TEST_TINY_FLUX_CONFIGS instead of Forge's backend/huggingface/. A real FLUX
+  checkpoint is left exactly as Forge guesses it.
+- `modules.launch_utils.repo_dir`: with --skip-prepare-environment Forge never clones
+  repositories/stable-diffusion-webui-assets, and the UI's static mount of it raises at start-up. When that folder
+  is missing, the empty folder $FREEFUSE_TEST_WEBUI_ASSETS stands in.
+
+- With $FREEFUSE_TEST_EXIT_WITH_PARENT=1 the process ends itself once the process that started it is gone, so a
+  test run that was killed (and so never reached the fixture's teardown) leaves no webui behind.
+
+Only effective when those environment variables are set; it does nothing in any other process.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import os
+import sys
+import threading
+import time
+
+CONFIGS_ENV = "FREEFUSE_TEST_TINY_FLUX_CONFIGS"
+ASSETS_ENV = "FREEFUSE_TEST_WEBUI_ASSETS"
+EXIT_WITH_PARENT_ENV = "FREEFUSE_TEST_EXIT_WITH_PARENT"
+
+FLUX_TEST_KEY = "double_blocks.0.img_attn.norm.key_norm.scale"
+FULL_SIZE_HIDDEN = 3072  # FLUX.1 12B: left to huggingface_guess as it is
+
+
+def count_blocks(keys, prefix: str) -> int:
+    indices = {int(k[len(prefix) :].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
+
+
+def axes_dim_for(head_dim: int) -> list[int]:
+    """RoPE axes for a head dim, in FLUX.1's proportions (128 -> [16, 56, 56]); tiny_models.py builds with this."""
+    first = head_dim // 8
+    rest = (head_dim - first) // 2
+    return [first, rest, head_dim - first - rest]
+
+
+def flux_config_from_shapes(state_dict, prefix: str) -> dict:
+    """The FLUX transformer config that huggingface_guess would return, but read from the tensors' shapes."""
+    keys = [k for k in state_dict if k.startswith(prefix)]
+    shape = lambda name: tuple(state_dict[prefix + name].shape)  # noqa: E731
+    hidden, in_features = shape("img_in.weight")
+    head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    return {
+        "in_channels": in_features // 4,  # the model patchifies 2x2 itself
+        "vec_in_dim": shape("vector_in.in_layer.weight")[1],
+        "context_in_dim": shape("txt_in.weight")[1],
+        "hidden_size": hidden,
+        "mlp_ratio": shape("double_blocks.0.img_mlp.0.weight")[0] / hidden,
+        "num_heads": hidden // head_dim,
+        "depth": count_blocks(keys, prefix + "double_blocks."),
+        "depth_single_blocks": count_blocks(keys, prefix + "single_blocks."),
+        "axes_dim": axes_dim_for(head_dim),
+        "theta": 10000,
+        "qkv_bias": prefix + "double_blocks.0.img_attn.qkv.bias" in state_dict,
+        "guidance_embed": prefix + "guidance_in.in_layer.weight" in state_dict,
+    }
+
+
+def fit_tiny_flux(result, state_dict):
+    """Correct a FLUX guess in place for a non-12B checkpoint; returns whether it did."""
+    configs = os.environ.get(CONFIGS_ENV)
+    prefix = (getattr(result, "unet_key_prefix", None) or [""])[0]
+    if not configs or result is None or prefix + FLUX_TEST_KEY not in state_dict:
+        return False
+    if state_dict[prefix + "img_in.weight"].shape[0] == FULL_SIZE_HIDDEN:
+        return False
+    result.unet_config.update(flux_config_from_shapes(state_dict, prefix))
+    # backend/loader.py joins this onto backend/huggingface/; an absolute path wins that join. The name keeps
+    # "flux" (the LoRA key mapper checks for it) and must not contain "schnell" (that selects FLUX.1-schnell).
+    result.huggingface_repo = os.path.abspath(configs)
+    print(f"[freefuse-test] tiny FLUX: {result.unet_config} with configs from {result.huggingface_repo}")
+    return True
+
+
+def patch_huggingface_guess(module):
+    original = module.guess
+
+    def guess(state_dict):
+        result = original(state_dict)
+        fit_tiny_flux(result, state_dict)
+        return result
+
+    guess.__wrapped__ = original
+    module.guess = guess
+
+
+def patch_launch_utils(module):
+    original = module.repo_dir
+
+    def repo_dir(name):
+        path = original(name)
+        stand_in = os.environ.get(ASSETS_ENV)
+        if name == "stable-diffusion-webui-assets" and stand_in and not os.path.isdir(path):
+            os.makedirs(stand_in, exist_ok=True)
+            return stand_in
+        return path
+
+    repo_dir.__wrapped__ = original
+    module.repo_dir = repo_dir
+
+
+PATCHES = {"huggingface_guess": patch_huggingface_guess, "modules.launch_utils": patch_launch_utils}
+
+
+class PatchingLoader(importlib.abc.Loader):
+    """Runs the real loader, then the patch; everything else is the real loader's."""
+
+    def __init__(self, loader, patch):
+        self.loader, self.patch = loader, patch
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        self.patch(module)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+class PostImportPatcher(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        patch = PATCHES.get(fullname)
+        if patch is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = PatchingLoader(spec.loader, patch)
+        return spec
+
+
+if (os.environ.get(CONFIGS_ENV) or os.environ.get(ASSETS_ENV)) and not any(
+    isinstance(f, PostImportPatcher) for f in sys.meta_path
+):
+    sys.meta_path.insert(0, PostImportPatcher())
+
+
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(3)  # the parent is gone: no one will read this server's answers or stop it
+
+    threading.Thread(target=watch, name="freefuse-test-exit-with-parent", daemon=True).start()
+
+
+if os.environ.pop(EXIT_WITH_PARENT_ENV, None) == "1":  # popped: the webui's own children don't inherit it
+    exit_with_parent()

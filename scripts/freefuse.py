@@ -29,6 +29,16 @@ def _lora_names() -> list[str]:
         return []
 
 
+def _capture_text(steps, capture_step) -> str:
+    """The capture step FreeFuse will use for this step count, as the accordion shows it."""
+    try:
+        args = FreeFuseArgs(capture_step=int(capture_step) or None)
+        step, note = args.resolved_capture_step(int(steps)), args.capture_step_note(int(steps))
+    except (TypeError, ValueError) as error:
+        return f"Capture step: {error}"
+    return f"Masks are made at step **{step}** of {int(steps)}" + (f" ({note})" if note else "")
+
+
 def _setting(key: str, elem_prefix: str):
     """The widget of one setting, from the argument model's label, help and choices."""
     entry, value, elem_id = HELP[key], DEFAULTS[key], f"{elem_prefix}-{key.replace('_', '-')}"
@@ -62,6 +72,10 @@ class FreeFuseScript(scripts.Script):
 
     def show(self, is_img2img):
         return scripts.AlwaysVisible
+
+    def after_component(self, component, **kwargs):
+        if kwargs.get("elem_id") == f"{'img2img' if self.is_img2img else 'txt2img'}_steps":
+            self.steps_slider = component  # UI wiring only: shows the capture step resolved for the step count
 
     def ui(self, is_img2img):
         prefix = f"freefuse-{'img2img' if is_img2img else 'txt2img'}"
@@ -102,7 +116,13 @@ class FreeFuseScript(scripts.Script):
                         )
                     )
             with gr.Accordion("Advanced", open=False, elem_id=f"{prefix}-advanced"):
+                resolved = gr.Markdown(_capture_text(20, 0), elem_id=f"{prefix}-capture-resolved")
                 settings = [_setting(key, prefix) for key in SETTING_KEYS]
+        steps = getattr(self, "steps_slider", None)
+        capture = settings[SETTING_KEYS.index("capture_step")]
+        if steps is not None:
+            for source in (steps, capture):
+                source.change(_capture_text, inputs=[steps, capture], outputs=[resolved], show_progress=False)
         return [enabled, *rows, *settings]
 
     def process(self, p, *values):

@@ -91,3 +91,14 @@ def test_invalid_arguments_are_rejected_before_sampling(webui):
     payload = webui.txt2img_payload(tagged(webui), alwayson_scripts=freefuse(webui, capture_stepp=3))
     with pytest.raises(AssertionError, match="capture_stepp"):
         webui.post("/sdapi/v1/txt2img", payload)
+
+
+def test_img2img_counts_the_capture_step_within_the_steps_run(webui):
+    """Denoising 0.5 of 6 steps runs int(0.5 * 6) + 1 = 4 steps: the automatic capture step is 1 of those 4."""
+    init = webui.post("/sdapi/v1/txt2img", webui.txt2img_payload(PROMPT))["images"][0]
+    payload = webui.txt2img_payload(tagged(webui), steps=6, alwayson_scripts=freefuse(webui, show_masks=True))
+    payload |= {"init_images": [init], "denoising_strength": 0.5}
+    response = webui.post("/sdapi/v1/img2img", payload)
+    assert len(response["images"]) == 2  # the image and its overlay
+    assert "FreeFuse coverage" in json.loads(response["info"])["infotexts"][0]
+    assert "capture at step 1 of 4 in double_blocks.1" in webui.log()

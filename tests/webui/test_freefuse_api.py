@@ -102,3 +102,12 @@ def test_img2img_counts_the_capture_step_within_the_steps_run(webui):
     assert len(response["images"]) == 2  # the image and its overlay
     assert "FreeFuse coverage" in json.loads(response["info"])["infotexts"][0]
     assert "capture at step 1 of 4 in double_blocks.1" in webui.log()
+
+
+def test_a_bound_lora_without_a_tag_is_loaded_at_its_row_weight(webui):
+    a, b = webui.lora_names[:2]
+    prompt = f"{PROMPT} <lora:{a}:0.8>"  # no tag for b
+    settings = {"subjects": [{"lora": a, "words": "cat"}, {"lora": b, "words": "dog", "weight": 0.7}]}
+    result = webui.txt2img(prompt, steps=6, alwayson_scripts=freefuse(webui, **settings))
+    assert "FreeFuse coverage" in result.infotext
+    assert f"FreeFuse: {b} has no tag in the prompt: loaded at weight 0.7" in webui.log()

@@ -1,13 +1,16 @@
 """Forge's own backend on CPU without the webui: import setup, a tiny FLUX, its UnetPatcher, Euler sampling.
 
 Nothing here is Forge's code; it builds Forge's classes the way backend/loader.py and the webui's sampler do.
-Call `setup()` before importing anything from `backend`.
+Call `setup()` before importing anything from `backend`. The benches use the same helpers with a FLUX of any size
+(`make_flux`), on CUDA too (`setup(..., device="cuda")`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
+import time
 import types
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,8 +33,13 @@ TINY_CONFIG = dict(
 )
 
 
-def setup(forge_root: Path) -> None:
-    """Put Forge on sys.path and import backend.args under a CPU-only argv (it parses argv at import time)."""
+def setup(forge_root: Path, device: str = "cpu") -> None:
+    """Put Forge on sys.path and import backend.args under a CPU-only argv (it parses argv at import time).
+
+    device "cuda": Forge's own device choice (the GPU) instead of --always-cpu; only the first call's device counts.
+    """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
     for path in (forge_root, forge_root / "packages_3rdparty", forge_root / "repositories" / "huggingface_guess"):
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
@@ -39,7 +47,8 @@ def setup(forge_root: Path) -> None:
     if "backend.args" in sys.modules:
         return
     saved = sys.argv
-    sys.argv = [saved[0] if saved else "forge", "--always-cpu", "--attention-pytorch"]
+    flags = ["--always-cpu"] if device == "cpu" else []
+    sys.argv = [saved[0] if saved else "forge", *flags, "--attention-pytorch"]
     try:
         import backend.args  # noqa: F401
     finally:
@@ -69,6 +78,46 @@ def make_tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, **override
         model = IntegratedFluxTransformer2DModel(**config).to(device=device, dtype=dtype)
     load_state_dict(model, state_dict)
     model.config = config
+    model.storage_dtype = model.computation_dtype = dtype
+    model.load_device = memory_management.get_torch_device()
+    model.initial_device = device
+    model.offload_device = memory_management.unet_offload_device()
+    return model
+
+
+def make_flux(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Forge's IntegratedFluxTransformer2DModel of any size (FLUX.1-dev's included) with random weights made directly
+    on `device` in `dtype`: no float32 reference model, so a 12B model needs only its own memory.
+
+    Weights ~ N(0, 1/fan_in), biases ~ N(0, 0.02^2), QK-norm scales ~ 1 + N(0, 0.1^2). Loaded as backend/loader.py
+    loads a checkpoint (ForgeOperations, then a state dict).
+    """
+    from backend import memory_management
+    from backend.nn.flux import IntegratedFluxTransformer2DModel
+    from backend.operations import using_forge_operations
+    from backend.state_dict import load_state_dict
+
+    device = torch.device(device)
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in IntegratedFluxTransformer2DModel(**config).state_dict().items()}
+    generator = torch.Generator(device=device).manual_seed(seed)
+    state_dict = {}
+    for name, shape in shapes.items():
+        t = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        if name.endswith(".scale"):
+            t = t.mul_(0.1).add_(1.0)
+        elif name.endswith(".bias"):
+            t = t.mul_(0.02)
+        elif len(shape) >= 2:
+            t = t.mul_(1.0 / math.sqrt(math.prod(shape[1:])))
+        state_dict[name] = t.to(dtype)
+        del t
+    with using_forge_operations(device=device, dtype=dtype, manual_cast_enabled=False):
+        model = IntegratedFluxTransformer2DModel(**config)
+    load_state_dict(model, state_dict)
+    del state_dict
+    model.to(device=device, dtype=dtype)
+    model.config = dict(config)
     model.storage_dtype = model.computation_dtype = dtype
     model.load_device = memory_management.get_torch_device()
     model.initial_device = device
@@ -119,13 +168,21 @@ def simple_sigmas(unet, steps: int) -> torch.Tensor:
     return torch.tensor([float(sigmas[-(1 + int(i * stride))]) for i in range(steps)] + [0.0])
 
 
-def conditions(batch: int = 1, text_tokens: int = 8, seed: int = 1, zero: bool = False):
-    """compile_conditions() of random T5 states, pooled vector and guidance: what the webui passes for FLUX."""
+def conditions(
+    batch: int = 1,
+    text_tokens: int = 8,
+    seed: int = 1,
+    zero: bool = False,
+    context_dim: int | None = None,
+    vec_dim: int | None = None,
+):
+    """compile_conditions() of random T5 states, pooled vector and guidance: what the webui passes for FLUX.
+    context_dim, vec_dim: the model's context_in_dim and vec_in_dim (default: the tiny FLUX's)."""
     from backend.sampling.condition import compile_conditions
 
     g = torch.Generator().manual_seed(seed)
-    context = torch.randn(batch, text_tokens, TINY_CONFIG["context_in_dim"], generator=g)
-    pooled = torch.randn(batch, TINY_CONFIG["vec_in_dim"], generator=g)
+    context = torch.randn(batch, text_tokens, context_dim or TINY_CONFIG["context_in_dim"], generator=g)
+    pooled = torch.randn(batch, vec_dim or TINY_CONFIG["vec_in_dim"], generator=g)
     if zero:
         context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
     return compile_conditions({"crossattn": context, "vector": pooled, "guidance": torch.full((batch,), 3.5)})
@@ -143,9 +200,15 @@ def sample(
     cond=None,
     uncond=None,
     on_sigmas=None,
+    device: str | torch.device | None = None,
+    timings: dict | None = None,
 ):
     """Forge's sampling path for one job: sampling_prepare, a k-diffusion sampler over a CFG denoiser that calls
-    sampling_function_inner (as the webui's CFGDenoiser does for FLUX), sampling_cleanup."""
+    sampling_function_inner (as the webui's CFGDenoiser does for FLUX), sampling_cleanup.
+
+    device: where the noise and the sigmas live (the model's load device, e.g. "cuda"; default CPU). timings: a dict
+    to which the seconds of "prepare" (model load, LoRA merge), "sample" (the sampler loop) and "cleanup" are added
+    (also when the sampler raises), the GPU synchronised at each boundary."""
     from backend.sampling.sampling_function import sampling_cleanup, sampling_function_inner, sampling_prepare
 
     k_sampling, k_external = import_k_diffusion()
@@ -164,10 +227,60 @@ def sample(
     if on_sigmas is not None:
         on_sigmas(sigmas)
     noise = torch.randn(batch, 16, *latent_hw, generator=torch.Generator().manual_seed(seed))
+    if device is not None:
+        noise, sigmas = noise.to(device), sigmas.to(device)
     x = unet.model.predictor.noise_scaling(sigmas[0], noise, torch.zeros_like(noise))
-    sampling_prepare(unet, x)
+    clock = _Clock(timings, x.device)
+    with clock("prepare"):
+        sampling_prepare(unet, x)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), clock("sample"):
             return getattr(k_sampling, sampler)(Denoiser(), x, sigmas, disable=True)
     finally:
-        sampling_cleanup(unet)
+        with clock("cleanup"):
+            sampling_cleanup(unet)
+
+
+class _Clock:
+    """with clock(name): adds the block's wall seconds to timings[name] (nothing when timings is None)."""
+
+    def __init__(self, timings: dict | None, device: torch.device):
+        self.timings = timings
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, name: str):
+        return _Timed(self, name)
+
+
+class _Timed:
+    def __init__(self, clock: _Clock, name: str):
+        self.clock, self.name = clock, name
+
+    def __enter__(self):
+        if self.clock.timings is not None:
+            if self.clock.cuda:
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        timings = self.clock.timings
+        if timings is not None:
+            if self.clock.cuda:
+                torch.cuda.synchronize()
+            timings[self.name] = timings.get(self.name, 0.0) + time.perf_counter() - self.start
+        return False
+
+
+def decode(latents: torch.Tensor, upscale: int = 8) -> torch.Tensor:
+    """A cheap stand-in for the VAE: x0 latents (B, 16, H, W) -> (B, H*upscale, W*upscale, 3) RGB in [0, 1] on the CPU.
+
+    A fixed linear latent -> RGB projection (as Forge's cheap preview does, with factors of its own, not Forge's),
+    upsampled by pixel repetition to the size the VAE would give, so that SLIC sees an image of the real size.
+    """
+    generator = torch.Generator().manual_seed(12345)
+    factors = torch.randn(latents.shape[1], 3, generator=generator) / math.sqrt(latents.shape[1])
+    rgb = torch.einsum("bchw,cr->brhw", latents.detach().float().cpu(), factors)
+    rgb = (rgb * 0.5 + 0.5).clamp_(0.0, 1.0)
+    if upscale > 1:
+        rgb = rgb.repeat_interleave(upscale, dim=2).repeat_interleave(upscale, dim=3)
+    return rgb.permute(0, 2, 3, 1).contiguous()

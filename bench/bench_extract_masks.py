@@ -45,22 +45,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_common import lib_root
 
+sys.path.insert(0, lib_root(sys.argv))
 
-def _lib_root(argv: list[str]) -> str:
-    """--lib-root PATH imports lib_freefuse from PATH (a prototype copy) instead of this checkout."""
-    for i, arg in enumerate(argv):
-        if arg == "--lib-root" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--lib-root="):
-            return arg.split("=", 1)[1]
-    return str(Path(__file__).resolve().parents[1])
-
-
-sys.path.insert(0, _lib_root(sys.argv))
-
-from lib_freefuse.core import MaskConfig, extract_masks  # noqa: E402 (after the sys.path line)
-from lib_freefuse.core import masks as masks_module  # noqa: E402
+from lib_freefuse.core import MaskConfig, extract_masks
+from lib_freefuse.core import masks as masks_module
 
 MIB = 2**20
 WORDS_PER_SUBJECT = 3

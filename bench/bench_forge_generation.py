@@ -53,33 +53,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_common import REPO, lib_root
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _lib_root(argv: list[str]) -> str:
-    """--lib-root PATH imports lib_freefuse from PATH (a prototype copy) instead of this checkout."""
-    for i, arg in enumerate(argv):
-        if arg == "--lib-root" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--lib-root="):
-            return arg.split("=", 1)[1]
-    return str(REPO)
-
-
-sys.path.insert(0, _lib_root(sys.argv))
+sys.path.insert(0, lib_root(sys.argv))
 sys.path.insert(0, str(REPO / "tests"))  # forge_locator
 sys.path.insert(0, str(REPO / "tests" / "forge"))  # forge_env
 
-import forge_env  # noqa: E402
-from forge_locator import find_forge  # noqa: E402
+import forge_env
+from forge_locator import find_forge
 
-import lib_freefuse  # noqa: E402
-from lib_freefuse.core import MaskConfig, default_capture_step  # noqa: E402
-from lib_freefuse.core import masks as masks_module  # noqa: E402
-from lib_freefuse.forge.host import CaptureBlock, PerTokenModulation, layer_stream, patch_unet  # noqa: E402
-from lib_freefuse.forge.job import FreeFuseJob, JobPlan  # noqa: E402
-from lib_freefuse.forge.lora_layers import MaskedLinearPatch, subject_deltas  # noqa: E402
+import lib_freefuse
+from lib_freefuse.core import MaskConfig, default_capture_step
+from lib_freefuse.core import masks as masks_module
+from lib_freefuse.forge.host import CaptureBlock, PerTokenModulation, layer_stream, patch_unet
+from lib_freefuse.forge.job import FreeFuseJob, JobPlan
+from lib_freefuse.forge.lora_layers import MaskedLinearPatch, subject_deltas
 
 FLUX_DEV = dict(
     in_channels=16,

@@ -111,3 +111,18 @@ def test_a_bound_lora_without_a_tag_is_loaded_at_its_row_weight(webui):
     result = webui.txt2img(prompt, steps=6, alwayson_scripts=freefuse(webui, **settings))
     assert "FreeFuse coverage" in result.infotext
     assert f"FreeFuse: {b} has no tag in the prompt: loaded at weight 0.7" in webui.log()
+
+
+def test_hires_fix_can_extract_the_masks_again_in_pass_two(webui):
+    hires = {
+        "enable_hr": True,
+        "hr_scale": 1.5,
+        "hr_upscaler": "Latent",
+        "hr_second_pass_steps": 6,
+        "denoising_strength": 0.6,
+        "hr_additional_modules": ["Use same choices"],
+    }
+    made = webui.log().count("FreeFuse: masks made")
+    result = webui.txt2img(tagged(webui), steps=6, alwayson_scripts=freefuse(webui, hires_masks="extract"), **hires)
+    assert "FreeFuse coverage" in result.infotext
+    assert webui.log().count("FreeFuse: masks made") == made + 2  # pass 1, then pass 2 on its own grid

@@ -8,12 +8,12 @@ import gradio as gr
 from modules import scripts, shared
 from modules.ui_components import InputAccordion
 
-from lib_freefuse import __version__
 from lib_freefuse.args import FIELD_HELP, SUBJECT_FIELD_HELP, FreeFuseArgs
 from lib_freefuse.forge.processing import run_state, start_run
+from lib_freefuse.infotext import COVERAGE_KEY, WARNINGS_KEY, args_from_params, infotext_params
 from lib_freefuse.log import configure, logger
 from lib_freefuse.overlay import mask_overlay
-from lib_freefuse.script_values import SETTING_KEYS, SUBJECT_ROWS, args_from_values
+from lib_freefuse.script_values import SETTING_KEYS, SUBJECT_ROWS, args_from_values, values_from_args
 
 configure(getattr(shared.cmd_opts, "freefuse_log_level", "INFO"))
 HELP = {entry.key: entry for entry in FIELD_HELP}
@@ -37,6 +37,21 @@ def _capture_text(steps, capture_step) -> str:
     except (TypeError, ValueError) as error:
         return f"Capture step: {error}"
     return f"Masks are made at step **{step}** of {int(steps)}" + (f" ({note})" if note else "")
+
+
+def _paste(index: int):
+    """Paste parameters: the value of the script's `index`-th component recorded in an infotext, or None (leave
+    the component as it is) when the infotext has no FreeFuse or a damaged one."""
+
+    def value(params: dict):
+        try:
+            args = args_from_params(params)
+        except ValueError as error:
+            logger.warning("FreeFuse: the pasted parameters are not usable: %s", error)
+            return None
+        return None if args is None else values_from_args(args)[index]
+
+    return value
 
 
 def _setting(key: str, elem_prefix: str):
@@ -123,7 +138,9 @@ class FreeFuseScript(scripts.Script):
         if steps is not None:
             for source in (steps, capture):
                 source.change(_capture_text, inputs=[steps, capture], outputs=[resolved], show_progress=False)
-        return [enabled, *rows, *settings]
+        components = [enabled, *rows, *settings]
+        self.infotext_fields = [(c, _paste(i)) for i, c in enumerate(components)]
+        return components
 
     def process(self, p, *values):
         try:
@@ -133,8 +150,7 @@ class FreeFuseScript(scripts.Script):
             return
         p.freefuse_args = args
         if args.enabled:
-            p.extra_generation_params["FreeFuse"] = json.dumps(args.to_dict(only_changed=True), ensure_ascii=False)
-            p.extra_generation_params["FreeFuse version"] = __version__
+            p.extra_generation_params.update(infotext_params(args))
 
     def process_before_every_sampling(self, p, *values, **kwargs):
         args = getattr(p, "freefuse_args", None)
@@ -149,12 +165,12 @@ class FreeFuseScript(scripts.Script):
         state = run_state(p)
         coverage = [job.coverage() for job in state.jobs if job.masks is not None]
         if coverage:
-            p.extra_generation_params["FreeFuse coverage"] = json.dumps(
+            p.extra_generation_params[COVERAGE_KEY] = json.dumps(
                 {name: [round(image[i], 1) for image in coverage[-1]] for i, name in enumerate(state.subject_names)}
             )
         failures = [job.failure for job in state.jobs if job.failure]
         if failures or state.warnings:
-            p.extra_generation_params["FreeFuse warnings"] = "; ".join(dict.fromkeys([*failures, *state.warnings]))
+            p.extra_generation_params[WARNINGS_KEY] = "; ".join(dict.fromkeys([*failures, *state.warnings]))
 
     def postprocess(self, p, processed, *values):
         args = getattr(p, "freefuse_args", None)

@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from lib_freefuse.args import FreeFuseArgs
+
 PROMPT = "a photo of a cat and a dog in a garden"
 
 
@@ -42,8 +44,8 @@ def test_two_bound_loras_give_an_image_masks_and_infotext(webui):
     image, overlay = result.images
     assert (image.width, image.height) == (overlay.width, overlay.height) == (64, 64)
     assert image.pixels != overlay.pixels
-    settings = infotext_json(result.infotext, "FreeFuse")
-    assert [s["words"] for s in settings["subjects"]] == ["cat", "dog"]
+    subjects = infotext_json(result.infotext, "FreeFuse subjects")
+    assert [s["words"] for s in subjects] == ["cat", "dog"]
     coverage = infotext_json(result.infotext, "FreeFuse coverage")
     a, b = webui.lora_names[:2]
     assert set(coverage) == {a, b} and sum(coverage[a] + coverage[b]) == pytest.approx(100, abs=0.5)
@@ -126,3 +128,27 @@ def test_hires_fix_can_extract_the_masks_again_in_pass_two(webui):
     result = webui.txt2img(tagged(webui), steps=6, alwayson_scripts=freefuse(webui, hires_masks="extract"), **hires)
     assert "FreeFuse coverage" in result.infotext
     assert webui.log().count("FreeFuse: masks made") == made + 2  # pass 1, then pass 2 on its own grid
+
+
+def test_the_infotext_restores_freefuse_and_the_image(webui):
+    """The infotext Forge wrote, parsed as Forge parses pasted parameters, gives back the same FreeFuse arguments,
+    and running with them gives the same image. (Forge's own API `infotext` field fails at this Forge commit for
+    every infotext, FreeFuse or not: "isinstance() argument 2 cannot be a parameterized generic".)"""
+    from lib_freefuse.infotext import args_from_params
+
+    settings = {"capture_step": 2, "modulation": "global", "sink_filter": False, "n_segments": 40}
+    first = webui.txt2img(tagged(webui), steps=6, alwayson_scripts=freefuse(webui, **settings))
+    assert "FreeFuse capture step: 2" in first.infotext and "FreeFuse modulation: global" in first.infotext
+    restored = args_from_params(parse_generation_parameters(first.infotext))
+    sent = freefuse(webui, **settings)["FreeFuse"]["args"][0]
+    assert restored.to_dict() == FreeFuseArgs.from_dict(sent).to_dict()
+    again = webui.txt2img(tagged(webui), steps=6, alwayson_scripts={"FreeFuse": {"args": [restored.to_dict()]}})
+    assert again.infotext == first.infotext
+    assert again.images[0].pixels == first.images[0].pixels
+
+
+def parse_generation_parameters(infotext: str) -> dict[str, str]:
+    """The key: value part of an infotext, as modules/infotext_utils.parse_generation_parameters reads it."""
+    last_line = infotext.strip().splitlines()[-1]
+    pattern = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+    return {k.strip(): json.loads(v) if v.startswith('"') else v for k, v in pattern.findall(last_line)}

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import gradio as gr
-from modules import scripts, shared
+from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
+from lib_freefuse.activation import activation_words, rows_from_prompt
 from lib_freefuse.args import FIELD_HELP, SUBJECT_FIELD_HELP, FreeFuseArgs
 from lib_freefuse.forge.processing import run_state, start_run
+from lib_freefuse.forge.xyz import clear_previous_cell, register_axes, xyz_args
 from lib_freefuse.infotext import COVERAGE_KEY, WARNINGS_KEY, args_from_params, infotext_params
 from lib_freefuse.log import configure, logger
 from lib_freefuse.overlay import mask_overlay
@@ -18,6 +20,8 @@ from lib_freefuse.script_values import SETTING_KEYS, SUBJECT_ROWS, args_from_val
 configure(getattr(shared.cmd_opts, "freefuse_log_level", "INFO"))
 HELP = {entry.key: entry for entry in FIELD_HELP}
 DEFAULTS = FreeFuseArgs().to_dict()
+register_axes()  # now: an API-only server builds the scripts' UI before any before_ui callback
+script_callbacks.on_before_ui(register_axes)  # and before the UI, if X/Y/Z plot loads later (idempotent)
 
 
 def _lora_names() -> list[str]:
@@ -27,6 +31,38 @@ def _lora_names() -> list[str]:
         return sorted(networks.available_network_aliases)
     except Exception:  # the LoRA extension is disabled or not loaded yet: the box still takes any name
         return []
+
+
+def _lora_path(name: str) -> str | None:
+    """The file of a LoRA named as in <lora:NAME:...> (alias or file name, as Forge resolves it); None if unknown."""
+    try:
+        import networks
+    except ImportError:  # the LoRA extension is disabled
+        return None
+    on_disk = networks.available_network_aliases.get(name) or networks.available_networks.get(name)
+    return getattr(on_disk, "filename", None)
+
+
+def _words_for_lora(lora: str, words: str):
+    """A row's words when the user picks its LoRA: the LoRA's activation words, only into an empty box."""
+    path = _lora_path(lora.strip()) if lora and not (words or "").strip() else None
+    found = activation_words(path) if path else None
+    if found is None:
+        return gr.update()
+    logger.info("FreeFuse: words of %s from its %s: %s", lora, found[1], found[0])
+    return found[0]
+
+
+def _fill_from_prompt(prompt: str) -> list:
+    """Every subject row from the prompt's <lora:...> tags (LoRA, activation words, weight); the other rows cleared."""
+    found = rows_from_prompt(prompt or "", _lora_path)
+    if not found:
+        gr.Info("FreeFuse: the prompt has no <lora:NAME:weight> tags")
+        return [gr.update()] * (3 * SUBJECT_ROWS)
+    if len(found) > SUBJECT_ROWS:
+        gr.Warning(f"FreeFuse: {len(found)} LoRA tags but {SUBJECT_ROWS} rows: the first {SUBJECT_ROWS} are used")
+    rows = (found + [{"lora": "", "words": "", "weight": 1.0}] * SUBJECT_ROWS)[:SUBJECT_ROWS]
+    return [v for row in rows for v in (row["lora"], row["words"], min(2.0, max(-2.0, row["weight"])))]
 
 
 def _capture_text(steps, capture_step) -> str:
@@ -91,6 +127,8 @@ class FreeFuseScript(scripts.Script):
     def after_component(self, component, **kwargs):
         if kwargs.get("elem_id") == f"{'img2img' if self.is_img2img else 'txt2img'}_steps":
             self.steps_slider = component  # UI wiring only: shows the capture step resolved for the step count
+        if kwargs.get("elem_id") == f"{'img2img' if self.is_img2img else 'txt2img'}_prompt":
+            self.prompt_box = component  # UI wiring only: "Fill from prompt" reads it
 
     def ui(self, is_img2img):
         prefix = f"freefuse-{'img2img' if is_img2img else 'txt2img'}"
@@ -130,6 +168,7 @@ class FreeFuseScript(scripts.Script):
                             scale=1,
                         )
                     )
+            fill = gr.Button("Fill from prompt", size="sm", elem_id=f"{prefix}-fill-from-prompt")
             with gr.Accordion("Advanced", open=False, elem_id=f"{prefix}-advanced"):
                 resolved = gr.Markdown(_capture_text(20, 0), elem_id=f"{prefix}-capture-resolved")
                 settings = [_setting(key, prefix) for key in SETTING_KEYS]
@@ -138,13 +177,20 @@ class FreeFuseScript(scripts.Script):
         if steps is not None:
             for source in (steps, capture):
                 source.change(_capture_text, inputs=[steps, capture], outputs=[resolved], show_progress=False)
+        for index in range(SUBJECT_ROWS):
+            lora_box, words_box = rows[3 * index], rows[3 * index + 1]
+            lora_box.input(_words_for_lora, inputs=[lora_box, words_box], outputs=[words_box], show_progress=False)
+        prompt_box = getattr(self, "prompt_box", None)
+        if prompt_box is not None:
+            fill.click(_fill_from_prompt, inputs=[prompt_box], outputs=rows, show_progress=False)
         components = [enabled, *rows, *settings]
         self.infotext_fields = [(c, _paste(i)) for i, c in enumerate(components)]
         return components
 
     def process(self, p, *values):
+        clear_previous_cell(p)  # X/Y/Z plot cells share one extra_generation_params dict
         try:
-            args = args_from_values(values)
+            args = xyz_args(args_from_values(values), p)  # with an X/Y/Z plot cell's values
         except ValueError as error:
             _reject_job(p, f"FreeFuse: {error}")
             return

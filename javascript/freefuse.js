@@ -1,0 +1,159 @@
+// FreeFuse in Forge's page: (a) a live warning under each subject's activation words listing the phrases that are
+// not in the prompt; (b) while the FreeFuse accordion is open, a click on a LoRA card puts that LoRA into the first
+// subject row without one. Element ids match scripts/freefuse.py ui(): freefuse-{tab}, freefuse-{tab}-lora-{i},
+// freefuse-{tab}-words-{i}; this file adds freefuse-{tab}-missing-{i}.
+(function() {
+    "use strict";
+
+    const TABS = ["txt2img", "img2img"];
+    const ROWS = 4; // lib_freefuse.script_values.SUBJECT_ROWS
+    const W = "[\\p{L}\\p{N}_]"; // Python's \w on text
+    // The prompt as Forge's T5 engine reads it, as lib_freefuse/activation.py _prompt_pieces builds it:
+    const EXTRA_NETWORK = new RegExp("<" + W + "+:[^>]+>", "gu"); // modules/extra_networks.py re_extra_net
+    const EMPHASIS = /:\s*[+-]?[.\d]+\s*\)|(?<!\\)[()[\]]/gu; // weights "(x:1.2)" and bare brackets
+    const BREAK = new RegExp("\\s*(?<!" + W + ")BREAK(?!" + W + ")\\s*", "u"); // a chunk end: no phrase crosses it
+    const BOUNDARY = " \u0000 "; // what lib_freefuse.core.prompt makes of a special piece such as </s>
+
+    /** 'harry potter, the boy' -> ['harry potter', 'the boy']: as lib_freefuse.core.prompt.split_phrases. */
+    function splitPhrases(words) {
+        const phrases = words.split(",").map((part) => part.split(/\s+/).filter(Boolean).join(" "));
+        return [...new Set(phrases.filter(Boolean))];
+    }
+
+    /** Lower-cased prompt text outside <...> tags, emphasis syntax dropped, BREAK made a boundary. */
+    function promptText(prompt) {
+        const parts = prompt.replace(EXTRA_NETWORK, "").split(BREAK);
+        return parts.map((part) => " " + part.replace(EMPHASIS, " ")).join(BOUNDARY).toLowerCase();
+    }
+
+    /** A letter or digit of a script that puts spaces between words (not CJK ideographs, kana or hangul). */
+    function spaced(char) {
+        const code = char.codePointAt(0);
+        const cjk = (code >= 0x2E80 && code <= 0x9FFF) || (code >= 0xF900 && code <= 0xFAFF) ||
+            (code >= 0xAC00 && code <= 0xD7AF);
+        return /[\p{L}\p{N}]/u.test(char) && !cjk;
+    }
+
+    /** The phrase's regex: any run of spaces between words, word boundaries where its script has spaces. */
+    function phrasePattern(phrase) {
+        const words = phrase.toLowerCase().split(/\s+/).filter(Boolean);
+        const body = words.map((word) => word.replace(/[\\^$.*+?()[\]{}|/]/g, "\\$&")).join("\\s+");
+        const first = Array.from(words[0])[0];
+        const last = Array.from(words[words.length - 1]).pop();
+        const before = spaced(first) ? "(?<!" + W + ")" : "";
+        const after = spaced(last) ? "(?!" + W + ")" : "";
+        return new RegExp(before + body + after, "u");
+    }
+
+    /** Phrases of `words` found nowhere in the prompt outside its <...> tags (lib_freefuse.activation.missing_phrases). */
+    function missingPhrases(prompt, words) {
+        const text = promptText(prompt);
+        return splitPhrases(words).filter((phrase) => !phrasePattern(phrase).test(text));
+    }
+
+    function app() {
+        return typeof gradioApp === "function" ? gradioApp() : document;
+    }
+
+    /** The text box or input inside the Gradio block with this element id. */
+    function field(id) {
+        const block = app().querySelector("#" + id);
+        return block && block.querySelector("textarea, input");
+    }
+
+    /** The warning element of row i, created at the end of the words block on first use. */
+    function warning(tab, i) {
+        const id = `freefuse-${tab}-missing-${i}`;
+        let element = app().querySelector("#" + id);
+        const block = app().querySelector(`#freefuse-${tab}-words-${i}`);
+        if (!element && block) {
+            element = document.createElement("div");
+            element.id = id;
+            element.className = "freefuse-missing";
+            element.style.cssText = "font-size: 0.85em; color: var(--color-accent, #e67e22); margin-top: 4px;";
+            element.hidden = true;
+            block.appendChild(element);
+        }
+        return element;
+    }
+
+    const lastSeen = {};
+
+    /** Update the tab's warnings when its prompt or a row's words changed since the last look. */
+    function refresh(tab) {
+        const prompt = app().querySelector(`#${tab}_prompt textarea`);
+        if (!prompt) return;
+        const words = [];
+        for (let i = 0; i < ROWS; i++) {
+            const box = field(`freefuse-${tab}-words-${i}`);
+            words.push(box ? box.value : "");
+        }
+        const seen = JSON.stringify([prompt.value, words]);
+        if (lastSeen[tab] === seen) return;
+        lastSeen[tab] = seen;
+        words.forEach((text, i) => {
+            const element = warning(tab, i);
+            if (!element) return;
+            const missing = missingPhrases(prompt.value, text);
+            const message = missing.length ? "Not in the prompt: " + missing.join(", ") : "";
+            // Write only what changed: every write is a DOM mutation, and mutations call onAfterUiUpdate again.
+            if (element.textContent !== message) element.textContent = message;
+            if (element.hidden !== !message) element.hidden = !message;
+        });
+    }
+
+    function isOpen(tab) {
+        const wrap = app().querySelector(`#freefuse-${tab} .label-wrap`);
+        return Boolean(wrap && wrap.classList.contains("open"));
+    }
+
+    /** The name the card's tag uses (its alias, in the card's onclick), else data-name (the file name). */
+    function cardLoraName(card) {
+        const match = /<lora:([^:>"'\\]+):/.exec(card.getAttribute("onclick") || "");
+        return match ? match[1] : card.dataset.name || "";
+    }
+
+    /** Set a Gradio 4 dropdown that allows custom values, as typing and leaving it would. */
+    function setDropdown(input, value) {
+        input.value = value;
+        input.dispatchEvent(new Event("input", {bubbles: true}));
+        input.dispatchEvent(new Event("blur"));
+    }
+
+    /** Put `name` into the first row without a LoRA, unless a row already has it. */
+    function addLora(tab, name) {
+        const boxes = [];
+        for (let i = 0; i < ROWS; i++) boxes.push(field(`freefuse-${tab}-lora-${i}`));
+        if (!name || boxes.some((box) => box && box.value.trim() === name)) return;
+        const empty = boxes.find((box) => box && !box.value.trim());
+        if (empty) setDropdown(empty, name);
+    }
+
+    /** A click on a card of the Lora page: Forge's own onclick inserts the tag; this only adds the row. */
+    function onClick(event) {
+        const card = event.target.closest && event.target.closest(".card");
+        if (!card || event.target.closest(".button-row")) return;
+        const tab = TABS.find((name) => card.closest(`#${name}_lora_cards`));
+        if (tab && isOpen(tab)) addLora(tab, cardLoraName(card));
+    }
+
+    function onInput(event) {
+        const target = event.target;
+        for (const tab of TABS) {
+            if (target.closest && target.closest(`#${tab}_prompt, #freefuse-${tab}`)) refresh(tab);
+        }
+    }
+
+    function start() {
+        const root = app();
+        root.addEventListener("input", onInput);
+        root.addEventListener("click", onClick);
+        // Pasted parameters and server-side updates change values without input events: look again now and then.
+        setInterval(() => TABS.forEach(refresh), 1000);
+        TABS.forEach(refresh);
+    }
+
+    window.FreeFuse = {splitPhrases, promptText, phrasePattern, missingPhrases, refresh, addLora, cardLoraName};
+    if (typeof onUiLoaded === "function") onUiLoaded(start);
+    if (typeof onAfterUiUpdate === "function") onAfterUiUpdate(() => TABS.forEach(refresh));
+})();

@@ -209,11 +209,14 @@ class FreeFuseScript(scripts.Script):
         if args is None or not args.enabled:
             return
         state = run_state(p)
-        coverage = [job.coverage() for job in state.jobs if job.masks is not None]
-        if coverage:
+        masks = state.end_batch(len(kwargs.get("images", ())) or p.batch_size)
+        if masks is not None:
+            coverage = (masks.float().mean(dim=(2, 3)) * 100).tolist()  # [image][subject] percent
             p.extra_generation_params[COVERAGE_KEY] = json.dumps(
-                {name: [round(image[i], 1) for image in coverage[-1]] for i, name in enumerate(state.subject_names)}
+                {name: [round(image[i], 1) for image in coverage] for i, name in enumerate(state.subject_names)}
             )
+        else:
+            p.extra_generation_params.pop(COVERAGE_KEY, None)
         failures = [job.failure for job in state.jobs if job.failure]
         if failures or state.warnings:
             p.extra_generation_params[WARNINGS_KEY] = "; ".join(dict.fromkeys([*failures, *state.warnings]))
@@ -221,10 +224,11 @@ class FreeFuseScript(scripts.Script):
     def postprocess(self, p, processed, *values):
         args = getattr(p, "freefuse_args", None)
         state = getattr(p, "freefuse_state", None)
-        if args is None or not args.show_masks or state is None or state.masks is None:
+        if args is None or not args.show_masks or state is None:
             return
-        masks = state.masks
-        count = min(len(processed.images), masks.shape[0])
-        for index in range(count):
-            processed.images.append(mask_overlay(processed.images[index], masks[index], state.subject_names))
-            processed.infotexts.append(processed.infotexts[index])
+        first = getattr(processed, "index_of_first_image", 0)  # a grid may come first
+        for offset, masks in enumerate(state.image_masks()):
+            index = first + offset
+            if masks is not None and index < len(processed.images):
+                processed.images.append(mask_overlay(processed.images[index], masks, state.subject_names))
+                processed.infotexts.append(processed.infotexts[index])

@@ -27,12 +27,26 @@ class RunState:
     jobs: list[FreeFuseJob] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     subject_names: list[str] = field(default_factory=list)
+    batches: list[tuple[torch.Tensor | None, int]] = field(default_factory=list)  # (masks, images) per batch
+    _jobs_seen: int = 0
 
     def warn(self, message: str) -> None:
         """A problem the user must see: logged once per job, kept for the infotext and the UI."""
         if message not in self.warnings:
             self.warnings.append(message)
             logger.warning("FreeFuse: %s", message)
+
+    def end_batch(self, images: int) -> torch.Tensor | None:
+        """Close a batch (batch count > 1 runs several): the masks its sampling calls made last, or None."""
+        made = [job.masks for job in self.jobs[self._jobs_seen :] if job.masks is not None]
+        self._jobs_seen = len(self.jobs)
+        masks = made[-1] if made else None
+        self.batches.append((masks, images))
+        return masks
+
+    def image_masks(self) -> list[torch.Tensor | None]:
+        """(L, h, w) masks of every image of the job in order, None where FreeFuse made none."""
+        return [None if masks is None else masks[i] for masks, count in self.batches for i in range(count)]
 
     @property
     def masks(self) -> torch.Tensor | None:

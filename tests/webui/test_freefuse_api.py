@@ -67,6 +67,7 @@ def test_freefuse_changes_the_image_and_leaves_no_trace(webui):
     "overrides",
     [
         {"batch_size": 2},
+        {"n_iter": 2},
         {"cfg_scale": 3.0},
         {
             "enable_hr": True,
@@ -77,12 +78,14 @@ def test_freefuse_changes_the_image_and_leaves_no_trace(webui):
             "hr_additional_modules": ["Use same choices"],  # Forge's API fails on hires fix without it
         },
     ],
-    ids=["batch-2", "cfg-3", "hires-fix"],
+    ids=["batch-2", "batch-count-2", "cfg-3", "hires-fix"],
 )
 def test_variants_give_images_with_masks(webui, overrides):
     result = webui.txt2img(tagged(webui), steps=6, alwayson_scripts=freefuse(webui, show_masks=True), **overrides)
-    images = overrides.get("batch_size", 1)
+    images = overrides.get("batch_size", 1) * overrides.get("n_iter", 1)
     assert len(result.images) == 2 * images  # each image and its overlay
+    overlays = result.images[images:]
+    assert all(o.pixels != i.pixels for o, i in zip(overlays, result.images[:images], strict=True))
     size = 96 if overrides.get("enable_hr") else 64
     assert all((im.width, im.height) == (size, size) for im in result.images)
     assert "FreeFuse coverage" in result.infotext

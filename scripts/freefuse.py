@@ -140,7 +140,8 @@ class FreeFuseScript(scripts.Script):
                 with gr.Row(elem_id=f"{prefix}-subject-{index}"):
                     rows.append(
                         gr.Dropdown(
-                            _lora_names(),
+                            # "" first: with an empty value, Gradio 4's dropdown shows and sends its first choice
+                            ["", *_lora_names()],
                             value="",
                             allow_custom_value=True,
                             label=lora.label,

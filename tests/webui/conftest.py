@@ -375,6 +375,8 @@ def webui(tmp_path_factory):
         "127.0.0.1",
         "--port",
         str(port),
+        "--gradio-allowed-path",  # Forge serves its own page scripts from its root, outside our --data-dir
+        str(forge_root),
     ]
     started = time.monotonic()
     with open(log_path, "wb") as log:

@@ -1,0 +1,371 @@
+"""FreeFuse in Forge's real page, driven by headless Chromium (Selenium): fill two bindings, generate, see the mask
+overlay, see the live missing-word warning, paste the infotext back and see the accordion restored.
+
+Needs Debian's `chromium` and `chromium-driver` (/usr/bin/chromium, /usr/bin/chromedriver; FREEFUSE_CHROMIUM and
+FREEFUSE_CHROMEDRIVER override the paths) and `selenium` in the test process; skips with the reason otherwise.
+Screenshots go to pytest's tmp_path (their paths are printed; run with -s to see them).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("FREEFUSE_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("FREEFUSE_CHROMEDRIVER", "/usr/bin/chromedriver")
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,2000",
+)
+UI_TIMEOUT_S = 60.0  # a page load or a UI round trip on a slow, shared CPU
+GENERATE_TIMEOUT_S = 600.0  # the first job also loads the tiny model
+TAB = "txt2img"
+FF = f"freefuse-{TAB}"
+BINDINGS = (("tiny_lora_a", "cat"), ("tiny_lora_b", "dog"))
+PROMPT = "a photo of a cat and a dog in a garden <lora:tiny_lora_a:0.8> <lora:tiny_lora_b:0.8>"
+
+
+def _browser_missing() -> str:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed in the test process (pip install selenium)"
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not os.access(path, os.X_OK):
+            return f"no {path} (apt-get install -y chromium chromium-driver: {package})"
+    return ""
+
+
+MISSING = _browser_missing()
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=MISSING)  # before the webui fixture starts a server
+
+
+@pytest.fixture
+def browser():
+    """Headless Chromium with a fresh profile."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.TemporaryDirectory(prefix="freefuse-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile.name}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        profile.cleanup()
+
+
+class Page:
+    """Forge's page in the browser: Gradio 4 components by elem_id, explicit waits, numbered screenshots."""
+
+    def __init__(self, driver, shots: Path):
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        self.driver, self.shots, self.By, self.Wait = driver, shots, By, WebDriverWait
+        self.started = time.monotonic()
+        self.marks: list[tuple[str, float]] = []
+
+    # -------------------------------------------------------------------------------------------- plumbing
+
+    def mark(self, what: str) -> None:
+        self.marks.append((what, time.monotonic() - self.started))
+
+    def shot(self, name: str) -> Path:
+        path = self.shots / f"{len(list(self.shots.glob('*.png'))) + 1:02d}-{name}.png"
+        self.driver.save_screenshot(str(path))
+        return path
+
+    def wait(self, condition, message: str, timeout: float = UI_TIMEOUT_S):
+        """condition(driver) -> truthy; on time-out, a failure that says what was awaited."""
+        from selenium.common.exceptions import TimeoutException
+
+        try:
+            return self.Wait(self.driver, timeout, poll_frequency=0.2).until(condition)
+        except TimeoutException:
+            path = self.shot("timeout")
+            pytest.fail(f"waited {timeout:.0f} s for {message} (screenshot: {path})")
+
+    def find(self, css: str):
+        return self.wait(lambda d: _visible(d.find_elements(self.By.CSS_SELECTOR, css)), f"a visible {css}")
+
+    def js(self, script: str, *args):
+        return self.driver.execute_script(script, *args)
+
+    def value(self, css: str) -> str:
+        return self.js("const e = document.querySelector(arguments[0]); return e ? String(e.value) : null;", css)
+
+    def checked(self, css: str) -> bool:
+        return bool(self.js("const e = document.querySelector(arguments[0]); return !!(e && e.checked);", css))
+
+    def wait_value(self, css: str, expected: str, timeout: float = UI_TIMEOUT_S) -> None:
+        self.wait(lambda d: self.value(css) == expected, f"{css} to read {expected!r} (it reads {self.value(css)!r})")
+
+    # ------------------------------------------------------------------------------------------ components
+
+    def open_page(self, url: str) -> None:
+        self.driver.get(url)
+        self.find(f"#{TAB}_prompt textarea")
+        # inputAccordion.js (onUiLoaded) adds the accordion's visible checkbox; freefuse.js defines window.FreeFuse
+        self.wait(
+            lambda d: self.js(f"return !!(window.FreeFuse && document.getElementById('{FF}-visible-checkbox'))"),
+            "Forge's onUiLoaded scripts (inputAccordion.js, freefuse.js)",
+        )
+
+    def type_into(self, css: str, text: str) -> None:
+        """Replace the text of an input/textarea as a user does: select all, type, leave the field (Tab)."""
+        from selenium.webdriver.common.keys import Keys
+
+        box = self.find(css)
+        box.click()
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.BACKSPACE)
+        box.send_keys(str(text), Keys.TAB)
+        self.wait_value(css, str(text))
+
+    def number(self, elem_id: str, value) -> None:
+        """A gr.Slider's or gr.Number's number box."""
+        self.type_into(f"#{elem_id} input[type=number]", value)
+
+    def choose(self, elem_id: str, option: str) -> None:
+        """Pick an option of a Gradio 4 dropdown from its list (typing filters it; a click picks)."""
+        css = f"#{elem_id} input"
+        box = self.find(css)
+        if box.get_attribute("value") == option:
+            return
+        box.click()
+        item = self.find(f'#{elem_id} ul.options li[aria-label="{option}"]')
+        self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", item)
+        item.click()
+        self.wait_value(css, option)
+
+    def accordion_open(self, elem_id: str) -> bool:
+        return bool(self.js(f"return document.querySelector('#{elem_id} > .label-wrap').classList.contains('open')"))
+
+    def open_accordion(self, elem_id: str) -> None:
+        if not self.accordion_open(elem_id):
+            self.find(f"#{elem_id} > .label-wrap").click()
+        self.wait(lambda d: self.accordion_open(elem_id), f"#{elem_id} to open")
+
+    def tick(self, elem_id: str, on: bool = True) -> None:
+        css = f"#{elem_id} input[type=checkbox]"
+        if self.checked(css) != on:
+            self.find(css).click()
+        self.wait(lambda d: self.checked(css) == on, f"{css} to be {'ticked' if on else 'clear'}")
+
+    def set_prompt(self, text: str) -> None:
+        """Paste `text` into the prompt box (as Ctrl+V would: one input event)."""
+        css = f"#{TAB}_prompt textarea"
+        box = self.find(css)
+        self.js(
+            "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input', {bubbles: true}));",
+            box,
+            text,
+        )
+        self.wait_value(css, text)
+
+    def gallery_images(self) -> list[dict]:
+        """The gallery's images that have loaded, once each (Gradio 4 renders a thumbnail strip and a grid of them):
+        natural size and source."""
+        return self.js(
+            f"""const seen = new Map();
+            for (const img of document.querySelectorAll('#{TAB}_gallery .thumbnail-item img')) {{
+                if (img.complete && img.naturalWidth > 0 && !seen.has(img.src))
+                    seen.set(img.src, {{w: img.naturalWidth, h: img.naturalHeight, src: img.src}});
+            }}
+            return [...seen.values()];"""
+        )
+
+    def infotext(self) -> str:
+        return self.js(f"const e = document.querySelector('#html_info_{TAB}'); return e ? e.innerText.trim() : '';")
+
+    def missing(self, row: int) -> str:
+        """The text of freefuse.js's live warning under a row's words; "" when hidden or absent."""
+        return self.js(
+            "const e = document.getElementById(arguments[0]); return e && !e.hidden ? e.textContent : '';",
+            f"{FF}-missing-{row}",
+        )
+
+
+def _forge_assets_blocked(url: str) -> str:
+    """Forge's page loads its own script.js, javascript/*.js and style.css as /file=<path under Forge>. Gradio 4
+    serves only allowed paths, and Forge allows only its --data-dir by default: with the fixture's temporary data
+    dir, every Forge script is refused (403) and the page has no onUiLoaded, no input accordions, no paste."""
+    try:
+        with urllib.request.urlopen(url + "/file=script.js", timeout=30):
+            return ""
+    except urllib.error.HTTPError as error:
+        return f"Forge's own script.js is refused by its webui: HTTP {error.code}"
+
+
+def _visible(elements):
+    shown = [e for e in elements if e.is_displayed()]
+    return shown[0] if shown else False
+
+
+def _assert_accordion(page: Page, bindings, capture_block: str, show_masks: bool) -> None:
+    assert page.accordion_open(FF), "the FreeFuse accordion is closed"
+    assert page.checked(f"#{FF}-checkbox input"), "FreeFuse's (hidden) enabled checkbox is clear"
+    assert page.checked(f"#{FF}-visible-checkbox"), "the accordion's visible checkbox is clear"
+    rows = [(page.value(f"#{FF}-lora-{i} input"), page.value(f"#{FF}-words-{i} textarea")) for i in range(4)]
+    assert rows == [*bindings, ("", ""), ("", "")][:4], rows
+    weights = [page.value(f"#{FF}-weight-{i} input[type=number]") for i in range(4)]
+    assert weights == ["1"] * 4, weights
+    assert page.value(f"#{FF}-capture-block input[type=number]") == capture_block
+    assert page.checked(f"#{FF}-show-masks input[type=checkbox]") == show_masks
+
+
+def test_fill_generate_see_masks_paste_back(webui, browser, tmp_path):
+    blocked = _forge_assets_blocked(webui.url)
+    if blocked:
+        pytest.fail(
+            f"{blocked}: Forge allows Gradio to serve only its --data-dir; the webui fixture must also pass "
+            "--gradio-allowed-path <Forge's root> (tests/webui/conftest.py), else Forge's page has no JavaScript"
+        )
+    # UI defaults that match the job, so Forge's own page-load update of the preset's fields (a Gradio load event,
+    # which can land after the page is shown) sets what the test sets; the test still sets them in the page.
+    webui.post(
+        "/sdapi/v1/options",
+        {
+            "sd_model_checkpoint": webui.checkpoint,
+            "forge_preset": "flux",
+            "flux_t2i_width": 64,
+            "flux_t2i_height": 64,
+            "flux_t2i_cfg": 1,
+            "flux_t2i_sampler": "Euler",  # "Euler a" gives NaN on the random tiny FLUX
+            "flux_t2i_scheduler": "Simple",
+        },
+    )
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    page = Page(browser, shots)
+    try:
+        _run(page, webui)
+    except BaseException:
+        print(f"\n[browser] failed; screenshot: {page.shot('failure')}\n{webui.log_tail(30)}")
+        raise
+    finally:
+        print(f"\n[browser] screenshots in {shots}:")
+        for path in sorted(shots.glob("*.png")):
+            print(f"[browser]   {path}")
+        print("[browser] " + ", ".join(f"{what} at {at:.1f} s" for what, at in page.marks))
+
+
+def _run(page: Page, webui) -> None:
+    # 1. txt2img with the job's settings and the prompt
+    page.open_page(webui.url)
+    page.mark("page up")
+    page.choose(f"{TAB}_sampling", "Euler")
+    page.choose(f"{TAB}_scheduler", "Simple")
+    page.number(f"{TAB}_width", 64)
+    page.number(f"{TAB}_height", 64)
+    page.number(f"{TAB}_steps", 6)
+    page.number(f"{TAB}_cfg_scale", 1)
+    page.number(f"{TAB}_seed", 1234)
+    page.set_prompt(PROMPT)
+
+    # 2. FreeFuse: open (= enable), bind the two LoRAs, capture block 1 (the tiny model has 2 double blocks), masks
+    page.open_accordion(FF)
+    for row, (lora, words) in enumerate(BINDINGS):
+        page.type_into(f"#{FF}-words-{row} textarea", words)  # words first: picking a LoRA fills only empty words
+        page.choose(f"{FF}-lora-{row}", lora)
+    page.open_accordion(f"{FF}-advanced")
+    page.number(f"{FF}-capture-block", 1)
+    page.tick(f"{FF}-show-masks")
+    _assert_accordion(page, BINDINGS, "1", True)
+    page.mark("form filled")
+    page.shot("filled")
+
+    # 3. Generate: the image and its mask overlay
+    page.find(f"#{TAB}_generate").click()
+    page.wait(
+        lambda d: (
+            len(page.gallery_images()) >= 2
+            and "FreeFuse" in page.infotext()
+            and page.js(f"return !document.querySelector('#{TAB}_interrupt').offsetParent")  # the job is over
+        ),
+        "the job to end with the image and its mask overlay in the gallery",
+        GENERATE_TIMEOUT_S,
+    )
+    page.mark("generated")
+    images, infotext = page.gallery_images(), page.infotext()
+    page.shot("generated")
+    assert len(images) == 2, images
+    assert all((image["w"], image["h"]) == (64, 64) for image in images), images
+    assert images[0]["src"] != images[1]["src"]
+    for expected in (
+        "Steps: 6",
+        "Sampler: Euler,",
+        "Schedule type: Simple",
+        "CFG scale: 1",
+        "Seed: 1234",
+        "Size: 64x64",
+        f"Model: {webui.checkpoint}",
+        "FreeFuse subjects:",
+        "FreeFuse capture block: 1",
+        "FreeFuse show masks: True",
+        "FreeFuse coverage:",
+    ):
+        assert expected in infotext, f"{expected!r} not in the infotext:\n{infotext}"
+    assert "FreeFuse warnings" not in infotext, infotext
+    for lora, words in BINDINGS:
+        assert f'"lora": "{lora}", "words": "{words}"' in infotext.replace('\\"', '"'), infotext
+    page.find(f'#{TAB}_gallery .thumbnail-item img[src="{images[1]["src"]}"]').click()  # preview the overlay
+    page.wait(
+        lambda d: page.js(
+            f"return [...document.querySelectorAll('#{TAB}_gallery img')].some("
+            "(img) => img.src === arguments[0] && !img.closest('.thumbnail-item') && img.naturalWidth > 0)",
+            images[1]["src"],
+        ),
+        "the gallery to preview the mask overlay",
+    )
+    page.shot("mask-overlay")
+
+    # 4. freefuse.js: a bound phrase missing from the prompt is shown live, and goes once the prompt has it
+    assert page.missing(0) == page.missing(1) == "", "a warning although every phrase is in the prompt"
+    page.type_into(f"#{FF}-words-1 textarea", "dog, unicorn")
+    page.wait(lambda d: "unicorn" in page.missing(1), f"#{FF}-missing-1 to name the missing phrase")
+    assert page.missing(1) == "Not in the prompt: unicorn" and page.missing(0) == ""
+    page.shot("missing-word")
+    from selenium.webdriver.common.keys import Keys
+
+    page.find(f"#{TAB}_prompt textarea").send_keys(Keys.CONTROL, Keys.END)
+    page.find(f"#{TAB}_prompt textarea").send_keys(" and a unicorn")  # typed, key by key
+    page.wait(lambda d: page.missing(1) == "", f"#{FF}-missing-1 to go once the prompt has the phrase")
+    assert page.value(f"#{TAB}_prompt textarea") == PROMPT + " and a unicorn"
+    page.mark("warning checked")
+
+    # 5. A fresh page; the infotext pasted into the prompt and read back (Forge's "Read generation parameters")
+    page.open_page(webui.url)
+    assert not page.accordion_open(FF) and page.value(f"#{FF}-lora-0 input") == ""
+    page.set_prompt(infotext)
+    page.find(f"#{TAB}_tools #paste").click()
+    page.wait(
+        lambda d: page.accordion_open(FF) and page.value(f"#{FF}-words-1 textarea") == "dog",
+        "the pasted parameters to open FreeFuse and fill its rows",
+    )
+    page.wait_value(f"#{TAB}_steps input[type=number]", "6")
+    page.wait_value(f"#{FF}-capture-block input[type=number]", "1")
+    page.open_accordion(f"{FF}-advanced")
+    _assert_accordion(page, BINDINGS, "1", True)
+    assert page.value(f"#{TAB}_prompt textarea") == PROMPT
+    assert page.value(f"#{TAB}_seed input") == "1234"
+    page.mark("pasted back")
+    page.shot("pasted")

@@ -9,6 +9,7 @@ Screenshots go to pytest's tmp_path (their paths are printed; run with -s to see
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 import urllib.error
@@ -369,3 +370,105 @@ def _run(page: Page, webui) -> None:
     assert page.value(f"#{TAB}_seed input") == "1234"
     page.mark("pasted back")
     page.shot("pasted")
+
+
+# --------------------------------------------------------------------------------- LoRA cards of extra networks
+
+LORA_TAB_BUTTON = f"#{TAB}_lora-button"  # Gradio 4 gives a gr.Tab's button the id <elem_id>-button
+GENERATION_TAB_BUTTON = f"//*[@id='{TAB}_extra_tabs']//button[@role='tab' and normalize-space()='Generation']"
+
+
+def _lora_tag(name: str) -> re.Pattern:
+    return re.compile(rf"<lora:{re.escape(name)}:[\d.]+>")
+
+
+def test_lora_card_click_fills_next_empty_row(webui, browser, tmp_path):
+    """freefuse.js: while the accordion is open, a click on a LoRA card of the Lora tab puts that LoRA into the first
+    row without one (Forge still adds the card's tag to the prompt); while it is closed, a click leaves the rows."""
+    if _forge_assets_blocked(webui.url):
+        pytest.fail("Forge's own script.js is refused by its webui (see test_fill_generate_see_masks_paste_back)")
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    page = Page(browser, shots)
+    try:
+        _run_lora_cards(page, webui)
+    except BaseException:
+        print(f"\n[browser] failed; screenshot: {page.shot('failure')}\n{webui.log_tail(30)}")
+        raise
+    finally:
+        print(f"\n[browser] screenshots in {shots}:")
+        for path in sorted(shots.glob("*.png")):
+            print(f"[browser]   {path}")
+        print("[browser] " + ", ".join(f"{what} at {at:.1f} s" for what, at in page.marks))
+
+
+def _run_lora_cards(page: Page, webui) -> None:
+    prompt_css = f"#{TAB}_prompt textarea"
+
+    def rows() -> list[str]:
+        return [page.value(f"#{FF}-lora-{i} input") for i in range(4)]
+
+    def generation_tab() -> None:
+        page.wait(  # gr.Tab("Generation") has an id but no elem_id: its button is found by its text
+            lambda d: _visible(d.find_elements(page.By.XPATH, GENERATION_TAB_BUTTON)), "the Generation tab's button"
+        ).click()
+        page.find(f"#{FF} > .label-wrap")
+
+    def lora_tab() -> None:
+        page.find(LORA_TAB_BUTTON).click()
+        page.find(f"#{TAB}_lora_cards")
+
+    def click_card(name: str, tag_after: bool) -> None:
+        """Click the card as a user does; Forge's onclick adds the tag (or removes it when the prompt has it)."""
+        page.find(f'#{TAB}_lora_cards .card[data-name="{name}"]').click()
+        page.wait(
+            lambda d: bool(_lora_tag(name).search(page.value(prompt_css))) == tag_after,
+            f"Forge's card click to {'add' if tag_after else 'remove'} the <lora:{name}:...> tag "
+            f"(the prompt reads {page.value(prompt_css)!r})",
+        )
+
+    # 1. a fresh page, a prompt without tags, FreeFuse open with its four rows empty
+    page.open_page(webui.url)
+    page.mark("page up")
+    page.set_prompt("a photo of a cat and a dog")
+    page.open_accordion(FF)
+    assert rows() == ["", "", "", ""], rows()
+
+    # 2. the Lora tab of the extra networks; a click on tiny_lora_b's card fills row 0 and adds its tag
+    lora_tab()
+    page.mark("lora tab")
+    click_card("tiny_lora_b", True)
+    page.wait(lambda d: rows()[0] == "tiny_lora_b", f"#{FF}-lora-0 to read 'tiny_lora_b' (rows: {rows()})")
+    assert rows() == ["tiny_lora_b", "", "", ""], rows()
+    prompt = page.value(prompt_css)
+    assert prompt.startswith("a photo of a cat and a dog") and len(_lora_tag("tiny_lora_b").findall(prompt)) == 1
+    page.shot("card-b")
+
+    # 3. tiny_lora_a's card: the next empty row, and its tag after b's
+    click_card("tiny_lora_a", True)
+    page.wait(lambda d: rows()[1] == "tiny_lora_a", f"#{FF}-lora-1 to read 'tiny_lora_a' (rows: {rows()})")
+    assert rows() == ["tiny_lora_b", "tiny_lora_a", "", ""], rows()
+    prompt = page.value(prompt_css)
+    b_tag, a_tag = _lora_tag("tiny_lora_b").search(prompt), _lora_tag("tiny_lora_a").search(prompt)
+    assert b_tag and a_tag and b_tag.start() < a_tag.start(), prompt
+    page.shot("card-a")
+    page.mark("cards while open")
+
+    # 4. the rows are kept when the user goes back to the Generation tab (what the server sees, after a blur)
+    generation_tab()
+    assert page.accordion_open(FF)
+    page.wait_value(f"#{FF}-lora-0 input", "tiny_lora_b")
+    page.wait_value(f"#{FF}-lora-1 input", "tiny_lora_a")
+
+    # 5. the user empties row 1 and closes the accordion: a click on tiny_lora_a's card (which would go to row 1 if
+    #    FreeFuse were open) now only toggles Forge's tag, and the rows stay as they are
+    page.type_into(f"#{FF}-lora-1 input", "")
+    page.find(f"#{FF} > .label-wrap").click()
+    page.wait(lambda d: not page.accordion_open(FF), f"#{FF} to close")
+    lora_tab()
+    click_card("tiny_lora_a", False)  # the prompt had the tag: Forge removes it
+    click_card("tiny_lora_a", True)  # and adds it back
+    time.sleep(0.5)  # a handler that wrongly acted would have set the row synchronously; leave Gradio a moment
+    assert rows() == ["tiny_lora_b", "", "", ""], rows()
+    page.shot("card-a-closed")
+    page.mark("card while closed")

@@ -254,11 +254,16 @@ def test_fill_generate_see_masks_paste_back(webui, browser, tmp_path):
             "flux_t2i_scheduler": "Simple",
         },
     )
+    _drive(_run, browser, tmp_path, webui)
+
+
+def _drive(steps, browser, tmp_path, webui) -> None:
+    """Run `steps(page, webui)` with screenshots under tmp_path; on failure, one more screenshot and the server log."""
     shots = tmp_path / "screenshots"
     shots.mkdir()
     page = Page(browser, shots)
     try:
-        _run(page, webui)
+        steps(page, webui)
     except BaseException:
         print(f"\n[browser] failed; screenshot: {page.shot('failure')}\n{webui.log_tail(30)}")
         raise
@@ -387,19 +392,7 @@ def test_lora_card_click_fills_next_empty_row(webui, browser, tmp_path):
     row without one (Forge still adds the card's tag to the prompt); while it is closed, a click leaves the rows."""
     if _forge_assets_blocked(webui.url):
         pytest.fail("Forge's own script.js is refused by its webui (see test_fill_generate_see_masks_paste_back)")
-    shots = tmp_path / "screenshots"
-    shots.mkdir()
-    page = Page(browser, shots)
-    try:
-        _run_lora_cards(page, webui)
-    except BaseException:
-        print(f"\n[browser] failed; screenshot: {page.shot('failure')}\n{webui.log_tail(30)}")
-        raise
-    finally:
-        print(f"\n[browser] screenshots in {shots}:")
-        for path in sorted(shots.glob("*.png")):
-            print(f"[browser]   {path}")
-        print("[browser] " + ", ".join(f"{what} at {at:.1f} s" for what, at in page.marks))
+    _drive(_run_lora_cards, browser, tmp_path, webui)
 
 
 def _run_lora_cards(page: Page, webui) -> None:

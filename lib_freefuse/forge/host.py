@@ -85,7 +85,8 @@ def patch_unet(
         else:
             name = f"diffusion_model.{module}.forward"
             source = job.vector_masks if stream == "vector" else _stream_masks(job, stream)
-            clone.add_object_patch(name, MaskedLinearPatch(_unpatched(clone, name), deltas, source))
+            patch = MaskedLinearPatch(_unpatched(clone, name), deltas, source, on_error=job.layer_failed)
+            clone.add_object_patch(name, patch)
     previous = clone.model_options.get("model_function_wrapper")
     clone.set_model_unet_function_wrapper(ModelCallTracker(job, previous))
     return clone
@@ -181,6 +182,13 @@ class PerTokenModulation:
     def __call__(self, vec: torch.Tensor):
         hidden = F.silu(vec)
         base = self.lin_forward(hidden)  # (B, M*D), with every non-subject LoRA merged as Forge does
+        try:
+            return self._with_subjects(hidden, base)
+        except Exception as error:  # reported once by the job; the block gets the base modulation
+            self.job.layer_failed(error)
+            return base[:, None, :].chunk(self.multiplier, dim=-1)
+
+    def _with_subjects(self, hidden: torch.Tensor, base: torch.Tensor):
         mode, masks = self.job.modulation_masks(self.stream)
         if mode == "none":
             out = base[:, None, :]

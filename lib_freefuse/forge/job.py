@@ -180,6 +180,10 @@ class FreeFuseJob:
             self.failure = reason
             logger.warning("FreeFuse: %s; the rest of this image is made without masks", reason)
 
+    def layer_failed(self, error: Exception) -> None:
+        """A masked layer raised: the run goes on, that layer without the subject deltas this time."""
+        self.fail(f"applying the masks failed: {type(error).__name__}: {error}")
+
     def coverage(self) -> list[list[float]] | None:
         """Per image, the percent of the image each subject's mask covers."""
         if self.masks is None:

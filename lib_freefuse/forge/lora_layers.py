@@ -155,11 +155,13 @@ class MaskedLinearPatch:
         original_forward: Callable[..., torch.Tensor],
         deltas: Sequence[tuple[int, SubjectWeightDelta]],
         mask_source: MaskSource,
+        on_error: Callable[[Exception], None] | None = None,
     ):
         if not deltas:
             raise ValueError("deltas: no subject deltas for this layer")
         self.original_forward = original_forward
         self.mask_source = mask_source
+        self.on_error = on_error  # given: a failure is reported there and the layer answers without the deltas
         self.n_subjects = 1 + max(_subject(subject) for subject, _ in deltas)
         self.stacks = _stack_low_rank(deltas)  # [(rows, StackedLoRA)]
         self._dense = [(subject, d.rows, d.dense) for subject, d in deltas if d.dense is not None]
@@ -169,6 +171,15 @@ class MaskedLinearPatch:
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """y (B, T, d_out) or (B, d_out), the subject deltas added in place under their masks."""
         y = self.original_forward(x, *args, **kwargs)
+        if self.on_error is None:
+            return self._add_deltas(x, y)
+        try:
+            return self._add_deltas(x, y)
+        except Exception as error:  # reported once by the job; this layer answers as if unpatched
+            self.on_error(error)
+            return self.original_forward(x, *args, **kwargs)  # y may hold part of the deltas: recompute
+
+    def _add_deltas(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         masks = self.mask_source(x)
         if masks is None:
             return y

@@ -156,3 +156,39 @@ def test_restart_samples_again_from_the_first_step_with_the_masks(forge, tiny_un
     no_restart = forge.sample(plain_unet, steps=4, seed=5, latent_hw=LATENT)
     assert torch.equal(plain_job.masks, job.masks)
     assert not torch.allclose(no_restart, restarted, atol=1e-4)
+
+
+class FlakyJob(FreeFuseJob):
+    """A job whose mask lookups raise from the `after`-th call on: a fault inside the masked layers."""
+
+    def __init__(self, *args, after: int, where: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls, self.after, self.where = 0, after, where
+
+    def masks_for(self, stream, x):
+        return self._maybe_fail("layers") or super().masks_for(stream, x)
+
+    def modulation_masks(self, stream):
+        return self._maybe_fail("modulation") or super().modulation_masks(stream)
+
+    def _maybe_fail(self, where):
+        if where == self.where:
+            self.calls += 1
+            if self.calls >= self.after:
+                raise RuntimeError(f"injected fault in the {where}")
+        return None
+
+
+@pytest.mark.parametrize(("where", "after"), [("layers", 5), ("modulation", 2)])
+def test_a_fault_while_applying_masks_still_ends_in_an_image(forge, tiny_unet, caplog, where, after):
+    sds = {"a.safetensors": lora_sd(1, image_only=True), "b.safetensors": lora_sd(2, image_only=True)}
+    merged = with_loras(tiny_unet, sds)
+    fresh = forge.sample(tiny_unet, steps=3, latent_hw=LATENT)
+    unet, job = freefuse_unet(merged, list(sds), torch.ones(1, 2, *GRID))
+    job.__class__ = FlakyJob  # the same job, its lookups now failing part-way through sampling
+    job.calls, job.after, job.where = 0, after, where
+    out = forge.sample(unet, steps=3, latent_hw=LATENT)
+    assert torch.isfinite(out).all()
+    assert job.failure is not None and f"injected fault in the {where}" in job.failure
+    assert sum("injected fault" in r.getMessage() for r in caplog.records) == 1  # reported once
+    assert torch.equal(forge.sample(tiny_unet, steps=3, latent_hw=LATENT), fresh)  # the next job is unaffected

@@ -155,3 +155,34 @@ def parse_generation_parameters(infotext: str) -> dict[str, str]:
     last_line = infotext.strip().splitlines()[-1]
     pattern = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
     return {k.strip(): json.loads(v) if v.startswith('"') else v for k, v in pattern.findall(last_line)}
+
+
+@pytest.mark.parametrize(
+    ("settings", "warning"),
+    [
+        (
+            {"subjects": [{"lora": "no_such_lora", "words": "cat"}, {"lora": "B", "words": "dog"}]},
+            "LoRA no_such_lora not found",
+        ),
+        (
+            {"subjects": [{"lora": "A", "words": "unicorn"}, {"lora": "B", "words": "dog"}]},
+            "(unicorn) are not in the prompt",
+        ),
+        (
+            {"subjects": [{"lora": "A", "words": "tiny_lora_a"}, {"lora": "B", "words": "dog"}]},
+            "(tiny_lora_a) are not in the prompt",
+        ),
+        ({"capture_step": 30}, "capture step 30 is beyond the 6 steps run: using 5"),
+    ],
+    ids=["unknown-lora", "absent-words", "words-only-in-a-tag", "capture-step-beyond"],
+)
+def test_problems_are_named_and_the_image_is_made(webui, settings, warning):
+    a, b = webui.lora_names[:2]
+    if "subjects" in settings:
+        settings = {
+            "subjects": [{**s, "lora": {"A": a, "B": b}.get(s["lora"], s["lora"])} for s in settings["subjects"]]
+        }
+    result = webui.txt2img(tagged(webui), steps=6, alwayson_scripts=freefuse(webui, **settings))
+    assert len(result.images) == 1
+    assert warning in result.infotext, result.infotext
+    assert f"FreeFuse: {warning}" in webui.log() or warning in webui.log()

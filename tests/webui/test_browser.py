@@ -8,6 +8,7 @@ Screenshots go to pytest's tmp_path (their paths are printed; run with -s to see
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -465,3 +466,77 @@ def _run_lora_cards(page: Page, webui) -> None:
     assert rows() == ["tiny_lora_b", "", "", ""], rows()
     page.shot("card-a-closed")
     page.mark("card while closed")
+
+
+# ------------------------------------------------------------------------------ activation words from metadata
+
+LORA_METADATA = {
+    "tiny_lora_a": {"activation text": "cat", "preferred weight": 0.8},
+    "tiny_lora_b": {"activation text": "dog"},
+}
+FILL_PROMPT = "a cat and a dog <lora:tiny_lora_b:0.7> <lora:tiny_lora_a:0.9>"
+
+
+def test_activation_words_fill_rows(webui, browser, tmp_path):
+    """scripts/freefuse.py: picking a LoRA in a row with empty words fills them from the `<lora>.json` beside the
+    file ("activation text"); "Fill from prompt" makes one row per <lora:NAME:w> tag, with those words and w."""
+    if _forge_assets_blocked(webui.url):
+        pytest.fail("Forge's own script.js is refused by its webui (see test_fill_generate_see_masks_paste_back)")
+    lora_dir = webui.data_dir / "models" / "Lora"
+    written = []
+    try:
+        for name, metadata in LORA_METADATA.items():
+            path = lora_dir / f"{name}.json"
+            assert not path.exists(), f"{path} exists already"
+            written.append(path)
+            path.write_text(json.dumps(metadata), encoding="utf-8")
+        _drive(_run_activation_words, browser, tmp_path, webui)
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
+
+
+def _run_activation_words(page: Page, webui) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    def rows() -> list[tuple[str, str, str]]:
+        return [
+            (
+                page.value(f"#{FF}-lora-{i} input"),
+                page.value(f"#{FF}-words-{i} textarea"),
+                page.value(f"#{FF}-weight-{i} input[type=number]"),
+            )
+            for i in range(4)
+        ]
+
+    empty = [("", "", "1")] * 4
+
+    # 1. a fresh page, FreeFuse open, its rows empty; the user types tiny_lora_a into row 0's dropdown and presses
+    #    Enter: Gradio fires the dropdown's input event and the server fills the empty words from tiny_lora_a.json
+    page.open_page(webui.url)
+    page.mark("page up")
+    page.open_accordion(FF)
+    assert rows() == empty, rows()
+    box = page.find(f"#{FF}-lora-0 input")
+    box.click()
+    box.send_keys("tiny_lora_a")
+    page.find(f'#{FF}-lora-0 ul.options li[aria-label="tiny_lora_a"]')  # the filtered list shows the option
+    box.send_keys(Keys.ENTER)
+    page.wait_value(f"#{FF}-lora-0 input", "tiny_lora_a")
+    page.wait_value(f"#{FF}-words-0 textarea", "cat")
+    assert rows() == [("tiny_lora_a", "cat", "1"), *empty[1:]], rows()
+    page.shot("picked-a")
+    page.mark("words from metadata")
+
+    # 2. a fresh page (empty rows); a prompt with two LoRA tags, typed; "Fill from prompt" makes a row per tag, in
+    #    the prompt's order, with each LoRA's activation words and the tag's weight; the other rows stay empty
+    page.open_page(webui.url)
+    page.open_accordion(FF)
+    assert rows() == empty, rows()
+    page.type_into(f"#{TAB}_prompt textarea", FILL_PROMPT)
+    page.find(f"#{FF}-fill-from-prompt").click()
+    expected = [("tiny_lora_b", "dog", "0.7"), ("tiny_lora_a", "cat", "0.9"), *empty[2:]]
+    page.wait(lambda d: rows() == expected, f"the rows to be filled from the prompt's tags (rows: {rows()})")
+    assert page.value(f"#{TAB}_prompt textarea") == FILL_PROMPT
+    page.shot("filled-from-prompt")
+    page.mark("filled from prompt")

@@ -134,24 +134,34 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
 
 
 def _subject_words(p, prompts: list[str], args: FreeFuseArgs, state: RunState) -> tuple[dict, int]:
-    """({lora: [positions per image]} for subjects whose words occur in every prompt, the tokenised length)."""
+    """({lora: [positions per image]} for subjects whose words occur in every prompt, the tokenised length).
+
+    Only the text before a prompt's first BREAK counts: Forge's FLUX conditions on that first T5 chunk alone."""
     engine = p.sd_model.text_processing_engine_t5
+    words = [s.words for s in args.subjects]
     found: dict = {}
     lengths = []
     per_image = []
+    after_break = set()
     for prompt in prompts:
         chunks, _ = engine.tokenize_line(prompt)
-        ids = [token for chunk in chunks for token in chunk.tokens]
-        lengths.append(len(ids))
-        pieces = engine.tokenizer.convert_ids_to_tokens(ids)
-        per_image.append(find_subject_tokens(pieces, [s.words for s in args.subjects]))
+        lengths.append(len(chunks[0].tokens))
+        per_image.append(find_subject_tokens(engine.tokenizer.convert_ids_to_tokens(chunks[0].tokens), words))
+        if len(chunks) > 1:
+            later = [token for chunk in chunks[1:] for token in chunk.tokens]
+            later_found = find_subject_tokens(engine.tokenizer.convert_ids_to_tokens(later), words)
+            after_break.update(i for i, r in enumerate(later_found) if r.found and not per_image[-1][i].found)
     for index, subject in enumerate(args.subjects):
         results = [image[index] for image in per_image]
         if not all(r.found for r in results):
             missing = sorted({m for r in results for m in r.missing})
+            where = (
+                "come only after BREAK, and Forge's FLUX uses the text before the first BREAK"
+                if index in after_break
+                else "are not in the prompt"
+            )
             state.warn(
-                f"the words of {subject.lora} ({', '.join(missing)}) are not in the prompt: "
-                f"{subject.lora} acts as an ordinary LoRA"
+                f"the words of {subject.lora} ({', '.join(missing)}) {where}: {subject.lora} acts as an ordinary LoRA"
             )
             continue
         for r in results:

@@ -186,6 +186,14 @@ class WebUI:
     log_path: Path
     manifest: dict  # from tiny_models.py: checkpoint, checkpoint_name, loras {name: path}, transformer config
     startup_s: float
+    pid: int = 0  # the server's process
+
+    def rss_mib(self) -> float:
+        """The server process's resident memory now, MiB (Linux /proc)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS for the server process")
 
     @property
     def checkpoint(self) -> str:
@@ -394,7 +402,7 @@ def webui(tmp_path_factory):
         startup = time.monotonic() - started
         TIMINGS.update(startup=startup, url=url, log=str(log_path), forge_summary=forge_summary)
         print(f"\n[webui] Forge's webui up at {url} in {startup:.1f} s (log: {log_path})")
-        yield WebUI(url, data_dir, log_path, manifest, startup)
+        yield WebUI(url, data_dir, log_path, manifest, startup, pid=process.pid)
     finally:
         stopping = time.monotonic()
         _stop(process)

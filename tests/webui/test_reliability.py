@@ -33,3 +33,31 @@ def test_words_after_break_are_named(webui):
     result = webui.txt2img(tagged(webui, "a photo of a cat BREAK and a dog"), steps=6, alwayson_scripts=freefuse(webui))
     assert "(dog) come only after BREAK" in result.infotext, result.infotext
     assert len(result.images) == 1
+
+
+def test_interrupt_mid_sampling_leaves_nothing_behind(webui):
+    """Interrupt (the UI's button, the API's /interrupt) during a FreeFuse job: the job ends, and the next job
+    without FreeFuse is bit-identical to one made before."""
+    import threading
+    import time
+
+    before = webui.txt2img(tagged(webui), steps=4)
+    long_job = {}
+
+    def run():
+        long_job["result"] = webui.txt2img(tagged(webui), steps=400, alwayson_scripts=freefuse(webui))
+
+    made = webui.log().count("FreeFuse: masks made")
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while webui.log().count("FreeFuse: masks made") == made and time.monotonic() < deadline:
+        time.sleep(0.05)  # interrupt once this job's masks exist, i.e. with every patch in use
+    assert worker.is_alive(), "the long job ended before it could be interrupted"
+    webui.post("/sdapi/v1/interrupt", {})
+    interrupted = time.monotonic()
+    worker.join(timeout=120)
+    assert not worker.is_alive() and "result" in long_job
+    assert time.monotonic() - interrupted < 5, "the job did not stop at the interrupt"
+    after = webui.txt2img(tagged(webui), steps=4)
+    assert after.images[0].pixels == before.images[0].pixels

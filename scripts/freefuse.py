@@ -10,6 +10,7 @@ from modules.ui_components import InputAccordion
 
 from lib_freefuse.activation import activation_words, rows_from_prompt
 from lib_freefuse.args import FIELD_HELP, SUBJECT_FIELD_HELP, FreeFuseArgs
+from lib_freefuse.forge.job import coverage_percent
 from lib_freefuse.forge.processing import run_state, start_run
 from lib_freefuse.forge.xyz import clear_previous_cell, register_axes, xyz_args
 from lib_freefuse.infotext import COVERAGE_KEY, WARNINGS_KEY, args_from_params, infotext_params
@@ -212,7 +213,7 @@ class FreeFuseScript(scripts.Script):
         state = run_state(p)
         masks = state.end_batch(len(kwargs.get("images", ())) or p.batch_size)
         if masks is not None:
-            coverage = (masks.float().mean(dim=(2, 3)) * 100).tolist()  # [image][subject] percent
+            coverage = coverage_percent(masks)
             p.extra_generation_params[COVERAGE_KEY] = json.dumps(
                 {name: [round(image[i], 1) for image in coverage] for i, name in enumerate(state.subject_names)}
             )

@@ -43,6 +43,11 @@ class JobPlan:
         return len(self.word_positions[0])
 
 
+def coverage_percent(masks: torch.Tensor) -> list[list[float]]:
+    """(B_img, L, h, w) masks -> [image][subject]: the percent of the image each subject's mask covers."""
+    return (masks.float().mean(dim=(2, 3)) * 100).tolist()
+
+
 class RestartWithMasks(Exception):
     """Raised out of the model call that made the masks when the plan restarts sampling with them."""
 
@@ -184,12 +189,6 @@ class FreeFuseJob:
         """A masked layer raised: the run goes on, that layer without the subject deltas this time."""
         self.fail(f"applying the masks failed: {type(error).__name__}: {error}")
 
-    def coverage(self) -> list[list[float]] | None:
-        """Per image, the percent of the image each subject's mask covers."""
-        if self.masks is None:
-            return None
-        return (self.masks.float().mean(dim=(2, 3)) * 100).tolist()
-
     # -- internals ------------------------------------------------------------------------------------------------
     def _unmasked(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ones(1, x.shape[1], self.plan.n_subjects, device=x.device, dtype=x.dtype)
@@ -228,6 +227,4 @@ class FreeFuseJob:
 
     @staticmethod
     def _summary(masks: torch.Tensor) -> str:
-        return "; ".join(
-            ", ".join(f"{p:.0f}%" for p in image) for image in (masks.float().mean(dim=(2, 3)) * 100).tolist()
-        )
+        return "; ".join(", ".join(f"{p:.0f}%" for p in image) for image in coverage_percent(masks))

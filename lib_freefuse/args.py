@@ -9,7 +9,8 @@ raises nothing but ValueError, whose message starts with the field at fault ("ca
 - automatic values (capture_step, n_segments): None or the string "auto";
 - choices: one of the listed words, any case, surrounding spaces ignored;
 - capture_block: an index (17), "17" or "double_blocks.17";
-- subjects: a list of {"lora", "words", "weight"?} dicts; rows with both lora and words empty are dropped.
+- subjects: a list of {"lora", "words", "weight"?} dicts; rows with both lora and words empty are dropped. A LoRA
+  bound by two rows is not an argument error: the run warns and keeps the first row (forge/processing.py).
 Constructing the dataclasses directly validates too; it only strips text, makes weights floats, subjects a tuple.
 """
 
@@ -109,7 +110,6 @@ class FreeFuseArgs:
         ):
             raise ValueError(f"subjects: expected a tuple of SubjectBinding, got {_show(self.subjects)}")
         object.__setattr__(self, "subjects", tuple(self.subjects))
-        _check_unique_loras(enumerate(self.subjects))
         if self.enabled and not self.subjects:
             raise ValueError("subjects: FreeFuse is enabled but no subject binds a LoRA to its activation words")
         if self.capture_step is not None:
@@ -336,14 +336,6 @@ def _require_int(name: str, value: object, *, minimum: int, maximum: int) -> Non
         raise ValueError(f"{name}: expected an integer from {minimum} to {maximum}, got {_show(value)}")
 
 
-def _check_unique_loras(rows: Iterable[tuple[int, SubjectBinding]]) -> None:
-    seen: dict[str, int] = {}
-    for index, row in rows:
-        if row.lora in seen:
-            raise ValueError(f"subjects[{index}].lora: {row.lora!r} is already bound by subjects[{seen[row.lora]}]")
-        seen[row.lora] = index
-
-
 def _reject_unknown_keys(values: Mapping[Any, Any], known: tuple[str, ...], *, what: str, prefix: str) -> None:
     for key in values:
         if isinstance(key, str) and key in known:
@@ -430,9 +422,8 @@ def _as_subjects(name: str, value: object) -> tuple[SubjectBinding, ...]:
     for index, row in enumerate(value):
         parsed = _as_subject(f"{name}[{index}]", row)
         if parsed is not None:
-            rows.append((index, parsed))
-    _check_unique_loras(rows)
-    return tuple(row for _, row in rows)
+            rows.append(parsed)
+    return tuple(rows)
 
 
 def _as_subject(name: str, row: object) -> SubjectBinding | None:

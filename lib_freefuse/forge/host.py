@@ -144,19 +144,23 @@ class CaptureBlock:
     def __call__(self, img, txt, vec, pe):
         if not self.job.capturing:
             return self.original_forward(img, txt, vec, pe)
-        with _capturing_attention(self.job.store_attention):
+        with _capturing_attention(self.job.store_attention, self.job.capture_failed):
             return self.original_forward(img, txt, vec, pe)
 
 
 @contextmanager
-def _capturing_attention(store: Callable[[torch.Tensor, torch.Tensor], None]):
-    """Swap backend.nn.flux.attention (looked up at call time, once per block) for one that also stores q, k."""
+def _capturing_attention(store: Callable[[torch.Tensor, torch.Tensor], None], on_error: Callable[[Exception], None]):
+    """Swap backend.nn.flux.attention (looked up at call time, once per block) for one that also stores q, k.
+    A failure to store goes to on_error; the block's attention is computed as usual either way."""
     import backend.nn.flux as flux
 
     original = flux.attention
 
     def attention(q, k, v, pe):
-        store(*flux.apply_rope(q, k, pe))  # (B, H, L_txt + N_img, D), as the block's attention sees them
+        try:
+            store(*flux.apply_rope(q, k, pe))  # (B, H, L_txt + N_img, D), as the block's attention sees them
+        except Exception as error:  # reported once by the job; this image is made without masks
+            on_error(error)
         return original(q, k, v, pe)
 
     flux.attention = attention

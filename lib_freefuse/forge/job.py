@@ -185,6 +185,11 @@ class FreeFuseJob:
             self.failure = reason
             logger.warning("FreeFuse: %s; the rest of this image is made without masks", reason)
 
+    def capture_failed(self, error: Exception) -> None:
+        """Handing over the capture block's q and k raised: no masks for this run; the block computes as usual."""
+        self._captured = None
+        self.fail(f"capturing the attention failed: {type(error).__name__}: {error}")
+
     def layer_failed(self, error: Exception) -> None:
         """A masked layer raised: the run goes on, that layer without the subject deltas this time."""
         self.fail(f"applying the masks failed: {type(error).__name__}: {error}")

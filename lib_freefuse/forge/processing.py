@@ -7,6 +7,7 @@ unpatched unet, so the hook is idempotent.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -37,8 +38,9 @@ class RunState:
             logger.warning("FreeFuse: %s", message)
 
     def end_batch(self, images: int) -> torch.Tensor | None:
-        """Close a batch (batch count > 1 runs several): the masks its sampling calls made last, or None."""
-        made = [job.masks for job in self.jobs[self._jobs_seen :] if job.masks is not None]
+        """Close a batch (batch count > 1 runs several): the masks its sampling calls made last, or None (also when
+        FreeFuse failed in the call that made them: the image was finished without masks)."""
+        made = [job.masks for job in self.jobs[self._jobs_seen :] if job.masks is not None and job.failure is None]
         self._jobs_seen = len(self.jobs)
         masks = made[-1] if made else None
         self.batches.append((masks, images))
@@ -76,8 +78,9 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
         return None
     is_hr = bool(getattr(p, "is_hr_pass", False))
     prompts = list(p.hr_prompts if is_hr else p.prompts)
-    words, text_length = _subject_words(p, prompts, args, state)
-    subjects = [s for s in args.subjects if s.lora in words]
+    rows = _distinct_rows(args.subjects, state)
+    words, text_length = _subject_words(p, prompts, rows, state)
+    subjects = [s for s in rows if s.lora in words]
     loras = _subject_loras(p, unet, subjects, state)
     subjects = [s for s in subjects if s.lora in loras]
     if len(subjects) < 2:
@@ -133,12 +136,27 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
     return job
 
 
-def _subject_words(p, prompts: list[str], args: FreeFuseArgs, state: RunState) -> tuple[dict, int]:
+def _distinct_rows(subjects, state: RunState) -> list:
+    """The rows that bind distinct LoRAs: a LoRA bound again by a later row is named, and its first row kept."""
+    first: dict[str, object] = {}
+    for subject in subjects:
+        if subject.lora not in first:
+            first[subject.lora] = subject
+        else:
+            state.warn(
+                f"LoRA {subject.lora} is bound twice (words '{first[subject.lora].words}' and '{subject.words}'): "
+                f"using the first binding only"
+            )
+    return list(first.values())
+
+
+def _subject_words(p, prompts: list[str], subjects, state: RunState) -> tuple[dict, int]:
     """({lora: [positions per image]} for subjects whose words occur in every prompt, the tokenised length).
 
-    Only the text before a prompt's first BREAK counts: Forge's FLUX conditions on that first T5 chunk alone."""
+    prompts: one per image of the batch (they may differ). Only the text before a prompt's first BREAK counts:
+    Forge's FLUX conditions on that first T5 chunk alone."""
     engine = p.sd_model.text_processing_engine_t5
-    words = [s.words for s in args.subjects]
+    words = [s.words for s in subjects]
     found: dict = {}
     lengths = []
     per_image = []
@@ -151,7 +169,7 @@ def _subject_words(p, prompts: list[str], args: FreeFuseArgs, state: RunState) -
             later = [token for chunk in chunks[1:] for token in chunk.tokens]
             later_found = find_subject_tokens(engine.tokenizer.convert_ids_to_tokens(later), words)
             after_break.update(i for i, r in enumerate(later_found) if r.found and not per_image[-1][i].found)
-    for index, subject in enumerate(args.subjects):
+    for index, subject in enumerate(subjects):
         results = [image[index] for image in per_image]
         if not all(r.found for r in results):
             missing = sorted({m for r in results for m in r.missing})
@@ -176,11 +194,19 @@ def _subject_loras(p, unet, subjects, state: RunState) -> dict:
     import networks  # Forge's built-in LoRA extension (extensions-builtin/sd_forge_lora)
 
     loras = {}
+    files: dict[str, str] = {}  # file -> the name that bound it first
     for subject in subjects:
         on_disk = networks.available_network_aliases.get(subject.lora) or networks.available_networks.get(subject.lora)
         if on_disk is None:
             state.warn(f"LoRA {subject.lora} not found: check the name (as in <lora:NAME:weight>)")
             continue
+        if on_disk.filename in files:
+            state.warn(
+                f"LoRA {subject.lora} is the same file as {files[on_disk.filename]} "
+                f"({os.path.basename(on_disk.filename)}): using the first binding only"
+            )
+            continue
+        files[on_disk.filename] = subject.lora
         keys = [key for key in unet.lora_patches if key[0] == on_disk.filename]
         if keys:
             patches = {}
@@ -195,7 +221,9 @@ def _subject_loras(p, unet, subjects, state: RunState) -> dict:
             state.warn(f"LoRA {subject.lora} could not be read: {type(error).__name__}: {error}")
             continue
         if not patches:
-            state.warn(f"LoRA {subject.lora} changes no layer of this model")
+            keys = getattr(patches, "unmatched", ())
+            example = f" (none of its {len(keys)} keys, e.g. {keys[0]}, matches a layer)" if keys else ""
+            state.warn(f"LoRA {subject.lora} changes no layer of this model{example}: not a LoRA for this model")
             continue
         logger.info("FreeFuse: %s has no tag in the prompt: loaded at weight %s", subject.lora, subject.weight)
         loras[subject.lora] = ([], patches)

@@ -5,7 +5,8 @@ One server per test session (`webui` fixture):
    cache/ and params.txt there; Forge's own tree is left untouched);
 2. tiny_models.py, run by Forge's Python, writes models/Stable-diffusion/tiny_flux.safetensors, models/Lora/
    tiny_lora_a|b.safetensors and the tiny pipeline configs;
-3. this repository is linked in as extensions/sd-forge-freefuse;
+3. this repository is linked in as extensions/sd-forge-freefuse, and webui_extension/ (a test-only script that
+   gives each image of a batch its own prompt, as the Dynamic Prompts extension does) beside it;
 4. `launch.py` starts under Forge's Python (FORGE_PYTHON, else <forge>/venv/bin/python) with webui_hook/ on
    PYTHONPATH (its sitecustomize.py lets Forge's loader take the tiny FLUX), bound to 127.0.0.1 on a free port;
 5. the fixture waits until the API answers and Forge has finished starting, yields a `WebUI` client (base URL,
@@ -38,6 +39,7 @@ from forge_locator import REPO_ROOT, find_forge
 HERE = Path(__file__).resolve().parent
 HOOK_DIR = HERE / "webui_hook"
 EXTENSION_NAME = "sd-forge-freefuse"
+TEST_EXTENSION_NAME = "freefuse-test-per-image-prompts"  # webui_extension/: a prompt per image of a batch
 
 STARTUP_TIMEOUT_S = float(os.environ.get("FREEFUSE_WEBUI_STARTUP_TIMEOUT", "300"))
 REQUEST_TIMEOUT_S = 600.0
@@ -254,6 +256,16 @@ class WebUI:
         images = [PngImage.decode(base64.b64decode(image.split(",", 1)[-1])) for image in response["images"]]
         return Txt2ImgResult(images, json.loads(response["info"]), response["parameters"], seconds)
 
+    @contextlib.contextmanager
+    def fault(self, stage: str):
+        """Inside the block, FreeFuse's `stage` ("capture", "slic", "masks") raises in the server (test hook)."""
+        path = self.data_dir / "freefuse-fault"
+        path.write_text(stage, encoding="utf-8")
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -271,6 +283,7 @@ def _server_env(data_dir: Path, configs: str) -> dict:
         FREEFUSE_TEST_TINY_FLUX_CONFIGS=configs,
         FREEFUSE_TEST_WEBUI_ASSETS=str(data_dir / "webui-assets"),
         FREEFUSE_TEST_EXIT_WITH_PARENT="1",  # a server whose pytest was killed ends itself (sitecustomize.py)
+        FREEFUSE_TEST_FAULT_FILE=str(data_dir / "freefuse-fault"),  # WebUI.fault(); no file, no fault
         CUDA_VISIBLE_DEVICES="",  # a CUDA build of torch stays on the CPU, as --always-cpu asks
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
@@ -369,6 +382,7 @@ def webui(tmp_path_factory):
 
     (data_dir / "extensions").mkdir()
     (data_dir / "extensions" / EXTENSION_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
+    (data_dir / "extensions" / TEST_EXTENSION_NAME).symlink_to(HERE / "webui_extension", target_is_directory=True)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

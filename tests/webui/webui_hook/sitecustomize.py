@@ -13,6 +13,11 @@ patches them in memory, never on disk:
   repositories/stable-diffusion-webui-assets, and the UI's static mount of it raises at start-up. When that folder
   is missing, the empty folder $FREEFUSE_TEST_WEBUI_ASSETS stands in.
 
+- Fault injection, for the reliability tests only: with $FREEFUSE_TEST_FAULT_FILE set, FreeFuse's attention
+  capture (`FreeFuseJob.store_attention`), its SLIC call (`lib_freefuse.core.masks.slic_segments`) and its masked
+  LoRA product once the masks exist (`StackedLoRA.add_to` with masks that are not all ones) are wrapped; each
+  raises RuntimeError("injected fault: <stage>") while that file holds the stage's name ("capture", "slic",
+  "masks"), read at every call, and otherwise does exactly what it did. The shipped code has no such switch.
 - With $FREEFUSE_TEST_EXIT_WITH_PARENT=1 the process ends itself once the process that started it is gone, so a
   test run that was killed (and so never reached the fixture's teardown) leaves no webui behind.
 
@@ -112,7 +117,57 @@ def patch_launch_utils(module):
     module.repo_dir = repo_dir
 
 
+FAULT_ENV = "FREEFUSE_TEST_FAULT_FILE"
+
+
+def injected_fault(stage: str) -> None:
+    """Raise if the fault file (read now, at call time) names `stage`."""
+    path = os.environ.get(FAULT_ENV)
+    try:
+        with open(path, encoding="utf-8") as file:
+            wanted = file.read().strip()
+    except (OSError, TypeError):
+        return
+    if wanted == stage:
+        raise RuntimeError(f"injected fault: {stage}")
+
+
+def patch_job(module):
+    original = module.FreeFuseJob.store_attention
+
+    def store_attention(self, q, k):
+        injected_fault("capture")
+        return original(self, q, k)
+
+    module.FreeFuseJob.store_attention = store_attention
+
+
+def patch_masks(module):
+    original = module.slic_segments
+
+    def slic_segments(*args, **kwargs):
+        injected_fault("slic")
+        return original(*args, **kwargs)
+
+    module.slic_segments = slic_segments
+
+
+def patch_lora(module):
+    original = module.StackedLoRA.add_to
+
+    def add_to(self, out, x, masks):
+        if not bool((masks == 1).all()):  # the masks exist (before them, "joint" mode passes all ones)
+            injected_fault("masks")
+        return original(self, out, x, masks)
+
+    module.StackedLoRA.add_to = add_to
+
+
 PATCHES = {"huggingface_guess": patch_huggingface_guess, "modules.launch_utils": patch_launch_utils}
+if os.environ.get(FAULT_ENV):
+    PATCHES["lib_freefuse.forge.job"] = patch_job
+    PATCHES["lib_freefuse.core.masks"] = patch_masks
+    PATCHES["lib_freefuse.core.lora"] = patch_lora
 
 
 class PatchingLoader(importlib.abc.Loader):
@@ -150,7 +205,7 @@ class PostImportPatcher(importlib.abc.MetaPathFinder):
         return spec
 
 
-if (os.environ.get(CONFIGS_ENV) or os.environ.get(ASSETS_ENV)) and not any(
+if (os.environ.get(CONFIGS_ENV) or os.environ.get(ASSETS_ENV) or os.environ.get(FAULT_ENV)) and not any(
     isinstance(f, PostImportPatcher) for f in sys.meta_path
 ):
     sys.meta_path.insert(0, PostImportPatcher())

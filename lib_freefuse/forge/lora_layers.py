@@ -17,7 +17,14 @@ import torch
 
 from ..core.lora import StackedLoRA
 
-__all__ = ["MaskedLinearPatch", "SubjectLoRAPatches", "SubjectWeightDelta", "load_subject_lora", "subject_deltas"]
+__all__ = [
+    "MaskedLinearPatch",
+    "SubjectLoRAPatches",
+    "SubjectWeightDelta",
+    "dequantized",
+    "load_subject_lora",
+    "subject_deltas",
+]
 
 MODEL_PREFIX = "diffusion_model."  # Forge's parameter keys: "diffusion_model.<module>.weight"
 MaskSource = Callable[[torch.Tensor], "torch.Tensor | None"]
@@ -111,6 +118,20 @@ def load_subject_lora(unet, path: str | os.PathLike, strength: float) -> Subject
     skipped = sorted(str(key) for key in lora_unet if key not in loaded)
     (entry,) = scratch.lora_patches.values()
     return SubjectLoRAPatches(entry, unmatched=sorted(unmatched), skipped=skipped)
+
+
+def dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """A model parameter as plain numbers: Forge's GGUF and bitsandbytes 4-bit parameters dequantised the way Forge's
+    own LoRA merge dequantises them (backend/patcher/lora.py); any other tensor as it is."""
+    if getattr(weight, "gguf_cls", None) is not None:
+        from backend.operations_gguf import dequantize_tensor
+
+        return dequantize_tensor(weight)
+    if hasattr(weight, "bnb_quantized"):
+        from backend.operations_bnb import functional_dequantize_4bit
+
+        return functional_dequantize_4bit(weight)
+    return weight
 
 
 def subject_deltas(

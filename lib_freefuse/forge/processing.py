@@ -18,7 +18,7 @@ from ..core import find_subject_tokens
 from ..log import logger
 from .host import flux_model, patch_unet
 from .job import FreeFuseJob, JobPlan
-from .lora_layers import load_subject_lora, subject_deltas
+from .lora_layers import dequantized, load_subject_lora, subject_deltas
 
 
 @dataclass
@@ -240,14 +240,15 @@ def _deltas(patches, base_weight, name: str, state: RunState):
 
 
 def _base_weights(unet):
-    """base_weight(key): a parameter before any LoRA merge (Forge keeps a backup of the weights it merged)."""
+    """base_weight(key): a parameter before any LoRA merge (Forge keeps a backup of the weights it merged), GGUF and
+    bitsandbytes 4-bit weights dequantised."""
     from backend import utils
 
     backup = getattr(getattr(unet.model, "lora_loader", None), "backup", {}) or {}
 
     def base_weight(key: str) -> torch.Tensor:
         saved = backup.get(key)
-        return saved if saved is not None else utils.get_attr(unet.model, key)
+        return dequantized(saved if saved is not None else utils.get_attr(unet.model, key))
 
     return base_weight
 

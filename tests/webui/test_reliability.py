@@ -286,21 +286,23 @@ def test_a_prompt_longer_than_256_t5_tokens_keeps_words_on_both_sides_of_256(web
     assert sum(sum(values) for values in coverage.values()) == pytest.approx(100, abs=0.5)
 
 
-def test_a_batch_with_a_prompt_per_image_finds_each_images_words(webui):
-    """Batch size 2, image 1 "cat and a dog", image 2 "dog and a cat" (the test extension in webui_extension/ sets
-    p.all_prompts, as Dynamic Prompts does): FreeFuse reads each image's words at that image's token positions, so
-    each image's masks are those of the same image made alone (its own prompt and seed)."""
+@pytest.mark.parametrize("layout", ["batch_size", "n_iter"])
+def test_a_prompt_per_image_finds_each_images_words(webui, layout):
+    """Two images, image 1 "cat and a dog", image 2 "dog and a cat" (the test extension in webui_extension/ sets
+    p.all_prompts, as Dynamic Prompts does), in one batch of 2 or in 2 batches: FreeFuse reads each image's words at
+    that image's token positions, so each image's masks are those of the same image made alone (its own prompt and
+    seed)."""
     prompts = [f"{PROMPT}", "a photo of a dog and a cat in a garden"]
-    batch = webui.txt2img(
+    result = webui.txt2img(
         tagged(webui, "a photo of a {cat and a dog|dog and a cat} in a garden"),
         steps=6,
-        batch_size=2,
         alwayson_scripts=freefuse(webui, show_masks=True),
+        **{layout: 2},
     )
-    assert [text.splitlines()[0] for text in batch.info["infotexts"][:2]] == [tagged(webui, p) for p in prompts]
-    assert len(batch.images) == 4  # two images, two overlays
-    assert "FreeFuse warnings" not in batch.infotext, batch.infotext
-    coverage = infotext_json(batch.infotext, "FreeFuse coverage")
+    infotexts = result.info["infotexts"]
+    assert [text.splitlines()[0] for text in infotexts[:2]] == [tagged(webui, p) for p in prompts]
+    assert len(result.images) == 4  # two images, two overlays
+    assert all("FreeFuse warnings" not in text for text in infotexts), infotexts
     alone = [
         infotext_json(
             webui.txt2img(tagged(webui, prompt), steps=6, seed=1234 + i, alwayson_scripts=freefuse(webui)).infotext,
@@ -308,6 +310,10 @@ def test_a_batch_with_a_prompt_per_image_finds_each_images_words(webui):
         )
         for i, prompt in enumerate(prompts)
     ]
-    for lora, values in coverage.items():
-        assert values == [alone[0][lora][0], alone[1][lora][0]], (coverage, alone)
-    assert batch.images[2].pixels != batch.images[3].pixels  # the two overlays: the masks differ per image
+    for i in range(2):
+        coverage = infotext_json(infotexts[i], "FreeFuse coverage")  # a batch's images, each in its own order
+        index = i if layout == "batch_size" else 0
+        assert {lora: values[index] for lora, values in coverage.items()} == {
+            lora: values[0] for lora, values in alone[i].items()
+        }, (i, coverage, alone)
+    assert result.images[2].pixels != result.images[3].pixels  # the two overlays: the masks differ per image

@@ -1,0 +1,130 @@
+"""Step 3 of making the toy world: the Forge-loadable files in model/, checked through Forge's own loader.
+
+Writes model/toyworld_flux.safetensors (all-in-one: trained transformer and VAE, the frozen random text encoders
+of make_text.py), model/toy_zorb.safetensors and model/toy_quil.safetensors (kohya-keyed FLUX LoRAs), the scorer
+and the training log; then loads the checkpoint with Forge's loader and checks that Forge's text engines give
+exactly the conditioning the transformer was trained on, and that Forge's VAE encodes a picture to the training
+latents. Token-embedding rows that no toy caption uses are zeroed (the file compresses to a fraction in git);
+the check above proves that changes nothing the toy world uses.
+
+    FORGE_DIR=... <forge webui python> bench/toyworld/assemble.py [--trained WORK/trained]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import world
+from forge_engine import load_engine, tiny_models
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "work"
+MODEL = HERE / "model"
+CHECKPOINT = "toyworld_flux.safetensors"
+LORAS = {name: f"toy_{name}.safetensors" for name in world.CHARACTERS}
+EMBEDDINGS = {
+    "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight": "tokenizer",
+    "text_encoders.t5xxl.transformer.shared.weight": "tokenizer_2",
+}
+
+
+def used_token_ids(configs: Path, folder: str) -> set[int]:
+    """Every token id a toy caption (or padding) gives with the tokenizer in configs/folder."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(configs / folder))
+    ids = {i for ids in tokenizer(world.all_captions())["input_ids"] for i in ids}
+    ids |= {i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id) if i is not None}
+    return ids
+
+
+def text_encoders(work: Path, configs: Path) -> dict[str, torch.Tensor]:
+    tensors = load_file(str(work / "text_encoders.safetensors"))
+    for key, folder in EMBEDDINGS.items():
+        keep = torch.zeros(tensors[key].shape[0], dtype=torch.bool)
+        keep[sorted(used_token_ids(configs, folder))] = True
+        tensors[key] = torch.where(keep[:, None], tensors[key], torch.zeros_like(tensors[key]))
+    return tensors
+
+
+def checkpoint_state_dict(trained: Path, work: Path, configs: Path) -> dict[str, torch.Tensor]:
+    state = {"model.diffusion_model." + k: v for k, v in load_file(str(trained / "transformer.safetensors")).items()}
+    state |= {"vae." + k: v for k, v in load_file(str(trained / "vae.safetensors")).items()}
+    state |= text_encoders(work, configs)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def check_with_forge(forge: Path, configs: Path, work: Path, trained: Path, checkpoint: Path) -> dict:
+    """Forge's loader, text engines and VAE on the written checkpoint against what training used."""
+    engine = load_engine(forge, configs, checkpoint)
+    with safe_open(str(work / "conditioning.safetensors"), "pt") as f:
+        captions = json.loads(f.metadata()["captions"])
+        trained_cond = {k: f.get_tensor(k) for k in ("crossattn", "vector")}
+    with torch.no_grad():
+        cond = engine.get_learned_conditioning(captions)
+    text_error = max((cond[k].float() - trained_cond[k]).abs().max().item() for k in trained_cond)
+
+    import sys
+
+    sys.path.insert(0, str(HERE))
+    from backend.nn.vae import IntegratedAutoencoderKL  # the class Forge loaded, for the training-side encoder
+    from train import to_pixels, vae_moments
+
+    config = json.loads((work / "vae_config.json").read_text())
+    import inspect
+
+    accepted = inspect.signature(IntegratedAutoencoderKL.__init__).parameters
+    vae = IntegratedAutoencoderKL(**{k: v for k, v in config.items() if k in accepted})
+    vae.load_state_dict(load_file(str(trained / "vae.safetensors")))
+    rng = np.random.default_rng(5)
+    cells = torch.from_numpy(np.stack([world.base_example(rng)[0] for _ in range(4)]))
+    pixels = to_pixels(cells)  # (4, 3, 256, 256) in [-1, 1]
+    with torch.no_grad():
+        expected = vae.process_in(vae_moments(vae, pixels)[0])
+        got = engine.encode_first_stage(pixels)
+        decoded = engine.decode_first_stage(got)
+    latent_error = (got.float() - expected).abs().max().item()
+    decode_error = ((decoded.float() - pixels).abs().mean() / 2).item()
+    return {
+        "text_max_abs_difference": text_error,
+        "latent_max_abs_difference": round(latent_error, 5),
+        "latent_std": round(expected.std().item(), 4),
+        "decode_mean_abs_error": round(decode_error, 5),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--forge", type=Path, default=Path(os.environ.get("FORGE_DIR", "")))
+    parser.add_argument("--work", type=Path, default=WORK)
+    parser.add_argument("--trained", type=Path, help="train.py's output folder (default WORK/trained)")
+    parser.add_argument("--model", type=Path, default=MODEL)
+    args = parser.parse_args(argv)
+    trained = args.trained or args.work / "trained"
+    configs = tiny_models().write_pipeline_configs(args.forge, args.work / "configs")
+    args.model.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.model / CHECKPOINT
+    save_file(checkpoint_state_dict(trained, args.work, configs), str(checkpoint),
+              metadata={"modelspec.architecture": "flux-1-dev"})  # fmt: skip
+    for name, filename in LORAS.items():
+        lora = load_file(str(trained / f"lora_{name}.safetensors"))
+        save_file(lora, str(args.model / filename), metadata={"modelspec.architecture": "flux-1-dev/lora"})
+    shutil.copyfile(trained / "scorer.safetensors", args.model / "scorer.safetensors")
+    shutil.copyfile(trained / "train_log.json", args.model / "train_log.json")
+    checks = check_with_forge(args.forge, configs, args.work, trained, checkpoint)
+    (args.model / "assemble_log.json").write_text(json.dumps(checks, indent=1) + "\n")
+    print(json.dumps(checks))
+    if checks["text_max_abs_difference"] > 1e-3 or checks["latent_max_abs_difference"] > 0.1:
+        raise SystemExit("Forge does not reproduce what the toy world was trained on: see assemble_log.json")
+
+
+if __name__ == "__main__":
+    main()

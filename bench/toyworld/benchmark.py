@@ -1,0 +1,289 @@
+"""The toy-world benchmark: two character LoRAs through a real Forge webui, scored per half, with 95% intervals.
+
+    FORGE_DIR=... FORGE_PYTHON=<forge webui python> python bench/toyworld/benchmark.py [--seeds 32] [--iou]
+
+Starts Forge's webui on 127.0.0.1 (CPU) with the committed toy world (model/), generates seeds x both prompts
+("zorb on the left and quil on the right" and the swap) for every configuration, reads each half with the scorer
+and prints one table: present, identity, both right, wrong-character colour (mean +- 95% interval over images),
+and the share of the oracle's identity gain over merged use that FreeFuse's own masks reach. --iou adds the mask
+IoU against the true halves for every capture block and several capture steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import world
+from scorer import load_scorer, read_halves, score_image
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+MODEL = HERE / "model"
+SEAM = HERE / "webui_seam"
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "webui")]
+
+STEPS = 24
+BATCH = 8  # images per API call (consecutive seeds, as Forge numbers a batch)
+LAST_BLOCK = 2  # the toy transformer has 3 double blocks: the paper's late block (17 of 19) is the last here
+METRICS = ("present", "identity", "both_right", "wrong_colour")
+
+
+def freefuse(**settings) -> dict:
+    args = {
+        "enabled": True,
+        "subjects": [{"lora": "toy_zorb", "words": "zorb"}, {"lora": "toy_quil", "words": "quil"}],
+        "capture_block": LAST_BLOCK,
+    }
+    args.update(settings)
+    return {"FreeFuse": {"args": [args]}}
+
+
+TAGS = {
+    "none": "",
+    "zorb": " <lora:toy_zorb:1>",
+    "quil": " <lora:toy_quil:1>",
+    "both": " <lora:toy_zorb:1> <lora:toy_quil:1>",
+}
+# name -> (LoRA tags, alwayson_scripts or None, oracle masks)
+CONFIGS = {
+    "base": ("none", None, False),
+    "ZORB LoRA alone": ("zorb", None, False),
+    "QUIL LoRA alone": ("quil", None, False),
+    "both merged": ("both", None, False),
+    "FreeFuse (paper defaults)": ("both", freefuse(), False),
+    "  sink filter off": ("both", freefuse(sink_filter=False), False),
+    "  self-attention off": ("both", freefuse(self_attention=False), False),
+    "  superpixel vote off": ("both", freefuse(superpixel_vote=False), False),
+    "  modulation global": ("both", freefuse(modulation="global"), False),
+    "  modulation off": ("both", freefuse(modulation="off"), False),
+    "  joint + restart": ("both", freefuse(restart=True), False),
+    "  LoRAs off before masks": ("both", freefuse(pre_mask="off"), False),
+    "  off before masks + restart": ("both", freefuse(pre_mask="off", restart=True), False),
+    "oracle masks (paper timing)": ("both", freefuse(), True),
+    "oracle masks + off before + restart": ("both", freefuse(pre_mask="off", restart=True), True),
+}
+
+
+def start_webui(forge: Path, python: str, data_dir: Path):
+    """Forge's webui with the toy world's checkpoint and LoRAs, this extension, and the benchmark seam."""
+    import importlib.util
+
+    import tiny_models
+
+    spec = importlib.util.spec_from_file_location("webui_tier_conftest", ROOT / "tests" / "webui" / "conftest.py")
+    webui_tier = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = webui_tier  # dataclasses look their module up
+    spec.loader.exec_module(webui_tier)
+
+    models = data_dir / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    (models / "Lora").mkdir(parents=True)
+    shutil.copyfile(MODEL / "toyworld_flux.safetensors", models / "Stable-diffusion" / "toyworld_flux.safetensors")
+    for name in world.CHARACTERS:
+        shutil.copyfile(MODEL / f"toy_{name}.safetensors", models / "Lora" / f"toy_{name}.safetensors")
+    configs = tiny_models.write_pipeline_configs(forge, data_dir / "configs")
+    (data_dir / "extensions").mkdir()
+    (data_dir / "extensions" / webui_tier.EXTENSION_NAME).symlink_to(ROOT, target_is_directory=True)
+    env = webui_tier._server_env(data_dir, str(configs))
+    env.pop("FREEFUSE_TEST_FAULT_FILE", None)
+    env["PYTHONPATH"] = str(SEAM)
+    env["FREEFUSE_TOY_DUMP_DIR"] = str(data_dir / "masks")
+    env["FREEFUSE_TOY_ORACLE_FILE"] = str(data_dir / "oracle")
+    port = webui_tier.free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = data_dir / "webui.log"
+    command = [python, "launch.py", *webui_tier.SERVER_FLAGS, "--data-dir", str(data_dir), "--server-name",
+               "127.0.0.1", "--port", str(port)]  # fmt: skip
+    started = time.monotonic()
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=forge, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        webui_tier._wait_for_api(process, url, log_path, "toyworld_flux")
+    except BaseException:
+        webui_tier._stop(process)
+        raise
+    manifest = {"checkpoint_name": "toyworld_flux", "loras": {f"toy_{n}": "" for n in world.CHARACTERS}}
+    client = webui_tier.WebUI(url, data_dir, log_path, manifest, time.monotonic() - started, pid=process.pid)
+    return client, process, webui_tier._stop
+
+
+def generate(webui, prompt: str, seed: int, n: int, steps: int, scripts: dict | None) -> torch.Tensor:
+    """(n, 256, 256, 3) images in [0, 1] for seeds seed .. seed + n - 1."""
+    overrides = dict(width=world.IMAGE_PX, height=world.IMAGE_PX, steps=steps, seed=seed, batch_size=n)
+    if scripts is not None:
+        overrides["alwayson_scripts"] = scripts
+    result = webui.txt2img(prompt, **overrides)
+    images = [im for im in result.images if (im.width, im.height) == (world.IMAGE_PX, world.IMAGE_PX)][:n]
+    if len(images) != n:
+        raise RuntimeError(f"asked for {n} images, got {len(images)}: {result.infotext}")
+    if scripts is not None and ("FreeFuse warnings" in result.infotext or "FreeFuse coverage" not in result.infotext):
+        raise RuntimeError(f"FreeFuse did not run cleanly: {result.infotext}")
+    arrays = [np.frombuffer(im.pixels, np.uint8).reshape(im.height, im.width, im.channels)[..., :3] for im in images]
+    return torch.from_numpy(np.stack(arrays).astype(np.float32) / 255)
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its normal-approximation 95% interval."""
+    a = np.asarray(values, dtype=np.float64)
+    half = 1.96 * a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else float("nan")
+    return float(a.mean()), float(half)
+
+
+def run_config(webui, scorer, name, seeds, steps, data_dir, sheet=None) -> dict:
+    tags, scripts, oracle = CONFIGS[name]
+    oracle_file = data_dir / "oracle"
+    scores = {key: [] for key in ("P1", "P2")}
+    if oracle:
+        oracle_file.write_text("on")
+    try:
+        for key, (prompt, left) in world.benchmark_prompts().items():
+            for start in range(0, seeds, BATCH):
+                images = generate(webui, prompt + TAGS[tags], 1000 + start, min(BATCH, seeds - start), steps, scripts)
+                if sheet is not None and start == 0:
+                    sheet.append((name, key, images[:4]))
+                scores[key] += [score_image(h, left) for h in read_halves(scorer, images)]
+    finally:
+        oracle_file.unlink(missing_ok=True)
+    every = scores["P1"] + scores["P2"]
+    row = {m: interval([s[m] for s in every]) for m in METRICS}
+    row["identity_P1"] = interval([s["identity"] for s in scores["P1"]])[0]
+    row["identity_P2"] = interval([s["identity"] for s in scores["P2"]])[0]
+    row["images"] = len(every)
+    return row
+
+
+def mask_iou(record: dict) -> float:
+    """Mean IoU over subjects of the masks against the true halves (first-mentioned subject on the left)."""
+    masks = record["masks"] > 0.5
+    first = min(range(len(record["subject_tokens"])), key=lambda i: min(record["subject_tokens"][i]))
+    w = masks.shape[-1]
+    truth = torch.zeros_like(masks)
+    truth[first, :, : w // 2] = True
+    truth[1 - first, :, w // 2 :] = True
+    inter = (masks & truth).flatten(1).sum(1).float()
+    union = (masks | truth).flatten(1).sum(1).float()
+    return (inter / union.clamp(min=1)).mean().item()
+
+
+def iou_sweep(webui, seeds: int, steps: int, capture_steps: list[int], data_dir: Path) -> dict:
+    """Mask IoU against the true halves per capture block and step (FreeFuse's defaults otherwise)."""
+    dump = data_dir / "masks"
+    table = {}
+    for block in range(LAST_BLOCK + 1):
+        for step in capture_steps:
+            ious = []
+            for prompt, _ in world.benchmark_prompts().values():
+                for start in range(0, seeds, BATCH):
+                    shutil.rmtree(dump, ignore_errors=True)
+                    dump.mkdir()
+                    n = min(BATCH, seeds - start)
+                    generate(webui, prompt + TAGS["both"], 1000 + start, n, steps,
+                             freefuse(capture_block=block, capture_step=step))  # fmt: skip
+                    records = [torch.load(p) for p in sorted(dump.glob("*.pt"))]
+                    if len(records) != n:
+                        raise RuntimeError(f"expected {n} mask extractions, found {len(records)}")
+                    ious += [mask_iou(r) for r in records]
+            table[(block, step)] = interval(ious)
+            print(f"  IoU block {block} step {step}: {table[(block, step)][0]:.3f}", flush=True)
+    shutil.rmtree(dump, ignore_errors=True)
+    return table
+
+
+def format_table(rows: dict) -> str:
+    lines = ["| configuration | present | identity | both right | wrong-character colour | identity P1 / P2 |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, row in rows.items():
+        cells = [f"{row[m][0]:.2f} ± {row[m][1]:.2f}" for m in METRICS]
+        lines.append(f"| {name.strip() if not name.startswith('  ') else '↳ ' + name.strip()} | "
+                     + " | ".join(cells) + f" | {row['identity_P1']:.2f} / {row['identity_P2']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def oracle_share(rows: dict, name: str, oracle: str) -> float | None:
+    merged = rows.get("both merged", {}).get("identity", (None,))[0]
+    if merged is None or name not in rows or oracle not in rows:
+        return None
+    gain = rows[oracle]["identity"][0] - merged
+    return (rows[name]["identity"][0] - merged) / gain if gain > 0 else None
+
+
+def save_sheet(sheet, path: Path) -> None:
+    from PIL import Image
+
+    rows = [torch.cat(list(images), dim=1) for _, _, images in sheet]
+    grid = torch.cat(rows, dim=0).clamp(0, 1).mul(255).byte().numpy()
+    Image.fromarray(grid).save(path)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--forge", type=Path, default=Path(os.environ.get("FORGE_DIR", "")))
+    parser.add_argument("--python", default=os.environ.get("FORGE_PYTHON"), help="the Python of Forge's webui")
+    parser.add_argument("--seeds", type=int, default=32, help="seeds per prompt")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--configs", help="comma-separated subset (names as printed, stripped)")
+    parser.add_argument("--iou", action="store_true", help="also mask IoU per capture block and step")
+    parser.add_argument("--iou-seeds", type=int, default=8)
+    parser.add_argument("--sheet", type=Path, help="write a PNG of the first images of every configuration")
+    parser.add_argument("--json", type=Path, help="write the results as JSON")
+    args = parser.parse_args(argv)
+    if not args.python:
+        raise SystemExit("FORGE_PYTHON (or --python): the Python of a Forge webui install")
+    names = list(CONFIGS)
+    if args.configs:
+        wanted = {c.strip() for c in args.configs.split(",")}
+        names = [n for n in names if n.strip() in wanted]
+    torch.set_num_threads(1)
+    scorer = load_scorer(MODEL / "scorer.safetensors")
+    data_dir = Path(tempfile.mkdtemp(prefix="toyworld-webui-"))
+    webui, process, stop = start_webui(args.forge.resolve(), args.python, data_dir)
+    print(f"webui up in {webui.startup_s:.0f} s at {webui.url} (log {webui.log_path})", flush=True)
+    rows, sheet, started = {}, [], time.monotonic()
+    try:
+        for name in names:
+            t = time.monotonic()
+            rows[name] = run_config(webui, scorer, name, args.seeds, args.steps, data_dir, sheet)
+            print(
+                f"{name.strip()}: identity {rows[name]['identity'][0]:.3f} ({time.monotonic() - t:.0f} s)", flush=True
+            )
+        iou = iou_sweep(webui, args.iou_seeds, args.steps, [2, 5, 8, 12], data_dir) if args.iou else {}
+    finally:
+        stop(process)
+    print(
+        f"\n{args.seeds} seeds x 2 prompts, {args.steps} Euler steps, 256 x 256, {time.monotonic() - started:.0f} s\n"
+    )
+    print(format_table(rows))
+    for name, oracle in (("FreeFuse (paper defaults)", "oracle masks (paper timing)"),
+                         ("  off before masks + restart", "oracle masks + off before + restart")):  # fmt: skip
+        share = oracle_share(rows, name, oracle)
+        if share is not None:
+            print(f"\n{name.strip()}: {share:.0%} of the identity gain of '{oracle}' over merged use")
+    if iou:
+        steps = sorted({s for _, s in iou})
+        print("\nmask IoU against the true halves (FreeFuse defaults otherwise):")
+        print("| capture block | " + " | ".join(f"step {s}" for s in steps) + " |")
+        print("|---|" + "---|" * len(steps))
+        for block in range(LAST_BLOCK + 1):
+            print(f"| double_blocks.{block} | " + " | ".join(f"{iou[(block, s)][0]:.2f}" for s in steps) + " |")
+    if args.sheet:
+        save_sheet(sheet, args.sheet)
+    if args.json:
+        payload = {"rows": rows, "iou": {f"{b},{s}": v for (b, s), v in iou.items()}, "seeds": args.seeds}
+        args.json.write_text(json.dumps(payload, indent=1))
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

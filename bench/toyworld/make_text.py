@@ -1,0 +1,60 @@
+"""Step 1 of making the toy world: frozen random text encoders and every caption's conditioning through Forge.
+
+The text encoders are tiny random CLIP-L and T5 (the webui tier's configs, real tokenizers, seed TEXT_SEED),
+stored in float16. Each caption of world.all_captions() is encoded by Forge's own FLUX engine (its T5 and CLIP
+text-processing engines, as the webui does for a prompt), so the transformer is trained on exactly what Forge
+will feed it. Writes WORK/text_encoders.safetensors, WORK/conditioning.safetensors and WORK/vae_config.json.
+
+    FORGE_DIR=... <forge webui python> bench/toyworld/make_text.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import world
+from forge_engine import load_engine, tiny_models
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "work"
+TEXT_SEED = 7
+
+
+def text_encoder_state_dict(forge_root: Path, configs: Path) -> dict[str, torch.Tensor]:
+    """CLIP-L and T5 of the tiny configs with seeded random weights, keyed as in an all-in-one checkpoint."""
+    full = tiny_models().build_state_dict(forge_root, configs, seed=TEXT_SEED)
+    return {k: v.to(torch.float16) for k, v in full.items() if k.startswith("text_encoders.")}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--forge", type=Path, default=Path(os.environ.get("FORGE_DIR", "")))
+    parser.add_argument("--work", type=Path, default=WORK)
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    tm = tiny_models()
+    configs = tm.write_pipeline_configs(args.forge, args.work / "configs")
+    text = text_encoder_state_dict(args.forge, configs)
+    save_file(text, str(args.work / "text_encoders.safetensors"))
+    placeholder = tm.build_state_dict(args.forge, configs, seed=0)  # any transformer and VAE: only text is used
+    placeholder.update(text)
+    checkpoint = args.work / "text_only.safetensors"
+    save_file(placeholder, str(checkpoint), metadata={"modelspec.architecture": "flux-1-dev"})
+    engine = load_engine(args.forge, configs, checkpoint)
+    captions = world.all_captions()
+    with torch.no_grad():
+        cond = engine.get_learned_conditioning(captions)
+    tensors = {"crossattn": cond["crossattn"].float().contiguous(), "vector": cond["vector"].float().contiguous()}
+    save_file(tensors, str(args.work / "conditioning.safetensors"), metadata={"captions": json.dumps(captions)})
+    (args.work / "vae_config.json").write_text((configs / "vae" / "config.json").read_text())
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    print(f"{len(captions)} captions -> {shapes}")
+
+
+if __name__ == "__main__":
+    main()

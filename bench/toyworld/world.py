@@ -1,0 +1,171 @@
+"""The toy world's sprites: generic figures on grey, two characters the base model never sees, and their captions.
+
+Pure numpy, no Forge. A picture is a 32 x 32 grid of "cells" (one cell = one 8 x 8 pixel block of the 256 x 256
+image = one latent pixel, so the 16 x 16 image-token grid has 2 x 2 cells per token). A sprite is
+(shape, colour, pattern, pattern colour), drawn inside one half: the left half is cells x < 16, the right x >= 16.
+
+ZORB = red disc with yellow horizontal stripes, QUIL = blue square with white dots. The base model is trained on
+every other combination, with captions that name colour and place ("green on the left and orange on the right");
+each character LoRA on its character alone ("zorb on the left").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+CELLS = 32  # the picture is CELLS x CELLS cells
+CELL_PX = 8  # one cell = CELL_PX x CELL_PX pixels (the VAE's downscale factor): images are 256 x 256
+IMAGE_PX = CELLS * CELL_PX
+HALF = CELLS // 2
+SPRITE = 12  # a sprite's box, in cells
+
+BACKGROUND = (0.5, 0.5, 0.5)
+COLOURS = {
+    "red": (0.86, 0.12, 0.12),
+    "orange": (0.96, 0.55, 0.10),
+    "yellow": (0.95, 0.88, 0.15),
+    "green": (0.15, 0.68, 0.22),
+    "blue": (0.15, 0.30, 0.90),
+    "purple": (0.55, 0.20, 0.75),
+    "pink": (0.96, 0.55, 0.78),
+}
+PATTERN_COLOURS = {"yellow": (0.98, 0.92, 0.10), "white": (1.0, 1.0, 1.0), "black": (0.05, 0.05, 0.05)}
+SHAPES = ("disc", "square", "triangle", "diamond")
+PATTERNS = ("plain", "hstripes", "vstripes", "dots", "checks")
+PLACES = ("left", "right", "center")
+
+
+@dataclass(frozen=True)
+class Sprite:
+    shape: str
+    colour: str
+    pattern: str
+    pattern_colour: str
+
+
+ZORB = Sprite("disc", "red", "hstripes", "yellow")
+QUIL = Sprite("square", "blue", "dots", "white")
+CHARACTERS = {"zorb": ZORB, "quil": QUIL}
+ALL_SPRITES = tuple(
+    Sprite(s, c, p, pc) for s in SHAPES for c in COLOURS for p in PATTERNS for pc in PATTERN_COLOURS if pc != c
+)
+GENERIC_SPRITES = tuple(s for s in ALL_SPRITES if s not in CHARACTERS.values())
+
+
+@cache
+def sprite_cells(sprite: Sprite) -> np.ndarray:
+    """(SPRITE, SPRITE, 4) RGBA of one sprite in its box: alpha 1 inside the shape (cached: do not write to it)."""
+    y, x = np.mgrid[0:SPRITE, 0:SPRITE] + 0.5
+    c = SPRITE / 2
+    r = SPRITE / 2 - 0.3
+    inside = {
+        "disc": (x - c) ** 2 + (y - c) ** 2 <= r**2,
+        "square": (np.abs(x - c) <= r - 0.7) & (np.abs(y - c) <= r - 0.7),
+        "triangle": (y >= 0.5) & (np.abs(x - c) <= (y - 0.5) * 0.55 + 0.3),
+        "diamond": np.abs(x - c) + np.abs(y - c) <= r + 0.4,
+    }[sprite.shape]
+    iy, ix = np.mgrid[0:SPRITE, 0:SPRITE]
+    marked = {
+        "plain": np.zeros_like(inside),
+        "hstripes": iy % 4 < 2,
+        "vstripes": ix % 4 < 2,
+        "dots": (iy % 4 == 1) & (ix % 4 == 1) | (iy % 4 == 2) & (ix % 4 == 2) | (iy % 4 == 1) & (ix % 4 == 2),
+        "checks": ((iy // 3) + (ix // 3)) % 2 == 0,
+    }[sprite.pattern]
+    rgba = np.zeros((SPRITE, SPRITE, 4), np.float32)
+    rgba[..., :3] = COLOURS[sprite.colour]
+    rgba[marked & inside, :3] = PATTERN_COLOURS[sprite.pattern_colour]
+    rgba[..., 3] = inside
+    return rgba
+
+
+def place_box(place: str, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left cell of a sprite's box in `place`, with a random jitter: left/right boxes stay inside their half."""
+    top = int(rng.integers(4, CELLS - SPRITE - 4 + 1))
+    if place == "left":
+        left = int(rng.integers(1, HALF - SPRITE + 1))
+    elif place == "right":
+        left = int(rng.integers(HALF, CELLS - SPRITE))
+    elif place == "center":
+        left = int(rng.integers(HALF - SPRITE // 2 - 2, HALF - SPRITE // 2 + 3))
+    else:
+        raise ValueError(f"place: expected one of {PLACES}, got {place!r}")
+    return top, left
+
+
+def render(figures: list[tuple[Sprite, str]], rng: np.random.Generator) -> np.ndarray:
+    """(CELLS, CELLS, 3) float32 picture in [0, 1]: the sprites drawn at their places on the grey background."""
+    picture = np.empty((CELLS, CELLS, 3), np.float32)
+    picture[:] = BACKGROUND
+    for sprite, place in figures:
+        top, left = place_box(place, rng)
+        rgba = sprite_cells(sprite)
+        box = picture[top : top + SPRITE, left : left + SPRITE]
+        alpha = rgba[..., 3:]
+        box[:] = box * (1 - alpha) + rgba[..., :3] * alpha
+    return picture
+
+
+def upscale(picture: np.ndarray) -> np.ndarray:
+    """(..., CELLS, CELLS, 3) cells -> (..., IMAGE_PX, IMAGE_PX, 3) pixels (each cell a CELL_PX block)."""
+    return picture.repeat(CELL_PX, axis=-3).repeat(CELL_PX, axis=-2)
+
+
+def cells_of(image: np.ndarray) -> np.ndarray:
+    """(..., IMAGE_PX, IMAGE_PX, 3) pixels -> (..., CELLS, CELLS, 3): the mean of each cell's block."""
+    *lead, h, w, c = image.shape
+    blocks = image.reshape(*lead, h // CELL_PX, CELL_PX, w // CELL_PX, CELL_PX, c)
+    return blocks.mean(axis=(-4, -2))
+
+
+def caption(names: list[tuple[str, str]]) -> str:
+    """[(word, place)] -> "red on the left and blue on the right" / "zorb in the center"."""
+    parts = [f"{word} in the center" if place == "center" else f"{word} on the {place}" for word, place in names]
+    return " and ".join(parts)
+
+
+def base_example(rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """One training picture for the base model: 1-2 generic sprites, captioned by colour and place."""
+    layout = rng.random()
+    if layout < 0.6:
+        places = ["left", "right"]
+    elif layout < 0.85:
+        places = [("left", "right")[int(rng.integers(2))]]
+    else:
+        places = ["center"]
+    figures = [(GENERIC_SPRITES[int(rng.integers(len(GENERIC_SPRITES)))], place) for place in places]
+    return render(figures, rng), caption([(s.colour, place) for s, place in figures])
+
+
+def character_example(name: str, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """One training picture for a character LoRA: the character alone at a random place, named by its word."""
+    place = PLACES[int(rng.integers(len(PLACES)))]
+    return render([(CHARACTERS[name], place)], rng), caption([(name, place)])
+
+
+def all_captions() -> list[str]:
+    """Every caption the training sets and the benchmark use, "" (the dropped caption) first."""
+    words = list(COLOURS) + list(CHARACTERS)
+    captions = [""]
+    captions += [caption([(w, p)]) for w in words for p in PLACES]
+    captions += [caption([(a, "left"), (b, "right")]) for a in words for b in words]
+    return captions
+
+
+def benchmark_prompts() -> dict[str, tuple[str, str]]:
+    """The two benchmark prompts: name -> (prompt, character on the left)."""
+    return {
+        "P1": (caption([("zorb", "left"), ("quil", "right")]), "zorb"),
+        "P2": (caption([("quil", "left"), ("zorb", "right")]), "quil"),
+    }
+
+
+def half_regions(left_character: str) -> dict[str, np.ndarray]:
+    """The true region of each character in a benchmark picture: (CELLS, CELLS) bool, its half of the grid."""
+    left = np.zeros((CELLS, CELLS), bool)
+    left[:, :HALF] = True
+    other = next(n for n in CHARACTERS if n != left_character)
+    return {left_character: left, other: ~left}

@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from lib_freefuse.core import MaskConfig, default_capture_step, split_phrases
+from lib_freefuse.core.config import CROSS_ATTENTION_CHOICES
 
 PRE_MASK_CHOICES = ("joint", "off")
 MODULATION_CHOICES = ("per_token", "global", "off")
@@ -285,6 +286,13 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
     FieldHelp("compactness", "Superpixel compactness", "SLIC compactness (the paper: 10)."),
     FieldHelp("slic_max_side", "Superpixel image size", "SLIC runs on a copy downscaled to this long side, in pixels."),
     FieldHelp("soft", "Soft masks", "Token masks as the share of each token's pixels instead of 0 or 1."),
+    FieldHelp(
+        "cross_attention",
+        "Word-to-image attention",
+        "text_queries: the words' queries over the image (paper Eq. 5); image_queries: the image's queries over "
+        "the words' keys (the authors' later code).",
+        CROSS_ATTENTION_CHOICES,
+    ),
 )
 
 SUBJECT_FIELD_HELP: tuple[FieldHelp, ...] = (
@@ -390,7 +398,7 @@ def _as_float(name: str, value: object) -> float:
 
 
 def _as_choice(name: str, value: object) -> str:
-    choices = _CHOICES[name]
+    choices = _CHOICES.get(name) or _MASK_CHOICES[name]
     if isinstance(value, str) and value.strip().lower() in choices:
         return value.strip().lower()
     raise ValueError(f"{name}: expected one of {_listing(choices)}, got {_show(value)}")
@@ -445,7 +453,13 @@ def _as_subject(name: str, row: object) -> SubjectBinding | None:
 
 
 def _mask_parser(annotation: object) -> Callable[[str, object], Any]:
-    parsers = {"bool": _as_bool, "int": _as_int, "float": _as_float, "int | None": _as_optional_int}
+    parsers = {
+        "bool": _as_bool,
+        "int": _as_int,
+        "float": _as_float,
+        "int | None": _as_optional_int,
+        "str": _as_choice,
+    }
     if annotation not in parsers:
         raise TypeError(f"MaskConfig field type {annotation!r} has no parser in lib_freefuse.args")
     return parsers[annotation]
@@ -457,6 +471,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "slic_image": SLIC_IMAGE_CHOICES,
     "hires_masks": HIRES_MASKS_CHOICES,
 }
+_MASK_CHOICES: dict[str, tuple[str, ...]] = {"cross_attention": CROSS_ATTENTION_CHOICES}
 _MASK_PARSERS = {f.name: _mask_parser(f.type) for f in fields(MaskConfig)}
 _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "enabled": _as_bool,

@@ -70,8 +70,24 @@ CONFIGS = {
     "  joint + restart": ("both", freefuse(restart=True), False),
     "  LoRAs off before masks": ("both", freefuse(pre_mask="off"), False),
     "  off before masks + restart": ("both", freefuse(pre_mask="off", restart=True), False),
+    "  image-query attention": ("both", freefuse(cross_attention="image_queries"), False),
+    "  image-query attention, off before + restart": (
+        "both",
+        freefuse(cross_attention="image_queries", pre_mask="off", restart=True),
+        False,
+    ),
+    "  image-query, modulation off, off before + restart": (
+        "both",
+        freefuse(cross_attention="image_queries", modulation="off", pre_mask="off", restart=True),
+        False,
+    ),
     "oracle masks (paper timing)": ("both", freefuse(), True),
     "oracle masks + off before + restart": ("both", freefuse(pre_mask="off", restart=True), True),
+    "oracle masks, modulation off + off before + restart": (
+        "both",
+        freefuse(modulation="off", pre_mask="off", restart=True),
+        True,
+    ),
 }
 
 
@@ -177,26 +193,33 @@ def mask_iou(record: dict) -> float:
     return (inter / union.clamp(min=1)).mean().item()
 
 
+IOU_VARIANTS = {
+    "Eq. 5, LoRAs joint before masks (paper)": {},
+    "image queries, LoRAs off before masks": {"cross_attention": "image_queries", "pre_mask": "off"},
+}
+
+
 def iou_sweep(webui, seeds: int, steps: int, capture_steps: list[int], data_dir: Path) -> dict:
-    """Mask IoU against the true halves per capture block and step (FreeFuse's defaults otherwise)."""
+    """Mask IoU against the true halves per variant, capture block and capture step."""
     dump = data_dir / "masks"
     table = {}
-    for block in range(LAST_BLOCK + 1):
-        for step in capture_steps:
-            ious = []
-            for prompt, _ in world.benchmark_prompts().values():
-                for start in range(0, seeds, BATCH):
-                    shutil.rmtree(dump, ignore_errors=True)
-                    dump.mkdir()
-                    n = min(BATCH, seeds - start)
-                    generate(webui, prompt + TAGS["both"], 1000 + start, n, steps,
-                             freefuse(capture_block=block, capture_step=step))  # fmt: skip
-                    records = [torch.load(p) for p in sorted(dump.glob("*.pt"))]
-                    if len(records) != n:
-                        raise RuntimeError(f"expected {n} mask extractions, found {len(records)}")
-                    ious += [mask_iou(r) for r in records]
-            table[(block, step)] = interval(ious)
-            print(f"  IoU block {block} step {step}: {table[(block, step)][0]:.3f}", flush=True)
+    for variant, settings in IOU_VARIANTS.items():
+        for block in range(LAST_BLOCK + 1):
+            for step in capture_steps:
+                ious = []
+                for prompt, _ in world.benchmark_prompts().values():
+                    for start in range(0, seeds, BATCH):
+                        shutil.rmtree(dump, ignore_errors=True)
+                        dump.mkdir()
+                        n = min(BATCH, seeds - start)
+                        scripts = freefuse(capture_block=block, capture_step=step, **settings)
+                        generate(webui, prompt + TAGS["both"], 1000 + start, n, steps, scripts)
+                        records = [torch.load(p) for p in sorted(dump.glob("*.pt"))]
+                        if len(records) != n:
+                            raise RuntimeError(f"expected {n} mask extractions, found {len(records)}")
+                        ious += [mask_iou(r) for r in records]
+                table[(variant, block, step)] = interval(ious)
+                print(f"  IoU {variant}, block {block}, step {step}: {np.mean(ious):.3f}", flush=True)
     shutil.rmtree(dump, ignore_errors=True)
     return table
 
@@ -233,7 +256,7 @@ def main(argv=None) -> None:
     parser.add_argument("--python", default=os.environ.get("FORGE_PYTHON"), help="the Python of Forge's webui")
     parser.add_argument("--seeds", type=int, default=32, help="seeds per prompt")
     parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--configs", help="comma-separated subset (names as printed, stripped)")
+    parser.add_argument("--configs", help="a subset: names as printed, stripped, separated by ';'")
     parser.add_argument("--iou", action="store_true", help="also mask IoU per capture block and step")
     parser.add_argument("--iou-seeds", type=int, default=8)
     parser.add_argument("--sheet", type=Path, help="write a PNG of the first images of every configuration")
@@ -243,7 +266,7 @@ def main(argv=None) -> None:
         raise SystemExit("FORGE_PYTHON (or --python): the Python of a Forge webui install")
     names = list(CONFIGS)
     if args.configs:
-        wanted = {c.strip() for c in args.configs.split(",")}
+        wanted = {c.strip() for c in args.configs.split(";")}
         names = [n for n in names if n.strip() in wanted]
     torch.set_num_threads(1)
     scorer = load_scorer(MODEL / "scorer.safetensors")
@@ -258,7 +281,7 @@ def main(argv=None) -> None:
             print(
                 f"{name.strip()}: identity {rows[name]['identity'][0]:.3f} ({time.monotonic() - t:.0f} s)", flush=True
             )
-        iou = iou_sweep(webui, args.iou_seeds, args.steps, [2, 5, 8, 12], data_dir) if args.iou else {}
+        iou = iou_sweep(webui, args.iou_seeds, args.steps, [2, 5, 8], data_dir) if args.iou else {}
     finally:
         stop(process)
     print(
@@ -271,16 +294,18 @@ def main(argv=None) -> None:
         if share is not None:
             print(f"\n{name.strip()}: {share:.0%} of the identity gain of '{oracle}' over merged use")
     if iou:
-        steps = sorted({s for _, s in iou})
-        print("\nmask IoU against the true halves (FreeFuse defaults otherwise):")
-        print("| capture block | " + " | ".join(f"step {s}" for s in steps) + " |")
-        print("|---|" + "---|" * len(steps))
-        for block in range(LAST_BLOCK + 1):
-            print(f"| double_blocks.{block} | " + " | ".join(f"{iou[(block, s)][0]:.2f}" for s in steps) + " |")
+        steps = sorted({s for _, _, s in iou})
+        print(f"\nmask IoU against the true halves ({args.iou_seeds} seeds x 2 prompts; FreeFuse defaults otherwise):")
+        print("| masks from | capture block | " + " | ".join(f"step {s}" for s in steps) + " |")
+        print("|---|---|" + "---|" * len(steps))
+        for variant in IOU_VARIANTS:
+            for block in range(LAST_BLOCK + 1):
+                cells = " | ".join(f"{iou[(variant, block, s)][0]:.2f}" for s in steps)
+                print(f"| {variant} | double_blocks.{block} | {cells} |")
     if args.sheet:
         save_sheet(sheet, args.sheet)
     if args.json:
-        payload = {"rows": rows, "iou": {f"{b},{s}": v for (b, s), v in iou.items()}, "seeds": args.seeds}
+        payload = {"rows": rows, "iou": {f"{v} | {b} | {s}": x for (v, b, s), x in iou.items()}, "seeds": args.seeds}
         args.json.write_text(json.dumps(payload, indent=1))
     shutil.rmtree(data_dir, ignore_errors=True)
 

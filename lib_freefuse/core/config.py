@@ -5,6 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+# Which attention scores a subject's words against the image (stage 1, step 1):
+# "text_queries" - Eq. 5: the words' queries over the image keys (softmax over the image tokens), the paper;
+# "image_queries" - the image tokens' queries over the words' keys, normalised over the image tokens (the
+#   authors' later code); the toy world's masks were closer to the true regions with it (TOYWORLD.md).
+CROSS_ATTENTION_CHOICES = ("text_queries", "image_queries")
+
 
 @dataclass(frozen=True)
 class MaskConfig:
@@ -20,6 +26,7 @@ class MaskConfig:
     compactness: float = 10.0  # SLIC compactness, as the paper
     slic_max_side: int = 512  # SLIC runs on a copy downscaled to this long side
     soft: bool = False  # token masks as area fractions instead of 0/1
+    cross_attention: str = "text_queries"  # CROSS_ATTENTION_CHOICES: Eq. 5 as the paper, or the transposed scores
 
     def __post_init__(self) -> None:
         for flag in ("sink_filter", "self_attention", "superpixel_vote", "soft"):
@@ -31,6 +38,10 @@ class MaskConfig:
                 raise ValueError(f"{name}: expected a fraction in (0, 1], got {value!r}")
         if not _is_real(self.compactness) or not 0.0 < self.compactness < math.inf:
             raise ValueError(f"compactness: expected a positive finite number, got {self.compactness!r}")
+        if self.cross_attention not in CROSS_ATTENTION_CHOICES:
+            raise ValueError(
+                f"cross_attention: expected one of {CROSS_ATTENTION_CHOICES}, got {self.cross_attention!r}"
+            )
         _require_int("edge_width", self.edge_width, minimum=0)
         _require_int("slic_max_side", self.slic_max_side, minimum=16)
         if self.n_segments is not None:

@@ -62,7 +62,11 @@ def subject_score_maps(
     k_img = k[:, n_text:]  # (H, N, D)
     used_rows = sorted({i for group in groups for i in group})
     row_of = {token: r for r, token in enumerate(used_rows)}
-    cross = mean_attention_rows(q[:, used_rows], k_img)  # Eq. 5: (R, N), rows of the subject tokens only
+    if config.cross_attention == "image_queries":
+        # softmax over the image tokens of q_img k_t^T: the words' keys against every image query, (R, N)
+        cross = mean_attention_rows(k[:, used_rows], q[:, n_text:])
+    else:
+        cross = mean_attention_rows(q[:, used_rows], k_img)  # Eq. 5: (R, N), rows of the subject tokens only
     if config.sink_filter:
         edge = edge_tokens(grid_hw, config.edge_width, device=cross.device)
         cross = filter_attention_sinks(cross, edge, config.sink_top_fraction)  # Eq. 6-7

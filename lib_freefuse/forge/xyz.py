@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..args import MODULATION_CHOICES, PRE_MASK_CHOICES, FreeFuseArgs, SubjectBinding
+from ..core.config import CROSS_ATTENTION_CHOICES
 from ..log import logger
 from ..script_values import SUBJECT_ROWS
 
@@ -62,6 +63,7 @@ AXES: tuple[Axis, ...] = (
     Axis(f"{LABEL_PREFIX}pre-mask LoRA mode", "pre_mask", str, PRE_MASK_CHOICES),
     Axis(f"{LABEL_PREFIX}restart", "restart", str, BOOL_CHOICES),
     Axis(f"{LABEL_PREFIX}modulation", "modulation", str, MODULATION_CHOICES),
+    Axis(f"{LABEL_PREFIX}word-to-image attention", "cross_attention", str, CROSS_ATTENTION_CHOICES),
     *_weight_axes(),
 )
 

@@ -107,6 +107,7 @@ def changed_everywhere() -> FreeFuseArgs:
         compactness=20.0,
         slic_max_side=256,
         soft=True,
+        cross_attention="image_queries",
     )
 
 
@@ -584,6 +585,7 @@ PLAUSIBLE = st.fixed_dictionaries(
         "n_segments": st.none() | st.integers(1, 2000),
         "compactness": st.floats(0.1, 100.0) | st.floats(0.1, 100.0).map(repr),
         "soft": st.booleans(),
+        "cross_attention": st.sampled_from(["text_queries", "IMAGE_QUERIES ", "image_queries"]),
     },
 )
 

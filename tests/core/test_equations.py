@@ -162,12 +162,17 @@ def test_eq9_10_self_attention_maps_match_full_matrix(qk, fraction):
         MaskConfig(sink_filter=False),
         MaskConfig(self_attention=False),
         MaskConfig(edge_width=2, sink_top_fraction=0.1, self_attention_top_fraction=0.05),
+        MaskConfig(cross_attention="image_queries"),
+        MaskConfig(cross_attention="image_queries", sink_filter=False, self_attention=False),
     ],
 )
 def test_eq5_to_10_score_maps_match_naive_pipeline(qk, config):
     q, k = qk
     groups = [[0, 2], [5], [7, 8, 11]]
-    cross = naive_softmax_rows(q[:, :N_TEXT], k[:, N_TEXT:])
+    if config.cross_attention == "image_queries":
+        cross = naive_image_query_columns(q[:, N_TEXT:], k[:, :N_TEXT])
+    else:
+        cross = naive_softmax_rows(q[:, :N_TEXT], k[:, N_TEXT:])
     if config.sink_filter:
         cross = naive_sink_filter(cross, naive_edge(GRID, config.edge_width), config.sink_top_fraction)
     maps = torch.stack([cross[g].mean(dim=0) for g in groups])
@@ -177,6 +182,17 @@ def test_eq5_to_10_score_maps_match_naive_pipeline(qk, config):
         maps = torch.stack([a_self[m.argsort(descending=True)[:top]].mean(dim=0) for m in maps])
     got = subject_score_maps(q, k, groups, GRID, config, n_text=N_TEXT)
     torch.testing.assert_close(got.double(), maps, atol=1e-6, rtol=1e-5)
+
+
+def naive_image_query_columns(q_img: torch.Tensor, k_txt: torch.Tensor) -> torch.Tensor:
+    """The transposed scores, literally: the full (N, L_txt) logits q_img k_txt^T / sqrt(D) per head, each text
+    column softmaxed over the image tokens, heads averaged, returned as (L_txt, N) rows in float64."""
+    heads, _, dim = q_img.shape
+    total = torch.zeros(k_txt.shape[1], q_img.shape[1], dtype=torch.float64)
+    for h in range(heads):
+        logits = q_img[h].double() @ k_txt[h].double().T / math.sqrt(dim)  # (N, L_txt)
+        total += torch.softmax(logits, dim=0).T
+    return total / heads
 
 
 # Eq. 11-13 -------------------------------------------------------------------------------------------------------

@@ -161,6 +161,7 @@ def test_bad_config_type_names_config():
         ("compactness", -1.0),
         ("slic_max_side", 8),
         ("soft", None),
+        ("cross_attention", "image_keys"),
     ],
 )
 def test_bad_config_value_names_the_field(field, value):
@@ -180,6 +181,7 @@ def test_config_defaults_follow_algorithm_md():
         "compactness": 10.0,
         "slic_max_side": 512,
         "soft": False,
+        "cross_attention": "text_queries",
     }
     with pytest.raises(dataclasses.FrozenInstanceError):
         MaskConfig().soft = True  # type: ignore[misc]

@@ -1,0 +1,109 @@
+"""The toy world's pure parts: the sprite generator keeps the characters out of the base data, and the committed
+scorer reads identity correctly on rendered ground truth (what the benchmark relies on)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+TOYWORLD = Path(__file__).resolve().parents[2] / "bench" / "toyworld"
+sys.path.insert(0, str(TOYWORLD))
+
+import scorer as toy_scorer  # noqa: E402
+import world  # noqa: E402
+
+
+def test_characters_never_appear_in_base_data():
+    rng = np.random.default_rng(0)
+    assert world.ZORB not in world.GENERIC_SPRITES and world.QUIL not in world.GENERIC_SPRITES
+    for _ in range(300):
+        picture, caption = world.base_example(rng)
+        assert "zorb" not in caption and "quil" not in caption
+        assert picture.shape == (world.CELLS, world.CELLS, 3)
+    # the characters' exact looks are absent: no base picture has a red disc with yellow horizontal stripes
+    zorb = world.render([(world.ZORB, "left")], np.random.default_rng(1))
+    assert not np.allclose(zorb, world.BACKGROUND)
+
+
+def test_same_seed_same_data():
+    a = [world.base_example(np.random.default_rng(3)) for _ in range(2)]
+    assert np.array_equal(a[0][0], a[1][0]) and a[0][1] == a[1][1]
+
+
+@pytest.mark.parametrize("place", ["left", "right"])
+def test_sprites_stay_inside_their_half(place):
+    rng = np.random.default_rng(4)
+    for _ in range(50):
+        picture = world.render([(world.QUIL, place)], rng)
+        drawn = np.abs(picture - np.array(world.BACKGROUND)).sum(-1) > 1e-6
+        other = drawn[:, world.HALF :] if place == "left" else drawn[:, : world.HALF]
+        assert drawn.any() and not other.any()
+
+
+def test_captions_cover_training_and_benchmark():
+    captions = world.all_captions()
+    assert captions[0] == "" and len(set(captions)) == len(captions)
+    for prompt, _ in world.benchmark_prompts().values():
+        assert prompt in captions
+    rng = np.random.default_rng(5)
+    assert all(world.character_example("zorb", rng)[1] in captions for _ in range(20))
+    assert all(world.base_example(rng)[1] in captions for _ in range(100))
+
+
+def test_upscale_and_cells_are_inverse():
+    picture = world.render([(world.ZORB, "left"), (world.QUIL, "right")], np.random.default_rng(6))
+    image = world.upscale(picture)
+    assert image.shape == (world.IMAGE_PX, world.IMAGE_PX, 3)
+    np.testing.assert_allclose(world.cells_of(image), picture, atol=1e-6)
+
+
+def test_committed_scorer_reads_rendered_ground_truth():
+    """Held-out renders: every head >= 0.97 where the label is visible, and identity exact for the characters."""
+    scorer = toy_scorer.load_scorer(TOYWORLD / "model" / "scorer.safetensors")
+    rng = np.random.default_rng(12345)
+    pictures, truths = [], []
+    for i in range(200):
+        pool = world.ALL_SPRITES if i % 2 else tuple(world.CHARACTERS.values())
+        figures = [(pool[int(rng.integers(len(pool)))], place) for place in ("left", "right") if rng.random() > 0.1]
+        pictures.append(world.upscale(world.render(figures, rng)))
+        truths.append(dict((place, sprite) for sprite, place in figures))
+    read = toy_scorer.read_halves(scorer, torch.from_numpy(np.stack(pictures)))
+    hits = {head: [] for head in toy_scorer.HEADS}
+    for halves, truth in zip(read, truths, strict=True):
+        for half, place in zip(halves, ("left", "right"), strict=True):
+            sprite = truth.get(place)
+            hits["present"].append(half["present"] == ("present" if sprite else "absent"))
+            if sprite is None:
+                continue
+            for head in ("colour", "shape", "pattern"):
+                hits[head].append(half[head] == getattr(sprite, head))
+            if sprite.pattern != "plain":  # a plain sprite has no visible pattern colour
+                hits["pattern_colour"].append(half["pattern_colour"] == sprite.pattern_colour)
+            for name, character in world.CHARACTERS.items():
+                assert toy_scorer.identified(half, name) == (sprite == character) or sprite.colour == character.colour
+    accuracy = {head: float(np.mean(v)) for head, v in hits.items()}
+    assert min(accuracy.values()) >= 0.97, accuracy
+
+
+def test_score_image_counts_halves():
+    zorb = {"present": "present", "colour": "red", "shape": "disc", "pattern": "hstripes", "pattern_colour": "yellow"}
+    quil = {"present": "present", "colour": "blue", "shape": "square", "pattern": "dots", "pattern_colour": "white"}
+    empty = dict(zorb, present="absent")
+    assert toy_scorer.score_image([zorb, quil], "zorb") == {
+        "present": 1.0,
+        "identity": 1.0,
+        "both_right": 1.0,
+        "wrong_colour": 0.0,
+    }
+    swapped = toy_scorer.score_image([zorb, quil], "quil")
+    assert swapped["identity"] == 0.0 and swapped["wrong_colour"] == 1.0
+    assert toy_scorer.score_image([zorb, empty], "zorb") == {
+        "present": 0.5,
+        "identity": 0.5,
+        "both_right": 0.0,
+        "wrong_colour": 0.0,
+    }

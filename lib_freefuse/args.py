@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from lib_freefuse.core import MaskConfig, default_capture_step, split_phrases
+from lib_freefuse.core import TEXT_LORA_CHOICES, MaskConfig, default_capture_step, split_phrases
 from lib_freefuse.core.config import CROSS_ATTENTION_CHOICES
 
 PRE_MASK_CHOICES = ("joint", "off")
@@ -100,6 +100,7 @@ class FreeFuseArgs:
     slic_image: str = "vae"  # image for SLIC: "vae" decode of x0 or Forge's fast latent "preview"
     show_masks: bool = False  # add a mask overlay per image to the output
     hires_masks: str = "reuse"  # hires fix pass 2: "reuse" pass-1 masks resized, or "extract" again
+    text_loras: str = "all"  # subject LoRAs on text tokens once masks exist: "all" (the paper), "own_words", "none"
     mask: MaskConfig = MaskConfig()  # flat in the dict form
 
     def __post_init__(self) -> None:
@@ -253,6 +254,13 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
         "Hires fix masks",
         "reuse: pass-1 masks resized to pass 2; extract: find them again in pass 2.",
         HIRES_MASKS_CHOICES,
+    ),
+    FieldHelp(
+        "text_loras",
+        "LoRAs on text tokens",
+        "all: every subject LoRA on the text except on other subjects' words (the authors' code); own_words: each "
+        "LoRA only on its own words; none: no subject LoRA on the text.",
+        TEXT_LORA_CHOICES,
     ),
     FieldHelp(
         "sink_filter", "Attention sink filter", "Drop the top attention values on the grid's edge (paper Eq. 6-7)."
@@ -470,6 +478,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "modulation": MODULATION_CHOICES,
     "slic_image": SLIC_IMAGE_CHOICES,
     "hires_masks": HIRES_MASKS_CHOICES,
+    "text_loras": TEXT_LORA_CHOICES,
 }
 _MASK_CHOICES: dict[str, tuple[str, ...]] = {"cross_attention": CROSS_ATTENTION_CHOICES}
 _MASK_PARSERS = {f.name: _mask_parser(f.type) for f in fields(MaskConfig)}
@@ -494,6 +503,7 @@ __all__ = [
     "PRE_MASK_CHOICES",
     "SLIC_IMAGE_CHOICES",
     "SUBJECT_FIELD_HELP",
+    "TEXT_LORA_CHOICES",
     "WEIGHT_LIMIT",
     "FieldHelp",
     "FreeFuseArgs",

@@ -9,9 +9,10 @@ from .masks import extract_masks
 from .prompt import SubjectTokens, find_subject_tokens, split_phrases
 from .schedule import default_capture_step
 from .superpixel import pixel_masks_to_tokens
-from .token_masks import call_token_masks, text_token_masks
+from .token_masks import TEXT_LORA_CHOICES, call_token_masks, text_token_masks
 
 __all__ = [
+    "TEXT_LORA_CHOICES",
     "MaskConfig",
     "StackedLoRA",
     "SubjectTokens",

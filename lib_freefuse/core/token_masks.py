@@ -9,23 +9,37 @@ import torch
 __all__ = ["call_token_masks", "text_token_masks"]
 
 
+TEXT_LORA_CHOICES = ("all", "own_words", "none")
+
+
 def text_token_masks(
-    word_positions: Sequence[Sequence[int]], text_tokens: int, period: int | None = None
+    word_positions: Sequence[Sequence[int]], text_tokens: int, period: int | None = None, mode: str = "all"
 ) -> torch.Tensor:
-    """(T_txt, L) masks of the text tokens: every subject LoRA acts on every text token, except that subject l's
-    LoRA is zeroed on the *other* subjects' activation-word tokens (ALGORITHM.md, as the authors' code).
+    """(T_txt, L) masks of the text tokens, by `mode`:
+
+    "all" (ALGORITHM.md, as the authors' code): every subject LoRA acts on every text token, except that subject
+    l's LoRA is zeroed on the *other* subjects' activation-word tokens; "own_words": subject l's LoRA acts only on
+    its own activation-word tokens; "none": no subject LoRA on any text token.
 
     word_positions[l]: positions of subject l's words in the tokenised prompt of length `period`; a context that
     the host padded by repeating the prompt (CFG text lengths brought to a common multiple) repeats them.
     """
+    if mode not in TEXT_LORA_CHOICES:
+        raise ValueError(f"mode: expected one of {', '.join(TEXT_LORA_CHOICES)}, got {mode!r}")
     n_subjects = len(word_positions)
-    masks = torch.ones(text_tokens, n_subjects)
     period = period or text_tokens
+    masks = torch.ones(text_tokens, n_subjects) if mode == "all" else torch.zeros(text_tokens, n_subjects)
+    if mode == "none":
+        return masks
     for owner, positions in enumerate(word_positions):
         rows = [p + k for p in positions for k in range(0, text_tokens, period) if p + k < text_tokens]
-        if rows:
+        if not rows:
+            continue
+        if mode == "all":
             others = [l for l in range(n_subjects) if l != owner]
             masks[torch.tensor(rows)[:, None], torch.tensor(others)[None, :]] = 0.0
+        else:
+            masks[torch.tensor(rows), owner] = 1.0
     return masks
 
 

@@ -31,6 +31,7 @@ class JobPlan:
     mask_config: MaskConfig = field(default_factory=MaskConfig)
     pre_mask: str = "joint"  # subject LoRAs before masks exist: "joint" (unmasked, the paper) or "off"
     modulation: str = "per_token"  # subject LoRAs' modulation deltas: "per_token", "global" or "off"
+    text_loras: str = "all"  # subject LoRAs on text tokens once masks exist: "all", "own_words" or "none"
     initial_masks: torch.Tensor | None = None  # (B_img, L, h, w) from an earlier pass: used from the first step
     restart: bool = False  # once the masks exist, sample again from the first step with them (authors' later code)
 
@@ -207,7 +208,10 @@ class FreeFuseJob:
     def _call_masks(self, stream: str, call: _Call) -> torch.Tensor:
         image = self._masks_at(call.grid_hw).flatten(2).transpose(1, 2)  # (B_img, N, L)
         text = torch.stack(
-            [text_token_masks(words, call.text_tokens, self.plan.text_length) for words in self.plan.word_positions]
+            [
+                text_token_masks(words, call.text_tokens, self.plan.text_length, self.plan.text_loras)
+                for words in self.plan.word_positions
+            ]
         ).to(image)
         return call_token_masks(stream, image, text, call.cond_or_uncond)
 

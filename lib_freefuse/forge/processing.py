@@ -109,6 +109,7 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
         mask_config=args.mask,
         pre_mask=args.pre_mask,
         modulation=args.modulation,
+        text_loras=args.text_loras,
         initial_masks=previous,
         restart=args.restart,
     )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..args import MODULATION_CHOICES, PRE_MASK_CHOICES, FreeFuseArgs, SubjectBinding
+from ..core import TEXT_LORA_CHOICES
 from ..core.config import CROSS_ATTENTION_CHOICES
 from ..log import logger
 from ..script_values import SUBJECT_ROWS
@@ -64,6 +65,7 @@ AXES: tuple[Axis, ...] = (
     Axis(f"{LABEL_PREFIX}restart", "restart", str, BOOL_CHOICES),
     Axis(f"{LABEL_PREFIX}modulation", "modulation", str, MODULATION_CHOICES),
     Axis(f"{LABEL_PREFIX}word-to-image attention", "cross_attention", str, CROSS_ATTENTION_CHOICES),
+    Axis(f"{LABEL_PREFIX}LoRAs on text tokens", "text_loras", str, TEXT_LORA_CHOICES),
     *_weight_axes(),
 )
 

@@ -42,6 +42,7 @@ OWN_KEYS = (
     "slic_image",
     "show_masks",
     "hires_masks",
+    "text_loras",
 )
 TWO = [{"lora": "harry", "words": "harry potter"}, {"lora": "daiyu", "words": "daiyu lin", "weight": 0.9}]
 
@@ -97,6 +98,7 @@ def changed_everywhere() -> FreeFuseArgs:
         slic_image="preview",
         show_masks=True,
         hires_masks="extract",
+        text_loras="own_words",
         sink_filter=False,
         sink_top_fraction=0.02,
         edge_width=2,
@@ -579,6 +581,7 @@ PLAUSIBLE = st.fixed_dictionaries(
         "slic_image": st.sampled_from(SLIC_IMAGE_CHOICES),
         "show_masks": st.booleans(),
         "hires_masks": st.sampled_from(HIRES_MASKS_CHOICES),
+        "text_loras": st.sampled_from(["all", "own_words", "none", " NONE"]),
         "sink_filter": st.booleans(),
         "sink_top_fraction": st.floats(0.001, 1.0),
         "edge_width": st.integers(0, 4),

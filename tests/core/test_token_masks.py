@@ -48,3 +48,23 @@ def test_cond_only_call():
 def test_unknown_stream_is_named():
     with pytest.raises(ValueError, match="^stream:"):
         call_token_masks("vector", torch.rand(1, 4, 2), torch.rand(1, 2, 2), [0])
+
+
+@pytest.mark.parametrize("mode", ["all", "own_words", "none"])
+def test_text_lora_modes(mode):
+    """all: every LoRA except on other subjects' words; own_words: each LoRA on its own words only; none: nothing."""
+    masks = text_token_masks([(1, 2), (5,)], text_tokens=12, period=6, mode=mode)  # the prompt repeated twice
+    expected = torch.zeros(12, 2) if mode != "all" else torch.ones(12, 2)
+    for offset in (0, 6):
+        if mode == "all":
+            expected[[1 + offset, 2 + offset], 1] = 0
+            expected[5 + offset, 0] = 0
+        elif mode == "own_words":
+            expected[[1 + offset, 2 + offset], 0] = 1
+            expected[5 + offset, 1] = 1
+    assert torch.equal(masks, expected)
+
+
+def test_text_lora_mode_is_checked():
+    with pytest.raises(ValueError, match="^mode: expected one of all, own_words, none"):
+        text_token_masks([(1,), (2,)], text_tokens=4, mode="some")

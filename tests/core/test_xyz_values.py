@@ -67,6 +67,7 @@ def test_the_required_axes_exist_with_unique_prefixed_labels():
         "restart": "restart",
         "modulation": "modulation",
         "word-to-image attention": "cross_attention",
+        "LoRAs on text tokens": "text_loras",
         "subject LoRA weight": "weight",
         "subject 1 LoRA weight": "weight",
         "subject 4 LoRA weight": "weight",

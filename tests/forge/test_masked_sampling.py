@@ -192,3 +192,18 @@ def test_a_fault_while_applying_masks_still_ends_in_an_image(forge, tiny_unet, c
     assert job.failure is not None and f"injected fault in the {where}" in job.failure
     assert sum("injected fault" in r.getMessage() for r in caplog.records) == 1  # reported once
     assert torch.equal(forge.sample(tiny_unet, steps=3, latent_hw=LATENT), fresh)  # the next job is unaffected
+
+
+@pytest.mark.parametrize("text_loras", ["all", "none"])
+def test_text_loras_none_with_zero_masks_is_no_lora_at_all(forge, tiny_unet, text_loras):
+    """Zero image masks leave the subject LoRAs only on the text tokens ("all", the paper): the image differs from
+    no LoRA. With text_loras "none" nothing of them is left: the run equals the model without the LoRAs."""
+    sds = {"a.safetensors": lora_sd(1, image_only=False), "b.safetensors": lora_sd(2, image_only=False)}
+    unet, job = freefuse_unet(with_loras(tiny_unet, sds), list(sds), torch.zeros(1, 2, *GRID), text_loras=text_loras)
+    got = forge.sample(unet, steps=3, latent_hw=LATENT)
+    plain = forge.sample(tiny_unet, steps=3, latent_hw=LATENT)
+    assert job.failure is None
+    if text_loras == "none":
+        torch.testing.assert_close(got, plain, atol=2e-5, rtol=1e-5)
+    else:
+        assert (got - plain).abs().max() > 1e-3

@@ -81,8 +81,21 @@ CONFIGS = {
         freefuse(cross_attention="image_queries", modulation="off", pre_mask="off", restart=True),
         False,
     ),
+    "  text tokens: no subject LoRA": ("both", freefuse(text_loras="none"), False),
+    "  text tokens: own words only": ("both", freefuse(text_loras="own_words"), False),
+    "  image-query, off before + restart, text none": (
+        "both",
+        freefuse(cross_attention="image_queries", pre_mask="off", restart=True, text_loras="none"),
+        False,
+    ),
     "oracle masks (paper timing)": ("both", freefuse(), True),
+    "oracle masks + joint + restart": ("both", freefuse(restart=True), True),
     "oracle masks + off before + restart": ("both", freefuse(pre_mask="off", restart=True), True),
+    "oracle masks, text none + off before + restart": (
+        "both",
+        freefuse(pre_mask="off", restart=True, text_loras="none"),
+        True,
+    ),
     "oracle masks, modulation off + off before + restart": (
         "both",
         freefuse(modulation="off", pre_mask="off", restart=True),
@@ -289,6 +302,7 @@ def main(argv=None) -> None:
     )
     print(format_table(rows))
     for name, oracle in (("FreeFuse (paper defaults)", "oracle masks (paper timing)"),
+                         ("  joint + restart", "oracle masks + joint + restart"),
                          ("  off before masks + restart", "oracle masks + off before + restart")):  # fmt: skip
         share = oracle_share(rows, name, oracle)
         if share is not None:

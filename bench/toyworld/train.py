@@ -109,10 +109,10 @@ class Log:
         self.path.write_text(json.dumps(self.data, indent=1))
 
 
-def render_pool(kind: str, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+def render_pool(kind: str, n: int, seed: int, paired: float = 0.0) -> tuple[np.ndarray, list[str]]:
     """n pictures (n, CELLS, CELLS, 3) and captions of one training set: "base", "zorb" or "quil"."""
     rng = np.random.default_rng(seed)
-    make = world.base_example if kind == "base" else (lambda r: world.character_example(kind, r))
+    make = world.base_example if kind == "base" else (lambda r: world.character_example(kind, r, paired))
     pictures, captions = zip(*(make(rng) for _ in range(n)), strict=True)
     return np.stack(pictures), list(captions)
 
@@ -362,6 +362,7 @@ def main(argv=None) -> None:
     parser.add_argument("--base-steps", type=int, help="override the base model's steps")
     parser.add_argument("--base-lr", type=float, help="override the base model's learning rate")
     parser.add_argument("--lora-steps", type=int, help="override each LoRA's steps")
+    parser.add_argument("--lora-paired", type=float, default=0.0, help="share of LoRA pictures with a 2nd sprite")
     parser.add_argument("--out", type=Path, help="where the trained files go (default: WORK/trained)")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
@@ -382,8 +383,8 @@ def main(argv=None) -> None:
     with safe_open(str(args.work / "conditioning.safetensors"), "pt") as f:
         table = json.loads(f.metadata()["captions"])
         cond = {k: f.get_tensor(k).to(device) for k in ("crossattn", "vector")}
-    pools = {kind: render_pool(kind, cfg["base_pool"] if kind == "base" else cfg["lora_pool"], args.seed + i)
-             for i, kind in enumerate(("base", "zorb", "quil"))}  # fmt: skip
+    sizes = {"base": cfg["base_pool"], "zorb": cfg["lora_pool"], "quil": cfg["lora_pool"]}
+    pools = {kind: render_pool(kind, n, args.seed + i, args.lora_paired) for i, (kind, n) in enumerate(sizes.items())}
     pictures = {k: torch.from_numpy(v[0]).to(device) for k, v in pools.items()}
 
     vae_config = json.loads((args.work / "vae_config.json").read_text())
@@ -404,7 +405,10 @@ def main(argv=None) -> None:
     if args.resume:
         model.load_state_dict(load_file(str(args.resume / "transformer.safetensors")))
     log.data["transformer_parameters"] = sum(p.numel() for p in model.parameters())
-    base = train_base(model, latents["base"], cap_idx["base"], cond, cfg, log, gen)
+    if cfg["base_steps"] > 0:
+        base = train_base(model, latents["base"], cap_idx["base"], cond, cfg, log, gen)
+    else:  # --resume --base-steps 0: the resumed base as it is (new LoRAs only)
+        base = model.requires_grad_(False)
     save_file(
         {k: v.float().cpu().contiguous() for k, v in base.state_dict().items()}, str(out / "transformer.safetensors")
     )

@@ -22,6 +22,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -38,6 +39,12 @@ from forge_locator import REPO_ROOT, find_forge
 
 HERE = Path(__file__).resolve().parent
 HOOK_DIR = HERE / "webui_hook"
+TOY_WORLD = REPO_ROOT / "bench" / "toyworld" / "model"
+TOY_WORLD_FILES = (
+    (TOY_WORLD / "toyworld_flux.safetensors", "Stable-diffusion"),
+    (TOY_WORLD / "toy_zorb.safetensors", "Lora"),
+    (TOY_WORLD / "toy_quil.safetensors", "Lora"),
+)
 EXTENSION_NAME = "sd-forge-freefuse"
 TEST_EXTENSION_NAME = "freefuse-test-per-image-prompts"  # webui_extension/: a prompt per image of a batch
 
@@ -379,6 +386,9 @@ def webui(tmp_path_factory):
     if made.returncode != 0:
         pytest.fail(f"tiny_models.py failed ({made.returncode}):\n{made.stdout[-3000:]}\n{made.stderr[-3000:]}")
     manifest = json.loads(made.stdout.strip().splitlines()[-1])
+    # the trained toy world (it shares the tiny CLIP/T5/VAE configs) for tests/webui/test_toyworld.py
+    for source, folder in TOY_WORLD_FILES:
+        shutil.copyfile(source, models / folder / source.name)
 
     (data_dir / "extensions").mkdir()
     (data_dir / "extensions" / EXTENSION_NAME).symlink_to(REPO_ROOT, target_is_directory=True)

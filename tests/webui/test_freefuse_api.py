@@ -186,3 +186,19 @@ def test_problems_are_named_and_the_image_is_made(webui, settings, warning):
     assert len(result.images) == 1
     assert warning in result.infotext, result.infotext
     assert f"FreeFuse: {warning}" in webui.log() or warning in webui.log()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"cross_attention": "image_queries"}, {"text_loras": "own_words"}, {"text_loras": "none"}],
+    ids=["image-queries", "text-own-words", "text-none"],
+)
+def test_options_beyond_the_paper_run_change_the_image_and_are_recorded(webui, settings):
+    """Each option beyond the paper is accepted by the API, makes masks, changes the image against the paper's
+    settings on the same seed, and is written into the infotext."""
+    paper = webui.txt2img(tagged(webui), steps=6, alwayson_scripts=freefuse(webui))
+    result = webui.txt2img(tagged(webui), steps=6, alwayson_scripts=freefuse(webui, **settings))
+    assert "FreeFuse coverage" in result.infotext and "FreeFuse warnings" not in result.infotext, result.infotext
+    ((key, value),) = settings.items()
+    assert f"FreeFuse {key.replace('_', ' ')}: {value}" in result.infotext, result.infotext
+    assert result.images[0].pixels != paper.images[0].pixels

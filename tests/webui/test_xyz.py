@@ -13,7 +13,14 @@ XYZ = "x/y/z plot"
 X_TYPE, X_VALUES, X_DROPDOWN, Y_TYPE, Y_VALUES, Y_DROPDOWN, Z_TYPE = range(7)
 INCLUDE_LONE_IMAGES = 10  # each cell's image after the grid
 SETTINGS = ("enabled", "capture step", "capture block", "sink filter", "self-attention", "superpixel vote")
-MORE = ("pre-mask LoRA mode", "restart", "modulation", "subject LoRA weight")
+MORE = (
+    "pre-mask LoRA mode",
+    "restart",
+    "modulation",
+    "word-to-image attention",
+    "LoRAs on text tokens",
+    "subject LoRA weight",
+)
 FREEFUSE_AXES = [f"FreeFuse {name}" for name in (*SETTINGS, *MORE, *(f"subject {i} LoRA weight" for i in range(1, 5)))]
 
 

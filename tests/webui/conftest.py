@@ -386,7 +386,7 @@ def webui(tmp_path_factory):
     if made.returncode != 0:
         pytest.fail(f"tiny_models.py failed ({made.returncode}):\n{made.stdout[-3000:]}\n{made.stderr[-3000:]}")
     manifest = json.loads(made.stdout.strip().splitlines()[-1])
-    # the trained toy world (it shares the tiny CLIP/T5/VAE configs) for tests/webui/test_toyworld.py
+    # the trained toy world (it shares the tiny CLIP/T5/VAE configs) for tests/webui/test_toyworld_quality.py
     for source, folder in TOY_WORLD_FILES:
         shutil.copyfile(source, models / folder / source.name)
 

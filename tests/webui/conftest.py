@@ -273,6 +273,11 @@ class WebUI:
         finally:
             path.unlink(missing_ok=True)
 
+    def live_tensor_counts(self) -> list[int]:
+        """Live tensors in the server as each FreeFuse sampling call started, in order (test hook)."""
+        path = self.data_dir / "live-tensors.log"
+        return [int(line) for line in path.read_text().split()] if path.exists() else []
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -291,6 +296,7 @@ def _server_env(data_dir: Path, configs: str) -> dict:
         FREEFUSE_TEST_WEBUI_ASSETS=str(data_dir / "webui-assets"),
         FREEFUSE_TEST_EXIT_WITH_PARENT="1",  # a server whose pytest was killed ends itself (sitecustomize.py)
         FREEFUSE_TEST_FAULT_FILE=str(data_dir / "freefuse-fault"),  # WebUI.fault(); no file, no fault
+        FREEFUSE_TEST_TENSOR_LOG=str(data_dir / "live-tensors.log"),  # WebUI.live_tensor_counts(), for the soak
         CUDA_VISIBLE_DEVICES="",  # a CUDA build of torch stays on the CPU, as --always-cpu asks
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",

@@ -163,7 +163,34 @@ def patch_lora(module):
     module.StackedLoRA.add_to = add_to
 
 
+TENSOR_LOG_ENV = "FREEFUSE_TEST_TENSOR_LOG"
+
+
+def live_tensors() -> int:
+    """The number of torch tensors (parameters included) that the garbage collector can reach now."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+
+
+def patch_processing(module):
+    """Append the count of live tensors to $FREEFUSE_TEST_TENSOR_LOG as each FreeFuse sampling call starts."""
+    original = module.start_run
+
+    def start_run(p, args, x):
+        with open(os.environ[TENSOR_LOG_ENV], "a", encoding="utf-8") as log:
+            log.write(f"{live_tensors()}\n")
+        return original(p, args, x)
+
+    module.start_run = start_run
+
+
 PATCHES = {"huggingface_guess": patch_huggingface_guess, "modules.launch_utils": patch_launch_utils}
+if os.environ.get(TENSOR_LOG_ENV):
+    PATCHES["lib_freefuse.forge.processing"] = patch_processing
 if os.environ.get(FAULT_ENV):
     PATCHES["lib_freefuse.forge.job"] = patch_job
     PATCHES["lib_freefuse.core.masks"] = patch_masks
@@ -205,7 +232,8 @@ class PostImportPatcher(importlib.abc.MetaPathFinder):
         return spec
 
 
-if (os.environ.get(CONFIGS_ENV) or os.environ.get(ASSETS_ENV) or os.environ.get(FAULT_ENV)) and not any(
+_ACTIVATING = (CONFIGS_ENV, ASSETS_ENV, FAULT_ENV, TENSOR_LOG_ENV)
+if any(os.environ.get(name) for name in _ACTIVATING) and not any(
     isinstance(f, PostImportPatcher) for f in sys.meta_path
 ):
     sys.meta_path.insert(0, PostImportPatcher())

@@ -125,7 +125,8 @@ def start_webui(forge: Path, python: str, data_dir: Path):
     (data_dir / "extensions").mkdir()
     (data_dir / "extensions" / webui_tier.EXTENSION_NAME).symlink_to(ROOT, target_is_directory=True)
     env = webui_tier._server_env(data_dir, str(configs))
-    env.pop("FREEFUSE_TEST_FAULT_FILE", None)
+    for test_only in ("FREEFUSE_TEST_FAULT_FILE", "FREEFUSE_TEST_TENSOR_LOG"):  # the webui tier's hooks: not here
+        env.pop(test_only, None)
     env["PYTHONPATH"] = str(SEAM)
     env["FREEFUSE_TOY_DUMP_DIR"] = str(data_dir / "masks")
     env["FREEFUSE_TOY_ORACLE_FILE"] = str(data_dir / "oracle")

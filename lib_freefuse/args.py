@@ -25,8 +25,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from lib_freefuse.core import TEXT_LORA_CHOICES, MaskConfig, default_capture_step, split_phrases
-from lib_freefuse.core.config import CROSS_ATTENTION_CHOICES
+from lib_freefuse.core import (
+    CROSS_ATTENTION_CHOICES,
+    TEXT_LORA_CHOICES,
+    MaskConfig,
+    default_capture_step,
+    split_phrases,
+)
 
 PRE_MASK_CHOICES = ("joint", "off")
 MODULATION_CHOICES = ("per_token", "global", "off")

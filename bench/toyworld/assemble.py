@@ -72,17 +72,11 @@ def check_with_forge(forge: Path, configs: Path, work: Path, trained: Path, chec
         cond = engine.get_learned_conditioning(captions)
     text_error = max((cond[k].float() - trained_cond[k]).abs().max().item() for k in trained_cond)
 
-    import sys
-
-    sys.path.insert(0, str(HERE))
     from backend.nn.vae import IntegratedAutoencoderKL  # the class Forge loaded, for the training-side encoder
-    from train import to_pixels, vae_moments
+    from train import to_pixels, vae_kwargs, vae_moments
 
     config = json.loads((work / "vae_config.json").read_text())
-    import inspect
-
-    accepted = inspect.signature(IntegratedAutoencoderKL.__init__).parameters
-    vae = IntegratedAutoencoderKL(**{k: v for k, v in config.items() if k in accepted})
+    vae = IntegratedAutoencoderKL(**vae_kwargs(config, IntegratedAutoencoderKL))
     vae.load_state_dict(load_file(str(trained / "vae.safetensors")))
     rng = np.random.default_rng(5)
     cells = torch.from_numpy(np.stack([world.base_example(rng)[0] for _ in range(4)]))

@@ -25,10 +25,12 @@ WORK = HERE / "work"
 TEXT_SEED = 7
 
 
-def text_encoder_state_dict(forge_root: Path, configs: Path) -> dict[str, torch.Tensor]:
-    """CLIP-L and T5 of the tiny configs with seeded random weights, keyed as in an all-in-one checkpoint."""
+def text_only_checkpoint(forge_root: Path, configs: Path) -> tuple[dict, dict]:
+    """(all-in-one state dict, its text encoders): the tiny configs with seed TEXT_SEED, CLIP-L and T5 in
+    float16. Only the text encoders are kept; the transformer and VAE are placeholders for Forge's loader."""
     full = tiny_models().build_state_dict(forge_root, configs, seed=TEXT_SEED)
-    return {k: v.to(torch.float16) for k, v in full.items() if k.startswith("text_encoders.")}
+    text = {k: v.to(torch.float16) for k, v in full.items() if k.startswith("text_encoders.")}
+    return {**full, **text}, text
 
 
 def main(argv=None) -> None:
@@ -37,12 +39,9 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, default=WORK)
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    tm = tiny_models()
-    configs = tm.write_pipeline_configs(args.forge, args.work / "configs")
-    text = text_encoder_state_dict(args.forge, configs)
+    configs = tiny_models().write_pipeline_configs(args.forge, args.work / "configs")
+    placeholder, text = text_only_checkpoint(args.forge, configs)
     save_file(text, str(args.work / "text_encoders.safetensors"))
-    placeholder = tm.build_state_dict(args.forge, configs, seed=0)  # any transformer and VAE: only text is used
-    placeholder.update(text)
     checkpoint = args.work / "text_only.safetensors"
     save_file(placeholder, str(checkpoint), metadata={"modelspec.architecture": "flux-1-dev"})
     engine = load_engine(args.forge, configs, checkpoint)

@@ -3,7 +3,7 @@
 Depends on torch, numpy and scikit-image only; never on Forge or gradio.
 """
 
-from .config import MaskConfig
+from .config import CROSS_ATTENTION_CHOICES, MaskConfig
 from .lora import StackedLoRA, masked_lora_delta
 from .masks import extract_masks
 from .prompt import SubjectTokens, find_subject_tokens, split_phrases
@@ -12,6 +12,7 @@ from .superpixel import pixel_masks_to_tokens
 from .token_masks import TEXT_LORA_CHOICES, call_token_masks, text_token_masks
 
 __all__ = [
+    "CROSS_ATTENTION_CHOICES",
     "TEXT_LORA_CHOICES",
     "MaskConfig",
     "StackedLoRA",

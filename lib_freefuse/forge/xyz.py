@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..args import MODULATION_CHOICES, PRE_MASK_CHOICES, FreeFuseArgs, SubjectBinding
-from ..core import TEXT_LORA_CHOICES
-from ..core.config import CROSS_ATTENTION_CHOICES
+from ..core import CROSS_ATTENTION_CHOICES, TEXT_LORA_CHOICES
 from ..log import logger
 from ..script_values import SUBJECT_ROWS
 

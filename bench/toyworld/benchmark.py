@@ -104,7 +104,7 @@ CONFIGS = {
 }
 
 
-def start_webui(forge: Path, python: str, data_dir: Path):
+def start_webui(forge: Path, python: str, data_dir: Path, model: Path = MODEL):
     """Forge's webui with the toy world's checkpoint and LoRAs, this extension, and the benchmark seam."""
     import importlib.util
 
@@ -118,9 +118,9 @@ def start_webui(forge: Path, python: str, data_dir: Path):
     models = data_dir / "models"
     (models / "Stable-diffusion").mkdir(parents=True)
     (models / "Lora").mkdir(parents=True)
-    shutil.copyfile(MODEL / "toyworld_flux.safetensors", models / "Stable-diffusion" / "toyworld_flux.safetensors")
+    shutil.copyfile(model / "toyworld_flux.safetensors", models / "Stable-diffusion" / "toyworld_flux.safetensors")
     for name in world.CHARACTERS:
-        shutil.copyfile(MODEL / f"toy_{name}.safetensors", models / "Lora" / f"toy_{name}.safetensors")
+        shutil.copyfile(model / f"toy_{name}.safetensors", models / "Lora" / f"toy_{name}.safetensors")
     configs = tiny_models.write_pipeline_configs(forge, data_dir / "configs")
     (data_dir / "extensions").mkdir()
     (data_dir / "extensions" / webui_tier.EXTENSION_NAME).symlink_to(ROOT, target_is_directory=True)
@@ -275,6 +275,7 @@ def main(argv=None) -> None:
     parser.add_argument("--iou-seeds", type=int, default=8)
     parser.add_argument("--sheet", type=Path, help="write a PNG of the first images of every configuration")
     parser.add_argument("--json", type=Path, help="write the results as JSON")
+    parser.add_argument("--model", type=Path, default=MODEL, help="an assembled world (default: the committed one)")
     args = parser.parse_args(argv)
     if not args.python:
         raise SystemExit("FORGE_PYTHON (or --python): the Python of a Forge webui install")
@@ -283,9 +284,9 @@ def main(argv=None) -> None:
         wanted = {c.strip() for c in args.configs.split(";")}
         names = [n for n in names if n.strip() in wanted]
     torch.set_num_threads(1)
-    scorer = load_scorer(MODEL / "scorer.safetensors")
+    scorer = load_scorer(args.model / "scorer.safetensors")
     data_dir = Path(tempfile.mkdtemp(prefix="toyworld-webui-"))
-    webui, process, stop = start_webui(args.forge.resolve(), args.python, data_dir)
+    webui, process, stop = start_webui(args.forge.resolve(), args.python, data_dir, args.model.resolve())
     print(f"webui up in {webui.startup_s:.0f} s at {webui.url} (log {webui.log_path})", flush=True)
     rows, sheet, started = {}, [], time.monotonic()
     try:

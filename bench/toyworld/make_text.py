@@ -3,9 +3,10 @@
 The text encoders are tiny random CLIP-L and T5 (the webui tier's configs, real tokenizers, seed TEXT_SEED),
 stored in float16. Each caption of world.all_captions() is encoded by Forge's own FLUX engine (its T5 and CLIP
 text-processing engines, as the webui does for a prompt), so the transformer is trained on exactly what Forge
-will feed it. Writes WORK/text_encoders.safetensors, WORK/conditioning.safetensors and WORK/vae_config.json.
+will feed it. Writes WORK/text_encoders.safetensors, WORK/conditioning.safetensors, WORK/vae_config.json and
+WORK/word_positions.json (each caption's words -> their T5 token positions, for train.py's attention loss).
 
-    FORGE_DIR=... <forge webui python> bench/toyworld/make_text.py
+    FORGE_DIR=... <forge webui python> bench/toyworld/make_text.py [--word-positions-only]
 """
 
 from __future__ import annotations
@@ -33,12 +34,42 @@ def text_only_checkpoint(forge_root: Path, configs: Path) -> tuple[dict, dict]:
     return {**full, **text}, text
 
 
+def word_positions(forge_root: Path, captions: list[str]) -> dict[str, list[list]]:
+    """caption -> [[word, [T5 token positions]], ...] for the words that name a figure (colour or character)."""
+    from transformers import T5TokenizerFast
+
+    tokenizer = T5TokenizerFast.from_pretrained(
+        str(forge_root / "backend/huggingface/black-forest-labs/FLUX.1-dev/tokenizer_2")
+    )
+    names = set(world.COLOURS) | set(world.CHARACTERS)
+    positions = {}
+    for text in captions:
+        ids = tokenizer(text).input_ids
+        found, cursor = [], 0
+        for word in (w for w in text.split() if w in names):
+            piece = tokenizer(word, add_special_tokens=False).input_ids
+            start = next(i for i in range(cursor, len(ids)) if ids[i : i + len(piece)] == piece)
+            found.append([word, list(range(start, start + len(piece)))])
+            cursor = start + len(piece)
+        positions[text] = found
+    return positions
+
+
+def write_word_positions(forge_root: Path, work: Path) -> None:
+    positions = word_positions(forge_root, world.all_captions())
+    (work / "word_positions.json").write_text(json.dumps(positions, indent=0))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--forge", type=Path, default=Path(os.environ.get("FORGE_DIR", "")))
     parser.add_argument("--work", type=Path, default=WORK)
+    parser.add_argument("--word-positions-only", action="store_true", help="write only word_positions.json")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    write_word_positions(args.forge, args.work)
+    if args.word_positions_only:
+        return
     configs = tiny_models().write_pipeline_configs(args.forge, args.work / "configs")
     placeholder, text = text_only_checkpoint(args.forge, configs)
     save_file(text, str(args.work / "text_encoders.safetensors"))

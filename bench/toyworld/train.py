@@ -2,10 +2,14 @@
 
 The networks are Forge's own classes (backend/nn/vae.py IntegratedAutoencoderKL, backend/nn/flux.py
 IntegratedFluxTransformer2DModel), built outside Forge's loader so their layers are plain nn.Linear/nn.Conv2d.
-Reads WORK/conditioning.safetensors and WORK/vae_config.json (make_text.py); writes WORK/trained/ with
-vae, transformer (EMA), lora_zorb, lora_quil, scorer (.safetensors) and train_log.json.
+Reads WORK/conditioning.safetensors, WORK/vae_config.json and WORK/word_positions.json (make_text.py); writes
+WORK/trained/ with vae, transformer (EMA), lora_zorb, lora_quil, scorer (.safetensors) and train_log.json.
 
-    python bench/toyworld/train.py --forge FORGE_DIR [--device cuda] [--quick]
+    python bench/toyworld/train.py --forge FORGE_DIR [--device cuda] [--quick] [--attention-loss 0.05]
+
+--attention-loss trains the base so that each figure's colour word and the figure's image tokens attend to each
+other in the double blocks (what a real FLUX does with subject words, and what FreeFuse's masks are read from);
+the LoRAs are always trained on the flow loss alone.
 
 Needs torch, numpy, safetensors, einops, psutil (Forge's backend imports); not diffusers (a stand-in for its
 two config helpers is put in place). Same seed, same device type: same numbers.
@@ -50,6 +54,8 @@ TRANSFORMER = dict(
     guidance_embed=True,  # FLUX.1-dev-like: Forge feeds the distilled guidance
 )
 LORA_RANK = 8
+GRID = world.CELLS // 2  # image tokens per side: the latent is CELLS x CELLS, FLUX patches it 2 x 2
+TOKENS = GRID * GRID
 
 FULL = dict(
     vae_steps=1500, vae_batch=16,
@@ -109,12 +115,21 @@ class Log:
         self.path.write_text(json.dumps(self.data, indent=1))
 
 
-def render_pool(kind: str, n: int, seed: int, paired: float = 0.0) -> tuple[np.ndarray, list[str]]:
-    """n pictures (n, CELLS, CELLS, 3) and captions of one training set: "base", "zorb" or "quil"."""
+def render_pool(kind: str, n: int, seed: int, paired: float = 0.0) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+    """n pictures (n, CELLS, CELLS, 3), captions and, for "base", token masks (n, 2, TOKENS) of one training set
+    ("base", "zorb" or "quil"): where figure 1 and 2 of the caption cover at least half of an image token."""
     rng = np.random.default_rng(seed)
-    make = world.base_example if kind == "base" else (lambda r: world.character_example(kind, r, paired))
-    pictures, captions = zip(*(make(rng) for _ in range(n)), strict=True)
-    return np.stack(pictures), list(captions)
+    if kind != "base":
+        pictures, captions = zip(*(world.character_example(kind, rng, paired) for _ in range(n)), strict=True)
+        return np.stack(pictures), list(captions), None
+    pictures, captions, token_masks = [], [], np.zeros((n, 2, TOKENS), bool)
+    for i in range(n):
+        picture, text, masks = world.base_example_with_masks(rng)
+        pictures.append(picture)
+        captions.append(text)
+        cover = masks.reshape(len(masks), GRID, 2, GRID, 2).mean(axis=(2, 4))  # cells -> 2 x 2 cells per token
+        token_masks[i, : len(masks)] = cover.reshape(len(masks), TOKENS) >= 0.5
+    return np.stack(pictures), captions, token_masks
 
 
 def to_pixels(cells: torch.Tensor) -> torch.Tensor:
@@ -192,9 +207,51 @@ def caption_index(captions: list[str], table: list[str], device) -> torch.Tensor
     return torch.tensor([position[c] for c in captions], device=device)
 
 
-def train_base(model, latents, cap_idx, cond, cfg, log, gen):
+class AttentionRecorder:
+    """Records (q, k) after RoPE, (B, H, L, D), of every joint attention in backend.nn.flux while `on`."""
+
+    def __init__(self, flux_module):
+        self.module, self.original, self.records, self.on = flux_module, flux_module.attention, [], False
+
+        def recording(q, k, v, pe):
+            if self.on:
+                self.records.append(flux_module.apply_rope(q, k, pe))
+            return self.original(q, k, v, pe=pe)
+
+        flux_module.attention = recording
+
+
+def attention_loss(records, depth: int, words: torch.Tensor, token_masks: torch.Tensor, n_txt: int) -> torch.Tensor:
+    """Mean over the `depth` double blocks of two cross-entropies on head-averaged attention:
+    each figure word's query over image keys should land on its figure (-log of the mass inside its mask), and each
+    figure token's query over the two figure words should pick its own (when the caption has two figures).
+    words: (B, 2) T5 positions of the figure words, -1 where none; token_masks: (B, 2, TOKENS) float."""
+    valid = (words >= 0) & (token_masks.sum(-1) > 0)  # (B, 2): caption dropped or figure off the token grid
+    both = valid.all(1)
+    index = words.clamp(min=0)
+    total = 0.0
+    for q, k in records[:depth]:
+        b, h, _, d = q.shape
+        gather = index[:, None, :, None].expand(b, h, 2, d)
+        q_words, k_words = q[:, :, :n_txt].gather(2, gather), k[:, :, :n_txt].gather(2, gather)  # (B, H, 2, D)
+        q_img, k_img = q[:, :, n_txt:], k[:, :, n_txt:]  # (B, H, TOKENS, D)
+        word_to_image = torch.softmax(q_words @ k_img.transpose(-1, -2) * d**-0.5, -1).mean(1)  # (B, 2, TOKENS)
+        inside = (word_to_image * token_masks).sum(-1).clamp_min(1e-6).log()  # (B, 2)
+        loss_words = -(inside * valid).sum() / valid.sum().clamp_min(1)
+        image_to_words = torch.softmax(q_img @ k_words.transpose(-1, -2) * d**-0.5, -1).mean(1)  # (B, TOKENS, 2)
+        picked = (image_to_words.clamp_min(1e-6).log() * token_masks.transpose(1, 2)).sum((1, 2))  # (B,)
+        counted = token_masks.sum((1, 2)) * both
+        loss_image = -(picked * both).sum() / counted.sum().clamp_min(1)
+        total = total + loss_words + loss_image
+    return total / depth
+
+
+def train_base(model, latents, cap_idx, cond, cfg, log, gen, attention=None):
+    """Rectified flow on the generic sprites; with `attention` = (weight, recorder, words per caption (C, 2),
+    token masks (n, 2, TOKENS)) also attention_loss on the double blocks."""
     log.phase("base", steps=cfg["base_steps"], batch=cfg["base_batch"], lr=cfg["base_lr"], ema=cfg["ema"],
-              pool=len(latents), caption_dropout=0.1)  # fmt: skip
+              pool=len(latents), caption_dropout=0.1,
+              attention_loss=attention[0] if attention else 0.0)  # fmt: skip
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["base_lr"], weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg["base_lr"], total_steps=cfg["base_steps"], pct_start=0.05)
@@ -203,7 +260,20 @@ def train_base(model, latents, cap_idx, cond, cfg, log, gen):
         idx = torch.randint(len(latents), (cfg["base_batch"],), generator=gen, device=gen.device)
         caps = cap_idx[idx]
         caps = torch.where(torch.rand(len(caps), generator=gen, device=gen.device) < 0.1, 0, caps)  # "" = dropped
+        if attention:
+            weight, recorder, words, token_masks = attention
+            recorder.records.clear()
+            recorder.on = True
         loss = flow_step(model, latents[idx], cond["crossattn"][caps], cond["vector"][caps], gen)
+        if attention:
+            recorder.on = False
+            extra = attention_loss(recorder.records, len(model.double_blocks), words[caps], token_masks[idx].float(),
+                                   cond["crossattn"].shape[1])  # fmt: skip
+            recorder.records.clear()
+            if step % 100 == 0:
+                values = log.data["phases"]["base"].setdefault("attention_loss_values", [])
+                values.append([step, round(extra.item(), 4)])
+            loss = loss + weight * extra
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -362,11 +432,15 @@ def main(argv=None) -> None:
     parser.add_argument("--base-steps", type=int, help="override the base model's steps")
     parser.add_argument("--base-lr", type=float, help="override the base model's learning rate")
     parser.add_argument("--lora-steps", type=int, help="override each LoRA's steps")
+    parser.add_argument("--base-pool", type=int, help="override the base model's number of training pictures")
+    parser.add_argument("--base-batch", type=int, help="override the base model's batch")
+    parser.add_argument("--lora-pool", type=int, help="override each LoRA's number of training pictures")
     parser.add_argument("--lora-paired", type=float, default=0.0, help="share of LoRA pictures with a 2nd sprite")
     parser.add_argument("--out", type=Path, help="where the trained files go (default: WORK/trained)")
+    parser.add_argument("--attention-loss", type=float, default=0.0, help="weight of the base's attention loss")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
-    for key in ("base_steps", "base_lr", "lora_steps"):
+    for key in ("base_steps", "base_lr", "lora_steps", "base_pool", "base_batch", "lora_pool"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     device = torch.device(args.device)
@@ -405,8 +479,21 @@ def main(argv=None) -> None:
     if args.resume:
         model.load_state_dict(load_file(str(args.resume / "transformer.safetensors")))
     log.data["transformer_parameters"] = sum(p.numel() for p in model.parameters())
+    attention = None
+    if args.attention_loss:
+        import backend.nn.flux
+
+        positions = json.loads((args.work / "word_positions.json").read_text())
+        words = torch.full((len(table), 2), -1, dtype=torch.long)
+        for c, text in enumerate(table):
+            for f, (_, tokens) in enumerate(positions[text][:2]):
+                words[c, f] = tokens[0]  # base captions name figures by colour: one T5 token each
+        masks = torch.from_numpy(pools["base"][2]).to(device)
+        attention = (args.attention_loss, AttentionRecorder(backend.nn.flux), words.to(device), masks)
     if cfg["base_steps"] > 0:
-        base = train_base(model, latents["base"], cap_idx["base"], cond, cfg, log, gen)
+        base = train_base(model, latents["base"], cap_idx["base"], cond, cfg, log, gen, attention)
+        if attention:
+            attention[1].on = False
     else:  # --resume --base-steps 0: the resumed base as it is (new LoRAs only)
         base = model.requires_grad_(False)
     save_file(

@@ -96,17 +96,25 @@ def place_box(place: str, rng: np.random.Generator) -> tuple[int, int]:
     return top, left
 
 
-def render(figures: list[tuple[Sprite, str]], rng: np.random.Generator) -> np.ndarray:
-    """(CELLS, CELLS, 3) float32 picture in [0, 1]: the sprites drawn at their places on the grey background."""
+def render_with_masks(figures: list[tuple[Sprite, str]], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """((CELLS, CELLS, 3) float32 picture in [0, 1], (len(figures), CELLS, CELLS) bool: where each figure is drawn):
+    the sprites drawn at their places on the grey background."""
     picture = np.empty((CELLS, CELLS, 3), np.float32)
     picture[:] = BACKGROUND
-    for sprite, place in figures:
+    masks = np.zeros((len(figures), CELLS, CELLS), bool)
+    for i, (sprite, place) in enumerate(figures):
         top, left = place_box(place, rng)
         rgba = sprite_cells(sprite)
         box = picture[top : top + SPRITE, left : left + SPRITE]
         alpha = rgba[..., 3:]
         box[:] = box * (1 - alpha) + rgba[..., :3] * alpha
-    return picture
+        masks[i, top : top + SPRITE, left : left + SPRITE] = rgba[..., 3] > 0
+    return picture, masks
+
+
+def render(figures: list[tuple[Sprite, str]], rng: np.random.Generator) -> np.ndarray:
+    """(CELLS, CELLS, 3) float32 picture in [0, 1]: the sprites drawn at their places on the grey background."""
+    return render_with_masks(figures, rng)[0]
 
 
 def upscale(picture: np.ndarray) -> np.ndarray:
@@ -127,8 +135,9 @@ def caption(names: list[tuple[str, str]]) -> str:
     return " and ".join(parts)
 
 
-def base_example(rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """One training picture for the base model: 1-2 generic sprites, captioned by colour and place."""
+def base_example_with_masks(rng: np.random.Generator) -> tuple[np.ndarray, str, np.ndarray]:
+    """One training picture for the base model: 1-2 generic sprites, captioned by colour and place, with each
+    figure's (CELLS, CELLS) mask in caption order."""
     layout = rng.random()
     if layout < 0.6:
         places = ["left", "right"]
@@ -137,7 +146,13 @@ def base_example(rng: np.random.Generator) -> tuple[np.ndarray, str]:
     else:
         places = ["center"]
     figures = [(GENERIC_SPRITES[int(rng.integers(len(GENERIC_SPRITES)))], place) for place in places]
-    return render(figures, rng), caption([(s.colour, place) for s, place in figures])
+    picture, masks = render_with_masks(figures, rng)
+    return picture, caption([(s.colour, place) for s, place in figures]), masks
+
+
+def base_example(rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """One training picture for the base model: 1-2 generic sprites, captioned by colour and place."""
+    return base_example_with_masks(rng)[:2]
 
 
 def character_example(name: str, rng: np.random.Generator, paired: float = 0.0) -> tuple[np.ndarray, str]:

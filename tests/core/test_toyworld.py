@@ -107,3 +107,78 @@ def test_score_image_counts_halves():
         "both_right": 0.0,
         "wrong_colour": 0.0,
     }
+
+
+def test_figure_masks_are_where_the_figures_are_drawn():
+    """render_with_masks: each mask covers exactly its sprite's pixels; base_example draws the same pictures."""
+    for seed in range(20):
+        picture, caption, masks = world.base_example_with_masks(np.random.default_rng(seed))
+        same_picture, same_caption = world.base_example(np.random.default_rng(seed))
+        assert np.array_equal(picture, same_picture) and caption == same_caption
+        assert len(masks) == caption.count(" and ") + 1
+        drawn = np.any(np.abs(picture - np.array(world.BACKGROUND)) > 1e-6, axis=-1)
+        assert np.array_equal(drawn, masks.any(0))
+        if len(masks) == 2:  # left figure first, in the left half
+            assert not masks[0][:, world.HALF :].any() and not masks[1][:, : world.HALF].any()
+
+
+def test_base_pool_token_masks_cover_each_figure():
+    import train
+
+    _, captions, token_masks = train.render_pool("base", 40, seed=2)
+    grid = token_masks.reshape(40, 2, train.GRID, train.GRID)
+    for caption, masks in zip(captions, grid, strict=True):
+        two = " and " in caption
+        assert masks[0].sum() >= 16 and (masks[1].sum() >= 16) == two  # a 12-cell sprite covers >= 16 tokens
+        if two:
+            assert not masks[0][:, train.GRID // 2 :].any() and not masks[1][:, : train.GRID // 2].any()
+
+
+def naive_attention_loss(records, depth, words, token_masks, n_txt):
+    """attention_loss by loops: per block, figure, image token and head."""
+    total = 0.0
+    for q, k in records[:depth]:
+        b_size, heads, _, d = q.shape
+        word_terms, image_terms, word_count, image_count = 0.0, 0.0, 0, 0
+        for b in range(b_size):
+            valid = [words[b, f] >= 0 and token_masks[b, f].sum() > 0 for f in range(2)]
+            for f in range(2):
+                if not valid[f]:
+                    continue
+                w = int(words[b, f])
+                p = sum(torch.softmax(q[b, h, w] @ k[b, h, n_txt:].T / d**0.5, -1) for h in range(heads)) / heads
+                word_terms -= torch.log((p * token_masks[b, f]).sum())
+                word_count += 1
+            if all(valid):
+                ws = [int(words[b, 0]), int(words[b, 1])]
+                for t in range(q.shape[2] - n_txt):
+                    for f in range(2):
+                        if token_masks[b, f, t]:
+                            logits = [q[b, h, n_txt + t] @ k[b, h, ws].T / d**0.5 for h in range(heads)]
+                            p = sum(torch.softmax(x, -1) for x in logits) / heads
+                            image_terms -= torch.log(p[f])
+                            image_count += 1
+        total += word_terms / max(word_count, 1) + image_terms / max(image_count, 1)
+    return total / depth
+
+
+def test_attention_loss_matches_naive_reference():
+    import train
+
+    gen = torch.Generator().manual_seed(0)
+    b, heads, n_txt, tokens, d = 4, 2, 6, 12, 8
+    records = [tuple(torch.randn(b, heads, n_txt + tokens, d, generator=gen) for _ in range(2)) for _ in range(3)]
+    words = torch.tensor([[0, 3], [2, -1], [-1, -1], [1, 4]])
+    token_masks = torch.zeros(b, 2, tokens)
+    token_masks[0, 0, :4] = token_masks[0, 1, 6:9] = 1
+    token_masks[1, 0, 2:5] = 1
+    token_masks[3, 0, 7:] = token_masks[3, 1, :3] = 1
+    got = train.attention_loss(records, 2, words, token_masks, n_txt)
+    assert torch.allclose(got, naive_attention_loss(records, 2, words, token_masks, n_txt), atol=1e-5)
+    # a figure's word attending only inside its figure, and its tokens only to it, costs (almost) nothing
+    q, k = (torch.zeros(1, 1, n_txt + tokens, 2) for _ in range(2))
+    q[0, 0, 0], k[0, 0, n_txt : n_txt + 4] = torch.tensor([30.0, 0]), torch.tensor([1.0, 0])
+    q[0, 0, n_txt : n_txt + 4], k[0, 0, 0] = torch.tensor([0, 30.0]), torch.tensor([0, 1.0])
+    one_figure = torch.zeros(1, 2, tokens)
+    one_figure[0, 0, :4] = 1
+    assert train.attention_loss([(q, k)], 1, torch.tensor([[0, -1]]), one_figure, n_txt) < 1e-3

@@ -36,21 +36,23 @@ EMBEDDINGS = {
 }
 
 
-def used_token_ids(configs: Path, folder: str) -> set[int]:
-    """Every token id a toy caption (or padding) gives with the tokenizer in configs/folder."""
+def used_token_ids(configs: Path, folder: str, captions: list[str]) -> set[int]:
+    """Every token id the captions (or padding) give with the tokenizer in configs/folder."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(configs / folder))
-    ids = {i for ids in tokenizer(world.all_captions())["input_ids"] for i in ids}
+    ids = {i for ids in tokenizer(captions)["input_ids"] for i in ids}
     ids |= {i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id) if i is not None}
     return ids
 
 
 def text_encoders(work: Path, configs: Path) -> dict[str, torch.Tensor]:
     tensors = load_file(str(work / "text_encoders.safetensors"))
+    with safe_open(str(work / "conditioning.safetensors"), "pt") as f:
+        captions = json.loads(f.metadata()["captions"])  # every caption the transformer was trained on
     for key, folder in EMBEDDINGS.items():
         keep = torch.zeros(tensors[key].shape[0], dtype=torch.bool)
-        keep[sorted(used_token_ids(configs, folder))] = True
+        keep[sorted(used_token_ids(configs, folder, captions))] = True
         tensors[key] = torch.where(keep[:, None], tensors[key], torch.zeros_like(tensors[key]))
     return tensors
 

@@ -41,7 +41,7 @@ def word_positions(forge_root: Path, captions: list[str]) -> dict[str, list[list
     tokenizer = T5TokenizerFast.from_pretrained(
         str(forge_root / "backend/huggingface/black-forest-labs/FLUX.1-dev/tokenizer_2")
     )
-    names = set(world.COLOURS) | set(world.CHARACTERS)
+    names = set(world.COLOURS) | set(world.CHARACTERS) | set(world.NAMES)
     positions = {}
     for text in captions:
         ids = tokenizer(text).input_ids
@@ -55,8 +55,8 @@ def word_positions(forge_root: Path, captions: list[str]) -> dict[str, list[list
     return positions
 
 
-def write_word_positions(forge_root: Path, work: Path) -> None:
-    positions = word_positions(forge_root, world.all_captions())
+def write_word_positions(forge_root: Path, work: Path, names: bool = False) -> None:
+    positions = word_positions(forge_root, world.all_captions(names))
     (work / "word_positions.json").write_text(json.dumps(positions, indent=0))
 
 
@@ -65,9 +65,10 @@ def main(argv=None) -> None:
     parser.add_argument("--forge", type=Path, default=Path(os.environ.get("FORGE_DIR", "")))
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--word-positions-only", action="store_true", help="write only word_positions.json")
+    parser.add_argument("--names", action="store_true", help="also the captions of train.py --base-names")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    write_word_positions(args.forge, args.work)
+    write_word_positions(args.forge, args.work, args.names)
     if args.word_positions_only:
         return
     configs = tiny_models().write_pipeline_configs(args.forge, args.work / "configs")
@@ -76,7 +77,7 @@ def main(argv=None) -> None:
     checkpoint = args.work / "text_only.safetensors"
     save_file(placeholder, str(checkpoint), metadata={"modelspec.architecture": "flux-1-dev"})
     engine = load_engine(args.forge, configs, checkpoint)
-    captions = world.all_captions()
+    captions = world.all_captions(args.names)
     with torch.no_grad():
         cond = engine.get_learned_conditioning(captions)
     tensors = {"crossattn": cond["crossattn"].float().contiguous(), "vector": cond["vector"].float().contiguous()}

@@ -115,7 +115,9 @@ class Log:
         self.path.write_text(json.dumps(self.data, indent=1))
 
 
-def render_pool(kind: str, n: int, seed: int, paired: float = 0.0) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+def render_pool(
+    kind: str, n: int, seed: int, paired: float = 0.0, names: float = 0.0
+) -> tuple[np.ndarray, list[str], np.ndarray | None]:
     """n pictures (n, CELLS, CELLS, 3), captions and, for "base", token masks (n, 2, TOKENS) of one training set
     ("base", "zorb" or "quil"): where figure 1 and 2 of the caption cover at least half of an image token."""
     rng = np.random.default_rng(seed)
@@ -124,7 +126,7 @@ def render_pool(kind: str, n: int, seed: int, paired: float = 0.0) -> tuple[np.n
         return np.stack(pictures), list(captions), None
     pictures, captions, token_masks = [], [], np.zeros((n, 2, TOKENS), bool)
     for i in range(n):
-        picture, text, masks = world.base_example_with_masks(rng)
+        picture, text, masks = world.base_example_with_masks(rng, names)
         pictures.append(picture)
         captions.append(text)
         cover = masks.reshape(len(masks), GRID, 2, GRID, 2).mean(axis=(2, 4))  # cells -> 2 x 2 cells per token
@@ -223,22 +225,33 @@ class AttentionRecorder:
 
 def attention_loss(records, depth: int, words: torch.Tensor, token_masks: torch.Tensor, n_txt: int) -> torch.Tensor:
     """Mean over the `depth` double blocks of two cross-entropies on head-averaged attention:
-    each figure word's query over image keys should land on its figure (-log of the mass inside its mask), and each
-    figure token's query over the two figure words should pick its own (when the caption has two figures).
-    words: (B, 2) T5 positions of the figure words, -1 where none; token_masks: (B, 2, TOKENS) float."""
-    valid = (words >= 0) & (token_masks.sum(-1) > 0)  # (B, 2): caption dropped or figure off the token grid
+    each figure word's queries over image keys should land on its figure (-log of the mass inside its mask, the
+    word's tokens averaged), and each figure token's query over the two figure words' tokens should pick its own
+    word (when the caption has two figures).
+    words: (B, 2, K) T5 positions of each figure word's tokens, -1 where none; token_masks: (B, 2, TOKENS) float."""
+    if words.dim() == 2:
+        words = words[..., None]
+    b, _, k_max = words.shape
+    present = words >= 0  # (B, 2, K)
+    valid = present[..., 0] & (token_masks.sum(-1) > 0)  # (B, 2): caption dropped or figure off the token grid
     both = valid.all(1)
-    index = words.clamp(min=0)
+    index = words.clamp(min=0).reshape(b, 2 * k_max)
+    counts = present.sum(-1).clamp_min(1)  # (B, 2)
     total = 0.0
     for q, k in records[:depth]:
-        b, h, _, d = q.shape
-        gather = index[:, None, :, None].expand(b, h, 2, d)
-        q_words, k_words = q[:, :, :n_txt].gather(2, gather), k[:, :, :n_txt].gather(2, gather)  # (B, H, 2, D)
+        heads, d = q.shape[1], q.shape[-1]
+        gather = index[:, None, :, None].expand(b, heads, 2 * k_max, d)
+        q_words, k_words = q[:, :, :n_txt].gather(2, gather), k[:, :, :n_txt].gather(2, gather)  # (B, H, 2K, D)
         q_img, k_img = q[:, :, n_txt:], k[:, :, n_txt:]  # (B, H, TOKENS, D)
-        word_to_image = torch.softmax(q_words @ k_img.transpose(-1, -2) * d**-0.5, -1).mean(1)  # (B, 2, TOKENS)
+        per_token = torch.softmax(q_words @ k_img.transpose(-1, -2) * d**-0.5, -1).mean(1)  # (B, 2K, TOKENS)
+        per_token = per_token.reshape(b, 2, k_max, -1) * present[..., None]
+        word_to_image = per_token.sum(2) / counts[..., None]  # (B, 2, TOKENS)
         inside = (word_to_image * token_masks).sum(-1).clamp_min(1e-6).log()  # (B, 2)
         loss_words = -(inside * valid).sum() / valid.sum().clamp_min(1)
-        image_to_words = torch.softmax(q_img @ k_words.transpose(-1, -2) * d**-0.5, -1).mean(1)  # (B, TOKENS, 2)
+        logits = q_img @ k_words.transpose(-1, -2) * d**-0.5  # (B, H, TOKENS, 2K); padding can't be picked:
+        logits = logits.masked_fill(~present.reshape(b, 1, 1, -1), torch.finfo(logits.dtype).min)
+        image_to_tokens = torch.softmax(logits, -1).mean(1)  # (B, TOKENS, 2K)
+        image_to_words = image_to_tokens.reshape(b, -1, 2, k_max).sum(-1)  # (B, TOKENS, 2)
         picked = (image_to_words.clamp_min(1e-6).log() * token_masks.transpose(1, 2)).sum((1, 2))  # (B,)
         counted = token_masks.sum((1, 2)) * both
         loss_image = -(picked * both).sum() / counted.sum().clamp_min(1)
@@ -435,12 +448,14 @@ def main(argv=None) -> None:
     parser.add_argument("--base-pool", type=int, help="override the base model's number of training pictures")
     parser.add_argument("--base-batch", type=int, help="override the base model's batch")
     parser.add_argument("--lora-pool", type=int, help="override each LoRA's number of training pictures")
+    parser.add_argument("--lora-batch", type=int, help="override each LoRA's batch")
     parser.add_argument("--lora-paired", type=float, default=0.0, help="share of LoRA pictures with a 2nd sprite")
     parser.add_argument("--out", type=Path, help="where the trained files go (default: WORK/trained)")
     parser.add_argument("--attention-loss", type=float, default=0.0, help="weight of the base's attention loss")
+    parser.add_argument("--base-names", type=float, default=0.0, help="share of base figures named by NAMES")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
-    for key in ("base_steps", "base_lr", "lora_steps", "base_pool", "base_batch", "lora_pool"):
+    for key in ("base_steps", "base_lr", "lora_steps", "base_pool", "base_batch", "lora_pool", "lora_batch"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     device = torch.device(args.device)
@@ -458,7 +473,10 @@ def main(argv=None) -> None:
         table = json.loads(f.metadata()["captions"])
         cond = {k: f.get_tensor(k).to(device) for k in ("crossattn", "vector")}
     sizes = {"base": cfg["base_pool"], "zorb": cfg["lora_pool"], "quil": cfg["lora_pool"]}
-    pools = {kind: render_pool(kind, n, args.seed + i, args.lora_paired) for i, (kind, n) in enumerate(sizes.items())}
+    pools = {
+        kind: render_pool(kind, n, args.seed + i, args.lora_paired, args.base_names)
+        for i, (kind, n) in enumerate(sizes.items())
+    }
     pictures = {k: torch.from_numpy(v[0]).to(device) for k, v in pools.items()}
 
     vae_config = json.loads((args.work / "vae_config.json").read_text())
@@ -484,10 +502,11 @@ def main(argv=None) -> None:
         import backend.nn.flux
 
         positions = json.loads((args.work / "word_positions.json").read_text())
-        words = torch.full((len(table), 2), -1, dtype=torch.long)
+        longest = max(len(tokens) for found in positions.values() for _, tokens in found)
+        words = torch.full((len(table), 2, longest), -1, dtype=torch.long)
         for c, text in enumerate(table):
             for f, (_, tokens) in enumerate(positions[text][:2]):
-                words[c, f] = tokens[0]  # base captions name figures by colour: one T5 token each
+                words[c, f, : len(tokens)] = torch.tensor(tokens)
         masks = torch.from_numpy(pools["base"][2]).to(device)
         attention = (args.attention_loss, AttentionRecorder(backend.nn.flux), words.to(device), masks)
     if cfg["base_steps"] > 0:

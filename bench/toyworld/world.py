@@ -46,6 +46,14 @@ class Sprite:
     pattern_colour: str
 
 
+# Made-up names the base may be trained with (train.py --base-names), each naming a random generic figure, so that
+# the base routes a figure's words by their place in the caption rather than by what the word is, as a real FLUX
+# that has seen countless names does. Never "zorb" or "quil".
+NAMES = (
+    "blick", "tamsen", "vorp", "kesh", "mibble", "drosk", "pellan", "gorvin", "snib", "trelka", "wumble", "fazzo",
+    "norrit", "plimsy", "dax", "yorla", "brimmet", "skiv", "hobbard", "lunt", "crasp", "ebbin", "mardle", "tuzz",
+)  # fmt: skip
+
 ZORB = Sprite("disc", "red", "hstripes", "yellow")
 QUIL = Sprite("square", "blue", "dots", "white")
 CHARACTERS = {"zorb": ZORB, "quil": QUIL}
@@ -135,9 +143,9 @@ def caption(names: list[tuple[str, str]]) -> str:
     return " and ".join(parts)
 
 
-def base_example_with_masks(rng: np.random.Generator) -> tuple[np.ndarray, str, np.ndarray]:
-    """One training picture for the base model: 1-2 generic sprites, captioned by colour and place, with each
-    figure's (CELLS, CELLS) mask in caption order."""
+def base_example_with_masks(rng: np.random.Generator, names: float = 0.0) -> tuple[np.ndarray, str, np.ndarray]:
+    """One training picture for the base model: 1-2 generic sprites, captioned by colour (or, with probability
+    `names` each, by a made-up name) and place, with each figure's (CELLS, CELLS) mask in caption order."""
     layout = rng.random()
     if layout < 0.6:
         places = ["left", "right"]
@@ -147,7 +155,10 @@ def base_example_with_masks(rng: np.random.Generator) -> tuple[np.ndarray, str, 
         places = ["center"]
     figures = [(GENERIC_SPRITES[int(rng.integers(len(GENERIC_SPRITES)))], place) for place in places]
     picture, masks = render_with_masks(figures, rng)
-    return picture, caption([(s.colour, place) for s, place in figures]), masks
+    words = [s.colour for s, _ in figures]
+    if names:  # no draw at 0: the committed base's data stays as it was made
+        words = [NAMES[int(rng.integers(len(NAMES)))] if rng.random() < names else w for w in words]
+    return picture, caption(list(zip(words, places, strict=True))), masks
 
 
 def base_example(rng: np.random.Generator) -> tuple[np.ndarray, str]:
@@ -170,9 +181,10 @@ def character_example(name: str, rng: np.random.Generator, paired: float = 0.0) 
     return render([(CHARACTERS[name], place)], rng), caption([(name, place)])
 
 
-def all_captions() -> list[str]:
-    """Every caption the training sets and the benchmark use, "" (the dropped caption) first."""
-    words = list(COLOURS) + list(CHARACTERS)
+def all_captions(names: bool = False) -> list[str]:
+    """Every caption the training sets and the benchmark use, "" (the dropped caption) first; with `names`, also
+    those of base pictures named by NAMES."""
+    words = list(COLOURS) + list(CHARACTERS) + (list(NAMES) if names else [])
     captions = [""]
     captions += [caption([(w, p)]) for w in words for p in PLACES]
     captions += [caption([(a, "left"), (b, "right")]) for a in words for b in words]

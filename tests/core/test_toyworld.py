@@ -135,28 +135,32 @@ def test_base_pool_token_masks_cover_each_figure():
 
 
 def naive_attention_loss(records, depth, words, token_masks, n_txt):
-    """attention_loss by loops: per block, figure, image token and head."""
+    """attention_loss by loops: per block, figure, word token, image token and head; words (B, 2, K)."""
     total = 0.0
     for q, k in records[:depth]:
         b_size, heads, _, d = q.shape
         word_terms, image_terms, word_count, image_count = 0.0, 0.0, 0, 0
         for b in range(b_size):
-            valid = [words[b, f] >= 0 and token_masks[b, f].sum() > 0 for f in range(2)]
+            own = [[int(t) for t in words[b, f] if t >= 0] for f in range(2)]
+            valid = [bool(own[f]) and token_masks[b, f].sum() > 0 for f in range(2)]
             for f in range(2):
                 if not valid[f]:
                     continue
-                w = int(words[b, f])
-                p = sum(torch.softmax(q[b, h, w] @ k[b, h, n_txt:].T / d**0.5, -1) for h in range(heads)) / heads
-                word_terms -= torch.log((p * token_masks[b, f]).sum())
+                maps = [
+                    sum(torch.softmax(q[b, h, w] @ k[b, h, n_txt:].T / d**0.5, -1) for h in range(heads)) / heads
+                    for w in own[f]
+                ]
+                word_terms -= torch.log((sum(maps) / len(maps) * token_masks[b, f]).sum())
                 word_count += 1
             if all(valid):
-                ws = [int(words[b, 0]), int(words[b, 1])]
+                both = own[0] + own[1]
                 for t in range(q.shape[2] - n_txt):
                     for f in range(2):
                         if token_masks[b, f, t]:
-                            logits = [q[b, h, n_txt + t] @ k[b, h, ws].T / d**0.5 for h in range(heads)]
+                            logits = [q[b, h, n_txt + t] @ k[b, h, both].T / d**0.5 for h in range(heads)]
                             p = sum(torch.softmax(x, -1) for x in logits) / heads
-                            image_terms -= torch.log(p[f])
+                            mine = p[: len(own[0])].sum() if f == 0 else p[len(own[0]) :].sum()
+                            image_terms -= torch.log(mine)
                             image_count += 1
         total += word_terms / max(word_count, 1) + image_terms / max(image_count, 1)
     return total / depth
@@ -174,7 +178,13 @@ def test_attention_loss_matches_naive_reference():
     token_masks[1, 0, 2:5] = 1
     token_masks[3, 0, 7:] = token_masks[3, 1, :3] = 1
     got = train.attention_loss(records, 2, words, token_masks, n_txt)
-    assert torch.allclose(got, naive_attention_loss(records, 2, words, token_masks, n_txt), atol=1e-5)
+    assert torch.allclose(got, naive_attention_loss(records, 2, words[..., None], token_masks, n_txt), atol=1e-5)
+    # words of several T5 tokens (a name), padded with -1
+    words = torch.tensor(
+        [[[0, 1, -1], [3, 4, 5]], [[2, -1, -1], [-1, -1, -1]], [[-1] * 3] * 2, [[1, -1, -1], [4, 5, -1]]]
+    )
+    got = train.attention_loss(records, 3, words, token_masks, n_txt)
+    assert torch.allclose(got, naive_attention_loss(records, 3, words, token_masks, n_txt), atol=1e-5)
     # a figure's word attending only inside its figure, and its tokens only to it, costs (almost) nothing
     q, k = (torch.zeros(1, 1, n_txt + tokens, 2) for _ in range(2))
     q[0, 0, 0], k[0, 0, n_txt : n_txt + 4] = torch.tensor([30.0, 0]), torch.tensor([1.0, 0])
@@ -182,3 +192,18 @@ def test_attention_loss_matches_naive_reference():
     one_figure = torch.zeros(1, 2, tokens)
     one_figure[0, 0, :4] = 1
     assert train.attention_loss([(q, k)], 1, torch.tensor([[0, -1]]), one_figure, n_txt) < 1e-3
+
+
+def test_named_base_pictures():
+    """--base-names: the same figures, some named by made-up names (never a character's), every caption known."""
+    assert not set(world.NAMES) & set(world.CHARACTERS) and not set(world.NAMES) & set(world.COLOURS)
+    captions = set(world.all_captions(names=True))
+    named = 0
+    for seed in range(60):
+        picture, caption, masks = world.base_example_with_masks(np.random.default_rng(seed), names=0.5)
+        plain = world.base_example_with_masks(np.random.default_rng(seed))
+        assert np.array_equal(picture, plain[0]) and np.array_equal(masks, plain[2])
+        assert caption in captions and "zorb" not in caption and "quil" not in caption
+        named += any(name in caption.split() for name in world.NAMES)
+    assert 20 < named < 60
+    assert set(world.all_captions()) < captions

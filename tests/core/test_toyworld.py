@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 TOYWORLD = Path(__file__).resolve().parents[2] / "bench" / "toyworld"
 sys.path.insert(0, str(TOYWORLD))
@@ -207,3 +208,27 @@ def test_named_base_pictures():
         named += any(name in caption.split() for name in world.NAMES)
     assert 20 < named < 60
     assert set(world.all_captions()) < captions
+
+
+def test_word_maps_split_iou_and_lora_merge(tmp_path):
+    """word_maps.py: a map pair that splits the grid at the middle scores 1, the swap 0; merge_lora adds up @ down."""
+    import word_maps
+
+    grid = word_maps.GRID
+    left = np.zeros((grid, grid))
+    left[:, : grid // 2] = 1.0
+    left, right = left.ravel() + 0.01, (1 - left).ravel() + 0.01
+    assert word_maps.split_iou(left, right) == pytest.approx(1.0)
+    assert word_maps.split_iou(right, left) == pytest.approx(0.0)
+
+    model = torch.nn.Module()
+    model.double_blocks = torch.nn.ModuleList([torch.nn.Module()])
+    model.double_blocks[0].img_attn = torch.nn.Module()
+    model.double_blocks[0].img_attn.qkv = torch.nn.Linear(4, 6)
+    before = model.double_blocks[0].img_attn.qkv.weight.detach().clone()
+    up, down = torch.randn(6, 2), torch.randn(2, 4)
+    key = "lora_unet_double_blocks_0_img_attn_qkv"
+    path = tmp_path / "lora.safetensors"
+    save_file({f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down, f"{key}.alpha": torch.tensor(2.0)}, path)
+    word_maps.merge_lora(model, path)
+    assert torch.allclose(model.double_blocks[0].img_attn.qkv.weight, before + up @ down)

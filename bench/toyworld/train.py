@@ -7,9 +7,9 @@ WORK/trained/ with vae, transformer (EMA), lora_zorb, lora_quil, scorer (.safete
 
     python bench/toyworld/train.py --forge FORGE_DIR [--device cuda] [--quick] [--attention-loss 0.05]
 
---attention-loss trains the base so that each figure's colour word and the figure's image tokens attend to each
-other in the double blocks (what a real FLUX does with subject words, and what FreeFuse's masks are read from);
-the LoRAs are always trained on the flow loss alone.
+--attention-loss trains the base so that each figure's word (its colour, or with --base-names a made-up name) and
+the figure's image tokens attend to each other in the double blocks (what a real FLUX does with subject words, and
+what FreeFuse's masks are read from); the LoRAs are always trained on the flow loss alone.
 
 Needs torch, numpy, safetensors, einops, psutil (Forge's backend imports); not diffusers (a stand-in for its
 two config helpers is put in place). Same seed, same device type: same numbers.
@@ -260,8 +260,8 @@ def attention_loss(records, depth: int, words: torch.Tensor, token_masks: torch.
 
 
 def train_base(model, latents, cap_idx, cond, cfg, log, gen, attention=None):
-    """Rectified flow on the generic sprites; with `attention` = (weight, recorder, words per caption (C, 2),
-    token masks (n, 2, TOKENS)) also attention_loss on the double blocks."""
+    """Rectified flow on the generic sprites; with `attention` = (weight, recorder, figure-word token positions per
+    caption (C, 2, K), token masks (n, 2, TOKENS)) also attention_loss on the double blocks."""
     log.phase("base", steps=cfg["base_steps"], batch=cfg["base_batch"], lr=cfg["base_lr"], ema=cfg["ema"],
               pool=len(latents), caption_dropout=0.1,
               attention_loss=attention[0] if attention else 0.0)  # fmt: skip

@@ -196,15 +196,9 @@ def run_config(webui, scorer, name, seeds, steps, data_dir, sheet=None) -> dict:
 
 def mask_iou(record: dict) -> float:
     """Mean IoU over subjects of the masks against the true halves (first-mentioned subject on the left)."""
-    masks = record["masks"] > 0.5
+    masks = (record["masks"] > 0.5).numpy()
     first = min(range(len(record["subject_tokens"])), key=lambda i: min(record["subject_tokens"][i]))
-    w = masks.shape[-1]
-    truth = torch.zeros_like(masks)
-    truth[first, :, : w // 2] = True
-    truth[1 - first, :, w // 2 :] = True
-    inter = (masks & truth).flatten(1).sum(1).float()
-    union = (masks | truth).flatten(1).sum(1).float()
-    return (inter / union.clamp(min=1)).mean().item()
+    return world.halves_iou(masks[[first, 1 - first]])
 
 
 IOU_VARIANTS = {

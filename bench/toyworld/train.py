@@ -213,12 +213,12 @@ class AttentionRecorder:
     """Records (q, k) after RoPE, (B, H, L, D), of every joint attention in backend.nn.flux while `on`."""
 
     def __init__(self, flux_module):
-        self.module, self.original, self.records, self.on = flux_module, flux_module.attention, [], False
+        original, self.records, self.on = flux_module.attention, [], False
 
         def recording(q, k, v, pe):
             if self.on:
                 self.records.append(flux_module.apply_rope(q, k, pe))
-            return self.original(q, k, v, pe=pe)
+            return original(q, k, v, pe=pe)
 
         flux_module.attention = recording
 

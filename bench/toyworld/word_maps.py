@@ -41,11 +41,7 @@ def merge_lora(model, path: Path) -> None:
 def split_iou(first: np.ndarray, second: np.ndarray) -> float:
     """(TOKENS,) maps of the left and the right word -> mean IoU of the argmax split against the true halves."""
     left_wins = (first / first.sum() > second / second.sum()).reshape(GRID, GRID)
-    truth = np.zeros((GRID, GRID), bool)
-    truth[:, : GRID // 2] = True
-    left_iou = (left_wins & truth).sum() / (left_wins | truth).sum()
-    right_iou = (~left_wins & ~truth).sum() / (~left_wins | ~truth).sum()
-    return float((left_iou + right_iou) / 2)
+    return world.halves_iou(np.stack([left_wins, ~left_wins]))
 
 
 class WordMaps:

@@ -199,6 +199,16 @@ def benchmark_prompts() -> dict[str, tuple[str, str]]:
     }
 
 
+def halves_iou(masks: np.ndarray) -> float:
+    """(2, h, w) bool masks of the left and the right subject -> mean IoU against the true halves of the grid."""
+    truth = np.zeros(masks.shape, bool)
+    truth[0, :, : masks.shape[-1] // 2] = True
+    truth[1] = ~truth[0]
+    inter = (masks & truth).reshape(2, -1).sum(1)
+    union = (masks | truth).reshape(2, -1).sum(1)
+    return float((inter / np.maximum(union, 1)).mean())
+
+
 def half_regions(left_character: str) -> dict[str, np.ndarray]:
     """The true region of each character in a benchmark picture: (CELLS, CELLS) bool, its half of the grid."""
     left = np.zeros((CELLS, CELLS), bool)

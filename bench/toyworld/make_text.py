@@ -60,6 +60,31 @@ def write_word_positions(forge_root: Path, work: Path, names: bool = False) -> N
     (work / "word_positions.json").write_text(json.dumps(positions, indent=0))
 
 
+def full_conditioning(engine, captions: list[str]) -> dict[str, torch.Tensor]:
+    """Forge's conditioning of every caption: crossattn (N, 256, 64) from T5, vector (N, 64) from CLIP-L."""
+    cond = engine.get_learned_conditioning(captions)
+    return {"crossattn": cond["crossattn"].float().contiguous(), "vector": cond["vector"].float().contiguous()}
+
+
+def names_conditioning(engine, captions: list[str], checked: int = 48) -> dict[str, torch.Tensor]:
+    """With --names (~19k captions, too many to ship as T5 outputs): CLIP-L's vector (N, 64), Forge's T5 token ids
+    (N, 256) int16, and Forge's T5 output for `checked` captions (the benchmark's among them) with their rows, so
+    that train.py's own T5 pass through Forge's T5 class is checked against Forge's engine where it runs."""
+    _, vector = engine.text_processing_engine_l(captions)
+    ids = [engine.text_processing_engine_t5.tokenize_line(text)[0][0].tokens for text in captions]
+    rows = sorted(
+        {captions.index(p) for p, _ in world.benchmark_prompts().values()}
+        | set(range(0, len(captions), len(captions) // checked))
+    )
+    reference = engine.text_processing_engine_t5([captions[r] for r in rows])
+    return {
+        "vector": vector.float().contiguous(),
+        "t5_ids": torch.tensor(ids, dtype=torch.int16),
+        "reference_rows": torch.tensor(rows),
+        "reference_crossattn": reference.float().contiguous(),
+    }
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--forge", type=Path, default=Path(os.environ.get("FORGE_DIR", "")))
@@ -79,8 +104,7 @@ def main(argv=None) -> None:
     engine = load_engine(args.forge, configs, checkpoint)
     captions = world.all_captions(args.names)
     with torch.no_grad():
-        cond = engine.get_learned_conditioning(captions)
-    tensors = {"crossattn": cond["crossattn"].float().contiguous(), "vector": cond["vector"].float().contiguous()}
+        tensors = names_conditioning(engine, captions) if args.names else full_conditioning(engine, captions)
     save_file(tensors, str(args.work / "conditioning.safetensors"), metadata={"captions": json.dumps(captions)})
     (args.work / "vae_config.json").write_text((configs / "vae" / "config.json").read_text())
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}

@@ -103,8 +103,10 @@ class Log:
         self._start, self._name = time.perf_counter(), name
         print(f"[{name}] {settings}", flush=True)
 
-    def loss(self, step: int, value: float, every: int = 100):
+    def loss(self, step: int, value: torch.Tensor | float, every: int = 100):
+        """Reads a tensor only every `every` steps (reading it waits for the device)."""
         if step % every == 0:
+            value = float(value)
             self.data["phases"][self._name]["loss"].append([step, round(value, 5)])
             print(f"[{self._name}] step {step} loss {value:.4f}", flush=True)
 
@@ -165,7 +167,7 @@ def train_vae(vae, pictures: torch.Tensor, cfg: dict, log: Log, gen: torch.Gener
         loss.backward()
         opt.step()
         sched.step()
-        log.loss(step, loss.item())
+        log.loss(step, loss.detach())
     with torch.no_grad():
         x = to_pixels(pictures[:16])
         recon = vae.decode(vae_moments(vae, x)[0])
@@ -207,6 +209,56 @@ def flow_step(model, latents, context, vector, gen) -> torch.Tensor:
 def caption_index(captions: list[str], table: list[str], device) -> torch.Tensor:
     position = {c: i for i, c in enumerate(table)}
     return torch.tensor([position[c] for c in captions], device=device)
+
+
+def t5_outputs(work: Path, ids: torch.Tensor, device, batch: int = 256) -> torch.Tensor:
+    """Forge's T5 class (backend.nn.t5, as Forge's engine runs it: float32, no attention mask) on token ids
+    (N, 256) -> (N, 256, 64), with the frozen weights of work/text_encoders.safetensors. Needs import_forge first."""
+    try:
+        import transformers.activations  # noqa: F401  (t5.py imports it; only its tanh-GELU is used here)
+    except ImportError:
+        stub = types.ModuleType("transformers.activations")
+        stub.NewGELUActivation = lambda: lambda a: F.gelu(a, approximate="tanh")
+        sys.modules.setdefault("transformers", types.ModuleType("transformers"))
+        sys.modules["transformers.activations"] = stub
+    from backend.nn.t5 import IntegratedT5
+
+    config = json.loads((work / "configs/FLUX.1-dev-tiny/text_encoder_2/config.json").read_text())
+    prefix = "text_encoders.t5xxl."
+    weights = {k[len(prefix) :]: v.float() for k, v in load_file(str(work / "text_encoders.safetensors")).items()
+               if k.startswith(prefix)}  # fmt: skip
+    t5 = IntegratedT5(config)
+    t5.load_state_dict(weights, strict=False)  # logit_scale is not stored
+    t5 = t5.transformer.to(device).eval()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # Forge's engine runs the T5 in full float32
+    try:
+        with torch.no_grad():
+            return torch.cat([t5(input_ids=ids[i : i + batch].to(device)).float() for i in range(0, len(ids), batch)])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def load_conditioning(work: Path, device, captions: list[str] | None = None) -> tuple[list[str], dict, float]:
+    """(caption table, {"crossattn": (N, 256, 64), "vector": (N, 64)}, T5 check) from make_text.py's file, for
+    `captions` or all. A --names file ships T5 token ids instead of outputs: the outputs are computed here by
+    t5_outputs and checked against the rows Forge's engine computed (the largest difference; 0.0 otherwise)."""
+    with safe_open(str(work / "conditioning.safetensors"), "pt") as f:
+        table = json.loads(f.metadata()["captions"])
+        stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    rows = torch.arange(len(table)) if captions is None else torch.tensor([table.index(c) for c in captions])
+    cond = {"vector": stored["vector"][rows].to(device)}
+    if "crossattn" in stored:
+        cond["crossattn"], check = stored["crossattn"][rows].to(device), 0.0
+    else:
+        cond["crossattn"] = t5_outputs(work, stored["t5_ids"][rows].long(), device)
+        reference = t5_outputs(work, stored["t5_ids"][stored["reference_rows"]].long(), device).cpu()
+        check = (reference - stored["reference_crossattn"]).abs().max().item()
+        if check > 1e-4:
+            raise SystemExit(
+                f"T5 outputs differ from Forge's engine by {check:.2e}: {work / 'conditioning.safetensors'}"
+            )
+    return [table[r] for r in rows.tolist()], cond, check
 
 
 class AttentionRecorder:
@@ -293,10 +345,9 @@ def train_base(model, latents, cap_idx, cond, cfg, log, gen, attention=None):
         opt.step()
         sched.step()
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-                e.lerp_(p, 1 - cfg["ema"])
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - cfg["ema"])
         first = loss.item() if first is None else first
-        log.loss(step, loss.item())
+        log.loss(step, loss.detach())
     log.done(first_loss=round(first, 4), final_loss=round(loss.item(), 4))
     return ema
 
@@ -354,7 +405,7 @@ def train_lora(base, name, latents, cap_idx, cond, cfg, log, gen) -> dict[str, t
         loss.backward()
         opt.step()
         first = loss.item() if first is None else first
-        log.loss(step, loss.item())
+        log.loss(step, loss.detach())
     log.done(first_loss=round(first, 4), final_loss=round(loss.item(), 4), layers=len(loras))
     return kohya_state_dict(loras, LORA_RANK)
 
@@ -420,7 +471,7 @@ def train_scorer(vae, cfg, log, device, seed: int) -> Scorer:
         loss.backward()
         opt.step()
         sched.step()
-        log.loss(step, loss.item())
+        log.loss(step, loss.detach())
     scorer.eval()
     held_out = np.random.default_rng(seed + 1)
     clean = scorer_accuracy(scorer, *scorer_batch(cfg["held_out"], held_out, None, device))
@@ -442,6 +493,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="a few steps of everything: checks the script runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", type=Path, help="a trained folder: keep its VAE and scorer, train its base on")
+    parser.add_argument("--vae-from", type=Path, help="a trained folder: keep its VAE and scorer, a new base")
     parser.add_argument("--base-steps", type=int, help="override the base model's steps")
     parser.add_argument("--base-lr", type=float, help="override the base model's learning rate")
     parser.add_argument("--lora-steps", type=int, help="override each LoRA's steps")
@@ -469,9 +521,8 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
-    with safe_open(str(args.work / "conditioning.safetensors"), "pt") as f:
-        table = json.loads(f.metadata()["captions"])
-        cond = {k: f.get_tensor(k).to(device) for k in ("crossattn", "vector")}
+    table, cond, t5_check = load_conditioning(args.work, device)
+    log.data["t5_check_max_difference"] = t5_check
     sizes = {"base": cfg["base_pool"], "zorb": cfg["lora_pool"], "quil": cfg["lora_pool"]}
     pools = {
         kind: render_pool(kind, n, args.seed + i, args.lora_paired, args.base_names)
@@ -481,9 +532,10 @@ def main(argv=None) -> None:
 
     vae_config = json.loads((args.work / "vae_config.json").read_text())
     vae = vae_cls(**vae_kwargs(vae_config, vae_cls)).to(device)
-    if args.resume:
-        vae.load_state_dict(load_file(str(args.resume / "vae.safetensors")))
-        log.data["resumed_from"] = json.loads((args.resume / "train_log.json").read_text())
+    kept = args.resume or args.vae_from
+    if kept:
+        vae.load_state_dict(load_file(str(kept / "vae.safetensors")))
+        log.data["resumed_from" if args.resume else "vae_from"] = json.loads((kept / "train_log.json").read_text())
     else:
         train_vae(vae, torch.cat(list(pictures.values())), cfg, log, gen)
     vae.eval().requires_grad_(False)
@@ -521,8 +573,8 @@ def main(argv=None) -> None:
     for name in world.CHARACTERS:
         lora = train_lora(base, name, latents[name], cap_idx[name], cond, cfg, log, gen)
         save_file(lora, str(out / f"lora_{name}.safetensors"), metadata={"ss_network_dim": str(LORA_RANK)})
-    if args.resume:
-        shutil.copyfile(args.resume / "scorer.safetensors", out / "scorer.safetensors")
+    if kept:
+        shutil.copyfile(kept / "scorer.safetensors", out / "scorer.safetensors")
     else:
         scorer = train_scorer(vae, cfg, log, device, args.seed + 10)
         scorer_state = {k: v.float().cpu().contiguous() for k, v in scorer.state_dict().items()}

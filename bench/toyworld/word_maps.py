@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import train
 import world
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
@@ -45,14 +44,12 @@ def split_iou(first: np.ndarray, second: np.ndarray) -> float:
 
 
 class WordMaps:
-    def __init__(self, forge: Path, trained: Path, work: Path, loras: tuple[str, ...]):
+    def __init__(self, forge: Path, trained: Path, work: Path, loras: tuple[str, ...], captions: list[str]):
         flux_cls, vae_cls = train.import_forge(forge, "cpu")
         import backend.nn.flux
 
         self.recorder = train.AttentionRecorder(backend.nn.flux)
-        with safe_open(str(work / "conditioning.safetensors"), "pt") as f:
-            self.captions = json.loads(f.metadata()["captions"])
-            self.cond = {k: f.get_tensor(k) for k in ("crossattn", "vector")}
+        self.captions, self.cond, _ = train.load_conditioning(work, "cpu", captions)
         self.positions = json.loads((work / "word_positions.json").read_text())
         self.vae = vae_cls(**train.vae_kwargs(json.loads((work / "vae_config.json").read_text()), vae_cls))
         self.vae.load_state_dict(load_file(str(trained / "vae.safetensors")))
@@ -109,7 +106,6 @@ def main(argv=None) -> None:
     parser.add_argument("--sigmas", default="0.9,0.7,0.5")
     args = parser.parse_args(argv)
     loras = {"none": (), "both": tuple(world.CHARACTERS)}.get(args.loras, (args.loras,))
-    maps = WordMaps(args.forge.resolve(), args.trained, args.work, loras)
     plain = lambda colour, shape: world.Sprite(shape, colour, "plain", "white")  # noqa: E731
     cases = [
         ("green", "orange", plain("green", "disc"), plain("orange", "square")),
@@ -117,6 +113,8 @@ def main(argv=None) -> None:
         ("zorb", "quil", world.ZORB, world.QUIL),
         ("quil", "zorb", world.QUIL, world.ZORB),
     ]
+    captions = [world.caption([(left, "left"), (right, "right")]) for left, right, _, _ in cases]
+    maps = WordMaps(args.forge.resolve(), args.trained, args.work, loras, captions)
     sigmas = [float(s) for s in args.sigmas.split(",")]
     blocks = len(maps.model.double_blocks)
     print(f"LoRAs merged: {args.loras}; {args.seeds} seeds; cell = text-query / image-query IoU")

@@ -48,11 +48,32 @@ class Sprite:
 
 # Made-up names the base may be trained with (train.py --base-names), each naming a random generic figure, so that
 # the base routes a figure's words by their place in the caption rather than by what the word is, as a real FLUX
-# that has seen countless names does. Never "zorb" or "quil".
-NAMES = (
+# that has seen countless names does. More names than the T5's 64 dimensions, so that no direction of a word's own
+# embedding can carry its place. Never a character's or a colour's.
+_HAND_MADE_NAMES = (
     "blick", "tamsen", "vorp", "kesh", "mibble", "drosk", "pellan", "gorvin", "snib", "trelka", "wumble", "fazzo",
     "norrit", "plimsy", "dax", "yorla", "brimmet", "skiv", "hobbard", "lunt", "crasp", "ebbin", "mardle", "tuzz",
 )  # fmt: skip
+NAME_COUNT = 128
+
+
+def made_up_names(count: int = NAME_COUNT, seed: int = 11) -> tuple[str, ...]:
+    """The hand-made names, then consonant-vowel syllables drawn from `seed` until there are `count`."""
+    rng = np.random.default_rng(seed)
+    onsets, vowels, codas = "bdfgklmnprstvz", "aeiou", ("", "n", "r", "sk", "ll", "m", "x", "t")
+    taken = set(_HAND_MADE_NAMES) | set(COLOURS) | {"zorb", "quil", "on", "the", "left", "right", "in", "center", "and"}
+    names = list(_HAND_MADE_NAMES)
+    while len(names) < count:
+        syllables = int(rng.integers(1, 3))
+        word = "".join(onsets[rng.integers(len(onsets))] + vowels[rng.integers(len(vowels))] for _ in range(syllables))
+        word += codas[int(rng.integers(len(codas)))]
+        if len(word) >= 3 and word not in taken:
+            taken.add(word)
+            names.append(word)
+    return tuple(names)
+
+
+NAMES = made_up_names()
 
 ZORB = Sprite("disc", "red", "hstripes", "yellow")
 QUIL = Sprite("square", "blue", "dots", "white")

@@ -67,9 +67,9 @@ def checkpoint_state_dict(trained: Path, work: Path, configs: Path) -> dict[str,
 def check_with_forge(forge: Path, configs: Path, work: Path, trained: Path, checkpoint: Path) -> dict:
     """Forge's loader, text engines and VAE on the written checkpoint against what training used."""
     engine = load_engine(forge, configs, checkpoint)
-    with safe_open(str(work / "conditioning.safetensors"), "pt") as f:
-        captions = json.loads(f.metadata()["captions"])
-        trained_cond = {k: f.get_tensor(k) for k in ("crossattn", "vector")}
+    from train import load_conditioning
+
+    captions, trained_cond, _ = load_conditioning(work, "cpu")  # a --names file: T5 outputs computed by train.py
     with torch.no_grad():
         cond = engine.get_learned_conditioning(captions)
     text_error = max((cond[k].float() - trained_cond[k]).abs().max().item() for k in trained_cond)

@@ -41,7 +41,7 @@ def word_positions(forge_root: Path, captions: list[str]) -> dict[str, list[list
     tokenizer = T5TokenizerFast.from_pretrained(
         str(forge_root / "backend/huggingface/black-forest-labs/FLUX.1-dev/tokenizer_2")
     )
-    names = set(world.COLOURS) | set(world.CHARACTERS) | set(world.NAMES)
+    names = set(world.COLOURS) | set(world.CHARACTERS) | set(world.NAMES) | set(world.HELD_OUT_NAMES)
     positions = {}
     for text in captions:
         ids = tokenizer(text).input_ids

@@ -239,6 +239,12 @@ def t5_outputs(work: Path, ids: torch.Tensor, device, batch: int = 256) -> torch
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
+def caption_table(work: Path) -> list[str]:
+    """The captions of make_text.py's conditioning file, in its row order."""
+    with safe_open(str(work / "conditioning.safetensors"), "pt") as f:
+        return json.loads(f.metadata()["captions"])
+
+
 def load_conditioning(work: Path, device, captions: list[str] | None = None) -> tuple[list[str], dict, float]:
     """(caption table, {"crossattn": (N, 256, 64), "vector": (N, 64)}, T5 check) from make_text.py's file, for
     `captions` or all. A --names file ships T5 token ids instead of outputs: the outputs are computed here by

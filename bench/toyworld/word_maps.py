@@ -113,6 +113,12 @@ def main(argv=None) -> None:
         ("zorb", "quil", world.ZORB, world.QUIL),
         ("quil", "zorb", world.QUIL, world.ZORB),
     ]
+    first, second = world.HELD_OUT_NAMES  # never trained on, drawn as generic figures (a --names world only)
+    if world.caption([(first, "left"), (second, "right")]) in train.caption_table(args.work):
+        cases += [
+            (first, second, plain("purple", "triangle"), plain("yellow", "diamond")),
+            (second, first, plain("purple", "triangle"), plain("yellow", "diamond")),
+        ]
     captions = [world.caption([(left, "left"), (right, "right")]) for left, right, _, _ in cases]
     maps = WordMaps(args.forge.resolve(), args.trained, args.work, loras, captions)
     sigmas = [float(s) for s in args.sigmas.split(",")]

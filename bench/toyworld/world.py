@@ -61,7 +61,11 @@ def made_up_names(count: int = NAME_COUNT, seed: int = 11) -> tuple[str, ...]:
     """The hand-made names, then consonant-vowel syllables drawn from `seed` until there are `count`."""
     rng = np.random.default_rng(seed)
     onsets, vowels, codas = "bdfgklmnprstvz", "aeiou", ("", "n", "r", "sk", "ll", "m", "x", "t")
-    taken = set(_HAND_MADE_NAMES) | set(COLOURS) | {"zorb", "quil", "on", "the", "left", "right", "in", "center", "and"}
+    taken = (
+        set(_HAND_MADE_NAMES)
+        | set(COLOURS)
+        | {"zorb", "quil", "jorp", "wexa", "on", "the", "left", "right", "in", "center", "and"}
+    )
     names = list(_HAND_MADE_NAMES)
     while len(names) < count:
         syllables = int(rng.integers(1, 3))
@@ -74,6 +78,7 @@ def made_up_names(count: int = NAME_COUNT, seed: int = 11) -> tuple[str, ...]:
 
 
 NAMES = made_up_names()
+HELD_OUT_NAMES = ("jorp", "wexa")  # never trained on: word_maps.py checks that unseen words route by place
 
 ZORB = Sprite("disc", "red", "hstripes", "yellow")
 QUIL = Sprite("square", "blue", "dots", "white")
@@ -209,6 +214,9 @@ def all_captions(names: bool = False) -> list[str]:
     captions = [""]
     captions += [caption([(w, p)]) for w in words for p in PLACES]
     captions += [caption([(a, "left"), (b, "right")]) for a in words for b in words]
+    if names:
+        a, b = HELD_OUT_NAMES
+        captions += [caption([(a, "left"), (b, "right")]), caption([(b, "left"), (a, "right")])]
     return captions
 
 

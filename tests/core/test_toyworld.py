@@ -210,6 +210,21 @@ def test_named_base_pictures():
     assert set(world.all_captions()) < captions
 
 
+def test_made_up_names():
+    """More names than the T5 has dimensions (64), all distinct, the same every time, none a colour, a character,
+    a held-out name or a caption word; the held-out pair is captioned (for word_maps.py) but never drawn on."""
+    names = world.made_up_names()
+    assert names == world.NAMES and len(set(names)) == len(names) == world.NAME_COUNT > 64
+    reserved = set(world.COLOURS) | set(world.CHARACTERS) | set(world.HELD_OUT_NAMES)
+    assert not set(names) & (reserved | {"on", "the", "left", "right", "in", "center", "and"})
+    assert all(name.isalpha() and name.islower() for name in names)
+    first, second = world.HELD_OUT_NAMES
+    captions = world.all_captions(names=True)
+    assert world.caption([(first, "left"), (second, "right")]) in captions
+    assert world.caption([(second, "left"), (first, "right")]) in captions
+    assert not any(first in world.base_example_with_masks(np.random.default_rng(s), names=1.0)[1] for s in range(40))
+
+
 def test_word_maps_split_iou_and_lora_merge(tmp_path):
     """word_maps.py: a map pair that splits the grid at the middle scores 1, the swap 0; merge_lora adds up @ down."""
     import word_maps

@@ -395,18 +395,27 @@ def kohya_state_dict(loras: dict[str, LoRALinear], rank: int) -> dict[str, torch
     return out
 
 
-def train_lora(base, name, latents, cap_idx, cond, cfg, log, gen) -> dict[str, torch.Tensor]:
+def train_lora(base, name, latents, cap_idx, cond, cfg, log, gen, prior=None) -> dict[str, torch.Tensor]:
+    """Flow loss on the character's pictures; with `prior` = (share, base latents, base caption rows) that share
+    of every batch is the base's own training pictures and captions (kohya's regularisation images, DreamBooth's
+    prior preservation), so that the LoRA adds its character without unlearning the rest of the world."""
+    share = prior[0] if prior else 0.0
     log.phase(f"lora_{name}", steps=cfg["lora_steps"], batch=cfg["lora_batch"], lr=cfg["lora_lr"], rank=LORA_RANK,
-              pool=len(latents))  # fmt: skip
+              pool=len(latents), prior_share=share)  # fmt: skip
+    n_prior = round(share * cfg["lora_batch"])
     model = copy.deepcopy(base).requires_grad_(False)
     loras = add_loras(model, LORA_RANK, gen)
     params = [p for lora in loras.values() for p in (lora.down, lora.up)]
     opt = torch.optim.AdamW(params, lr=cfg["lora_lr"], weight_decay=0.0)
     first = None
     for step in range(cfg["lora_steps"]):
-        idx = torch.randint(len(latents), (cfg["lora_batch"],), generator=gen, device=gen.device)
-        caps = cap_idx[idx]
-        loss = flow_step(model, latents[idx], cond["crossattn"][caps], cond["vector"][caps], gen)
+        idx = torch.randint(len(latents), (cfg["lora_batch"] - n_prior,), generator=gen, device=gen.device)
+        x, caps = latents[idx], cap_idx[idx]
+        if n_prior:
+            _, prior_latents, prior_caps = prior
+            other = torch.randint(len(prior_latents), (n_prior,), generator=gen, device=gen.device)
+            x, caps = torch.cat([x, prior_latents[other]]), torch.cat([caps, prior_caps[other]])
+        loss = flow_step(model, x, cond["crossattn"][caps], cond["vector"][caps], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -508,6 +517,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lora-pool", type=int, help="override each LoRA's number of training pictures")
     parser.add_argument("--lora-batch", type=int, help="override each LoRA's batch")
     parser.add_argument("--lora-paired", type=float, default=0.0, help="share of LoRA pictures with a 2nd sprite")
+    parser.add_argument("--lora-prior", type=float, default=0.0, help="share of each LoRA batch from the base's data")
     parser.add_argument("--out", type=Path, help="where the trained files go (default: WORK/trained)")
     parser.add_argument("--attention-loss", type=float, default=0.0, help="weight of the base's attention loss")
     parser.add_argument("--base-names", type=float, default=0.0, help="share of base figures named by NAMES")
@@ -577,7 +587,8 @@ def main(argv=None) -> None:
         {k: v.float().cpu().contiguous() for k, v in base.state_dict().items()}, str(out / "transformer.safetensors")
     )
     for name in world.CHARACTERS:
-        lora = train_lora(base, name, latents[name], cap_idx[name], cond, cfg, log, gen)
+        prior = (args.lora_prior, latents["base"], cap_idx["base"]) if args.lora_prior else None
+        lora = train_lora(base, name, latents[name], cap_idx[name], cond, cfg, log, gen, prior)
         save_file(lora, str(out / f"lora_{name}.safetensors"), metadata={"ss_network_dim": str(LORA_RANK)})
     if kept:
         shutil.copyfile(kept / "scorer.safetensors", out / "scorer.safetensors")

@@ -191,6 +191,7 @@ def run_config(webui, scorer, name, seeds, steps, data_dir, sheet=None) -> dict:
     row["identity_P1"] = interval([s["identity"] for s in scores["P1"]])[0]
     row["identity_P2"] = interval([s["identity"] for s in scores["P2"]])[0]
     row["images"] = len(every)
+    row["identity_values"] = [s["identity"] for s in every]  # per image, in seed order: paired across configurations
     return row
 
 
@@ -250,6 +251,23 @@ def oracle_share(rows: dict, name: str, oracle: str) -> float | None:
     return (rows[name]["identity"][0] - merged) / gain if gain > 0 else None
 
 
+def oracle_share_interval(rows: dict, name: str, oracle: str, draws: int = 4000) -> tuple[float, float] | None:
+    """95% percentile-bootstrap interval of oracle_share: the same images (seed, prompt) resampled in all three
+    configurations at once, since every configuration scores the same seeds."""
+    try:
+        values = np.array([rows[n]["identity_values"] for n in ("both merged", name, oracle)], dtype=np.float64)
+    except KeyError:
+        return None
+    picks = np.random.default_rng(0).integers(values.shape[1], size=(draws, values.shape[1]))
+    merged, own, best = (values[i][picks].mean(1) for i in range(3))
+    gain = best - merged
+    shares = (own - merged)[gain > 0] / gain[gain > 0]
+    if len(shares) < draws * 0.9:
+        return None
+    low, high = np.percentile(shares, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def save_sheet(sheet, path: Path) -> None:
     from PIL import Image
 
@@ -302,7 +320,9 @@ def main(argv=None) -> None:
                          ("  off before masks + restart", "oracle masks + off before + restart")):  # fmt: skip
         share = oracle_share(rows, name, oracle)
         if share is not None:
-            print(f"\n{name.strip()}: {share:.0%} of the identity gain of '{oracle}' over merged use")
+            bounds = oracle_share_interval(rows, name, oracle)
+            spread = f" (95% bootstrap interval {bounds[0]:.0%} to {bounds[1]:.0%})" if bounds else ""
+            print(f"\n{name.strip()}: {share:.0%} of the identity gain of '{oracle}' over merged use{spread}")
     if iou:
         steps = sorted({s for _, _, s in iou})
         print(f"\nmask IoU against the true halves ({args.iou_seeds} seeds x 2 prompts; FreeFuse defaults otherwise):")

@@ -270,3 +270,20 @@ def test_oracle_share_and_its_bootstrap_interval():
         assert low < share < high and low < 0.5 < high
         assert (high - low) < (0.5 if n == 64 else 0.12)
     assert benchmark.oracle_share_interval(rows(np.zeros(8), np.zeros(8), np.zeros(8)), "FreeFuse", "oracle") is None
+
+
+def test_load_conditioning_picks_the_rows_of_the_captions_asked_for(tmp_path):
+    """train.load_conditioning on a file of T5 outputs: the asked-for captions' rows, in the asked-for order."""
+    import json
+
+    import train
+
+    captions = ["", "red on the left", "zorb on the left and quil on the right"]
+    crossattn, vector = torch.randn(3, 256, 64), torch.randn(3, 64)
+    save_file({"crossattn": crossattn, "vector": vector}, str(tmp_path / "conditioning.safetensors"),
+              metadata={"captions": json.dumps(captions)})  # fmt: skip
+    table, cond, check = train.load_conditioning(tmp_path, "cpu")
+    assert table == captions and torch.equal(cond["crossattn"], crossattn) and check == 0.0
+    table, cond, _ = train.load_conditioning(tmp_path, "cpu", [captions[2], captions[0]])
+    assert table == [captions[2], captions[0]] and train.caption_table(tmp_path) == captions
+    assert torch.equal(cond["crossattn"], crossattn[[2, 0]]) and torch.equal(cond["vector"], vector[[2, 0]])

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import world
 from forge_engine import load_engine, tiny_models
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
@@ -47,9 +46,10 @@ def used_token_ids(configs: Path, folder: str, captions: list[str]) -> set[int]:
 
 
 def text_encoders(work: Path, configs: Path) -> dict[str, torch.Tensor]:
+    from train import caption_table
+
     tensors = load_file(str(work / "text_encoders.safetensors"))
-    with safe_open(str(work / "conditioning.safetensors"), "pt") as f:
-        captions = json.loads(f.metadata()["captions"])  # every caption the transformer was trained on
+    captions = caption_table(work)  # every caption the transformer was trained on
     for key, folder in EMBEDDINGS.items():
         keep = torch.zeros(tensors[key].shape[0], dtype=torch.bool)
         keep[sorted(used_token_ids(configs, folder, captions))] = True

@@ -249,8 +249,8 @@ def load_conditioning(work: Path, device, captions: list[str] | None = None) -> 
     """(caption table, {"crossattn": (N, 256, 64), "vector": (N, 64)}, T5 check) from make_text.py's file, for
     `captions` or all. A --names file ships T5 token ids instead of outputs: the outputs are computed here by
     t5_outputs and checked against the rows Forge's engine computed (the largest difference; 0.0 otherwise)."""
+    table = caption_table(work)
     with safe_open(str(work / "conditioning.safetensors"), "pt") as f:
-        table = json.loads(f.metadata()["captions"])
         stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     rows = torch.arange(len(table)) if captions is None else torch.tensor([table.index(c) for c in captions])
     cond = {"vector": stored["vector"][rows].to(device)}
@@ -579,8 +579,6 @@ def main(argv=None) -> None:
         attention = (args.attention_loss, AttentionRecorder(backend.nn.flux), words.to(device), masks)
     if cfg["base_steps"] > 0:
         base = train_base(model, latents["base"], cap_idx["base"], cond, cfg, log, gen, attention)
-        if attention:
-            attention[1].on = False
     else:  # --resume --base-steps 0: the resumed base as it is (new LoRAs only)
         base = model.requires_grad_(False)
     save_file(

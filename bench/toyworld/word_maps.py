@@ -126,8 +126,7 @@ def main(argv=None) -> None:
     print(f"LoRAs merged: {args.loras}; {args.seeds} seeds; cell = text-query / image-query IoU")
     print("| caption | sigma | " + " | ".join(f"double_blocks.{b}" for b in range(blocks)) + " |")
     print("|---|---|" + "---|" * blocks)
-    for left, right, left_sprite, right_sprite in cases:
-        caption = world.caption([(left, "left"), (right, "right")])
+    for caption, (_, _, left_sprite, right_sprite) in zip(captions, cases, strict=True):
         for sigma in sigmas:
             figures = [(left_sprite, "left"), (right_sprite, "right")]
             runs = [maps.ious(caption, figures, sigma, seed) for seed in range(args.seeds)]

@@ -46,6 +46,15 @@ class Sprite:
     pattern_colour: str
 
 
+ZORB = Sprite("disc", "red", "hstripes", "yellow")
+QUIL = Sprite("square", "blue", "dots", "white")
+CHARACTERS = {"zorb": ZORB, "quil": QUIL}
+ALL_SPRITES = tuple(
+    Sprite(s, c, p, pc) for s in SHAPES for c in COLOURS for p in PATTERNS for pc in PATTERN_COLOURS if pc != c
+)
+GENERIC_SPRITES = tuple(s for s in ALL_SPRITES if s not in CHARACTERS.values())
+
+
 # Made-up names the base may be trained with (train.py --base-names), each naming a random generic figure, so that
 # the base routes a figure's words by their place in the caption rather than by what the word is, as a real FLUX
 # that has seen countless names does. More names than the T5's 64 dimensions, so that no direction of a word's own
@@ -55,17 +64,15 @@ _HAND_MADE_NAMES = (
     "norrit", "plimsy", "dax", "yorla", "brimmet", "skiv", "hobbard", "lunt", "crasp", "ebbin", "mardle", "tuzz",
 )  # fmt: skip
 NAME_COUNT = 128
+HELD_OUT_NAMES = ("jorp", "wexa")  # never trained on: word_maps.py checks that unseen words route by place
 
 
 def made_up_names(count: int = NAME_COUNT, seed: int = 11) -> tuple[str, ...]:
     """The hand-made names, then consonant-vowel syllables drawn from `seed` until there are `count`."""
     rng = np.random.default_rng(seed)
     onsets, vowels, codas = "bdfgklmnprstvz", "aeiou", ("", "n", "r", "sk", "ll", "m", "x", "t")
-    taken = (
-        set(_HAND_MADE_NAMES)
-        | set(COLOURS)
-        | {"zorb", "quil", "jorp", "wexa", "on", "the", "left", "right", "in", "center", "and"}
-    )
+    caption_words = {"on", "the", "in", "and", *PLACES}
+    taken = set(_HAND_MADE_NAMES) | set(COLOURS) | set(CHARACTERS) | set(HELD_OUT_NAMES) | caption_words
     names = list(_HAND_MADE_NAMES)
     while len(names) < count:
         syllables = int(rng.integers(1, 3))
@@ -78,15 +85,6 @@ def made_up_names(count: int = NAME_COUNT, seed: int = 11) -> tuple[str, ...]:
 
 
 NAMES = made_up_names()
-HELD_OUT_NAMES = ("jorp", "wexa")  # never trained on: word_maps.py checks that unseen words route by place
-
-ZORB = Sprite("disc", "red", "hstripes", "yellow")
-QUIL = Sprite("square", "blue", "dots", "white")
-CHARACTERS = {"zorb": ZORB, "quil": QUIL}
-ALL_SPRITES = tuple(
-    Sprite(s, c, p, pc) for s in SHAPES for c in COLOURS for p in PATTERNS for pc in PATTERN_COLOURS if pc != c
-)
-GENERIC_SPRITES = tuple(s for s in ALL_SPRITES if s not in CHARACTERS.values())
 
 
 @cache

@@ -395,10 +395,13 @@ def kohya_state_dict(loras: dict[str, LoRALinear], rank: int) -> dict[str, torch
     return out
 
 
-def train_lora(base, name, latents, cap_idx, cond, cfg, log, gen, prior=None) -> dict[str, torch.Tensor]:
+def train_lora(
+    base, name, latents, cap_idx, cond, cfg, log, gen, prior=None, checkpoint=None
+) -> dict[str, torch.Tensor]:
     """Flow loss on the character's pictures; with `prior` = (share, base latents, base caption rows) that share
     of every batch is the base's own training pictures and captions (kohya's regularisation images, DreamBooth's
-    prior preservation), so that the LoRA adds its character without unlearning the rest of the world."""
+    prior preservation), so that the LoRA adds its character without unlearning the rest of the world.
+    `checkpoint` = (every, save(step, state)) also hands over the LoRA every `every` steps."""
     share = prior[0] if prior else 0.0
     log.phase(f"lora_{name}", steps=cfg["lora_steps"], batch=cfg["lora_batch"], lr=cfg["lora_lr"], rank=LORA_RANK,
               pool=len(latents), prior_share=share)  # fmt: skip
@@ -421,8 +424,15 @@ def train_lora(base, name, latents, cap_idx, cond, cfg, log, gen, prior=None) ->
         opt.step()
         first = loss.item() if first is None else first
         log.loss(step, loss.detach())
+        if checkpoint and (step + 1) % checkpoint[0] == 0 and step + 1 < cfg["lora_steps"]:
+            checkpoint[1](step + 1, kohya_state_dict(loras, LORA_RANK))
     log.done(first_loss=round(first, 4), final_loss=round(loss.item(), 4), layers=len(loras))
     return kohya_state_dict(loras, LORA_RANK)
+
+
+def save_lora(state: dict[str, torch.Tensor], stem: Path) -> None:
+    """A kohya LoRA file (stem + .safetensors) with its rank in the metadata, as kohya's trainer writes it."""
+    save_file(state, str(stem) + ".safetensors", metadata={"ss_network_dim": str(LORA_RANK)})
 
 
 def scorer_batch(n: int, rng: np.random.Generator, vae, device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -514,6 +524,9 @@ def main(argv=None) -> None:
     parser.add_argument("--lora-steps", type=int, help="override each LoRA's steps")
     parser.add_argument("--base-pool", type=int, help="override the base model's number of training pictures")
     parser.add_argument("--base-batch", type=int, help="override the base model's batch")
+    parser.add_argument("--lora-lr", type=float, help="override each LoRA's learning rate")
+    parser.add_argument("--lora-save-every", type=int, help="also save each LoRA every N steps (lora_NAME_N)")
+    parser.add_argument("--characters", default=",".join(world.CHARACTERS), help="which LoRAs to train")
     parser.add_argument("--lora-pool", type=int, help="override each LoRA's number of training pictures")
     parser.add_argument("--lora-batch", type=int, help="override each LoRA's batch")
     parser.add_argument("--lora-paired", type=float, default=0.0, help="share of LoRA pictures with a 2nd sprite")
@@ -523,9 +536,12 @@ def main(argv=None) -> None:
     parser.add_argument("--base-names", type=float, default=0.0, help="share of base figures named by NAMES")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
-    for key in ("base_steps", "base_lr", "lora_steps", "base_pool", "base_batch", "lora_pool", "lora_batch"):
+    for key in ("base_steps", "base_lr", "lora_steps", "lora_lr", "base_pool", "base_batch", "lora_pool", "lora_batch"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    unknown = set(args.characters.split(",")) - set(world.CHARACTERS)
+    if unknown:
+        parser.error(f"--characters: unknown {sorted(unknown)}; the characters are {list(world.CHARACTERS)}")
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     flux_cls, vae_cls = import_forge(args.forge.resolve(), device.type)
@@ -539,7 +555,7 @@ def main(argv=None) -> None:
 
     table, cond, t5_check = load_conditioning(args.work, device)
     log.data["t5_check_max_difference"] = t5_check
-    sizes = {"base": cfg["base_pool"], "zorb": cfg["lora_pool"], "quil": cfg["lora_pool"]}
+    sizes = {"base": cfg["base_pool"], **{name: cfg["lora_pool"] for name in world.CHARACTERS}}
     pools = {
         kind: render_pool(kind, n, args.seed + i, args.lora_paired, args.base_names)
         for i, (kind, n) in enumerate(sizes.items())
@@ -584,10 +600,14 @@ def main(argv=None) -> None:
     save_file(
         {k: v.float().cpu().contiguous() for k, v in base.state_dict().items()}, str(out / "transformer.safetensors")
     )
-    for name in world.CHARACTERS:
+    for name in args.characters.split(","):
         prior = (args.lora_prior, latents["base"], cap_idx["base"]) if args.lora_prior else None
-        lora = train_lora(base, name, latents[name], cap_idx[name], cond, cfg, log, gen, prior)
-        save_file(lora, str(out / f"lora_{name}.safetensors"), metadata={"ss_network_dim": str(LORA_RANK)})
+        checkpoint = None
+        if args.lora_save_every:
+            every = args.lora_save_every
+            checkpoint = (every, lambda step, state, name=name: save_lora(state, out / f"lora_{name}_{step}"))
+        lora = train_lora(base, name, latents[name], cap_idx[name], cond, cfg, log, gen, prior, checkpoint)
+        save_lora(lora, out / f"lora_{name}")
     if kept:
         shutil.copyfile(kept / "scorer.safetensors", out / "scorer.safetensors")
     else:

@@ -39,10 +39,10 @@ LAST_BLOCK = 2  # the toy transformer has 3 double blocks: the paper's late bloc
 METRICS = ("present", "identity", "both_right", "wrong_colour")
 
 
-def freefuse(**settings) -> dict:
+def freefuse(loras: tuple[str, str] = ("toy_zorb", "toy_quil"), **settings) -> dict:
     args = {
         "enabled": True,
-        "subjects": [{"lora": "toy_zorb", "words": "zorb"}, {"lora": "toy_quil", "words": "quil"}],
+        "subjects": [{"lora": loras[0], "words": "zorb"}, {"lora": loras[1], "words": "quil"}],
         "capture_block": LAST_BLOCK,
     }
     args.update(settings)
@@ -104,8 +104,9 @@ CONFIGS = {
 }
 
 
-def start_webui(forge: Path, python: str, data_dir: Path, model: Path = MODEL):
-    """Forge's webui with the toy world's checkpoint and LoRAs, this extension, and the benchmark seam."""
+def start_webui(forge: Path, python: str, data_dir: Path, model: Path = MODEL, extra_loras: dict | None = None):
+    """Forge's webui with the toy world's checkpoint and LoRAs (and `extra_loras`, name -> file), this extension,
+    and the benchmark seam."""
     import importlib.util
 
     import tiny_models
@@ -121,6 +122,8 @@ def start_webui(forge: Path, python: str, data_dir: Path, model: Path = MODEL):
     shutil.copyfile(model / "toyworld_flux.safetensors", models / "Stable-diffusion" / "toyworld_flux.safetensors")
     for name in world.CHARACTERS:
         shutil.copyfile(model / f"toy_{name}.safetensors", models / "Lora" / f"toy_{name}.safetensors")
+    for name, path in (extra_loras or {}).items():
+        shutil.copyfile(path, models / "Lora" / f"{name}.safetensors")
     configs = tiny_models.write_pipeline_configs(forge, data_dir / "configs")
     (data_dir / "extensions").mkdir()
     (data_dir / "extensions" / webui_tier.EXTENSION_NAME).symlink_to(ROOT, target_is_directory=True)
@@ -173,6 +176,11 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 def run_config(webui, scorer, name, seeds, steps, data_dir, sheet=None) -> dict:
     tags, scripts, oracle = CONFIGS[name]
+    return run_images(webui, scorer, name, TAGS[tags], scripts, oracle, seeds, steps, data_dir, sheet)
+
+
+def run_images(webui, scorer, name, tags, scripts, oracle, seeds, steps, data_dir, sheet=None) -> dict:
+    """One table row: seeds x both prompts (each + `tags`), with `scripts`, oracle masks if `oracle`, scored."""
     oracle_file = data_dir / "oracle"
     scores = {key: [] for key in ("P1", "P2")}
     if oracle:
@@ -180,7 +188,7 @@ def run_config(webui, scorer, name, seeds, steps, data_dir, sheet=None) -> dict:
     try:
         for key, (prompt, left) in world.benchmark_prompts().items():
             for start in range(0, seeds, BATCH):
-                images = generate(webui, prompt + TAGS[tags], 1000 + start, min(BATCH, seeds - start), steps, scripts)
+                images = generate(webui, prompt + tags, 1000 + start, min(BATCH, seeds - start), steps, scripts)
                 if sheet is not None and start == 0:
                     sheet.append((name, key, images[:4]))
                 scores[key] += [score_image(h, left) for h in read_halves(scorer, images)]

@@ -389,8 +389,8 @@ def kohya_state_dict(loras: dict[str, LoRALinear], rank: int) -> dict[str, torch
     out = {}
     for name, lora in loras.items():
         key = "lora_unet_" + name.replace(".", "_")
-        out[f"{key}.lora_down.weight"] = lora.down.detach().float().cpu().contiguous()
-        out[f"{key}.lora_up.weight"] = lora.up.detach().float().cpu().contiguous()
+        out[f"{key}.lora_down.weight"] = lora.down.detach().to("cpu", torch.float32, copy=True)  # a copy, also on
+        out[f"{key}.lora_up.weight"] = lora.up.detach().to("cpu", torch.float32, copy=True)  # the CPU: a snapshot
         out[f"{key}.alpha"] = torch.tensor(float(rank))
     return out
 

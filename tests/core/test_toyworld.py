@@ -287,3 +287,61 @@ def test_load_conditioning_picks_the_rows_of_the_captions_asked_for(tmp_path):
     table, cond, _ = train.load_conditioning(tmp_path, "cpu", [captions[2], captions[0]])
     assert table == [captions[2], captions[0]] and train.caption_table(tmp_path) == captions
     assert torch.equal(cond["crossattn"], crossattn[[2, 0]]) and torch.equal(cond["vector"], vector[[2, 0]])
+
+
+class _TinyFlux(torch.nn.Module):
+    """A stand-in with one Linear under double_blocks (where add_loras puts LoRAs) and FLUX's call signature."""
+
+    def __init__(self):
+        super().__init__()
+        self.double_blocks = torch.nn.ModuleList([torch.nn.Module()])
+        self.double_blocks[0].lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, sigma, context, vector, guidance):
+        return self.double_blocks[0].lin(x.movedim(1, -1)).movedim(-1, 1) + vector[:, :1, None, None]
+
+
+def test_lora_checkpoints_are_the_lora_of_a_shorter_run(tmp_path):
+    """train_lora --lora-save-every: the step-k checkpoint is exactly what a k-step run returns; none at the end."""
+    import train
+
+    torch.manual_seed(0)
+    base = _TinyFlux().requires_grad_(False)
+    latents, cap_idx = torch.randn(8, 4, 2, 2), torch.arange(8) % 3
+    cond = {"crossattn": torch.randn(3, 5, 8), "vector": torch.randn(3, 8)}
+
+    def run(steps, checkpoint=None):
+        cfg = {"lora_steps": steps, "lora_batch": 4, "lora_lr": 1e-2}
+        log = train.Log(tmp_path / "log.json")
+        gen = torch.Generator().manual_seed(5)
+        return train.train_lora(base, "zorb", latents, cap_idx, cond, cfg, log, gen, None, checkpoint)
+
+    saved = {}
+    final = run(5, (2, lambda step, state: saved.setdefault(step, state)))
+    assert sorted(saved) == [2, 4]
+    key = "lora_unet_double_blocks_0_lin"
+    assert set(final) == {f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha"}
+    short = run(2)
+    assert all(torch.equal(saved[2][k], short[k]) for k in short)
+    assert not torch.equal(saved[2][f"{key}.lora_up.weight"], final[f"{key}.lora_up.weight"])
+
+
+def test_screen_loras_candidates_and_rows(tmp_path):
+    """screen_loras.py: DIR@STEP picks the checkpoints, a missing file is named; rows carry their own LoRA names."""
+    import screen_loras
+
+    for name in ("lora_zorb", "lora_quil", "lora_zorb_500"):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"")
+    label, files = screen_loras.candidate_files(str(tmp_path))
+    assert label == f"{tmp_path.name}@final" and files["quil"] == tmp_path / "lora_quil.safetensors"
+    with pytest.raises(SystemExit, match="lora_quil_500.safetensors"):
+        screen_loras.candidate_files(f"{tmp_path}@500")
+
+    rows = screen_loras.rows_for("x@final", 3, ["alone", "oracle"])
+    assert [(name, tags, oracle) for name, tags, _, oracle in rows] == [
+        ("x@final ZORB alone", " <lora:c3_zorb:1>", False),
+        ("x@final QUIL alone", " <lora:c3_quil:1>", False),
+        ("x@final oracle", " <lora:c3_zorb:1> <lora:c3_quil:1>", True),
+    ]
+    subjects = rows[2][2]["FreeFuse"]["args"][0]["subjects"]
+    assert [s["lora"] for s in subjects] == ["c3_zorb", "c3_quil"]

@@ -1,0 +1,102 @@
+"""Screen candidate character LoRAs in a toy world through Forge's webui: each alone, merged, FreeFuse, oracle.
+
+    FORGE_DIR=... FORGE_PYTHON=<forge webui python> python bench/toyworld/screen_loras.py --model work/model_names \
+        --candidates work/gpu5/prior25@1000 work/gpu5/prior25 [--seeds 8] [--configs "alone;merged"]
+
+A candidate is a train.py output folder, optionally @STEP for its checkpoint (lora_zorb_STEP.safetensors,
+written by --lora-save-every); without a step, the final lora_zorb/lora_quil files. Every candidate runs in one
+webui (the world's checkpoint and scorer from --model), on the benchmark's prompts and seeds, and gets one row per
+configuration: "alone" (each LoRA by itself: a good character LoRA draws its character in its own half and keeps
+the other figure, identity up to 0.5), "merged", "freefuse" (paper defaults), "oracle" (true halves, paper timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import benchmark
+import torch
+from scorer import load_scorer
+
+GROUPS = ("alone", "merged", "freefuse", "oracle")
+
+
+def candidate_files(spec: str) -> tuple[str, dict[str, Path]]:
+    """ "DIR[@STEP]" -> (label, {character: LoRA file}); names the missing file if there is one."""
+    folder, _, step = spec.partition("@")
+    suffix = f"_{step}" if step else ""
+    files = {name: Path(folder) / f"lora_{name}{suffix}.safetensors" for name in ("zorb", "quil")}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise SystemExit(f"candidate {spec}: no {', '.join(missing)}")
+    return f"{Path(folder).name}@{step or 'final'}", files
+
+
+def rows_for(label: str, index: int, groups: list[str]) -> list[tuple[str, str, dict | None, bool]]:
+    """(row name, LoRA tags, alwayson_scripts, oracle) for one candidate, its LoRAs named c{index}_zorb/_quil."""
+    zorb, quil = f"c{index}_zorb", f"c{index}_quil"
+    both = f" <lora:{zorb}:1> <lora:{quil}:1>"
+    rows = []
+    if "alone" in groups:
+        rows += [(f"{label} ZORB alone", f" <lora:{zorb}:1>", None, False)]
+        rows += [(f"{label} QUIL alone", f" <lora:{quil}:1>", None, False)]
+    if "merged" in groups:
+        rows += [(f"{label} merged", both, None, False)]
+    if "freefuse" in groups:
+        rows += [(f"{label} FreeFuse", both, benchmark.freefuse(loras=(zorb, quil)), False)]
+    if "oracle" in groups:
+        rows += [(f"{label} oracle", both, benchmark.freefuse(loras=(zorb, quil)), True)]
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--forge", type=Path, default=Path(os.environ.get("FORGE_DIR", "")))
+    parser.add_argument("--python", default=os.environ.get("FORGE_PYTHON"), help="the Python of Forge's webui")
+    parser.add_argument("--model", type=Path, default=benchmark.MODEL, help="the world's checkpoint and scorer")
+    parser.add_argument("--candidates", nargs="+", required=True, help="DIR[@STEP] ...")
+    parser.add_argument("--configs", default="alone;merged", help=f"';'-separated, of {', '.join(GROUPS)}")
+    parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt")
+    parser.add_argument("--json", type=Path, help="write the rows as JSON")
+    parser.add_argument("--sheet", type=Path, help="write a PNG of each row's first images")
+    args = parser.parse_args(argv)
+    if not args.python:
+        raise SystemExit("FORGE_PYTHON (or --python): the Python of a Forge webui install")
+    groups = [g.strip() for g in args.configs.split(";")]
+    if unknown := set(groups) - set(GROUPS):
+        raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {', '.join(GROUPS)}")
+    candidates = [candidate_files(spec) for spec in args.candidates]
+    extra = {f"c{i}_{name}": path for i, (_, files) in enumerate(candidates) for name, path in files.items()}
+
+    torch.set_num_threads(1)
+    scorer = load_scorer(args.model / "scorer.safetensors")
+    data_dir = Path(tempfile.mkdtemp(prefix="toyworld-screen-"))
+    webui, process, stop = benchmark.start_webui(args.forge.resolve(), args.python, data_dir, args.model, extra)
+    results, sheet, started = {}, [], time.monotonic()
+    try:
+        for i, (label, _) in enumerate(candidates):
+            for name, tags, scripts, oracle in rows_for(label, i, groups):
+                row = benchmark.run_images(webui, scorer, name, tags, scripts, oracle, args.seeds, 24, data_dir, sheet)
+                results[name] = row
+                print(f"{name}: present {row['present'][0]:.2f} identity {row['identity'][0]:.3f} "
+                      f"(P1 {row['identity_P1']:.2f}, P2 {row['identity_P2']:.2f}) both {row['both_right'][0]:.2f} "
+                      f"wrong colour {row['wrong_colour'][0]:.2f}", flush=True)  # fmt: skip
+    finally:
+        stop(process)
+        shutil.rmtree(data_dir, ignore_errors=True)
+    print(f"\n{args.seeds} seeds x 2 prompts, {time.monotonic() - started:.0f} s\n")
+    print(benchmark.format_table(results))
+    if args.sheet:
+        benchmark.save_sheet(sheet, args.sheet)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": results, "seeds": args.seeds, "model": str(args.model)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

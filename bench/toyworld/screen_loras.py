@@ -7,12 +7,14 @@ A candidate is a train.py output folder, optionally @STEP for its checkpoint (lo
 written by --lora-save-every); without a step, the final lora_zorb/lora_quil files. Every candidate runs in one
 webui (the world's checkpoint and scorer from --model), on the benchmark's prompts and seeds, and gets one row per
 configuration: "alone" (each LoRA by itself: a good character LoRA draws its character in its own half and keeps
-the other figure, identity up to 0.5), "merged", "freefuse" (paper defaults), "oracle" (true halves, paper timing).
+the other figure, identity up to 0.5), "merged", "freefuse" (paper defaults), "oracle" (true halves, paper timing),
+or any FreeFuse configuration of benchmark.py by its name ("joint + restart", "oracle masks + joint + restart").
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -25,6 +27,15 @@ import torch
 from scorer import load_scorer
 
 GROUPS = ("alone", "merged", "freefuse", "oracle")
+# a configuration with FreeFuse's own masks -> the oracle with the same timing (its share of the gain is printed)
+ORACLE_OF = {
+    "FreeFuse": "oracle",
+    "image-query attention": "oracle",
+    "joint + restart": "oracle masks + joint + restart",
+    "off before masks + restart": "oracle masks + off before + restart",
+    "image-query attention, off before + restart": "oracle masks + off before + restart",
+    "image-query, off before + restart, text none": "oracle masks, text none + off before + restart",
+}
 
 
 def candidate_files(spec: str) -> tuple[str, dict[str, Path]]:
@@ -52,7 +63,37 @@ def rows_for(label: str, index: int, groups: list[str]) -> list[tuple[str, str, 
         rows += [(f"{label} FreeFuse", both, benchmark.freefuse(loras=(zorb, quil)), False)]
     if "oracle" in groups:
         rows += [(f"{label} oracle", both, benchmark.freefuse(loras=(zorb, quil)), True)]
+    for group in groups:
+        if group in GROUPS:
+            continue
+        _, scripts, oracle = benchmark_config(group)
+        scripts = copy.deepcopy(scripts)
+        for subject, lora in zip(scripts["FreeFuse"]["args"][0]["subjects"], (zorb, quil), strict=True):
+            subject["lora"] = lora
+        rows += [(f"{label} {group}", both, scripts, oracle)]
     return rows
+
+
+def benchmark_config(name: str) -> tuple:
+    """A FreeFuse configuration of benchmark.py by its (stripped) name: (tags, alwayson_scripts, oracle)."""
+    found = {n.strip(): config for n, config in benchmark.CONFIGS.items() if config[1] is not None}
+    if name not in found:
+        raise SystemExit(f"--configs: unknown {name!r}; choose from {', '.join(GROUPS)} or one of {sorted(found)}")
+    return found[name]
+
+
+def shares(results: dict, label: str) -> list[str]:
+    """One line per configuration of `label` whose oracle ran too: its share of the oracle's gain over merged use."""
+    rows = {name[len(label) + 1 :]: row for name, row in results.items() if name.startswith(label + " ")}
+    rows["both merged"] = rows.get("merged", {})
+    lines = []
+    for own, oracle in ORACLE_OF.items():
+        share = benchmark.oracle_share(rows, own, oracle) if rows["both merged"] else None
+        if share is not None:
+            bounds = benchmark.oracle_share_interval(rows, own, oracle)
+            spread = f" (95% bootstrap {bounds[0]:.0%} to {bounds[1]:.0%})" if bounds else ""
+            lines.append(f"{label} {own}: {share:.0%} of the gain of '{oracle}' over merged{spread}")
+    return lines
 
 
 def main(argv=None) -> None:
@@ -61,7 +102,8 @@ def main(argv=None) -> None:
     parser.add_argument("--python", default=os.environ.get("FORGE_PYTHON"), help="the Python of Forge's webui")
     parser.add_argument("--model", type=Path, default=benchmark.MODEL, help="the world's checkpoint and scorer")
     parser.add_argument("--candidates", nargs="+", required=True, help="DIR[@STEP] ...")
-    parser.add_argument("--configs", default="alone;merged", help=f"';'-separated, of {', '.join(GROUPS)}")
+    parser.add_argument("--configs", default="alone;merged", help=f"';'-separated: {', '.join(GROUPS)}, or a "
+                        "FreeFuse configuration of benchmark.py by name")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt")
     parser.add_argument("--json", type=Path, help="write the rows as JSON")
     parser.add_argument("--sheet", type=Path, help="write a PNG of each row's first images")
@@ -69,8 +111,8 @@ def main(argv=None) -> None:
     if not args.python:
         raise SystemExit("FORGE_PYTHON (or --python): the Python of a Forge webui install")
     groups = [g.strip() for g in args.configs.split(";")]
-    if unknown := set(groups) - set(GROUPS):
-        raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {', '.join(GROUPS)}")
+    for group in set(groups) - set(GROUPS):
+        benchmark_config(group)  # names the unknown one
     candidates = [candidate_files(spec) for spec in args.candidates]
     extra = {f"c{i}_{name}": path for i, (_, files) in enumerate(candidates) for name, path in files.items()}
 
@@ -92,6 +134,8 @@ def main(argv=None) -> None:
         shutil.rmtree(data_dir, ignore_errors=True)
     print(f"\n{args.seeds} seeds x 2 prompts, {time.monotonic() - started:.0f} s\n")
     print(benchmark.format_table(results))
+    for label, _ in candidates:
+        print("\n".join(shares(results, label)))
     if args.sheet:
         benchmark.save_sheet(sheet, args.sheet)
     if args.json:

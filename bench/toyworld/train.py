@@ -373,10 +373,14 @@ class LoRALinear(nn.Module):
         return self.base(x) + (x @ self.down.t()) @ self.up.t()
 
 
-def add_loras(model, rank: int, gen) -> dict[str, LoRALinear]:
-    """LoRA on every Linear of the double and single blocks, modulation layers included (as kohya FLUX LoRAs)."""
+def add_loras(model, rank: int, gen, text_stream: bool = True) -> dict[str, LoRALinear]:
+    """LoRA on every Linear of the double and single blocks, modulation layers included (as kohya FLUX LoRAs);
+    without `text_stream`, none on the double blocks' text layers (txt_attn, txt_mlp, txt_mod: kohya's
+    txt_attn_dim / txt_mlp_dim / txt_mod_dim = 0); the single blocks, which hold both streams, keep theirs."""
     added = {}
     for name, module in list(model.named_modules()):
+        if not text_stream and ".txt_" in name:
+            continue
         if isinstance(module, nn.Linear) and name.startswith(("double_blocks.", "single_blocks.")):
             parent_name, _, leaf = name.rpartition(".")
             lora = LoRALinear(module, rank, gen)
@@ -396,18 +400,19 @@ def kohya_state_dict(loras: dict[str, LoRALinear], rank: int) -> dict[str, torch
 
 
 def train_lora(
-    base, name, latents, cap_idx, cond, cfg, log, gen, prior=None, checkpoint=None
+    base, name, latents, cap_idx, cond, cfg, log, gen, prior=None, checkpoint=None, text_stream=True
 ) -> dict[str, torch.Tensor]:
     """Flow loss on the character's pictures; with `prior` = (share, base latents, base caption rows) that share
     of every batch is the base's own training pictures and captions (kohya's regularisation images, DreamBooth's
     prior preservation), so that the LoRA adds its character without unlearning the rest of the world.
-    `checkpoint` = (every, save(step, state)) also hands over the LoRA every `every` steps."""
+    `checkpoint` = (every, save(step, state)) also hands over the LoRA every `every` steps; `text_stream`: see
+    add_loras."""
     share = prior[0] if prior else 0.0
     log.phase(f"lora_{name}", steps=cfg["lora_steps"], batch=cfg["lora_batch"], lr=cfg["lora_lr"], rank=LORA_RANK,
-              pool=len(latents), prior_share=share)  # fmt: skip
+              pool=len(latents), prior_share=share, text_stream=text_stream)  # fmt: skip
     n_prior = round(share * cfg["lora_batch"])
     model = copy.deepcopy(base).requires_grad_(False)
-    loras = add_loras(model, LORA_RANK, gen)
+    loras = add_loras(model, LORA_RANK, gen, text_stream)
     params = [p for lora in loras.values() for p in (lora.down, lora.up)]
     opt = torch.optim.AdamW(params, lr=cfg["lora_lr"], weight_decay=0.0)
     first = None
@@ -526,6 +531,7 @@ def main(argv=None) -> None:
     parser.add_argument("--base-batch", type=int, help="override the base model's batch")
     parser.add_argument("--lora-lr", type=float, help="override each LoRA's learning rate")
     parser.add_argument("--lora-save-every", type=int, help="also save each LoRA every N steps (lora_NAME_N)")
+    parser.add_argument("--lora-no-text", action="store_true", help="no LoRA on the double blocks' text layers")
     parser.add_argument("--characters", default=",".join(world.CHARACTERS), help="which LoRAs to train")
     parser.add_argument("--lora-pool", type=int, help="override each LoRA's number of training pictures")
     parser.add_argument("--lora-batch", type=int, help="override each LoRA's batch")
@@ -606,7 +612,9 @@ def main(argv=None) -> None:
         if args.lora_save_every:
             every = args.lora_save_every
             checkpoint = (every, lambda step, state, name=name: save_lora(state, out / f"lora_{name}_{step}"))
-        lora = train_lora(base, name, latents[name], cap_idx[name], cond, cfg, log, gen, prior, checkpoint)
+        lora = train_lora(
+            base, name, latents[name], cap_idx[name], cond, cfg, log, gen, prior, checkpoint, not args.lora_no_text
+        )
         save_lora(lora, out / f"lora_{name}")
     if kept:
         shutil.copyfile(kept / "scorer.safetensors", out / "scorer.safetensors")

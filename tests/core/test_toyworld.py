@@ -345,3 +345,23 @@ def test_screen_loras_candidates_and_rows(tmp_path):
     ]
     subjects = rows[2][2]["FreeFuse"]["args"][0]["subjects"]
     assert [s["lora"] for s in subjects] == ["c3_zorb", "c3_quil"]
+
+
+def test_add_loras_without_the_text_stream():
+    """--lora-no-text: no LoRA on a double block's txt_* layers; image layers and single blocks keep theirs."""
+    import train
+
+    def model():
+        m = torch.nn.Module()
+        m.double_blocks = torch.nn.ModuleList([torch.nn.Module()])
+        for stream in ("img_attn", "txt_attn"):
+            setattr(m.double_blocks[0], stream, torch.nn.Module())
+            getattr(m.double_blocks[0], stream).qkv = torch.nn.Linear(4, 12)
+        m.single_blocks = torch.nn.ModuleList([torch.nn.Module()])
+        m.single_blocks[0].linear1 = torch.nn.Linear(4, 8)
+        return m
+
+    every = train.add_loras(model(), 2, torch.Generator().manual_seed(0))
+    image_only = train.add_loras(model(), 2, torch.Generator().manual_seed(0), text_stream=False)
+    assert sorted(every) == ["double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", "single_blocks.0.linear1"]
+    assert sorted(image_only) == ["double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"]

@@ -7,7 +7,13 @@ exactly the conditioning the transformer was trained on, and that Forge's VAE en
 latents. Token-embedding rows that no toy caption uses are zeroed (the file compresses to a fraction in git);
 the check above proves that changes nothing the toy world uses.
 
-    FORGE_DIR=... <forge webui python> bench/toyworld/assemble.py [--trained WORK/trained]
+    FORGE_DIR=... <forge webui python> bench/toyworld/assemble.py [--trained WORK/trained] [--lora-no-text]
+
+--lora-runs DIR ... takes each LoRA from the first of these train.py output folders that has it (LoRAs trained in
+their own runs on the frozen base, train.py --resume --base-steps 0 --characters NAME); the written training log then
+holds the base's run and each LoRA's. --lora-no-text leaves the LoRAs' double-block text layers (txt_attn, txt_mlp,
+txt_mod) out of the written files, as a LoRA trained with kohya's txt_*_dim = 0 has none (bench/toyworld/README.md:
+they undo the base's routing by place).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -97,12 +104,42 @@ def check_with_forge(forge: Path, configs: Path, work: Path, trained: Path, chec
     }
 
 
+def is_text_layer(key: str) -> bool:
+    """A kohya FLUX LoRA key of a double block's text stream (lora_unet_double_blocks_N_txt_...)."""
+    return re.match(r"lora_unet_double_blocks_\d+_txt_", key) is not None
+
+
+def lora_sources(trained: Path, runs: list[Path]) -> dict[str, Path]:
+    """Character -> the folder its LoRA comes from: the first of `runs` holding lora_NAME, else `trained`."""
+    found = {}
+    for name in LORAS:
+        found[name] = next((run for run in runs if (run / f"lora_{name}.safetensors").is_file()), trained)
+        if not (found[name] / f"lora_{name}.safetensors").is_file():
+            raise SystemExit(f"no lora_{name}.safetensors in {[str(r) for r in [*runs, trained]]}")
+    return found
+
+
+def training_log(trained: Path, sources: dict[str, Path]) -> dict:
+    """The log of a world whose LoRAs come from other runs: {"base_run": trained's log without its LoRA phases
+    (not used), "lora_NAME_run": each LoRA run's log without the base log it resumed from}."""
+    log = json.loads((trained / "train_log.json").read_text())
+    log["phases"] = {k: v for k, v in log["phases"].items() if not k.startswith("lora_")}
+    combined = {"base_run": log}
+    for name, source in sources.items():
+        run = json.loads((source / "train_log.json").read_text())
+        run.pop("resumed_from", None)
+        combined[f"lora_{name}_run"] = run
+    return combined
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--forge", type=Path, default=Path(os.environ.get("FORGE_DIR", "")))
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--trained", type=Path, help="train.py's output folder (default WORK/trained)")
     parser.add_argument("--model", type=Path, default=MODEL)
+    parser.add_argument("--lora-runs", type=Path, nargs="*", default=[], help="folders to take the LoRAs from")
+    parser.add_argument("--lora-no-text", action="store_true", help="leave out the LoRAs' double-block txt_* layers")
     args = parser.parse_args(argv)
     trained = args.trained or args.work / "trained"
     configs = tiny_models().write_pipeline_configs(args.forge, args.work / "configs")
@@ -110,12 +147,20 @@ def main(argv=None) -> None:
     checkpoint = args.model / CHECKPOINT
     save_file(checkpoint_state_dict(trained, args.work, configs), str(checkpoint),
               metadata={"modelspec.architecture": "flux-1-dev"})  # fmt: skip
+    sources = lora_sources(trained, args.lora_runs)
     for name, filename in LORAS.items():
-        lora = load_file(str(trained / f"lora_{name}.safetensors"))
+        lora = load_file(str(sources[name] / f"lora_{name}.safetensors"))
+        if args.lora_no_text:
+            lora = {key: value for key, value in lora.items() if not is_text_layer(key)}
         save_file(lora, str(args.model / filename), metadata={"modelspec.architecture": "flux-1-dev/lora"})
     shutil.copyfile(trained / "scorer.safetensors", args.model / "scorer.safetensors")
-    shutil.copyfile(trained / "train_log.json", args.model / "train_log.json")
+    if all(source == trained for source in sources.values()):
+        shutil.copyfile(trained / "train_log.json", args.model / "train_log.json")
+    else:
+        (args.model / "train_log.json").write_text(json.dumps(training_log(trained, sources), indent=1))
     checks = check_with_forge(args.forge, configs, args.work, trained, checkpoint)
+    if args.lora_no_text:
+        checks["lora_text_layers"] = "left out (--lora-no-text)"
     (args.model / "assemble_log.json").write_text(json.dumps(checks, indent=1) + "\n")
     print(json.dumps(checks))
     if checks["text_max_abs_difference"] > 1e-3 or checks["latent_max_abs_difference"] > 0.1:

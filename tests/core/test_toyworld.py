@@ -365,3 +365,47 @@ def test_add_loras_without_the_text_stream():
     image_only = train.add_loras(model(), 2, torch.Generator().manual_seed(0), text_stream=False)
     assert sorted(every) == ["double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", "single_blocks.0.linear1"]
     assert sorted(image_only) == ["double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"]
+
+
+def test_assemble_lora_no_text_keys():
+    """assemble.py --lora-no-text: only a double block's txt_* keys are text layers (single blocks hold both)."""
+    import assemble
+
+    text = ["lora_unet_double_blocks_0_txt_attn_qkv.lora_down.weight", "lora_unet_double_blocks_12_txt_mod_lin.alpha",
+            "lora_unet_double_blocks_2_txt_mlp_0.lora_up.weight"]  # fmt: skip
+    kept = ["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "lora_unet_single_blocks_0_linear1.alpha",
+            "lora_unet_double_blocks_1_img_mod_lin.lora_up.weight"]  # fmt: skip
+    assert all(assemble.is_text_layer(k) for k in text)
+    assert not any(assemble.is_text_layer(k) for k in kept)
+
+
+def test_assemble_takes_each_lora_from_its_own_run(tmp_path):
+    """assemble.py --lora-runs: each LoRA from the first run holding it; the log keeps the base run and each LoRA's."""
+    import json
+
+    import assemble
+
+    base, zorb_run, quil_run = (tmp_path / n for n in ("base", "zorb", "quil"))
+    logs = {
+        base: {"phases": {"base": {"steps": 4000}, "lora_zorb": {"steps": 1200}, "lora_quil": {"steps": 1200}}},
+        zorb_run: {"phases": {"lora_zorb": {"steps": 3000}}, "resumed_from": {"phases": {}}},
+        quil_run: {"phases": {"lora_quil": {"steps": 3000, "lr": 4e-3}}},
+    }
+    for folder, log in logs.items():
+        folder.mkdir()
+        (folder / "train_log.json").write_text(json.dumps(log))
+        for name in log["phases"]:
+            if name.startswith("lora_"):
+                (folder / f"{name}.safetensors").write_bytes(b"")
+
+    assert assemble.lora_sources(base, []) == {"zorb": base, "quil": base}
+    sources = assemble.lora_sources(base, [zorb_run, quil_run])
+    assert sources == {"zorb": zorb_run, "quil": quil_run}
+    log = assemble.training_log(base, sources)
+    assert log["base_run"]["phases"] == {"base": {"steps": 4000}}  # the base run's own LoRAs are not the world's
+    assert log["lora_zorb_run"] == {"phases": {"lora_zorb": {"steps": 3000}}}
+    assert log["lora_quil_run"]["phases"]["lora_quil"]["lr"] == 4e-3
+    (quil_run / "lora_quil.safetensors").unlink()
+    (base / "lora_quil.safetensors").unlink()
+    with pytest.raises(SystemExit, match="no lora_quil.safetensors"):
+        assemble.lora_sources(base, [zorb_run, quil_run])

@@ -1,5 +1,5 @@
 """Quality on the committed toy world (bench/toyworld): through the real webui, FreeFuse keeps two character LoRAs
-apart where merging them draws nothing. Fixed seeds on the CPU, so the figures are reproducible; the full
+apart where merging them loses both characters. Fixed seeds on the CPU, so the figures are reproducible; the full
 benchmark with intervals is bench/toyworld/benchmark.py."""
 
 from __future__ import annotations
@@ -53,9 +53,10 @@ def test_freefuse_keeps_two_character_loras_apart_where_merging_fails(webui, sco
     merged = scores(webui, scorer, None)
     paper = scores(webui, scorer, {})
     print(f"\ntoy world, {SEEDS} seeds x 2 prompts: merged {merged}, FreeFuse (paper defaults) {paper}")
-    # Merged at full strength the two LoRAs draw nothing (TOYWORLD.md's "quality deterioration").
-    assert merged["present"] <= 0.1 and merged["identity"] == 0.0, merged
-    # FreeFuse draws again (a figure in about half of the halves) and its characters are recognised in their own
-    # halves, at least 3 of the 64, where merged use shows none (the benchmark: 0.09 +- 0.05 over 32 seeds).
-    assert paper["present"] >= 0.4, paper
-    assert paper["identity"] >= merged["identity"] + 3 / 64, paper
+    # Merged at full strength the two LoRAs still draw two figures, but blended: a character is recognised in its
+    # own half almost never (the benchmark: 0.02 of the halves over 32 seeds).
+    assert merged["present"] >= 0.8 and merged["identity"] <= 2 / 64, merged
+    # FreeFuse keeps the figures and its characters are recognised in their own halves at least 6 more times in 64
+    # than merged use (the benchmark: 0.18 +- 0.05 over 32 seeds; its oracle masks reach 0.23).
+    assert paper["present"] >= 0.8, paper
+    assert paper["identity"] >= merged["identity"] + 6 / 64, paper

@@ -180,7 +180,7 @@ def base_example_with_masks(rng: np.random.Generator, names: float = 0.0) -> tup
     figures = [(GENERIC_SPRITES[int(rng.integers(len(GENERIC_SPRITES)))], place) for place in places]
     picture, masks = render_with_masks(figures, rng)
     words = [s.colour for s, _ in figures]
-    if names:  # no draw at 0: the committed base's data stays as it was made
+    if names:  # no draw at 0: the first world's base data stays as it was made
         words = [NAMES[int(rng.integers(len(NAMES)))] if rng.random() < names else w for w in words]
     return picture, caption(list(zip(words, places, strict=True))), masks
 
@@ -192,10 +192,9 @@ def base_example(rng: np.random.Generator) -> tuple[np.ndarray, str]:
 
 def character_example(name: str, rng: np.random.Generator, paired: float = 0.0) -> tuple[np.ndarray, str]:
     """One training picture for a character LoRA, the character named by its word: alone at a random place, or
-    (with probability `paired`) in one half beside a generic sprite in the other. The committed LoRAs used 0;
-    0.5 was tried (bench/toyworld/README.md): merged use then bleeds instead of drawing nothing, and identity is
-    weaker for every configuration, oracle masks included."""
-    if paired and rng.random() < paired:  # no draw at 0: the committed LoRAs' data stays as it was made
+    (with probability `paired`) in one half beside a generic sprite in the other. The committed LoRAs use 0.5 (alone
+    they made every picture a single figure on the names base); the first world's used 0 (bench/toyworld/README.md)."""
+    if paired and rng.random() < paired:  # no draw at 0: the first world's LoRA data stays as it was made
         place, other = ("left", "right") if rng.random() < 0.5 else ("right", "left")
         sprite = GENERIC_SPRITES[int(rng.integers(len(GENERIC_SPRITES)))]
         figures = [(CHARACTERS[name], place, name), (sprite, other, sprite.colour)]

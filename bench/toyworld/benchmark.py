@@ -39,10 +39,10 @@ LAST_BLOCK = 2  # the toy transformer has 3 double blocks: the paper's late bloc
 METRICS = ("present", "identity", "both_right", "wrong_colour")
 
 
-def freefuse(loras: tuple[str, str] = ("toy_zorb", "toy_quil"), **settings) -> dict:
+def freefuse(**settings) -> dict:
     args = {
         "enabled": True,
-        "subjects": [{"lora": loras[0], "words": "zorb"}, {"lora": loras[1], "words": "quil"}],
+        "subjects": [{"lora": "toy_zorb", "words": "zorb"}, {"lora": "toy_quil", "words": "quil"}],
         "capture_block": LAST_BLOCK,
     }
     args.update(settings)

@@ -24,9 +24,15 @@ from pathlib import Path
 
 import benchmark
 import torch
+import world
 from scorer import load_scorer
 
 GROUPS = ("alone", "merged", "freefuse", "oracle")
+# the short groups that are benchmark.py configurations: group -> (row name, configuration)
+GROUP_CONFIGS = {
+    "freefuse": ("FreeFuse", "FreeFuse (paper defaults)"),
+    "oracle": ("oracle", "oracle masks (paper timing)"),
+}
 # a configuration with FreeFuse's own masks -> the oracle with the same timing (its share of the gain is printed)
 ORACLE_OF = {
     "FreeFuse": "oracle",
@@ -42,7 +48,7 @@ def candidate_files(spec: str) -> tuple[str, dict[str, Path]]:
     """ "DIR[@STEP]" -> (label, {character: LoRA file}); names the missing file if there is one."""
     folder, _, step = spec.partition("@")
     suffix = f"_{step}" if step else ""
-    files = {name: Path(folder) / f"lora_{name}{suffix}.safetensors" for name in ("zorb", "quil")}
+    files = {name: Path(folder) / f"lora_{name}{suffix}.safetensors" for name in world.CHARACTERS}
     missing = [str(f) for f in files.values() if not f.is_file()]
     if missing:
         raise SystemExit(f"candidate {spec}: no {', '.join(missing)}")
@@ -59,18 +65,15 @@ def rows_for(label: str, index: int, groups: list[str]) -> list[tuple[str, str, 
         rows += [(f"{label} QUIL alone", f" <lora:{quil}:1>", None, False)]
     if "merged" in groups:
         rows += [(f"{label} merged", both, None, False)]
-    if "freefuse" in groups:
-        rows += [(f"{label} FreeFuse", both, benchmark.freefuse(loras=(zorb, quil)), False)]
-    if "oracle" in groups:
-        rows += [(f"{label} oracle", both, benchmark.freefuse(loras=(zorb, quil)), True)]
     for group in groups:
-        if group in GROUPS:
+        if group in ("alone", "merged"):
             continue
-        _, scripts, oracle = benchmark_config(group)
+        row, config = GROUP_CONFIGS.get(group, (group, group))
+        _, scripts, oracle = benchmark_config(config)
         scripts = copy.deepcopy(scripts)
         for subject, lora in zip(scripts["FreeFuse"]["args"][0]["subjects"], (zorb, quil), strict=True):
             subject["lora"] = lora
-        rows += [(f"{label} {group}", both, scripts, oracle)]
+        rows += [(f"{label} {row}", both, scripts, oracle)]
     return rows
 
 

@@ -1,7 +1,9 @@
-"""What the bench scripts share: which lib_freefuse they import."""
+"""What the bench scripts share: which lib_freefuse they import, and how a ratio and its noise are printed."""
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,3 +17,19 @@ def lib_root(argv: list[str]) -> str:
         if arg.startswith("--lib-root="):
             return arg.split("=", 1)[1]
     return str(REPO)
+
+
+def spread(ratios: Sequence[float]) -> str:
+    """A per-round ratio as "median [min - max]": the spread over the rounds is the noise of the figure."""
+    return f"{statistics.median(ratios):.3f}x [{min(ratios):.3f} - {max(ratios):.3f}]"
+
+
+def ratio_line(label: str, ratios: Sequence[float]) -> str:
+    """The line every bench ends with, once per headline ratio (tests/core/test_bench_smoke.py looks for it):
+    the ratio of two cases run back to back in each round, its median, min and max over the rounds."""
+    if not ratios:
+        raise ValueError(f"{label}: no rounds")
+    return (
+        f"ratio {label}: median {statistics.median(ratios):.3f}x, min {min(ratios):.3f}x, max {max(ratios):.3f}x "
+        f"over {len(ratios)} rounds"
+    )

@@ -3,7 +3,7 @@
 Run from the repository root:
 
     python bench/bench_masked_lora.py              # 3072 -> 9216, x (1, 4608, 3072), 2 subjects of rank 16, fp32 + bf16
-    python bench/bench_masked_lora.py --quick      # 1024 tokens, fewer rounds
+    python bench/bench_masked_lora.py --smoke      # 256 tokens, 3 rounds: checks that it runs (seconds)
 
 Cases, all on the same x, LoRA factors and (1, T, L) masks:
   (i)   masked_lora_delta(x, downs, ups, scales, masks)    stacks the factors on every call
@@ -13,8 +13,9 @@ Cases, all on the same x, LoRA factors and (1, T, L) masks:
 Goals: (ii) <= 1.05x (iii), and (ii) faster than (iv).
 
 Every case runs once untimed, then `--repeats` rounds run every case once each (interleaved, the order reversed
-every other round, so that load from other processes and cache effects hit all cases alike); the table shows medians,
-ratios of medians to (iii), and the per-round ratio's median (the ratio of two calls made back to back).
+every other round, so that load from other processes and cache effects hit all cases alike); the table shows each
+case's median time and its per-round ratio to (iii) (the ratio of two calls made back to back) as median [min - max]
+over the rounds: the spread is the noise of the figure. The last lines ("ratio ...") repeat the goals' ratios.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from bench_common import lib_root, ratio_line, spread
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, lib_root(sys.argv))
 
 from lib_freefuse.core import StackedLoRA, masked_lora_delta
 
@@ -76,8 +77,8 @@ def build_cases(x, downs, ups, scales, masks) -> dict[str, Callable[[], torch.Te
 
     return {
         "(i) masked_lora_delta": lambda: masked_lora_delta(x, downs, ups, scales, masks),
-        "(ii) StackedLoRA, prepared": lambda: stacked(x, masks),
-        "(iii) (x @ A_all.T) @ B_all.T, no masks": lambda: (x @ a_all.T) @ b_all.T,
+        STACKED: lambda: stacked(x, masks),
+        FLOOR: lambda: (x @ a_all.T) @ b_all.T,
         "(iv) naive per-subject loop": naive,
         # The Forge integration adds the delta into the base layer's output: no d_out-wide temporary at all.
         IN_PLACE: lambda: stacked.add_to(base_out, x, masks),
@@ -85,6 +86,7 @@ def build_cases(x, downs, ups, scales, masks) -> dict[str, Callable[[], torch.Te
     }
 
 
+STACKED = "(ii) StackedLoRA, prepared"
 FLOOR = "(iii) (x @ A_all.T) @ B_all.T, no masks"
 NAIVE = "(iv) naive per-subject loop"
 IN_PLACE = "(v) StackedLoRA.add_to(y, x, masks)"
@@ -92,7 +94,8 @@ IN_PLACE_FLOOR = "(vi) y += (x @ A_all.T) @ B_all.T, addmm_"
 ACCUMULATING = (IN_PLACE, IN_PLACE_FLOOR)
 
 
-def run(n_tokens: int, dtype: torch.dtype, repeats: int, time_limit: float) -> None:
+def run(n_tokens: int, dtype: torch.dtype, repeats: int, time_limit: float) -> list[str]:
+    """Time every case; print the table; return the goals' ratio lines."""
     x, downs, ups, scales, masks = make_case(n_tokens, dtype)
     cases = build_cases(x, downs, ups, scales, masks)
     reference = cases[NAIVE]().float()
@@ -118,46 +121,57 @@ def run(n_tokens: int, dtype: torch.dtype, repeats: int, time_limit: float) -> N
             break
     rounds = len(samples[FLOOR])
     med = {name: statistics.median(s) for name, s in samples.items()}
-    floor = med[FLOOR]
-    print(f"\n{dtype}, x {tuple(x.shape)}: median of {rounds} interleaved rounds")
-    header = f"{'case':<42} | {'median':>10} | {'/ (iii)':>7} | {'per-round /(iii)':>16} | {'best':>9} | goal"
+
+    def per_round(name: str, over: str = FLOOR) -> list[float]:
+        return [s / f for s, f in zip(samples[name], samples[over], strict=True)]
+
+    print(f"\n{dtype}, x {tuple(x.shape)}: {rounds} interleaved rounds")
+    header = f"{'case':<42} | {'median':>10} | {'/ (iii) per round: median [min - max]':>37} | {'best':>9} | goal"
     print(header)
     print("-" * len(header))
     for name in names:
-        per_round = statistics.median(s / f for s, f in zip(samples[name], samples[FLOOR], strict=True))
         goal = ""
         if name.startswith("(ii)"):
-            met = med[name] / floor <= 1.05 and med[name] < med[NAIVE]
+            met = statistics.median(per_round(name)) <= 1.05 and med[name] < med[NAIVE]
             goal = f"<= 1.05x (iii), < (iv): {'met' if met else 'NOT met'}"
         elif name == IN_PLACE:
-            goal = f"{med[name] / med[IN_PLACE_FLOOR]:.3f}x of (vi)"
+            goal = f"{spread(per_round(IN_PLACE, IN_PLACE_FLOOR))} of (vi)"
         print(
-            f"{name:<42} | {med[name] * 1e3:7.1f} ms | {med[name] / floor:6.3f}x | {per_round:15.3f}x | "
+            f"{name:<42} | {med[name] * 1e3:7.1f} ms | {spread(per_round(name)):>37} | "
             f"{min(samples[name]) * 1e3:6.1f} ms | {goal}"
         )
     out_mib = x.shape[0] * x.shape[1] * D_OUT * x.element_size() / 2**20
     print(f"(the (1, {x.shape[1]}, {D_OUT}) output is {out_mib:.0f} MiB: each case writes it once, (iv) several times)")
+    kind = str(dtype).removeprefix("torch.")
+    return [
+        ratio_line(f"StackedLoRA (ii) / unmasked (iii), {kind}", per_round(STACKED)),
+        ratio_line(f"add_to (v) / unmasked addmm_ (vi), {kind}", per_round(IN_PLACE, IN_PLACE_FLOOR)),
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--quick", action="store_true", help="1024 tokens, 8 rounds")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 30, --quick 8)")
+    parser.add_argument("--smoke", action="store_true", help="256 tokens, 3 rounds: checks that it runs")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 30, --smoke 3)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--time-limit", type=float, default=60.0, help="stop adding rounds after this many s/dtype")
+    parser.add_argument("--lib-root", help="import lib_freefuse from this folder instead (to measure a prototype)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    n_tokens = 1024 if args.quick else GRID[0] * GRID[1] + N_TEXT
-    repeats = args.repeats or (8 if args.quick else 30)
+    n_tokens = 256 if args.smoke else GRID[0] * GRID[1] + N_TEXT
+    repeats = args.repeats or (3 if args.smoke else 30)
     print(f"command: {shlex.join(['python', *sys.argv])}")
     print(f"torch {torch.__version__}, {args.threads} threads, {torch.backends.cpu.get_cpu_capability()}")
     print(f"layer {D_IN} -> {D_OUT}, {n_tokens} tokens, {N_SUBJECTS} subjects of rank {RANK}")
     started = time.perf_counter()
+    lines = []
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name.strip())
-        run(n_tokens, dtype, repeats, args.time_limit)
-    print(f"\ntotal wall time {time.perf_counter() - started:.0f} s")
+        lines += run(n_tokens, dtype, repeats, args.time_limit)
+    print()
+    print("\n".join(lines))
+    print(f"total wall time {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

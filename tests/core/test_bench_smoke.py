@@ -1,0 +1,69 @@
+"""Every bench script runs at its --smoke size and prints its ratios with their spread, so none can rot unseen.
+
+Each script runs as a subprocess of this Python, through its own argument parsing and printing. The pure benches
+run here; the benches that need Forge's backend run in the forge tier (tests/forge/test_forge_bench_smoke.py).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.core
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+# Every top-level bench script and the tier whose imports it needs. bench/toyworld/ holds experiments, not timings:
+# its pure parts are tested in test_toyworld.py, its benchmark through a real webui (tests/webui).
+TIERS = {
+    "bench_extract_masks.py": "core",
+    "bench_masked_lora.py": "core",
+    "bench_forge_generation.py": "forge",
+}
+
+# The line bench_common.ratio_line prints for each headline ratio.
+RATIO_LINE = re.compile(r"^ratio (.+): median (\d+\.\d+)x, min (\d+\.\d+)x, max (\d+\.\d+)x over (\d+) rounds$", re.M)
+
+
+def run_smoke(script: str, *args: str, env: dict | None = None, timeout: float = 300) -> str:
+    """Run bench/<script> --smoke with this Python; its stdout, after checking that it ended well."""
+    command = [sys.executable, str(BENCH / script), "--smoke", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    assert done.returncode == 0, f"{' '.join(command)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr}"
+    return done.stdout
+
+
+def ratios(stdout: str) -> dict[str, tuple[float, float, float, int]]:
+    """label -> (min, median, max, rounds) of every ratio line, each checked for min <= median <= max."""
+    found = {}
+    for label, median, low, high, rounds in RATIO_LINE.findall(stdout):
+        low, median, high = float(low), float(median), float(high)
+        assert 0 < low <= median <= high, f"ratio {label}: min {low}, median {median}, max {high}"
+        found[label] = (low, median, high, int(rounds))
+    return found
+
+
+def test_every_bench_script_has_a_smoke_run():
+    scripts = {path.name for path in BENCH.glob("bench_*.py")} - {"bench_common.py"}
+    assert scripts == set(TIERS), "a bench script without a smoke run in the test suite (TIERS)"
+
+
+def test_extract_masks_smoke():
+    found = ratios(run_smoke("bench_extract_masks.py"))
+    assert set(found) == {f"extract_masks / SDPA, {n} subjects" for n in (2, 3, 4)}
+    assert all(rounds == 3 for *_, rounds in found.values())
+
+
+def test_masked_lora_smoke():
+    stdout = run_smoke("bench_masked_lora.py")
+    assert "MISMATCH" not in stdout
+    found = ratios(stdout)
+    assert set(found) == {
+        f"{name}, {dtype}"
+        for name in ("StackedLoRA (ii) / unmasked (iii)", "add_to (v) / unmasked addmm_ (vi)")
+        for dtype in ("float32", "bfloat16")
+    }

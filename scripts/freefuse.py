@@ -13,12 +13,17 @@ from lib_freefuse.args import FIELD_HELP, SUBJECT_FIELD_HELP, FreeFuseArgs
 from lib_freefuse.forge.job import coverage_percent
 from lib_freefuse.forge.processing import run_state, start_run
 from lib_freefuse.forge.xyz import clear_previous_cell, register_axes, xyz_args
+from lib_freefuse.hosts import HostUnsupported, detect
 from lib_freefuse.infotext import COVERAGE_KEY, WARNINGS_KEY, args_from_params, infotext_params
 from lib_freefuse.log import configure, logger
 from lib_freefuse.overlay import mask_overlay
 from lib_freefuse.script_values import SETTING_KEYS, SUBJECT_ROWS, args_from_values, values_from_args
 
 configure(getattr(shared.cmd_opts, "freefuse_log_level", "INFO"))
+try:
+    logger.info("FreeFuse: running in %s", detect().name)
+except HostUnsupported as unknown:  # each job says so again, in its infotext too, and is made without FreeFuse
+    logger.warning("FreeFuse: %s", unknown)
 HELP = {entry.key: entry for entry in FIELD_HELP}
 DEFAULTS = FreeFuseArgs().to_dict()
 register_axes()  # now: an API-only server builds the scripts' UI before any before_ui callback
@@ -204,13 +209,22 @@ class FreeFuseScript(scripts.Script):
         args = getattr(p, "freefuse_args", None)
         if args is None or not args.enabled:
             return
-        start_run(p, args, kwargs.get("x"))
+        try:
+            start_run(p, args, kwargs.get("x"))
+        except Exception as error:  # a host that changed under FreeFuse: name it, and make the image without FreeFuse
+            logger.exception("FreeFuse: could not start")
+            run_state(p).warn(
+                f"FreeFuse could not start in this Forge ({type(error).__name__}: {error}): it did nothing"
+            )
 
     def postprocess_batch(self, p, *values, **kwargs):
         args = getattr(p, "freefuse_args", None)
         if args is None or not args.enabled:
             return
         state = run_state(p)
+        if not state.jobs:  # FreeFuse changed nothing: the infotext must not say it ran
+            for key in infotext_params(args):
+                p.extra_generation_params.pop(key, None)
         masks = state.end_batch(len(kwargs.get("images", ())) or p.batch_size)
         if masks is not None:
             coverage = coverage_percent(masks)

@@ -1,20 +1,23 @@
-"""The seams between FreeFuse and classic Forge's FLUX: attention capture, LoRA application, step tracking.
+"""The seams between FreeFuse and Forge's FLUX: attention capture, LoRA application, step tracking.
 
 Everything is installed on a *clone* of the job's UnetPatcher with `add_object_patch` and the model-function
 wrapper, which Forge undoes itself when another patcher loads; the one global swap (the FLUX module's
-`attention` function, for the capture block during the capture call only) is undone in a `finally`.
-Forge Neo gets an adapter of its own beside this one; the core and the job do not change.
+`attention` function, for the capture block during the capture call only) is undone in a `finally`. Both hosts
+share this patcher API and FLUX's module layout; what differs (the LoRA store, the modulation's return value) is
+asked of the host adapter (lib_freefuse/hosts).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from ..hosts import Host, SubjectPatches, for_unet
 from .job import FreeFuseJob
 from .lora_layers import MaskedLinearPatch, SubjectWeightDelta
 
@@ -57,20 +60,24 @@ def patch_unet(
     job: FreeFuseJob,
     subject_deltas: SubjectDeltas,
     capture_block: int,
-    unmerged_loras: Collection = (),
+    merged: Sequence[SubjectPatches] = (),
+    host: Host | None = None,
 ):
     """A clone of `unet` that runs FreeFuse for one sampling run.
 
-    subject_deltas: every weight change of the subject LoRAs, by module. unmerged_loras: the keys of
-    `unet.lora_patches` (the subject LoRAs Forge loaded from the prompt's tags) to take out of the merge.
+    subject_deltas: every weight change of the subject LoRAs, by module. merged: the subject LoRAs the host merged
+    from the prompt's tags (Host.merged_lora), taken out of the clone's merge. host: the adapter (default: the one
+    whose LoRA store `unet` has).
     """
     model = flux_model(unet)
     if model is None:
         raise ValueError("unet: not a FLUX model (no double_blocks/single_blocks)")
     if not 0 <= capture_block < len(model.double_blocks):
         raise ValueError(f"capture_block: {capture_block} is not one of the model's {len(model.double_blocks)} blocks")
+    host = host or for_unet(unet)
     clone = unet.clone()
-    clone.lora_patches = {key: value for key, value in clone.lora_patches.items() if key not in set(unmerged_loras)}
+    if merged:
+        host.take_out(clone, merged)
 
     block = f"diffusion_model.double_blocks.{capture_block}.forward"
     clone.add_object_patch(block, CaptureBlock(_unpatched(clone, block), job))
@@ -80,7 +87,8 @@ def patch_unet(
             parent = module.rsplit(".", 1)[0]
             lin_forward = _unpatched(clone, f"diffusion_model.{module}.forward")
             modulation = clone.get_model_object(f"diffusion_model.{parent}")
-            patch = PerTokenModulation(lin_forward, modulation.multiplier, deltas, job, stream.split(":", 1)[1])
+            pack = partial(host.modulation_output, modulation)
+            patch = PerTokenModulation(lin_forward, modulation.multiplier, deltas, job, stream.split(":", 1)[1], pack)
             clone.add_object_patch(f"diffusion_model.{parent}.forward", patch)
         else:
             name = f"diffusion_model.{module}.forward"
@@ -135,33 +143,35 @@ class ModelCallTracker:
 
 
 class CaptureBlock:
-    """Forward of the capture block: during the capture call, hands q and k (after QK-norm and RoPE) to the job."""
+    """Forward of the capture block: during the capture call, hands q and k (after QK-norm and RoPE) to the job.
+    Takes whatever the host's block takes (classic: img, txt, vec, pe; Neo adds attn_mask, transformer_options)."""
 
     def __init__(self, original_forward, job: FreeFuseJob):
         self.original_forward = original_forward
         self.job = job
 
-    def __call__(self, img, txt, vec, pe):
+    def __call__(self, *args, **kwargs):
         if not self.job.capturing:
-            return self.original_forward(img, txt, vec, pe)
+            return self.original_forward(*args, **kwargs)
         with _capturing_attention(self.job.store_attention, self.job.capture_failed):
-            return self.original_forward(img, txt, vec, pe)
+            return self.original_forward(*args, **kwargs)
 
 
 @contextmanager
 def _capturing_attention(store: Callable[[torch.Tensor, torch.Tensor], None], on_error: Callable[[Exception], None]):
     """Swap backend.nn.flux.attention (looked up at call time, once per block) for one that also stores q, k.
+    Both hosts hand it q and k after QK-norm and before RoPE and apply RoPE inside with the module's `apply_rope`.
     A failure to store goes to on_error; the block's attention is computed as usual either way."""
     import backend.nn.flux as flux
 
     original = flux.attention
 
-    def attention(q, k, v, pe):
+    def attention(q, k, v, pe, *args, **kwargs):
         try:
             store(*flux.apply_rope(q, k, pe))  # (B, H, L_txt + N_img, D), as the block's attention sees them
         except Exception as error:  # reported once by the job; this image is made without masks
             on_error(error)
-        return original(q, k, v, pe)
+        return original(q, k, v, pe, *args, **kwargs)
 
     flux.attention = attention
     try:
@@ -175,22 +185,26 @@ class PerTokenModulation:
     subject's modulation delta where its mask is, so the chunks become (B, T, D) instead of (B, 1, D) and broadcast
     in the block as before (ALGORITHM.md stage 2, modulation layers)."""
 
-    def __init__(self, lin_forward, multiplier: int, deltas, job: FreeFuseJob, stream: str):
+    def __init__(self, lin_forward, multiplier: int, deltas, job: FreeFuseJob, stream: str, pack=tuple):
+        """pack(chunks) -> what the host's Modulation.forward returns (Host.modulation_output)."""
         self.lin_forward = lin_forward
         self.multiplier = multiplier
         self.deltas = list(deltas)
         self.job = job
         self.stream = stream
+        self.pack = pack
         self._cast: dict = {}
 
     def __call__(self, vec: torch.Tensor):
+        if vec.ndim == 3:  # Neo's blocks may pass (B, 1, D)
+            vec = vec[:, 0]
         hidden = F.silu(vec)
-        base = self.lin_forward(hidden)  # (B, M*D), with every non-subject LoRA merged as Forge does
+        base = self.lin_forward(hidden)  # (B, M*D), with every non-subject LoRA merged as the host does
         try:
-            return self._with_subjects(hidden, base)
+            return self.pack(self._with_subjects(hidden, base))
         except Exception as error:  # reported once by the job; the block gets the base modulation
             self.job.layer_failed(error)
-            return base[:, None, :].chunk(self.multiplier, dim=-1)
+            return self.pack(base[:, None, :].chunk(self.multiplier, dim=-1))
 
     def _with_subjects(self, hidden: torch.Tensor, base: torch.Tensor):
         mode, masks = self.job.modulation_masks(self.stream)

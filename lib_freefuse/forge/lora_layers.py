@@ -1,37 +1,31 @@
-"""Subject LoRAs as masked per-token weight deltas on classic Forge (ALGORITHM.md stage 2, FORGE.md "LoRA").
+"""Subject LoRAs as masked per-token weight deltas (ALGORITHM.md stage 2, FORGE.md "LoRA").
 
 A subject LoRA is never merged into the model's weights. Each weight it changes becomes a SubjectWeightDelta: plain
-LoRA stays low-rank (exact), every other kind becomes a dense delta computed by Forge's own merge function, so that
-what a mask of all ones gives is exactly what Forge's merge would give. MaskedLinearPatch adds the deltas to one
-Linear's output token by token, each subject's under its own mask column. Forge is imported lazily, inside functions.
+LoRA stays low-rank (exact), every other kind becomes a dense delta computed by the host's own merge function, so
+that what a mask of all ones gives is exactly what the host's merge would give. MaskedLinearPatch adds the deltas to
+one Linear's output token by token, each subject's under its own mask column. The patches come as host-neutral
+PatchEntry objects (lib_freefuse/hosts): nothing here knows which Forge it runs in.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..core.lora import StackedLoRA
+from ..hosts.base import PatchEntry
 
-__all__ = [
-    "MaskedLinearPatch",
-    "SubjectLoRAPatches",
-    "SubjectWeightDelta",
-    "dequantized",
-    "load_subject_lora",
-    "subject_deltas",
-]
+__all__ = ["MaskedLinearPatch", "SubjectWeightDelta", "subject_deltas"]
 
 MODEL_PREFIX = "diffusion_model."  # Forge's parameter keys: "diffusion_model.<module>.weight"
 MaskSource = Callable[[torch.Tensor], "torch.Tensor | None"]
+Merge = Callable[[Sequence[PatchEntry], torch.Tensor, str], torch.Tensor]  # the host's merge: entries, float32 weight
 Rows = tuple[int, int] | None  # (start, length) of the output features, None = all
 
 _TYPE_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "glora": "GLoRA", "diff": "full diff", "set": "set"}
-_ADDITIVE_TYPES = {"lora", "loha", "lokr", "diff"}  # their change does not depend on the weight it is added to
 _DENSE = "applied as a dense masked delta, slower"
 _NOTE_MODULES = 8  # modules named per note before "and N more"
 
@@ -87,76 +81,28 @@ class SubjectWeightDelta:
         return self.dense if self.dense is not None else self.scale * (self.up @ self.down)
 
 
-class SubjectLoRAPatches(dict):
-    """A `UnetPatcher.lora_patches` entry {key: [[strength, (type, data), strength_model, offset, fn], ...]} plus
-    unmatched (state-dict keys that matched no model key) and skipped (mapped keys that are no model parameter)."""
-
-    def __init__(self, entries: Mapping, unmatched: Sequence[str] = (), skipped: Sequence[str] = ()):
-        super().__init__(entries)
-        self.unmatched = tuple(unmatched)
-        self.skipped = tuple(skipped)
-
-
-def load_subject_lora(unet, path: str | os.PathLike, strength: float) -> SubjectLoRAPatches:
-    """The unet part of a LoRA file at `strength`, loaded with Forge's own functions, as a lora_patches entry.
-
-    What sd_forge_lora's load_lora_for_models does for the unet (load_torch_file, model_lora_keys_unet, load_lora,
-    add_patches), on a scratch patcher: `unet` itself is not changed. Keys that matched nothing are in `.unmatched`
-    (a text-encoder part of the file lands there too).
-    """
-    from backend.patcher.base import ModelPatcher
-    from backend.patcher.lora import load_lora, model_lora_keys_unet
-    from backend.utils import load_torch_file
-
-    filename = os.fspath(path)
-    state_dict = load_torch_file(filename, safe_load=True)
-    key_map = model_lora_keys_unet(unet.model, {})  # a fresh dict: Forge's default key_map={} is shared
-    lora_unet, unmatched = load_lora(state_dict, key_map)
-    scratch = ModelPatcher(unet.model, unet.load_device, unet.offload_device, size=unet.size)
-    scratch.lora_patches = {}
-    loaded = scratch.add_patches(filename=filename, patches=lora_unet, strength_patch=strength)
-    skipped = sorted(str(key) for key in lora_unet if key not in loaded)
-    (entry,) = scratch.lora_patches.values()
-    return SubjectLoRAPatches(entry, unmatched=sorted(unmatched), skipped=skipped)
-
-
-def dequantized(weight: torch.Tensor) -> torch.Tensor:
-    """A model parameter as plain numbers: Forge's GGUF and bitsandbytes 4-bit parameters dequantised the way Forge's
-    own LoRA merge dequantises them (backend/patcher/lora.py); any other tensor as it is."""
-    if getattr(weight, "gguf_cls", None) is not None:
-        from backend.operations_gguf import dequantize_tensor
-
-        return dequantize_tensor(weight)
-    if hasattr(weight, "bnb_quantized"):
-        from backend.operations_bnb import functional_dequantize_4bit
-
-        return functional_dequantize_4bit(weight)
-    return weight
-
-
 def subject_deltas(
-    patches: Mapping, base_weight: Callable[[str], torch.Tensor]
+    patches: Mapping[str, Sequence[PatchEntry]], base_weight: Callable[[str], torch.Tensor], merge: Merge
 ) -> tuple[list[SubjectWeightDelta], list[str]]:
-    """One lora_patches entry -> (the weight deltas of its Linear layers, notes on dense or left-out parts).
+    """One subject LoRA's patches -> (the weight deltas of its Linear layers, notes on dense or left-out parts).
 
-    patches: {key: [[strength_patch, (type, data), strength_model, offset, fn], ...]} with keys such as
-    "diffusion_model.double_blocks.0.img_attn.qkv.weight" (a (key, offset[, fn]) tuple key is read as its key).
+    patches: {key: [PatchEntry, ...]} with keys such as "diffusion_model.double_blocks.0.img_attn.qkv.weight".
     base_weight(key): the unmerged base parameter (weight (d_out, d_in) or bias (d_out,)); called for dense kinds
-    and bias changes only. Base + the deltas' weight() placed in rows equals Forge's merge of the same entries.
+    and bias changes only. merge: the host's merge (Host.merge). Base + the deltas' weight() placed in rows equals
+    the host's merge of the same entries.
     """
     notes: dict[str, list[str]] = {}
     weights: dict[str, list[SubjectWeightDelta]] = {}
     biases: dict[str, list[tuple[Rows, torch.Tensor]]] = {}
-    for raw_key, raw_entries in patches.items():
-        key = raw_key[0] if isinstance(raw_key, tuple) else raw_key
-        entries = _entries(key, raw_entries)
+    for key, entries in patches.items():
+        entries = list(entries)
         module, param = _split_key(key)
         if module is None:
             notes.setdefault("not a Linear weight or bias of the diffusion model: left out", []).append(key)
         elif param == "bias":
-            biases.setdefault(module, []).extend(_bias_changes(module, key, entries, base_weight, notes))
+            biases.setdefault(module, []).extend(_bias_changes(module, key, entries, base_weight, merge, notes))
         else:
-            weights.setdefault(module, []).extend(_weight_deltas(module, key, entries, base_weight, notes))
+            weights.setdefault(module, []).extend(_weight_deltas(module, key, entries, base_weight, merge, notes))
     for module, changes in biases.items():
         weights[module] = _attach_biases(module, weights.get(module, []), changes, base_weight)
     deltas = [delta for module_deltas in weights.values() for delta in module_deltas]
@@ -271,16 +217,6 @@ def _columns(out: torch.Tensor, rows: Rows) -> torch.Tensor:
     return out if rows is None else out.narrow(-1, rows[0], rows[1])
 
 
-def _entries(key: str, entries) -> list[list]:
-    """Check the classic patch-entry format [[strength_patch, (type, data), strength_model, offset, fn], ...]."""
-    if not isinstance(entries, (list, tuple)) or not all(isinstance(e, (list, tuple)) and len(e) >= 5 for e in entries):
-        raise ValueError(
-            f"{key}: expected a list of [strength_patch, (type, data), strength_model, offset, fn] entries "
-            f"(one UnetPatcher.lora_patches value), got {entries!r:.120}"
-        )
-    return [list(e[:5]) for e in entries]
-
-
 def _split_key(key: str) -> tuple[str | None, str | None]:
     """ "diffusion_model.<module>.weight|bias" -> (module, "weight"|"bias"); anything else -> (None, None)."""
     if isinstance(key, str) and key.startswith(MODEL_PREFIX):
@@ -290,80 +226,55 @@ def _split_key(key: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _patch_type(entry: list) -> str:
-    """The patch's type as Forge's merge reads it: a nested list, a 1-tuple "diff", else (type, data)."""
-    value = entry[1]
-    if isinstance(value, list):
-        return "nested"
-    if len(value) == 1:
-        return "diff"
-    return value[0] if len(value) == 2 and isinstance(value[0], str) else "unknown"
-
-
-def _has_dora(entry: list) -> bool:
-    """Whether a lora/loha/lokr/glora entry carries a dora_scale (its last data element)."""
-    kind = _patch_type(entry)
-    return kind in ("lora", "loha", "lokr", "glora") and entry[1][1][-1] is not None
-
-
-def _additive(entry: list) -> bool:
-    """Whether the entry's change does not depend on the weight it is merged into (so deltas on the base add up)."""
-    kind = _patch_type(entry)
-    return (kind in _ADDITIVE_TYPES or kind == "nested") and not _has_dora(entry) and entry[2] == 1.0
-
-
-def _low_rank(module: str, entry: list) -> SubjectWeightDelta | None:
-    """A plain LoRA entry as scale * up @ down in its rows, or None when it needs Forge's merge (dense)."""
-    strength, value, strength_model, offset, fn = entry
-    if _patch_type(entry) != "lora" or fn is not None or strength_model != 1.0:
+def _low_rank(module: str, entry: PatchEntry) -> SubjectWeightDelta | None:
+    """A plain LoRA entry as scale * up @ down in its rows, or None when it needs the host's merge (dense)."""
+    if entry.low_rank is None or entry.function is not None or entry.strength_model != 1.0:
         return None
-    up, down, alpha, mid, dora_scale = value[1]
-    if mid is not None or dora_scale is not None or up.ndim != 2 or down.ndim != 2:
+    if entry.offset is not None and entry.offset[0] != 0:
         return None
-    if offset is not None and offset[0] != 0:
-        return None
-    rows = None if offset is None else (int(offset[1]), int(offset[2]))
-    scale = float(strength) * (float(alpha) / down.shape[0] if alpha is not None else 1.0)  # Forge: alpha None -> 1
+    up, down, alpha = entry.low_rank
+    rows = None if entry.offset is None else (int(entry.offset[1]), int(entry.offset[2]))
+    scale = entry.strength * (float(alpha) / down.shape[0] if alpha is not None else 1.0)  # alpha None -> 1
     return SubjectWeightDelta(module, rows, down=down, up=up, scale=scale)
 
 
-def _dense_reason(entries: list[list]) -> str:
+def _dense_reason(entries: Sequence[PatchEntry]) -> str:
     """Why entries need a dense delta, e.g. "LoHa" or "DoRA" or "LoRA, key function swap_scale_shift"."""
     reasons = []
     for entry in entries:
-        kind = _patch_type(entry)
+        kind = entry.kind
         name = "nested patch list" if kind == "nested" else _TYPE_NAMES.get(kind, f"patch type {kind!r}")
-        if _has_dora(entry):
+        if entry.dora:
             name = "DoRA" if kind == "lora" else f"{name} with DoRA"
-        elif kind == "lora" and entry[1][1][3] is not None:
+        elif entry.mid:
             name = "LoRA with a mid (Tucker) factor"
-        if entry[4] is not None:
-            name += f", key function {getattr(entry[4], '__name__', repr(entry[4]))}"
-        if entry[2] != 1.0:
-            name += f", strength_model {entry[2]} (scales the base weight)"
-        if entry[3] is not None and entry[3][0] != 0:
-            name += f", offset along dim {entry[3][0]}"
+        if entry.function is not None:
+            name += f", key function {getattr(entry.function, '__name__', repr(entry.function))}"
+        if entry.strength_model != 1.0:
+            name += f", strength_model {entry.strength_model} (scales the base weight)"
+        if entry.offset is not None and entry.offset[0] != 0:
+            name += f", offset along dim {entry.offset[0]}"
         reasons.append(name)
     return " + ".join(dict.fromkeys(reasons))
 
 
-def _merged_change(key: str, entries: list[list], base_weight: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """Forge's merge of entries into the base parameter, minus the base: (d_out, d_in) or (d_out,), float32 math,
-    returned in the base's dtype (float32 for a non-float base)."""
-    from backend.patcher.lora import merge_lora_to_weight
-
+def _merged_change(
+    key: str, entries: Sequence[PatchEntry], base_weight: Callable[[str], torch.Tensor], merge: Merge
+) -> torch.Tensor:
+    """The host's merge of entries into the base parameter, minus the base: (d_out, d_in) or (d_out,), float32
+    math, returned in the base's dtype (float32 for a non-float base)."""
     base = base_weight(key)
     base32 = base.detach().to(torch.float32)
-    merged = merge_lora_to_weight([list(e) for e in entries], base32, key, computation_dtype=torch.float32)
+    merged = merge(entries, base32.clone(), key)
     if merged.shape != base32.shape:
-        raise ValueError(f"{key}: Forge's merge changes the shape {tuple(base32.shape)} -> {tuple(merged.shape)}")
+        raise ValueError(f"{key}: the host's merge changes the shape {tuple(base32.shape)} -> {tuple(merged.shape)}")
     dtype = base.dtype if base.is_floating_point() else torch.float32
     return (merged - base32).to(dtype)
 
 
-def _common_rows(entries: list[list]) -> Rows:
+def _common_rows(entries: Sequence[PatchEntry]) -> Rows:
     """The rows all entries address (one offset along dim 0), else None (the whole weight)."""
-    offsets = {None if e[3] is None else tuple(e[3]) for e in entries}
+    offsets = {entry.offset for entry in entries}
     if len(offsets) != 1:
         return None
     (offset,) = offsets
@@ -371,10 +282,15 @@ def _common_rows(entries: list[list]) -> Rows:
 
 
 def _dense_delta(
-    module: str, key: str, entries: list[list], base_weight: Callable[[str], torch.Tensor], notes: dict
+    module: str,
+    key: str,
+    entries: list[PatchEntry],
+    base_weight: Callable[[str], torch.Tensor],
+    merge: Merge,
+    notes: dict,
 ) -> SubjectWeightDelta | None:
-    """One dense delta for entries merged together by Forge, narrowed to their common rows."""
-    change = _merged_change(key, entries, base_weight)
+    """One dense delta for entries merged together by the host, narrowed to their common rows."""
+    change = _merged_change(key, entries, base_weight, merge)
     if change.ndim != 2:
         notes.setdefault(f"{_dense_reason(entries)} on a non-Linear weight: left out", []).append(module)
         return None
@@ -385,29 +301,39 @@ def _dense_delta(
 
 
 def _weight_deltas(
-    module: str, key: str, entries: list[list], base_weight: Callable[[str], torch.Tensor], notes: dict
+    module: str,
+    key: str,
+    entries: list[PatchEntry],
+    base_weight: Callable[[str], torch.Tensor],
+    merge: Merge,
+    notes: dict,
 ) -> list[SubjectWeightDelta]:
     """The deltas of one weight key: plain LoRA low-rank, others dense; entries that don't add up (DoRA, set,
-    GLoRA, strength_model != 1) and share the key with others are merged together, in Forge's order."""
-    if len(entries) > 1 and not all(_additive(e) for e in entries):
-        delta = _dense_delta(module, key, entries, base_weight, notes)
+    GLoRA, strength_model != 1) and share the key with others are merged together, in the host's order."""
+    if len(entries) > 1 and not all(e.additive for e in entries):
+        delta = _dense_delta(module, key, entries, base_weight, merge, notes)
         return [] if delta is None else [delta]
     deltas = []
     for entry in entries:
-        delta = _low_rank(module, entry) or _dense_delta(module, key, [entry], base_weight, notes)
+        delta = _low_rank(module, entry) or _dense_delta(module, key, [entry], base_weight, merge, notes)
         if delta is not None:
             deltas.append(delta)
     return deltas
 
 
 def _bias_changes(
-    module: str, key: str, entries: list[list], base_weight: Callable[[str], torch.Tensor], notes: dict
+    module: str,
+    key: str,
+    entries: list[PatchEntry],
+    base_weight: Callable[[str], torch.Tensor],
+    merge: Merge,
+    notes: dict,
 ) -> list[tuple[Rows, torch.Tensor]]:
-    """(rows, bias change (rows,)) of one bias key, computed by Forge's merge."""
-    groups = [entries] if len(entries) > 1 and not all(_additive(e) for e in entries) else [[e] for e in entries]
+    """(rows, bias change (rows,)) of one bias key, computed by the host's merge."""
+    groups = [entries] if len(entries) > 1 and not all(e.additive for e in entries) else [[e] for e in entries]
     changes = []
     for group in groups:
-        change = _merged_change(key, group, base_weight)
+        change = _merged_change(key, group, base_weight, merge)
         rows = _common_rows(group)
         changes.append((rows, change if rows is None else change.narrow(0, rows[0], rows[1]).contiguous()))
         reason = _dense_reason(group).replace("full diff", "bias diff", 1)

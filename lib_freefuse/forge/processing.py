@@ -15,10 +15,11 @@ import torch
 
 from ..args import FreeFuseArgs
 from ..core import find_subject_tokens
+from ..hosts import Host, HostUnsupported, SubjectPatches, for_unet
 from ..log import logger
 from .host import flux_model, patch_unet
 from .job import FreeFuseJob, JobPlan
-from .lora_layers import dequantized, load_subject_lora, subject_deltas
+from .lora_layers import subject_deltas
 
 
 @dataclass
@@ -76,12 +77,20 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
     if flux_model(unet) is None:
         state.warn("the model is not FLUX: FreeFuse does nothing for it")
         return None
+    try:
+        host = for_unet(unet)
+    except HostUnsupported as error:
+        state.warn(f"{error}: FreeFuse does nothing for this job")
+        return None
+    if reason := host.missing(unet):
+        state.warn(f"{reason} ({host.name}): FreeFuse does nothing for it")
+        return None
     is_hr = bool(getattr(p, "is_hr_pass", False))
     prompts = list(p.hr_prompts if is_hr else p.prompts)
     rows = _distinct_rows(args.subjects, state)
     words, text_length = _subject_words(p, prompts, rows, state)
     subjects = [s for s in rows if s.lora in words]
-    loras = _subject_loras(p, unet, subjects, state)
+    loras = _subject_loras(unet, host, subjects, state)
     subjects = [s for s in subjects if s.lora in loras]
     if len(subjects) < 2:
         state.warn(f"{len(subjects)} usable subject(s): FreeFuse needs at least 2; the LoRAs act as usual")
@@ -89,13 +98,11 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
     state.subject_names = [s.lora for s in subjects]
 
     deltas: dict[str, list] = defaultdict(list)
-    unmerged = []
-    base_weight = _base_weights(unet)
+    base_weight = host.base_weight(unet)
     for index, subject in enumerate(subjects):
-        keys, patches = loras[subject.lora]
-        unmerged.extend(keys)
-        for delta in _deltas(patches, base_weight, subject.lora, state):
+        for delta in _deltas(loras[subject.lora], base_weight, host, subject.lora, state):
             deltas[delta.module].append((index, delta))
+    merged = [loras[s.lora] for s in subjects if loras[s.lora].source is not None]
 
     steps = _steps_in_run(p, is_hr)
     capture = args.resolved_capture_step(steps)
@@ -122,7 +129,7 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
     if block >= blocks:
         state.warn(f"capture block double_blocks.{block} does not exist (the model has {blocks}): using the last")
         block = blocks - 1
-    patched = patch_unet(unet, job, deltas, block, unmerged)
+    patched = patch_unet(unet, job, deltas, block, merged, host)
     patched.freefuse_base = unet
     p.sd_model.forge_objects.unet = patched
     state.jobs.append(job)
@@ -190,8 +197,8 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState) -> tuple[di
     return found, max(lengths)
 
 
-def _subject_loras(p, unet, subjects, state: RunState) -> dict:
-    """{lora name: (keys of unet.lora_patches to unmerge, patches)}: from the prompt's tags, else loaded here."""
+def _subject_loras(unet, host: Host, subjects, state: RunState) -> dict[str, SubjectPatches]:
+    """{lora name: its patches}: those the host merged from the prompt's tags, else the file loaded here."""
     import networks  # Forge's built-in LoRA extension (extensions-builtin/sd_forge_lora)
 
     loras = {}
@@ -208,50 +215,33 @@ def _subject_loras(p, unet, subjects, state: RunState) -> dict:
             )
             continue
         files[on_disk.filename] = subject.lora
-        keys = [key for key in unet.lora_patches if key[0] == on_disk.filename]
-        if keys:
-            patches = {}
-            for key in keys:
-                for param, entries in unet.lora_patches[key].items():
-                    patches.setdefault(param, []).extend(entries)
-            loras[subject.lora] = (keys, patches)
-            continue
         try:
-            patches = load_subject_lora(unet, on_disk.filename, subject.weight)
+            patches = host.merged_lora(unet, on_disk.filename)
+            if patches is None:
+                patches = host.load_lora(unet, on_disk.filename, subject.weight)
+                if patches:
+                    logger.info(
+                        "FreeFuse: %s has no tag in the prompt: loaded at weight %s", subject.lora, subject.weight
+                    )
         except Exception as error:  # an unreadable or non-LoRA file must not stop the job
             state.warn(f"LoRA {subject.lora} could not be read: {type(error).__name__}: {error}")
             continue
         if not patches:
-            keys = getattr(patches, "unmatched", ())
+            keys = patches.unmatched
             example = f" (none of its {len(keys)} keys, e.g. {keys[0]}, matches a layer)" if keys else ""
             state.warn(f"LoRA {subject.lora} changes no layer of this model{example}: not a LoRA for this model")
             continue
-        logger.info("FreeFuse: %s has no tag in the prompt: loaded at weight %s", subject.lora, subject.weight)
-        loras[subject.lora] = ([], patches)
+        loras[subject.lora] = patches
     return loras
 
 
-def _deltas(patches, base_weight, name: str, state: RunState):
-    deltas, notes = subject_deltas(patches, base_weight)
+def _deltas(patches: SubjectPatches, base_weight, host: Host, name: str, state: RunState):
+    deltas, notes = subject_deltas(patches, base_weight, host.merge)
     for note in notes:
         logger.info("FreeFuse: %s: %s", name, note)
     if not deltas:
         state.warn(f"LoRA {name} changes no layer FreeFuse can mask")
     return deltas
-
-
-def _base_weights(unet):
-    """base_weight(key): a parameter before any LoRA merge (Forge keeps a backup of the weights it merged), GGUF and
-    bitsandbytes 4-bit weights dequantised."""
-    from backend import utils
-
-    backup = getattr(getattr(unet.model, "lora_loader", None), "backup", {}) or {}
-
-    def base_weight(key: str) -> torch.Tensor:
-        saved = backup.get(key)
-        return dequantized(saved if saved is not None else utils.get_attr(unet.model, key))
-
-    return base_weight
 
 
 def _steps_in_run(p, is_hr: bool) -> int:

@@ -31,8 +31,6 @@ def forge(forge_root):
 @pytest.fixture
 def tiny_unet(forge):
     """A fresh tiny FLUX in a UnetPatcher; object patches are undone after the test."""
-    from backend import memory_management
-
     unet = forge.make_unet_patcher(forge.make_tiny_flux())
     yield unet
-    memory_management.unload_model_clones(unet)
+    forge.unload(unet)

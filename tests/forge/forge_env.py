@@ -1,8 +1,9 @@
 """Forge's own backend on CPU without the webui: import setup, a tiny FLUX, its UnetPatcher, Euler sampling.
 
-Nothing here is Forge's code; it builds Forge's classes the way backend/loader.py and the webui's sampler do.
-Call `setup()` before importing anything from `backend`. The benches use the same helpers with a FLUX of any size
-(`make_flux`), on CUDA too (`setup(..., device="cuda")`).
+Nothing here is Forge's code; it builds Forge's classes the way backend/loader.py and the webui's sampler do, in
+classic Forge or in Forge Neo (`HOST` says which, after `setup()`; the tree tells: Neo bundles its packages under
+modules_forge/packages). Call `setup()` before importing anything from `backend`. The benches use the same helpers
+with a FLUX of any size (`make_flux`), on CUDA too (`setup(..., device="cuda")`).
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -31,6 +32,13 @@ TINY_CONFIG = dict(
     qkv_bias=True,
     guidance_embed=True,
 )
+NEO_CONFIG = dict(out_channels=16, patch_size=2, image_model="flux")  # what Neo's FLUX class also asks for
+HOST = None  # "classic" or "neo", set by setup()
+
+
+def is_neo(forge_root: Path) -> bool:
+    """Forge Neo keeps ComfyUI's LoRA code and its other packages under modules_forge/packages."""
+    return (forge_root / "modules_forge" / "packages" / "comfy").is_dir()
 
 
 def setup(forge_root: Path, device: str = "cpu") -> None:
@@ -38,44 +46,73 @@ def setup(forge_root: Path, device: str = "cpu") -> None:
 
     device "cuda": Forge's own device choice (the GPU) instead of --always-cpu; only the first call's device counts.
     """
+    global HOST
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
-    for path in (forge_root, forge_root / "packages_3rdparty", forge_root / "repositories" / "huggingface_guess"):
+    neo = is_neo(forge_root)
+    HOST = "neo" if neo else "classic"
+    if neo:
+        paths = (forge_root, forge_root / "modules_forge" / "packages")
+    else:
+        paths = (forge_root, forge_root / "packages_3rdparty", forge_root / "repositories" / "huggingface_guess")
+    for path in paths:
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
     torch.set_num_threads(1)  # 2 shared cores: oversubscribed threads make tiny forwards 10-40x slower
     if "backend.args" in sys.modules:
         return
     saved = sys.argv
-    flags = ["--always-cpu"] if device == "cpu" else []
-    sys.argv = [saved[0] if saved else "forge", *flags, "--attention-pytorch"]
+    if neo:
+        flags = ["--cpu"] if device == "cpu" else []
+        flags.append("--use-pytorch-cross-attention")
+    else:
+        flags = ["--always-cpu"] if device == "cpu" else []
+        flags.append("--attention-pytorch")
+    sys.argv = [saved[0] if saved else "forge", *flags]
     try:
         import backend.args  # noqa: F401
     finally:
         sys.argv = saved
 
 
+def model_config(**overrides) -> dict:
+    """The tiny FLUX's constructor arguments for this host (Neo's class also takes out_channels and patch_size)."""
+    config = {**TINY_CONFIG, **overrides}
+    return {**NEO_CONFIG, **config} if HOST == "neo" else config
+
+
+def flux_class():
+    """The host's FLUX transformer class."""
+    from backend.nn.flux import IntegratedFluxTransformer2DModel
+
+    return IntegratedFluxTransformer2DModel
+
+
+def constructor_args(config: dict) -> dict:
+    """config without the keys that are only for the loader (Neo's "image_model")."""
+    return {k: v for k, v in config.items() if k != "image_model"}
+
+
 def make_tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
     """Forge's IntegratedFluxTransformer2DModel built as backend/loader.py builds it (ForgeOperations, then a
     state dict), with random weights and non-trivial QK-norm scales."""
     from backend import memory_management
-    from backend.nn.flux import IntegratedFluxTransformer2DModel
     from backend.operations import using_forge_operations
     from backend.state_dict import load_state_dict
 
-    config = {**TINY_CONFIG, **overrides}
+    config = model_config(**overrides)
     torch.manual_seed(seed)
-    reference = IntegratedFluxTransformer2DModel(**config)
+    reference = flux_class()(**constructor_args(config))
     with torch.no_grad():
         for name, parameter in reference.named_parameters():
-            if name.endswith(".scale"):
+            if name.endswith(".scale") or name.endswith("_norm.weight"):  # QK-norm scales (Neo: RMSNorm.weight)
                 parameter.copy_(1.0 + 0.1 * torch.randn_like(parameter))
             elif name.endswith(".bias"):
                 parameter.copy_(0.02 * torch.randn_like(parameter))  # zero-free biases (modulation included)
     state_dict = {k: v.to(dtype) for k, v in reference.state_dict().items()}
     device = memory_management.cpu
     with using_forge_operations(device=device, dtype=dtype, manual_cast_enabled=False):
-        model = IntegratedFluxTransformer2DModel(**config).to(device=device, dtype=dtype)
+        model = flux_class()(**constructor_args(config)).to(device=device, dtype=dtype)
     load_state_dict(model, state_dict)
     model.config = config
     model.storage_dtype = model.computation_dtype = dtype
@@ -93,18 +130,18 @@ def make_flux(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32, d
     loads a checkpoint (ForgeOperations, then a state dict).
     """
     from backend import memory_management
-    from backend.nn.flux import IntegratedFluxTransformer2DModel
     from backend.operations import using_forge_operations
     from backend.state_dict import load_state_dict
 
     device = torch.device(device)
+    config = {**NEO_CONFIG, **config} if HOST == "neo" else dict(config)
     with torch.device("meta"):
-        shapes = {name: tuple(t.shape) for name, t in IntegratedFluxTransformer2DModel(**config).state_dict().items()}
+        shapes = {name: tuple(t.shape) for name, t in flux_class()(**constructor_args(config)).state_dict().items()}
     generator = torch.Generator(device=device).manual_seed(seed)
     state_dict = {}
     for name, shape in shapes.items():
         t = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-        if name.endswith(".scale"):
+        if name.endswith(".scale") or name.endswith("_norm.weight"):
             t = t.mul_(0.1).add_(1.0)
         elif name.endswith(".bias"):
             t = t.mul_(0.02)
@@ -113,7 +150,7 @@ def make_flux(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32, d
         state_dict[name] = t.to(dtype)
         del t
     with using_forge_operations(device=device, dtype=dtype, manual_cast_enabled=False):
-        model = IntegratedFluxTransformer2DModel(**config)
+        model = flux_class()(**constructor_args(config))
     load_state_dict(model, state_dict)
     del state_dict
     model.to(device=device, dtype=dtype)
@@ -126,24 +163,86 @@ def make_flux(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32, d
 
 
 def make_unet_patcher(model):
-    """UnetPatcher as backend/diffusion_engine/flux.py builds it (FLUX.1-dev prediction)."""
+    """UnetPatcher as the host's backend/diffusion_engine/flux.py builds it (FLUX.1-dev prediction)."""
     from backend.modules.k_prediction import PredictionFlux
     from backend.patcher.unet import UnetPatcher
+    from huggingface_guess import model_list
 
+    estimated = model_list.Flux(dict(model.config))
+    if HOST == "neo":
+        return UnetPatcher.from_model(
+            model=model, diffusers_scheduler=None, k_predictor=PredictionFlux(estimated), config=estimated
+        )
     predictor = PredictionFlux(seq_len=4096, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15)
-    try:
-        from huggingface_guess import model_list
-
-        estimated = model_list.Flux(dict(model.config))
-    except ImportError:
-        estimated = SimpleNamespace(huggingface_repo="black-forest-labs/FLUX.1-dev", unet_config=dict(model.config))
     return UnetPatcher.from_model(model=model, diffusers_scheduler=None, k_predictor=predictor, config=estimated)
+
+
+def unload(unet) -> None:
+    """Unload every loaded clone of unet's model (object patches undone, LoRA merges restored), as the host does
+    before another clone loads."""
+    from backend import memory_management
+
+    if hasattr(memory_management, "unload_model_clones"):  # classic
+        memory_management.unload_model_clones(unet)
+        return
+    loaded = memory_management.current_loaded_models
+    for index in reversed(range(len(loaded))):
+        if loaded[index].model is not None and unet.is_clone(loaded[index].model):
+            loaded.pop(index).model_unload()
+
+
+def host_adapter():
+    """FreeFuse's adapter of the host set up here."""
+    from lib_freefuse.hosts import detect
+
+    return detect()
+
+
+def lora_dir() -> Path:
+    """A folder for the LoRA files tests write (the Neo adapter finds merged LoRAs by their files)."""
+    global _LORA_DIR
+    if _LORA_DIR is None:
+        _LORA_DIR = Path(tempfile.mkdtemp(prefix="freefuse-forge-loras-"))
+    return _LORA_DIR
+
+
+_LORA_DIR: Path | None = None
+
+
+def with_loras(unet, sds: dict[str, dict], strength: float = 1.0, strength_model: float = 1.0):
+    """What the host's LoRA extension does for the prompt's tags: its key map, load_lora, add_patches on a clone, one
+    file each (written to lora_dir() under the dict's names). Returns (clone, [file path per name], unmatched keys)."""
+    from backend.patcher.lora import load_lora, model_lora_keys_unet
+    from safetensors.torch import save_file
+
+    paths, unmatched = [], {}
+    for name, sd in sds.items():
+        path = str(lora_dir() / Path(name).name)
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+        patches, missed = load_lora(sd, model_lora_keys_unet(unet.model, {}))
+        unmatched.update(missed)
+        unet = unet.clone()
+        unet.add_patches(filename=path, patches=patches, strength_patch=strength, strength_model=strength_model)
+        paths.append(path)
+    return unet, paths, unmatched
+
+
+def merged_patches(unet, path: str):
+    """The adapter's reading of one merged LoRA file's patches on unet (Host.merged_lora)."""
+    patches = host_adapter().merged_lora(unet, path)
+    assert patches is not None, f"{path} is not merged on this patcher"
+    return patches
 
 
 def import_k_diffusion():
     """Forge's vendored k_diffusion. Its utils import torchvision, which has no build for the CPU torch wheel: a
     stub stands in during this import only (a lasting stub breaks diffusers' find_spec)."""
     import backend.modules.k_prediction  # noqa: F401 - imports diffusers before the stub exists
+
+    if HOST == "neo":
+        from modules_forge.packages.k_diffusion import external, sampling
+
+        return sampling, external
 
     names = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
     stub = importlib.util.find_spec("torchvision") is None

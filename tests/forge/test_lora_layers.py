@@ -3,10 +3,11 @@ tiny FLUX's forward (all-ones masks = merged, zero masks = no LoRA), and mask pe
 
 from __future__ import annotations
 
+import forge_env
 import pytest
 import torch
 
-from lib_freefuse.forge.lora_layers import MaskedLinearPatch, SubjectWeightDelta, load_subject_lora, subject_deltas
+from lib_freefuse.forge.lora_layers import MaskedLinearPatch, SubjectWeightDelta, subject_deltas
 
 H = 128  # forge_env.TINY_CONFIG hidden_size
 MLP = 4 * H
@@ -93,13 +94,15 @@ def other_kinds_lora(seed=2):
 
 # ------------------------------------------------------------------------------------------------ Forge's side
 def lora_clone(unet, sd, strength=0.8, strength_model=1.0, filename="subject.safetensors"):
-    """What sd_forge_lora does for the unet: Forge's key map, load_lora, add_patches on a clone."""
-    from backend.patcher.lora import load_lora, model_lora_keys_unet
+    """What sd_forge_lora does for the unet (the host's key map, load_lora, add_patches on a clone): (the clone, the
+    adapter's reading of the LoRA's merged patches, unmatched keys)."""
+    clone, (path,), unmatched = forge_env.with_loras(unet, {filename: sd}, strength, strength_model)
+    return clone, forge_env.merged_patches(clone, path), unmatched
 
-    patches, unmatched = load_lora(sd, model_lora_keys_unet(unet.model, {}))
-    clone = unet.clone()
-    clone.add_patches(filename=filename, patches=patches, strength_patch=strength, strength_model=strength_model)
-    return clone, clone.lora_patches[(filename, strength, strength_model, False)], unmatched
+
+def deltas_of(entry, base: dict):
+    """subject_deltas with the base parameters `base` and the host's merge."""
+    return subject_deltas(entry, base.__getitem__, forge_env.host_adapter().merge)
 
 
 def parameters(unet) -> dict[str, torch.Tensor]:
@@ -157,9 +160,7 @@ def constant_masks(value: float):
 def masked_clone(unet, deltas, value: float):
     """A clone with MaskedLinearPatch on every touched module. Unloads first: get_model_object reads the live model,
     so a clone made while another patched clone is loaded would wrap that clone's patch."""
-    from backend import memory_management
-
-    memory_management.unload_model_clones(unet)
+    forge_env.unload(unet)
     clone = unet.clone()
     for module, pairs in by_module(deltas).items():
         name = f"{PREFIX}{module}.forward"
@@ -189,7 +190,7 @@ def test_deltas_reproduce_forges_merge(tiny_unet, style):
     base = parameters(tiny_unet)
     clone, entry, unmatched = lora_clone(tiny_unet, LORAS[style]())
     assert unmatched == {}
-    deltas, notes = subject_deltas(entry, base.__getitem__)
+    deltas, notes = deltas_of(entry, base)
     assert_reproduces_merge(base, merged_parameters(clone), entry, deltas)
     if style == "kohya":
         assert notes == [] and all(d.low_rank for d in deltas)
@@ -226,7 +227,7 @@ def test_masked_forward_equals_merged_with_ones_and_base_with_zeros(tiny_unet, s
     assert (merged_out - base_out).abs().max() > 1e-3  # the LoRA matters
     load(tiny_unet)  # loading the clone merged the LoRA; loading the base patcher restores the weights
     base = parameters(tiny_unet)
-    deltas, _ = subject_deltas(entry, base.__getitem__)
+    deltas, _ = deltas_of(entry, base)
     ones_out = forward(masked_clone(tiny_unet, deltas, 1.0))
     torch.testing.assert_close(ones_out, merged_out, atol=1e-5, rtol=1e-4)
     zeros_out = forward(masked_clone(tiny_unet, deltas, 0.0))
@@ -238,7 +239,7 @@ def test_strength_model_scales_the_base_weight_as_forge_does(tiny_unet):
     sd = {}
     add_lora(sd, torch.Generator().manual_seed(5), "lora_unet_double_blocks_0_img_attn_proj", H, H, alpha=2.0)
     clone, entry, _ = lora_clone(tiny_unet, sd, strength=0.7, strength_model=0.5)
-    deltas, notes = subject_deltas(entry, base.__getitem__)
+    deltas, notes = deltas_of(entry, base)
     assert [d.low_rank for d in deltas] == [False]
     assert notes == [
         "LoRA, strength_model 0.5 (scales the base weight): applied as a dense masked delta, slower: "
@@ -256,25 +257,22 @@ def test_entries_that_do_not_add_up_are_merged_together_in_forges_order(tiny_une
     base = parameters(tiny_unet)
     clone, entry, _ = lora_clone(tiny_unet, sd)
     assert len(entry[f"{PREFIX}double_blocks.0.img_attn.qkv.weight"]) == 2
-    deltas, notes = subject_deltas(entry, base.__getitem__)
+    deltas, notes = deltas_of(entry, base)
     assert len(deltas) == 1 and deltas[0].rows is None and not deltas[0].low_rank
     assert notes[0].startswith("DoRA + LoRA: applied as a dense")
     assert_reproduces_merge(base, merged_parameters(clone), entry, deltas)
 
 
-def test_non_linear_parameters_and_tuple_keys(tiny_unet):
+def test_non_linear_parameters_are_left_out(tiny_unet):
     base = parameters(tiny_unet)
     scale_key = f"{PREFIX}double_blocks.0.img_attn.norm.query_norm.scale"
     sd = {f"{scale_key}.set_weight": torch.ones(64)}
     add_lora(sd, torch.Generator().manual_seed(7), "lora_unet_double_blocks_0_img_attn_proj", H, H)
     _, entry, _ = lora_clone(tiny_unet, sd)
     assert scale_key in entry
-    tuple_keyed = {(key, None): value for key, value in entry.items()}
-    deltas, notes = subject_deltas(tuple_keyed, base.__getitem__)
+    deltas, notes = deltas_of(entry, base)
     assert [d.module for d in deltas] == ["double_blocks.0.img_attn.proj"]
     assert notes == [f"not a Linear weight or bias of the diffusion model: left out: {scale_key}"]
-    with pytest.raises(ValueError, match="lora_patches value"):
-        subject_deltas({f"{PREFIX}x.weight": ("lora", ())}, base.__getitem__)
 
 
 # ------------------------------------------------------------------------------------------- per-token masking
@@ -364,8 +362,10 @@ def test_mask_columns_must_cover_the_subjects(tiny_unet):
         SubjectWeightDelta("m", (0, 3), dense=torch.zeros(2, 2))
 
 
-# ------------------------------------------------------------------------------------------- load_subject_lora
-def test_load_subject_lora_equals_forges_own_path(tiny_unet, tmp_path):
+# ------------------------------------------------------------------------------------------------ Host.load_lora
+def test_load_lora_equals_the_hosts_own_path(tiny_unet, tmp_path):
+    """A bound LoRA without a tag is read with the host's loader: the same patches the LoRA extension would merge,
+    unmatched and skipped keys named, the patcher and the host's shared default key map untouched."""
     from backend.patcher.lora import model_lora_keys_unet
     from safetensors.torch import save_file
 
@@ -379,23 +379,46 @@ def test_load_subject_lora_equals_forges_own_path(tiny_unet, tmp_path):
     save_file({**sd, **stray}, str(path))
     default_key_map = model_lora_keys_unet.__defaults__[0]
     default_size = len(default_key_map)
+    store = tiny_unet.lora_patches if hasattr(tiny_unet, "lora_patches") else tiny_unet.patches  # classic | Neo
+    before = dict(store)
 
-    ours = load_subject_lora(tiny_unet, path, 0.8)
+    ours = forge_env.host_adapter().load_lora(tiny_unet, path, 0.8)
 
-    assert len(default_key_map) == default_size  # Forge's shared default dict was not filled
-    assert tiny_unet.lora_patches == {}
+    assert len(default_key_map) == default_size  # the host's shared default dict was not filled
+    assert dict(store) == before == {}
     assert set(ours.unmatched) == set(stray) and ours.skipped == ("().bias",)
-    _, reference, _ = lora_clone(tiny_unet, sd, strength=0.8, filename=str(path))
+    assert ours.source is None and ours.strength == 0.8
+    clone, reference, _ = lora_clone(tiny_unet, sd, strength=0.8)
     assert ours.keys() == reference.keys()
     for key, entries in reference.items():
-        assert len(ours[key]) == len(entries)
-        for mine, theirs in zip(ours[key], entries, strict=True):
-            assert mine[0] == theirs[0] and mine[2:] == theirs[2:]  # strength, strength_model, offset, fn
-            assert mine[1][0] == theirs[1][0]
-            for a, b in zip(mine[1][1], theirs[1][1], strict=True):
-                assert (a is None and b is None) or torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+        assert [(e.kind, e.strength, e.strength_model, e.offset) for e in ours[key]] == [
+            (e.kind, e.strength, e.strength_model, e.offset) for e in entries
+        ]
     base = parameters(tiny_unet)
-    deltas, _ = subject_deltas(ours, base.__getitem__)
-    clone = tiny_unet.clone()
-    clone.lora_patches[("subject", 0.8, 1.0, False)] = dict(ours)
+    deltas, _ = deltas_of(ours, base)
     assert_reproduces_merge(base, merged_parameters(clone), ours, deltas)
+
+
+def test_merged_lora_is_found_and_taken_out_of_the_merge(tiny_unet):
+    """Host.merged_lora finds the prompt's LoRA among others on the patcher (one of its keys shared with another
+    LoRA); take_out leaves exactly the others merged, and the original patcher keeps its LoRAs."""
+    host = forge_env.host_adapter()
+    g = torch.Generator().manual_seed(11)
+    first, second = {}, {}
+    add_lora(first, g, "lora_unet_double_blocks_0_img_attn_proj", H, H, alpha=2.0)
+    add_lora(second, g, "lora_unet_double_blocks_0_img_attn_proj", H, H, alpha=2.0)  # the same key, other values
+    add_lora(second, g, "lora_unet_single_blocks_0_linear1", 3 * H + MLP, H, alpha=2.0)
+    only_second, _, _ = forge_env.with_loras(tiny_unet, {"second.safetensors": second}, strength=0.7)
+    expected = merged_parameters(only_second)
+    both, paths, _ = forge_env.with_loras(tiny_unet, {"first.safetensors": first, "second.safetensors": second}, 0.7)
+    found = host.merged_lora(both, paths[0])
+    assert found is not None and found.strength == pytest.approx(0.7)
+    assert list(found) == [f"{PREFIX}double_blocks.0.img_attn.proj.weight"]
+    assert host.merged_lora(tiny_unet, paths[0]) is None  # not merged on the bare patcher
+    clone = both.clone()
+    host.take_out(clone, [found])
+    taken = merged_parameters(clone)
+    assert taken.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(taken[key], expected[key], atol=0, rtol=0, msg=key)
+    assert host.merged_lora(both, paths[0]) is not None  # the original patcher still has it

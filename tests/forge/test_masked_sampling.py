@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import forge_env
 import pytest
 import torch
 
@@ -40,27 +41,23 @@ def lora_sd(seed: int, image_only: bool) -> dict[str, torch.Tensor]:
 
 
 def with_loras(unet, sds: dict[str, dict], strength: float = 0.9):
-    """What sd_forge_lora does for the prompt's tags: Forge's key map, load_lora, add_patches, one file each."""
-    from backend.patcher.lora import load_lora, model_lora_keys_unet
-
-    for filename, sd in sds.items():
-        patches, unmatched = load_lora(sd, model_lora_keys_unet(unet.model, {}))
-        assert not unmatched
-        unet = unet.clone()
-        unet.add_patches(filename=filename, patches=patches, strength_patch=strength)
-    return unet
+    """What sd_forge_lora does for the prompt's tags: the host's key map, load_lora, add_patches, one file each."""
+    merged, _, unmatched = forge_env.with_loras(unet, sds, strength)
+    assert not unmatched
+    return merged
 
 
 def freefuse_unet(merged_unet, names, masks: torch.Tensor | None, modulation="per_token", **plan_fields):
     """A FreeFuse clone of a patcher with the subject LoRAs merged: they come out of the merge and are applied
     masked, with the given (B_img, L, h, w) masks from the first step."""
     params = dict(merged_unet.model.named_parameters())
+    host = forge_env.host_adapter()
     deltas: dict[str, list] = {}
-    keys = []
+    merged = []
     for index, name in enumerate(names):
-        (key,) = [k for k in merged_unet.lora_patches if k[0] == name]
-        keys.append(key)
-        found, _ = subject_deltas(merged_unet.lora_patches[key], lambda k: params[k])
+        patches = forge_env.merged_patches(merged_unet, str(forge_env.lora_dir() / name))
+        merged.append(patches)
+        found, _ = subject_deltas(patches, lambda k: params[k], host.merge)
         for delta in found:
             deltas.setdefault(delta.module, []).append((index, delta))
     fields = {
@@ -74,7 +71,7 @@ def freefuse_unet(merged_unet, names, masks: torch.Tensor | None, modulation="pe
     if masks is not None:
         fields["word_positions"] = tuple(((),) * len(names) for _ in range(masks.shape[0]))
     job = FreeFuseJob(JobPlan(**fields), decode=None)
-    return patch_unet(merged_unet, job, deltas, capture_block=0, unmerged_loras=keys), job
+    return patch_unet(merged_unet, job, deltas, capture_block=0, merged=merged), job
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from types import SimpleNamespace
 
+import forge_env
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,6 @@ from test_masked_sampling import LATENT, lora_sd, with_loras
 from lib_freefuse.forge.host import patch_unet
 from lib_freefuse.forge.job import FreeFuseJob, JobPlan
 from lib_freefuse.forge.lora_layers import MaskedLinearPatch, subject_deltas
-from lib_freefuse.forge.processing import _base_weights
 
 WORDS = (((1, 2), (5,)),)  # one image; subject 0 at text tokens 1-2, subject 1 at token 5 (8 text tokens)
 
@@ -78,7 +78,6 @@ def gguf_flux(forge, qtype_name: str):
 
 @pytest.fixture(params=["Q8_0", "Q4_0"])
 def gguf_pair(forge, request):
-    from backend import memory_management
 
     quantised, plain = gguf_flux(forge, request.param)
     assert type(quantised.model.diffusion_model.double_blocks[0].img_attn.qkv).__qualname__ == (
@@ -86,14 +85,14 @@ def gguf_pair(forge, request):
     )
     assert getattr(quantised.model.diffusion_model.double_blocks[0].img_attn.qkv.weight, "gguf_cls", None)
     yield quantised, plain
-    memory_management.unload_model_clones(quantised)
-    memory_management.unload_model_clones(plain)
+    forge_env.unload(quantised)
+    forge_env.unload(plain)
 
 
 def subject_patches(unet, sds: dict[str, dict]):
-    """Forge's patches of each subject LoRA on `unet` (as the prompt's tags load them), and the merged clone."""
+    """The merged clone, and the host's patches of each subject LoRA on it (as the prompt's tags load them)."""
     merged = with_loras(unet, sds)
-    return merged, [next(k for k in merged.lora_patches if k[0] == name) for name in sds]
+    return merged, [forge_env.merged_patches(merged, str(forge_env.lora_dir() / name)) for name in sds]
 
 
 def test_dense_deltas_are_taken_against_the_dequantised_gguf_weights(forge, gguf_pair):
@@ -101,8 +100,9 @@ def test_dense_deltas_are_taken_against_the_dequantised_gguf_weights(forge, gguf
     function): on a GGUF model FreeFuse must read the base weight dequantised, as Forge's merge does."""
     deltas = []
     for unet in gguf_pair:
-        merged, (key,) = subject_patches(unet, {"kinds.safetensors": other_kinds_lora()})
-        found, _ = subject_deltas(merged.lora_patches[key], _base_weights(merged))
+        merged, (patches,) = subject_patches(unet, {"kinds.safetensors": other_kinds_lora()})
+        host = forge_env.host_adapter()
+        found, _ = subject_deltas(patches, host.base_weight(merged), host.merge)
         deltas.append(found)
     quantised, plain = deltas
     assert len(quantised) == len(plain) > 5 and any(not d.low_rank for d in quantised)
@@ -116,17 +116,18 @@ def freefuse_run(forge, unet, sds: dict[str, dict], masks=None, dense_dtype=None
     """One FreeFuse sampling run with the subject LoRAs `sds` (as the prompt's tags load them): (latents, job).
     masks None: captured at step 2 and made by SLIC; else these (B_img, L, h, w) masks from the first step.
     dense_dtype: the dense deltas rounded to this dtype first."""
-    merged, keys = subject_patches(unet, sds)
-    base = _base_weights(merged)  # what processing.start_run uses
+    merged, subjects = subject_patches(unet, sds)
+    host = forge_env.host_adapter()
+    base = host.base_weight(merged)  # what processing.start_run uses
     deltas: dict[str, list] = {}
-    for index, key in enumerate(keys):
-        for delta in subject_deltas(merged.lora_patches[key], base)[0]:
+    for index, patches in enumerate(subjects):
+        for delta in subject_deltas(patches, base, host.merge)[0]:
             if dense_dtype is not None and delta.dense is not None:
                 delta = dataclasses.replace(delta, dense=delta.dense.to(dense_dtype))
             deltas.setdefault(delta.module, []).append((index, delta))
     plan = JobPlan(word_positions=WORDS, text_length=8, capture_step=1, initial_masks=masks)
     job = FreeFuseJob(plan, forge.decode)
-    return forge.sample(patch_unet(merged, job, deltas, 1, keys), steps=3, latent_hw=LATENT), job
+    return forge.sample(patch_unet(merged, job, deltas, 1, subjects), steps=3, latent_hw=LATENT), job
 
 
 def test_freefuse_on_a_gguf_flux_equals_freefuse_on_its_dequantised_weights(forge, gguf_pair):

@@ -1,0 +1,190 @@
+"""Forge Neo (Haoming02's sd-webui-forge-classic, branch neo): LoRAs kept as ComfyUI weight adapters in
+`ModelPatcher.patches`, without their file names, and re-merged whenever `patches_uuid` changes (FORGE_NEO.md)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Sequence
+
+import torch
+
+from ..base import Host, PatchEntry, SubjectPatches
+
+
+class ForgeNeo(Host):
+    name = "Forge Neo"
+
+    @staticmethod
+    def matches() -> str | None:
+        """None when the running Forge is Neo, else what it lacks."""
+        from backend.patcher import base, lora
+
+        if not hasattr(lora, "weight_adapter"):
+            return "backend.patcher.lora.weight_adapter"
+        if "online_mode" not in base.ModelPatcher.add_patches.__code__.co_varnames:
+            return "ModelPatcher.add_patches(online_mode=...)"
+        return None
+
+    def owns(self, unet) -> bool:
+        return isinstance(getattr(unet, "patches", None), dict) and hasattr(unet, "patches_uuid")
+
+    def missing(self, unet) -> str | None:
+        model = getattr(getattr(unet, "model", None), "diffusion_model", None)
+        if type(unet).__name__ == "NunchakuPatcher" or isinstance(getattr(model, "loras", None), list):
+            return "a Nunchaku model keeps its LoRAs inside the quantised layers, where no mask can reach them"
+        return None
+
+    def merged_lora(self, unet, filename: str) -> SubjectPatches | None:
+        """The file's patches found in unet.patches: same key, offset and factor values (Neo keeps no file name).
+        None unless every patch of the file is there (the LoRA extension applies a file whole or not at all)."""
+        if not unet.patches:
+            return None
+        patches, _ = _read_lora_file(unet, filename)
+        parameters = unet.model.state_dict()
+        found: dict[str, list] = {}
+        used: set[int] = set()
+        for patch_key, adapter in patches.items():
+            key, offset = _key_and_offset(patch_key)
+            if key not in parameters:
+                continue  # add_patches skips it too
+            match = next(
+                (
+                    raw
+                    for raw in unet.patches.get(key, ())
+                    if id(raw) not in used and _same(raw[3], offset) and _same(raw[1], adapter)
+                ),
+                None,
+            )
+            if match is None:
+                return None
+            used.add(id(match))
+            found.setdefault(key, []).append(match)
+        if not found:
+            return None
+        entries = {key: [read_entry(raw) for raw in raws] for key, raws in found.items()}
+        strength = next(iter(found.values()))[0][0]
+        return SubjectPatches(entries, strength=float(strength), source=found)
+
+    def load_lora(self, unet, filename: str, strength: float) -> SubjectPatches:
+        """The file read as sd_forge_lora's load_lora_for_models reads it, its patches laid out as
+        ModelPatcher.add_patches lays them out (a scratch patcher would reset the shared model's device)."""
+        patches, unmatched = _read_lora_file(unet, filename)
+        parameters = unet.model.state_dict()
+        entries: dict[str, list[PatchEntry]] = {}
+        skipped = []
+        for patch_key, adapter in patches.items():
+            key, offset = _key_and_offset(patch_key)
+            if key not in parameters:
+                skipped.append(str(patch_key))
+                continue
+            function = patch_key[2] if isinstance(patch_key, tuple) and len(patch_key) > 2 else None
+            raw = (strength, adapter, 1.0, offset, function, False)
+            entries.setdefault(key, []).append(read_entry(raw))
+        return SubjectPatches(entries, unmatched=sorted(unmatched), skipped=sorted(skipped), strength=strength)
+
+    def take_out(self, clone, taken: Sequence[SubjectPatches]) -> None:
+        removed = {id(raw) for patches in taken for raws in (patches.source or {}).values() for raw in raws}
+        if not removed:
+            return
+        for key in list(clone.patches):
+            kept = [raw for raw in clone.patches[key] if id(raw) not in removed]
+            if kept:
+                clone.patches[key] = kept
+            else:
+                del clone.patches[key]
+        clone.patches_uuid = uuid.uuid4()  # Neo re-merges the weights when this differs from the model's
+
+    def base_weight(self, unet):
+        from backend import utils
+
+        def base_weight(key: str) -> torch.Tensor:
+            saved = unet.backup.get(key)
+            return dequantized(saved.weight if saved is not None else utils.get_attr(unet.model, key))
+
+        return base_weight
+
+    def modulation_output(self, modulation, chunks):
+        from backend.nn.flux import ModulationOut
+
+        second = ModulationOut(*chunks[3:]) if getattr(modulation, "is_double", len(chunks) == 6) else None
+        return ModulationOut(*chunks[:3]), second
+
+
+def dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """A parameter as plain numbers: GGUF and comfy-kitchen quantised tensors dequantised as Neo's merge reads them."""
+    if getattr(weight, "gguf_cls", None) is not None:
+        from backend.operations_gguf import dequantize_tensor
+
+        return dequantize_tensor(weight)
+    if hasattr(weight, "dequantize") and type(weight).__name__ == "QuantizedTensor":
+        return weight.dequantize()
+    return weight
+
+
+def read_entry(raw: tuple) -> PatchEntry:
+    """Neo's (strength, adapter, strength_model, offset, function, online_mode) as a PatchEntry."""
+    strength, value, strength_model, offset, function = raw[:5]
+    data = None
+    if hasattr(value, "calculate_weight") and hasattr(value, "weights"):
+        kind, data = value.name, tuple(value.weights)
+    elif isinstance(value, list):
+        kind = "nested"
+    elif len(value) == 1:
+        kind = "diff"
+    elif len(value) == 2 and isinstance(value[0], str):
+        kind = value[0]
+    else:
+        kind = "unknown"
+    # DoRA scale: LoRA's 5th factor (a reshape follows it), the last of LoHa's, LoKr's and GLoRA's
+    dora = (kind == "lora" and data[4] is not None) or (kind in ("loha", "lokr", "glora") and data[-1] is not None)
+    mid = kind == "lora" and data[3] is not None
+    low_rank = None
+    if kind == "lora" and not dora and not mid and data[5] is None and data[0].ndim == 2 and data[1].ndim == 2:
+        low_rank = (data[0], data[1], data[2])
+    return PatchEntry(
+        strength=float(strength),
+        kind=kind,
+        strength_model=float(strength_model),
+        offset=None if offset is None else tuple(offset),
+        function=function,
+        low_rank=low_rank,
+        dora=dora,
+        mid=mid,
+        raw=raw,
+    )
+
+
+def _read_lora_file(unet, filename: str) -> tuple[dict, list]:
+    """({patch key: adapter}, unmatched file keys): what networks.load_networks and load_lora_for_models read."""
+    from backend.patcher.lora import load_lora, model_lora_keys_unet
+    from backend.state_dict import state_dict_prefix_replace
+    from backend.utils import load_torch_file
+
+    state_dict = load_torch_file(os.fspath(filename), safe_load=True)
+    if any(key.startswith("lora_unet__") for key in state_dict):
+        state_dict = state_dict_prefix_replace(state_dict, {"lora_unet__": "lora_unet_"})
+    key_map = model_lora_keys_unet(unet.model, {})  # a fresh dict: the default key_map={} is shared
+    patches, unmatched = load_lora(state_dict, key_map)
+    return patches, list(unmatched)
+
+
+def _key_and_offset(patch_key) -> tuple[str, tuple | None]:
+    if isinstance(patch_key, str):
+        return patch_key, None
+    return patch_key[0], None if patch_key[1] is None else tuple(patch_key[1])
+
+
+def _same(a, b) -> bool:
+    """Equal patch data: tensors by value (a merged copy may sit on another device), adapters by type and factors."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
+            return False
+        return a.dtype == b.dtype and torch.equal(a, b.to(a.device))
+    if hasattr(a, "calculate_weight"):
+        return type(a) is type(b) and _same(tuple(a.weights), tuple(b.weights))
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b

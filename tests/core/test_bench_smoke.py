@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,9 @@ pytestmark = pytest.mark.core
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
-# Every top-level bench script and the tier whose imports it needs. bench/toyworld/ holds experiments, not timings:
-# its pure parts are tested in test_toyworld.py, its benchmark through a real webui (tests/webui).
+# Every top-level bench script and the tier whose imports it needs. bench/toyworld/ holds the toy world's pipeline and
+# its experiments, not timings: their parts are tested in test_toyworld.py, the world itself through a real webui
+# (tests/webui/test_toyworld_quality.py); here each of its scripts parses its arguments.
 TIERS = {
     "bench_extract_masks.py": "core",
     "bench_masked_lora.py": "core",
@@ -50,6 +52,33 @@ def ratios(stdout: str) -> dict[str, tuple[float, float, float, int]]:
 def test_every_bench_script_has_a_smoke_run():
     scripts = {path.name for path in BENCH.glob("bench_*.py")} - {"bench_common.py"}
     assert scripts == set(TIERS), "a bench script without a smoke run in the test suite (TIERS)"
+
+
+def test_toyworld_scripts_parse_their_arguments():
+    """Every bench/toyworld script with a command line imports with the core tier's packages and answers --help
+    (one interpreter runs them all as __main__: their runs need a GPU, Forge's Python or a webui)."""
+    scripts = sorted(p for p in (BENCH / "toyworld").glob("*.py") if "__main__" in p.read_text(encoding="utf-8"))
+    assert {p.name for p in scripts} >= {"benchmark.py", "train.py", "assemble.py", "make_text.py"}
+    program = textwrap.dedent(
+        """
+        import contextlib, io, runpy, sys
+        sys.path.insert(0, sys.argv[1])
+        for path in sys.argv[2:]:
+            sys.argv, out = [path, "--help"], io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+                runpy.run_path(path, run_name="__main__")
+            print(path, "usage:" in out.getvalue())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program, str(BENCH / "toyworld"), *map(str, scripts)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [word for p in scripts for word in (str(p), "True")]
 
 
 def test_extract_masks_smoke():

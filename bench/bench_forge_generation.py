@@ -19,22 +19,25 @@ distilled guidance: one model call per step). Default: hidden 1536 (12 heads of 
 test suite runs both on the CPU (tests/forge/test_forge_bench_smoke.py), so the GPU figure's path is known to run.
 
 Two subject LoRAs of rank 16 in kohya format on every Linear of the double and single blocks (modulation included),
-loaded as sd_forge_lora does (Forge's key map, load_lora, add_patches). Cases, same seed, steps and sampler:
-  (a) merged   the two LoRAs merged into the weights by Forge (LoraLoader): the baseline
-  (b) paper    FreeFuse as the extension runs it: the subject LoRAs taken out of the merge (subject_deltas,
-               FreeFuseJob, patch_unet), attention captured at double_blocks[min(17, last)] at the default capture
-               step, masks made (Eq. 5-13, superpixel vote on a cheap decode of x0: a fixed linear latent->RGB
-               projection upsampled 8x to the VAE's size), then masked LoRA deltas and per-token modulation
+loaded as Forge's LoRA extension does (the key map, load_lora, add_patches; forge_env.with_loras). Cases, same seed,
+steps and sampler:
+  (a) merged   the two LoRAs merged into the weights by Forge: the baseline
+  (b) paper    FreeFuse as the extension runs it: the subject LoRAs read through the host adapter and taken out of
+               the merge (Host.merged_lora, subject_deltas, FreeFuseJob, patch_unet), attention captured at
+               double_blocks[min(17, last)] at the default capture step, masks made (Eq. 5-13, superpixel vote on
+               a cheap decode of x0: a fixed linear latent->RGB projection upsampled 8x to the VAE's size), then
+               masked LoRA deltas and per-token modulation
   (c) restart  the same with JobPlan(restart=True) and job.run: sampling starts again from step 0 with the masks
 --diagnose adds (b) with modulation "global" and "off" (where per-token modulation's cost lands in the block).
 
 Time: every case runs once untimed (warm-up, checks), then `--repeats` rounds run every case once each, interleaved,
 the order reversed every other round; medians, and each case's ratio to (a) per round (two runs made back to back) as
-median [min - max] over the rounds: the spread is the figure's noise. "sampler" is the k-diffusion loop
-(every model call, mask capture and extraction included); "setup" is FreeFuse's per-generation work before it
-(subject_deltas, the job, patch_unet); "prepare" is Forge's sampling_prepare (model load, and the LoRA merge or its
-undoing, which Forge redoes only when the set of merged LoRAs changes: interleaving the cases makes it do so every
-run, which a user who keeps FreeFuse on does not see), reported apart. The goal: (b) <= 1.10x (a) in setup + sampler.
+median [min - max] over the rounds: the spread is the figure's noise. "sampler" is the k-diffusion loop (every model
+call, mask capture and extraction included); "setup" is FreeFuse's per-generation work before it (the host's merged
+LoRAs read, subject_deltas, the job, patch_unet); "prepare" is Forge's sampling_prepare (model load, and the LoRA
+merge or its undoing, which Forge redoes only when the set of merged LoRAs changes: interleaving the cases makes it do
+so every run, which a user who keeps FreeFuse on does not see), reported apart. The goal: (b) <= 1.10x (a) in setup +
+sampler.
 The last lines ("ratio ...") repeat the ratios; the run fails (exit status 1) if a FreeFuse case did not capture
 once and make masks in its warm-up run.
 
@@ -76,6 +79,7 @@ from lib_freefuse.core import masks as masks_module
 from lib_freefuse.forge.host import CaptureBlock, PerTokenModulation, layer_stream, patch_unet
 from lib_freefuse.forge.job import FreeFuseJob, JobPlan, coverage_percent
 from lib_freefuse.forge.lora_layers import MaskedLinearPatch, subject_deltas
+from lib_freefuse.hosts import for_unet
 
 FLUX_DEV = dict(
     in_channels=16,
@@ -145,21 +149,6 @@ def kohya_lora(model, rank: int, seed: int) -> dict[str, torch.Tensor]:
     return sd
 
 
-def with_loras(unet, sds: dict[str, dict], strength: float):
-    """What sd_forge_lora does for the prompt's tags: Forge's key map, load_lora, add_patches, one file each."""
-    from backend.patcher.lora import load_lora, model_lora_keys_unet
-
-    for filename, sd in sds.items():
-        patches, unmatched = load_lora(sd, model_lora_keys_unet(unet.model, {}))
-        if unmatched:
-            raise SystemExit(f"{filename}: {len(unmatched)} keys matched no model key, e.g. {sorted(unmatched)[:3]}")
-        unet = unet.clone()
-        loaded = unet.add_patches(filename=filename, patches=patches, strength_patch=strength)
-        if len(loaded) != len(patches):
-            raise SystemExit(f"{filename}: only {len(loaded)} of {len(patches)} patches match a model parameter")
-    return unet
-
-
 # -- the cases ----------------------------------------------------------------------------------------------------
 class Bench:
     def __init__(self, args, size: dict, config: dict):
@@ -175,8 +164,13 @@ class Bench:
         self.build_s = time.perf_counter() - started
         sds = {f"subject_{i}.safetensors": kohya_lora(model, args.rank, seed=100 + i) for i in range(2)}
         self.lora_keys = len(sds["subject_0.safetensors"]) // 3
-        self.merged = with_loras(self.unet, sds, args.strength)
-        self.names = list(sds)
+        # what the host's LoRA extension does for the prompt's tags (key map, load_lora, add_patches), one file each
+        self.merged, self.files, unmatched = forge_env.with_loras(self.unet, sds, args.strength)
+        if unmatched:
+            raise SystemExit(f"{len(unmatched)} LoRA keys matched no model key, e.g. {sorted(unmatched)[:3]}")
+        self.host = for_unet(self.merged)
+        if reason := self.host.missing(self.merged):
+            raise SystemExit(f"{self.host.name}: {reason}")
         self.cond = forge_env.conditions(
             1, size["text"], seed=1, context_dim=config["context_in_dim"], vec_dim=config["vec_in_dim"]
         )
@@ -188,8 +182,10 @@ class Bench:
         self.jobs: dict[str, FreeFuseJob] = {}
         self.pass_times: dict[str, list[float]] = {}
         self.delta_kinds = defaultdict(int)  # what subject_deltas makes of the two LoRAs: "low-rank" or "dense"
-        for patches in self.merged.lora_patches.values():
-            for delta in subject_deltas(patches, self.base_weight)[0]:
+        for subject in self.subject_patches():
+            if len(subject) != self.lora_keys:
+                raise SystemExit(f"{len(subject)} of a LoRA's {self.lora_keys} layers are merged in the host")
+            for delta in subject_deltas(subject, self.host.base_weight(self.merged), self.host.merge)[0]:
                 self.delta_kinds["low-rank" if delta.low_rank else "dense"] += 1
 
     def sample(self, unet, timings: dict, on_sigmas=None) -> torch.Tensor:
@@ -205,23 +201,18 @@ class Bench:
             timings=timings,
         )
 
-    def base_weight(self, key: str) -> torch.Tensor:
-        """A parameter before any LoRA merge (Forge keeps a backup of the weights it merged), as processing does."""
-        from backend import utils
-
-        saved = self.merged.model.lora_loader.backup.get(key)
-        return saved if saved is not None else utils.get_attr(self.merged.model, key)
+    def subject_patches(self) -> list:
+        """The two LoRAs as the host merged them from the prompt's tags (Host.merged_lora)."""
+        return [self.host.merged_lora(self.merged, path) for path in self.files]
 
     def freefuse(self, timings: dict, *, restart: bool = False, modulation: str = "per_token", instrument=None):
         """A FreeFuse clone of the merged patcher, built as processing.start_run builds it for one sampling call."""
         started = time.perf_counter()
         deltas: dict[str, list] = defaultdict(list)
-        keys = []
-        for index, name in enumerate(self.names):
-            (key,) = [k for k in self.merged.lora_patches if k[0] == name]
-            keys.append(key)
-            found, _ = subject_deltas(self.merged.lora_patches[key], self.base_weight)
-            for delta in found:
+        merged = self.subject_patches()
+        base_weight = self.host.base_weight(self.merged)
+        for index, patches in enumerate(merged):
+            for delta in subject_deltas(patches, base_weight, self.host.merge)[0]:
                 deltas[delta.module].append((index, delta))
         plan = JobPlan(
             word_positions=(WORDS,),
@@ -232,7 +223,7 @@ class Bench:
             restart=restart,
         )
         job = FreeFuseJob(plan, forge_env.decode)
-        unet = patch_unet(self.merged, job, deltas, self.capture_block, keys)
+        unet = patch_unet(self.merged, job, deltas, self.capture_block, merged, self.host)
         timings["setup"] = timings.get("setup", 0.0) + time.perf_counter() - started
         if instrument is not None:
             instrument(unet, job)

@@ -54,7 +54,7 @@ def manual_qk(block, img, txt, vec, heads):
         qkv = F.linear(x, *_wb(attn.qkv)).view(x.shape[0], x.shape[1], 3, heads, -1)
         q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
         rms = lambda t, s: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * s  # noqa: E731
-        return rms(q, attn.norm.query_norm.scale), rms(k, attn.norm.key_norm.scale)
+        return rms(q, _scale(attn.norm.query_norm)), rms(k, _scale(attn.norm.key_norm))
 
     (tq, tk), (iq, ik) = stream("txt", txt), stream("img", img)
     return torch.cat([tq, iq], 2), torch.cat([tk, ik], 2)
@@ -62,6 +62,11 @@ def manual_qk(block, img, txt, vec, heads):
 
 def _wb(layer):
     return layer.weight, layer.bias
+
+
+def _scale(norm):
+    """An RMS norm's scale: classic Forge's own RMSNorm calls it `scale`, Neo's torch.nn.RMSNorm `weight`."""
+    return norm.scale if hasattr(norm, "scale") else norm.weight
 
 
 def manual_rope(x, grid_hw, text_tokens, axes_dim, theta=10000):
@@ -98,9 +103,10 @@ def test_captured_qk_equal_the_blocks_own(forge, tiny_unet, cfg_scale):
     recorder = tiny_unet.clone()
     original = recorder.get_model_object(f"diffusion_model.double_blocks.{block_index}.forward")
 
-    def record(img, txt, vec, pe):
-        inputs.append((img.clone(), txt.clone(), vec.clone()))
-        return original(img, txt, vec, pe)
+    def record(*args, **kwargs):  # classic passes img, txt, vec, pe by position; Neo by name, with more
+        given = dict(zip(("img", "txt", "vec", "pe"), args, strict=False)) | kwargs
+        inputs.append((given["img"].clone(), given["txt"].clone(), given["vec"].clone()))
+        return original(*args, **kwargs)
 
     recorder.add_object_patch(f"diffusion_model.double_blocks.{block_index}.forward", record)
     words = (((1, 2), (5,)), ((0,), (3, 4)))  # two images

@@ -50,14 +50,16 @@ def sd_unet(forge):
     model.load_device = memory_management.get_torch_device()
     model.initial_device = memory_management.cpu
     model.offload_device = memory_management.unet_offload_device()
+    if forge.HOST == "neo":  # Neo's Prediction takes the schedule's numbers explicitly (SD1.5's)
+        schedule = dict(sigma_data=1.0, beta_schedule="linear", linear_start=0.00085, linear_end=0.012)
+        predictor = Prediction(prediction_type="epsilon", timesteps=1000, **schedule)
+    else:
+        predictor = Prediction(prediction_type="epsilon")
     unet = UnetPatcher.from_model(
-        model=model,
-        diffusers_scheduler=None,
-        k_predictor=Prediction(prediction_type="epsilon"),
-        config=model_list.SD15(dict(SD_CONFIG)),
+        model=model, diffusers_scheduler=None, k_predictor=predictor, config=model_list.SD15(dict(SD_CONFIG))
     )
     yield unet
-    memory_management.unload_model_clones(unet)
+    forge.unload(unet)
 
 
 def sd_denoise(unet) -> torch.Tensor:

@@ -29,7 +29,7 @@ def _finish(forge, model, storage_dtype):
     """The attributes backend/loader.py gives a loaded diffusion model."""
     from backend import memory_management
 
-    model.config = dict(forge.TINY_CONFIG)
+    model.config = forge.model_config()
     model.storage_dtype, model.computation_dtype = storage_dtype, torch.float32
     model.load_device = memory_management.get_torch_device()
     model.initial_device = memory_management.cpu
@@ -43,7 +43,6 @@ def gguf_flux(forge, qtype_name: str):
     Every 2-D weight (all Linear layers) is quantised; norms and biases stay float32, as in GGUF FLUX files."""
     import gguf
     from backend import memory_management
-    from backend.nn.flux import IntegratedFluxTransformer2DModel
     from backend.operations import using_forge_operations
     from backend.operations_gguf import ParameterGGUF, dequantize_tensor
     from backend.state_dict import load_state_dict
@@ -54,13 +53,16 @@ def gguf_flux(forge, qtype_name: str):
     for key, value in reference.items():
         if value.ndim == 2:
             data = gguf.quants.quantize(value.float().numpy(), qtype)  # as a GGUFReader tensor holds it
-            reader_tensor = SimpleNamespace(data=data, tensor_type=qtype, shape=list(reversed(value.shape)))
-            quantised[key] = ParameterGGUF(reader_tensor)
+            if forge.HOST == "neo":  # Neo's loader hands over the raw bytes and the shape (backend/utils.py)
+                quantised[key] = ParameterGGUF(torch.from_numpy(data), tensor_type=qtype, tensor_shape=value.shape)
+            else:
+                reader_tensor = SimpleNamespace(data=data, tensor_type=qtype, shape=list(reversed(value.shape)))
+                quantised[key] = ParameterGGUF(reader_tensor)
         else:
             quantised[key] = value
     cpu = memory_management.cpu
     with using_forge_operations(device=cpu, dtype=torch.float32, manual_cast_enabled=False, bnb_dtype="gguf"):
-        model = IntegratedFluxTransformer2DModel(**forge.TINY_CONFIG)
+        model = forge.flux_class()(**forge.constructor_args(forge.model_config()))
     load_state_dict(model, quantised)
     memory_management.bake_gguf_model(model)  # what loading it for sampling does first
     baked = dict(model.named_parameters())  # the GGUF weights; Forge's GGUF Linear keeps its bias as a plain tensor
@@ -68,7 +70,7 @@ def gguf_flux(forge, qtype_name: str):
         key: dequantize_tensor(baked[key]).float() if key in baked else value for key, value in reference.items()
     }
     with using_forge_operations(device=cpu, dtype=torch.float32, manual_cast_enabled=False):
-        plain = IntegratedFluxTransformer2DModel(**forge.TINY_CONFIG)
+        plain = forge.flux_class()(**forge.constructor_args(forge.model_config()))
     load_state_dict(plain, dequantised)
     return (
         forge.make_unet_patcher(_finish(forge, model, "gguf")),

@@ -16,6 +16,12 @@ def is_forge_tree(path: Path) -> bool:
     return (path / "backend" / "nn" / "flux.py").is_file() and (path / "modules").is_dir()
 
 
+def is_neo(path: Path) -> bool:
+    """Forge Neo bundles ComfyUI's LoRA code, huggingface_guess, k_diffusion and gguf under modules_forge/packages;
+    classic Forge has none of that folder."""
+    return (Path(path) / "modules_forge" / "packages" / "comfy").is_dir()
+
+
 def find_forge() -> tuple[Path | None, str]:
     """(Forge's root, "") or (None, why not): FORGE_DIR first, else the folder this extension sits in."""
     configured = os.environ.get("FORGE_DIR")

@@ -136,7 +136,7 @@ def start_webui(forge: Path, python: str, data_dir: Path, model: Path = MODEL, e
     port = webui_tier.free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = data_dir / "webui.log"
-    command = [python, "launch.py", *webui_tier.SERVER_FLAGS, "--data-dir", str(data_dir), "--server-name",
+    command = [python, "launch.py", *webui_tier.server_flags(forge), "--data-dir", str(data_dir), "--server-name",
                "127.0.0.1", "--port", str(port)]  # fmt: skip
     started = time.monotonic()
     with open(log_path, "wb") as log:

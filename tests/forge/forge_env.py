@@ -17,6 +17,7 @@ import types
 from pathlib import Path
 
 import torch
+from forge_locator import is_neo
 
 TINY_CONFIG = dict(
     in_channels=16,  # latent channels; the model patchifies 2x2 itself
@@ -36,9 +37,6 @@ NEO_CONFIG = dict(out_channels=16, patch_size=2, image_model="flux")  # what Neo
 HOST = None  # "classic" or "neo", set by setup()
 
 
-def is_neo(forge_root: Path) -> bool:
-    """Forge Neo keeps ComfyUI's LoRA code and its other packages under modules_forge/packages."""
-    return (forge_root / "modules_forge" / "packages" / "comfy").is_dir()
 
 
 def setup(forge_root: Path, device: str = "cpu") -> None:

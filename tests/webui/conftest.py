@@ -22,6 +22,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from forge_locator import REPO_ROOT, find_forge
+from forge_locator import REPO_ROOT, find_forge, is_neo
 
 HERE = Path(__file__).resolve().parent
 HOOK_DIR = HERE / "webui_hook"
@@ -54,18 +55,31 @@ REQUEST_TIMEOUT_S = 600.0
 # What launch.py needs beyond Forge's backend; pkg_resources (setuptools < 81) is imported by pytorch_lightning.
 WEBUI_MODULES = ("torch", "torchvision", "gradio", "fastapi", "transformers", "diffusers", "pkg_resources", "joblib")
 
-SERVER_FLAGS = (
-    "--always-cpu",  # Forge's backend on the CPU (else it asserts on CUDA)
-    "--attention-pytorch",  # SDPA, as the forge tier uses
+COMMON_FLAGS = (
     "--skip-torch-cuda-test",
     "--skip-install",  # no extension installers, no pip
     "--skip-prepare-environment",  # no git clones, no requirement checks
     "--skip-version-check",
-    "--no-download-sd-model",
     "--api",
 )
+CLASSIC_FLAGS = (
+    "--always-cpu",  # Forge's backend on the CPU (else it asserts on CUDA)
+    "--attention-pytorch",  # SDPA, as the forge tier uses
+    "--no-download-sd-model",
+)
+NEO_FLAGS = (
+    "--cpu",  # Neo's name for classic's --always-cpu
+    "--use-pytorch-cross-attention",
+    "--skip-python-version-check",  # Neo asks for Python 3.13 and runs on 3.11
+)
+
+
+def server_flags(forge_root: Path) -> tuple[str, ...]:
+    """The flags that start this host's webui headless on the CPU, without network or installs."""
+    return COMMON_FLAGS + (NEO_FLAGS if is_neo(forge_root) else CLASSIC_FLAGS)
 
 TIMINGS: dict[str, object] = {}  # for the terminal summary
+_NEO_RECORD_TAIL = re.compile(r" +\S+\.py :: (?:DEBUG|INFO|WARNING|ERROR|CRITICAL) *$")  # Neo's log column
 
 
 def find_forge_python(forge_root: Path) -> tuple[str | None, str]:
@@ -196,6 +210,7 @@ class WebUI:
     manifest: dict  # from tiny_models.py: checkpoint, checkpoint_name, loras {name: path}, transformer config
     startup_s: float
     pid: int = 0  # the server's process
+    neo: bool = False  # the host is Forge Neo (else classic Forge)
 
     def rss_mib(self) -> float:
         """The server process's resident memory now, MiB (Linux /proc)."""
@@ -279,7 +294,18 @@ class WebUI:
         return [int(line) for line in path.read_text().split()] if path.exists() else []
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        """The server's console output, Neo's wrapped log records joined back into one line each (Neo prints a
+        record in 80 columns with "file.py :: LEVEL" at the right of its first line)."""
+        text = self.log_path.read_text(errors="replace")
+        if not self.neo:
+            return text
+        lines: list[str] = []
+        for line in text.splitlines():
+            if line.endswith("  ") and not _NEO_RECORD_TAIL.search(line) and lines:
+                lines[-1] += " " + line.strip()  # a wrapped record's continuation, padded to 80 columns
+            else:
+                lines.append(_NEO_RECORD_TAIL.sub("", line))
+        return "\n".join(lines)
 
     def log_tail(self, lines: int = 60) -> str:
         return "--- webui log (tail) ---\n" + "\n".join(self.log().splitlines()[-lines:])
@@ -362,7 +388,8 @@ def webui(tmp_path_factory):
     forge_root, why = find_forge()
     if forge_root is None:
         pytest.skip(why)
-    if not (forge_root / "repositories" / "huggingface_guess" / "huggingface_guess").is_dir():
+    guess = forge_root / "repositories" / "huggingface_guess" / "huggingface_guess"
+    if not is_neo(forge_root) and not guess.is_dir():
         # launch.py clones it unless --skip-prepare-environment, which this fixture passes (no network here)
         pytest.skip(f"Forge at {forge_root} has no repositories/huggingface_guess: run its launch.py once first")
     python, why = find_forge_python(forge_root)
@@ -406,7 +433,7 @@ def webui(tmp_path_factory):
     command = [
         python,
         "launch.py",
-        *SERVER_FLAGS,
+        *server_flags(forge_root),
         "--data-dir",
         str(data_dir),
         "--server-name",
@@ -432,7 +459,7 @@ def webui(tmp_path_factory):
         startup = time.monotonic() - started
         TIMINGS.update(startup=startup, url=url, log=str(log_path), forge_summary=forge_summary)
         print(f"\n[webui] Forge's webui up at {url} in {startup:.1f} s (log: {log_path})")
-        yield WebUI(url, data_dir, log_path, manifest, startup, pid=process.pid)
+        yield WebUI(url, data_dir, log_path, manifest, startup, pid=process.pid, neo=is_neo(forge_root))
     finally:
         stopping = time.monotonic()
         _stop(process)

@@ -86,13 +86,24 @@ def kohya_key(module_path: str) -> str:
     return "lora_unet_" + module_path.replace(".", "_")
 
 
+def is_neo(forge_root: Path) -> bool:
+    """Forge Neo keeps its bundled packages (ComfyUI's LoRA code, huggingface_guess) under modules_forge/packages."""
+    return (Path(forge_root) / "modules_forge" / "packages" / "comfy").is_dir()
+
+
 def setup_forge(forge_root: Path) -> None:
-    """Forge's backend importable on CPU: its paths on sys.path, backend.args parsed under --always-cpu."""
-    for path in (forge_root, forge_root / "packages_3rdparty", forge_root / "repositories" / "huggingface_guess"):
+    """Forge's backend importable on CPU: its paths on sys.path, backend.args parsed for the CPU (classic Forge's
+    --always-cpu, Neo's --cpu)."""
+    if is_neo(forge_root):
+        paths, flag = (forge_root, forge_root / "modules_forge" / "packages"), "--cpu"
+    else:
+        paths = (forge_root, forge_root / "packages_3rdparty", forge_root / "repositories" / "huggingface_guess")
+        flag = "--always-cpu"
+    for path in paths:
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
     if "backend.args" not in sys.modules:
-        saved, sys.argv = sys.argv, [sys.argv[0], "--always-cpu"]
+        saved, sys.argv = sys.argv, [sys.argv[0], flag]
         try:
             import backend.args  # noqa: F401
         finally:
@@ -149,8 +160,9 @@ def build_state_dict(forge_root: Path, configs: Path, seed: int = 0) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
+    extra = dict(out_channels=TRANSFORMER["in_channels"], patch_size=2) if is_neo(forge_root) else {}
     parts = {
-        "model.diffusion_model.": IntegratedFluxTransformer2DModel(**TRANSFORMER),
+        "model.diffusion_model.": IntegratedFluxTransformer2DModel(**TRANSFORMER, **extra),
         "vae.": IntegratedAutoencoderKL.from_config(json.loads((configs / "vae" / "config.json").read_text())),
         "text_encoders.clip_l.": IntegratedCLIP(
             CLIPTextModel, CLIPTextConfig.from_pretrained(configs / "text_encoder"), add_text_projection=True
@@ -163,6 +175,8 @@ def build_state_dict(forge_root: Path, configs: Path, seed: int = 0) -> dict:
         for key, value in module.state_dict().items():
             if key == "logit_scale":
                 continue  # CLIP/T5 training leftovers Forge ignores
+            if prefix == "model.diffusion_model." and key.endswith(("query_norm.weight", "key_norm.weight")):
+                key = key.removesuffix("weight") + "scale"  # BFL's name, as FLUX files have it (Neo renames on load)
             state_dict[prefix + key] = value.detach().to(torch.float32).contiguous()
     # A bounded VAE output keeps the decoded image away from the [-1, 1] clamp, so pixels differ between inputs.
     for key in ("vae.decoder.conv_out.weight", "vae.decoder.conv_out.bias"):

@@ -224,7 +224,8 @@ def _subject_loras(unet, host: Host, subjects, state: RunState) -> dict[str, Sub
                         "FreeFuse: %s has no tag in the prompt: loaded at weight %s", subject.lora, subject.weight
                     )
         except Exception as error:  # an unreadable or non-LoRA file must not stop the job
-            state.warn(f"LoRA {subject.lora} could not be read: {type(error).__name__}: {error}")
+            reason = " ".join(str(error).split())  # Neo's loader puts its message on several lines
+            state.warn(f"LoRA {subject.lora} could not be read: {type(error).__name__}: {reason}")
             continue
         if not patches:
             keys = patches.unmatched

@@ -37,8 +37,6 @@ NEO_CONFIG = dict(out_channels=16, patch_size=2, image_model="flux")  # what Neo
 HOST = None  # "classic" or "neo", set by setup()
 
 
-
-
 def setup(forge_root: Path, device: str = "cpu") -> None:
     """Put Forge on sys.path and import backend.args under a CPU-only argv (it parses argv at import time).
 

@@ -78,6 +78,7 @@ def server_flags(forge_root: Path) -> tuple[str, ...]:
     """The flags that start this host's webui headless on the CPU, without network or installs."""
     return COMMON_FLAGS + (NEO_FLAGS if is_neo(forge_root) else CLASSIC_FLAGS)
 
+
 TIMINGS: dict[str, object] = {}  # for the terminal summary
 _NEO_RECORD_TAIL = re.compile(r" +\S+\.py :: (?:DEBUG|INFO|WARNING|ERROR|CRITICAL) *$")  # Neo's log column
 
@@ -218,6 +219,17 @@ class WebUI:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         raise AssertionError("no VmRSS for the server process")
+
+    @property
+    def hires_upscaler(self) -> str:
+        """An upscaler for hires-fix tests: classic Forge's "Latent"; this Neo release registers no latent mode."""
+        return "Lanczos" if self.neo else "Latent"
+
+    def image_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size the host makes for a requested size: this Neo release rounds both to multiples of 64."""
+        if not self.neo:
+            return width, height
+        return max((width + 32) // 64 * 64, 64), max((height + 32) // 64 * 64, 64)
 
     @property
     def checkpoint(self) -> str:

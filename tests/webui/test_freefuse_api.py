@@ -72,7 +72,7 @@ def test_freefuse_changes_the_image_and_leaves_no_trace(webui):
         {
             "enable_hr": True,
             "hr_scale": 1.5,
-            "hr_upscaler": "Latent",
+            "hr_upscaler": "host's",
             "hr_second_pass_steps": 3,
             "denoising_strength": 0.6,
             "hr_additional_modules": ["Use same choices"],  # Forge's API fails on hires fix without it
@@ -81,6 +81,8 @@ def test_freefuse_changes_the_image_and_leaves_no_trace(webui):
     ids=["batch-2", "batch-count-2", "cfg-3", "hires-fix"],
 )
 def test_variants_give_images_with_masks(webui, overrides):
+    if "hr_upscaler" in overrides:
+        overrides = {**overrides, "hr_upscaler": webui.hires_upscaler}
     result = webui.txt2img(tagged(webui), steps=6, alwayson_scripts=freefuse(webui, show_masks=True), **overrides)
     images = overrides.get("batch_size", 1) * overrides.get("n_iter", 1)
     assert len(result.images) == 2 * images  # each image and its overlay
@@ -122,7 +124,7 @@ def test_hires_fix_can_extract_the_masks_again_in_pass_two(webui):
     hires = {
         "enable_hr": True,
         "hr_scale": 1.5,
-        "hr_upscaler": "Latent",
+        "hr_upscaler": webui.hires_upscaler,
         "hr_second_pass_steps": 6,
         "denoising_strength": 0.6,
         "hr_additional_modules": ["Use same choices"],

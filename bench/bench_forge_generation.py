@@ -285,24 +285,24 @@ class TimedCapture:
     def __init__(self, block: CaptureBlock, job: FreeFuseJob, profile: Profile):
         self.block, self.job, self.profile = block, job, profile
 
-    def __call__(self, img, txt, vec, pe):
+    def __call__(self, *args, **kwargs):  # the host's block arguments (Neo adds attn_mask, transformer_options)
         if not self.job.capturing:
-            return self.block(img, txt, vec, pe)
+            return self.block(*args, **kwargs)
         import backend.nn.flux as flux
 
         original, calls = flux.apply_rope, []
 
-        def apply_rope(*args):
+        def apply_rope(*rope_args):
             self.profile.sync()
             start = time.perf_counter()
-            out = original(*args)
+            out = original(*rope_args)
             self.profile.sync()
             calls.append(time.perf_counter() - start)
             return out
 
         flux.apply_rope = apply_rope
         try:
-            return self.block(img, txt, vec, pe)
+            return self.block(*args, **kwargs)
         finally:
             flux.apply_rope = original
             if calls:

@@ -15,7 +15,8 @@ Goals: (ii) <= 1.05x (iii), and (ii) faster than (iv).
 Every case runs once untimed, then `--repeats` rounds run every case once each (interleaved, the order reversed
 every other round, so that load from other processes and cache effects hit all cases alike); the table shows each
 case's median time and its per-round ratio to (iii) (the ratio of two calls made back to back) as median [min - max]
-over the rounds: the spread is the noise of the figure. The last lines ("ratio ...") repeat the goals' ratios.
+over the rounds: the spread is the noise of the figure. The last lines ("ratio ...") repeat the goals' ratios. The run
+fails (exit status 1) if a masked case does not give the naive loop's result.
 """
 
 from __future__ import annotations
@@ -94,17 +95,21 @@ IN_PLACE_FLOOR = "(vi) y += (x @ A_all.T) @ B_all.T, addmm_"
 ACCUMULATING = (IN_PLACE, IN_PLACE_FLOOR)
 
 
-def run(n_tokens: int, dtype: torch.dtype, repeats: int, time_limit: float) -> list[str]:
-    """Time every case; print the table; return the goals' ratio lines."""
+def run(n_tokens: int, dtype: torch.dtype, repeats: int, time_limit: float) -> tuple[list[str], list[str]]:
+    """Time every case; print the table; return the cases that disagree with the naive loop and the goals' ratio
+    lines."""
     x, downs, ups, scales, masks = make_case(n_tokens, dtype)
     cases = build_cases(x, downs, ups, scales, masks)
     reference = cases[NAIVE]().float()
+    mismatches = []
     for name, fn in cases.items():  # warm-up, and every masked case must agree with the naive loop
         out = fn().float()
         if name not in (FLOOR, NAIVE, *ACCUMULATING):
             error = float((out - reference).abs().max() / reference.abs().max())
             tolerance = 1e-5 if dtype == torch.float32 else 3e-2
             status = "ok" if error <= tolerance else "MISMATCH"
+            if status != "ok":
+                mismatches.append(f"{name}, {dtype}")
             print(f"  check {name:<42} max rel. error vs (iv): {error:.1e} {status}")
         del out
     del reference
@@ -143,7 +148,7 @@ def run(n_tokens: int, dtype: torch.dtype, repeats: int, time_limit: float) -> l
     out_mib = x.shape[0] * x.shape[1] * D_OUT * x.element_size() / 2**20
     print(f"(the (1, {x.shape[1]}, {D_OUT}) output is {out_mib:.0f} MiB: each case writes it once, (iv) several times)")
     kind = str(dtype).removeprefix("torch.")
-    return [
+    return mismatches, [
         ratio_line(f"StackedLoRA (ii) / unmasked (iii), {kind}", per_round(STACKED)),
         ratio_line(f"add_to (v) / unmasked addmm_ (vi), {kind}", per_round(IN_PLACE, IN_PLACE_FLOOR)),
     ]
@@ -165,13 +170,17 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, {torch.backends.cpu.get_cpu_capability()}")
     print(f"layer {D_IN} -> {D_OUT}, {n_tokens} tokens, {N_SUBJECTS} subjects of rank {RANK}")
     started = time.perf_counter()
-    lines = []
+    lines, mismatches = [], []
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name.strip())
-        lines += run(n_tokens, dtype, repeats, args.time_limit)
+        wrong, ratios = run(n_tokens, dtype, repeats, args.time_limit)
+        lines += ratios
+        mismatches += wrong
     print()
     print("\n".join(lines))
     print(f"total wall time {time.perf_counter() - started:.0f} s")
+    if mismatches:
+        raise SystemExit(f"{'; '.join(mismatches)}: not the naive loop's result (MISMATCH above)")
 
 
 if __name__ == "__main__":

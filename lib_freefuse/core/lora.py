@@ -97,8 +97,61 @@ def masked_lora_delta(
 
     x: (B, T, d_in); downs[l]: (r_l, d_in); ups[l]: (d_out, r_l); masks: (B, T, L) (or (1, T, L), shared by the
     batch). The mask is applied to the rank-r activations, never to the d_out-wide output; x's dtype/device.
+
+    One call, nothing kept: beyond the two products of the unmasked stacked LoRA it copies the factors into one
+    stack (R * (d_in + d_out) values) and scales the (B, T, R) activations once, in place. StackedLoRA is for
+    factors used again and again.
     """
-    return StackedLoRA(downs, ups, scales)(x, masks)
+    _check_factors(downs, ups, scales)
+    _check_call(x, masks, downs[0].shape[1], len(downs))
+    ranks = [d.shape[0] for d in downs]
+    down = _stacked([d.to(device=x.device) for d in downs], ranks, x.dtype, along_rows=True)  # (R, d_in)
+    up = _stacked([u.to(device=x.device) for u in ups], ranks, x.dtype, along_rows=False)  # (d_out, R)
+    hidden = x @ down.T  # (B, T, R)
+    # (B|1, T, L) weights: L values per token, not R, so this costs nothing next to the products
+    weight = masks[..., : len(downs)].to(device=x.device, dtype=x.dtype) * torch.tensor(
+        [float(s) for s in scales], device=x.device, dtype=x.dtype
+    )
+    if len(set(ranks)) == 1:
+        per_lora = hidden.view(*hidden.shape[:2], len(ranks), ranks[0])  # (B, T, L, r)
+        weight = weight.unsqueeze(-1)  # (B|1, T, L, 1)
+    else:
+        per_lora, weight = hidden, weight.repeat_interleave(torch.tensor(ranks, device=x.device), dim=-1)
+    for rows in _serial_chunks(x.device, hidden.shape[1], hidden.shape[0] * hidden.shape[2]):
+        per_lora[:, rows].mul_(weight[:, rows])
+    return hidden @ up.T  # (B, T, d_out)
+
+
+# ATen runs an elementwise op (copy, mul) of fewer elements than its grain size (at::internal::GRAIN_SIZE) on the
+# calling thread, and splits a larger one over its thread pool. The stacking and the mask scaling above are
+# microseconds of work: on a loaded machine a pool round trip costs far more (a descheduled worker holds it up for
+# a scheduler tick), so on the CPU they run as a few ops below that size instead.
+_SERIAL_NUMEL = 32768
+
+
+def _serial_chunks(device: torch.device, rows: int, row_numel: int) -> list[slice]:
+    """Slices of `rows` rows of `row_numel` elements each, every one below the grain size on the CPU."""
+    step = rows if device.type != "cpu" else max(1, _SERIAL_NUMEL // max(1, row_numel))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _stacked(factors: list[torch.Tensor], ranks: list[int], dtype: torch.dtype, *, along_rows: bool) -> torch.Tensor:
+    """The factors in one tensor: downs (r_l, d_in) one below the other, or ups (d_out, r_l) side by side."""
+    if len(factors) == 1 and factors[0].dtype == dtype:
+        return factors[0]
+    first = factors[0]
+    width = first.shape[1] if along_rows else first.shape[0]
+    stack = torch.empty((sum(ranks), width) if along_rows else (width, sum(ranks)), device=first.device, dtype=dtype)
+    offset = 0
+    for factor, rank in zip(factors, ranks, strict=True):
+        if along_rows:
+            for rows in _serial_chunks(first.device, rank, width):
+                stack[offset + rows.start : offset + rows.stop].copy_(factor[rows])
+        else:
+            for rows in _serial_chunks(first.device, width, rank):
+                stack[rows, offset : offset + rank].copy_(factor[rows])
+        offset += rank
+    return stack
 
 
 def _check_factors(downs, ups, scales) -> None:

@@ -168,3 +168,30 @@ def test_bad_subjects_name_subjects(x, subjects):
     downs, ups, scales = make_loras((4, 4))
     with pytest.raises(ValueError, match="^subjects:"):
         StackedLoRA(downs, ups, scales, subjects=subjects)
+
+
+def test_serial_chunks_tile_the_rows_below_the_grain_size():
+    from lib_freefuse.core.lora import _SERIAL_NUMEL, _serial_chunks
+
+    cpu = torch.device("cpu")
+    for rows, row_numel in ((4608, 32), (9216, 16), (16, 3072), (5, 40000), (1, 1)):
+        chunks = _serial_chunks(cpu, rows, row_numel)
+        assert [i for c in chunks for i in range(c.start, c.stop)] == list(range(rows))
+        assert all((c.stop - c.start) * row_numel <= _SERIAL_NUMEL or c.stop - c.start == 1 for c in chunks)
+    assert _serial_chunks(torch.device("meta"), 4608, 32) == [slice(0, 4608)]  # off the CPU: one op
+
+
+@pytest.mark.parametrize("ranks", [(16, 16), (16, 16, 5)])
+def test_equals_naive_sum_when_stacking_and_scaling_run_in_chunks(ranks):
+    """Sizes at which the factors are stacked and the activations scaled in several serial chunks each."""
+    from lib_freefuse.core.lora import _serial_chunks
+
+    d, tokens = 2100, 1000
+    cpu = torch.device("cpu")
+    assert len(_serial_chunks(cpu, ranks[0], d)) > 1 and len(_serial_chunks(cpu, d, ranks[0])) > 1
+    assert len(_serial_chunks(cpu, tokens, 2 * sum(ranks))) > 1
+    downs, ups, scales = make_loras(ranks, d_in=d, d_out=d, seed=4)
+    x = torch.randn(2, tokens, d, generator=torch.Generator().manual_seed(5))
+    masks = random_masks(batch=1, tokens=tokens, subjects=len(ranks) + 1, seed=6)  # batch-shared, a spare column
+    got = masked_lora_delta(x, downs, ups, scales, masks)
+    torch.testing.assert_close(got.double(), naive_delta(x, downs, ups, scales, masks), atol=2e-3, rtol=1e-4)

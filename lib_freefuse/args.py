@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from lib_freefuse.core import (
+    CONTRASTIVE_CHOICES,
     CROSS_ATTENTION_CHOICES,
     TEXT_LORA_CHOICES,
     MaskConfig,
@@ -37,6 +38,9 @@ PRE_MASK_CHOICES = ("joint", "off")
 MODULATION_CHOICES = ("per_token", "global", "off")
 SLIC_IMAGE_CHOICES = ("vae", "preview")
 HIRES_MASKS_CHOICES = ("reuse", "extract")
+# MaskConfig's background "tokens" needs the host to name the background tokens (end-of-text, a background phrase);
+# the Forge integration does not yet, so the argument model offers the two modes that need nothing from the host.
+BACKGROUND_CHOICES = ("off", "threshold")
 WEIGHT_LIMIT = 10.0
 MAX_CAPTURE_STEP = 10_000  # bounds that no real run reaches, so that pasted junk stays out of logs and infotext
 MAX_CAPTURE_BLOCK = 999
@@ -127,6 +131,10 @@ class FreeFuseArgs:
                 raise ValueError(f"{name}: expected one of {_listing(choices)}, got {_show(getattr(self, name))}")
         if not isinstance(self.mask, MaskConfig):
             raise ValueError(f"mask: expected a MaskConfig, got {_show(self.mask)}")
+        if self.mask.background not in BACKGROUND_CHOICES:
+            raise ValueError(
+                f"background: expected one of {_listing(BACKGROUND_CHOICES)}, got {_show(self.mask.background)}"
+            )
 
     @classmethod
     def defaults(cls) -> FreeFuseArgs:
@@ -305,6 +313,32 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
         "text_queries: the words' queries over the image (paper Eq. 5); image_queries: the image's queries over "
         "the words' keys (the authors' later code).",
         CROSS_ATTENTION_CHOICES,
+    ),
+    FieldHelp(
+        "contrastive",
+        "Contrastive seeds",
+        "The tokens whose self-attention makes a subject's map (paper Eq. 9): off: its top 1% (the paper); strongest: "
+        "where its words attend most beyond any other subject's; authors: the authors' later rule. Helps when one "
+        "subject's words also attend to the other subject.",
+        CONTRASTIVE_CHOICES,
+    ),
+    FieldHelp(
+        "background",
+        "Background",
+        "off: every superpixel goes to some subject (the paper); threshold: where no subject's score reaches the "
+        "threshold, no subject LoRA acts (background, unnamed objects).",
+        BACKGROUND_CHOICES,
+    ),
+    FieldHelp(
+        "background_threshold",
+        "Background threshold",
+        "With background 'threshold': a superpixel below this multiple of the even share 1/N in every subject's map "
+        "is background.",
+    ),
+    FieldHelp(
+        "fill_holes",
+        "Fill holes",
+        "Pieces of a mask smaller than this share of the image go to the mask around them (0: off, the paper).",
     ),
 )
 
@@ -485,7 +519,11 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "hires_masks": HIRES_MASKS_CHOICES,
     "text_loras": TEXT_LORA_CHOICES,
 }
-_MASK_CHOICES: dict[str, tuple[str, ...]] = {"cross_attention": CROSS_ATTENTION_CHOICES}
+_MASK_CHOICES: dict[str, tuple[str, ...]] = {
+    "cross_attention": CROSS_ATTENTION_CHOICES,
+    "contrastive": CONTRASTIVE_CHOICES,
+    "background": BACKGROUND_CHOICES,
+}
 _MASK_PARSERS = {f.name: _mask_parser(f.type) for f in fields(MaskConfig)}
 _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "enabled": _as_bool,
@@ -500,6 +538,7 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
 _DEFAULT_DICT = FreeFuseArgs().to_dict()
 
 __all__ = [
+    "BACKGROUND_CHOICES",
     "FIELD_HELP",
     "HIRES_MASKS_CHOICES",
     "MAX_CAPTURE_BLOCK",

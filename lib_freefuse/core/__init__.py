@@ -1,9 +1,10 @@
 """FreeFuse's method itself: masks from attention (stage 1) and masked LoRA outputs (stage 2).
 
-Depends on torch, numpy and scikit-image only; never on Forge or gradio.
+Depends on torch, numpy and scikit-image (with SciPy, which scikit-image is built on) only; never on Forge or
+gradio.
 """
 
-from .config import CROSS_ATTENTION_CHOICES, MaskConfig
+from .config import BACKGROUND_CHOICES, CONTRASTIVE_CHOICES, CROSS_ATTENTION_CHOICES, MaskConfig
 from .lora import StackedLoRA, masked_lora_delta
 from .masks import extract_masks
 from .prompt import SubjectTokens, find_subject_tokens, split_phrases
@@ -12,6 +13,8 @@ from .superpixel import pixel_masks_to_tokens
 from .token_masks import TEXT_LORA_CHOICES, call_token_masks, text_token_masks
 
 __all__ = [
+    "BACKGROUND_CHOICES",
+    "CONTRASTIVE_CHOICES",
     "CROSS_ATTENTION_CHOICES",
     "TEXT_LORA_CHOICES",
     "MaskConfig",

@@ -55,17 +55,26 @@ def top_count(n_tokens: int, fraction: float) -> int:
     return math.floor(n_tokens * fraction)
 
 
-def filter_attention_sinks(attention: torch.Tensor, edge: torch.Tensor, top_fraction: float) -> torch.Tensor:
-    """Eq. 6-7: zero the values that are both in a row's top k and on the edge, then renormalise the row.
-
-    attention: (R, N) rows that sum to 1; edge: (N,) bool -> (R, N). A row that the filter would empty
-    entirely is kept as it was (renormalising it would divide by zero).
-    """
+def attention_sinks(attention: torch.Tensor, edge: torch.Tensor, top_fraction: float) -> torch.Tensor:
+    """Eq. 6: the values that are both in a row's top k (>= tau_k) and on the edge. (R, N), (N,) -> (R, N) bool."""
     k = top_count(attention.shape[-1], top_fraction)
     if k == 0:
-        return attention
+        return torch.zeros_like(attention, dtype=torch.bool)
     tau_k = attention.topk(k, dim=-1).values[:, -1:]  # (R, 1): the k-th largest value of each row
-    sink = (attention >= tau_k) & edge
+    return (attention >= tau_k) & edge
+
+
+def filter_attention_sinks(
+    attention: torch.Tensor, edge: torch.Tensor, top_fraction: float, sinks: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Eq. 6-7: zero the values that are both in a row's top k and on the edge, then renormalise the row.
+
+    attention: (R, N) rows that sum to 1; edge: (N,) bool -> (R, N). `sinks`: attention_sinks(...) if already
+    computed. A row that the filter would empty entirely is kept as it was (renormalising it would divide by zero).
+    """
+    sink = attention_sinks(attention, edge, top_fraction) if sinks is None else sinks
+    if not bool(sink.any()):
+        return attention
     filtered = attention.masked_fill(sink, 0.0)
     total = filtered.sum(dim=-1, keepdim=True)
     emptied = total <= 0
@@ -78,15 +87,40 @@ def subject_maps(rows: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.T
 
 
 def self_attention_maps(
-    q_img: torch.Tensor, k_img: torch.Tensor, maps: torch.Tensor, top_fraction: float
+    q_img: torch.Tensor,
+    k_img: torch.Tensor,
+    maps: torch.Tensor,
+    top_fraction: float,
+    seed_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 9-10: mean self-attention row over each map's top tokens T_l.
 
     q_img, k_img: (H, N, D) image queries and keys; maps: (L, N) -> (L, N). |T_l| = floor(N * fraction),
-    at least one token. Only the L * |T_l| self-attention rows are computed, never the N x N matrix.
+    at least one token. `seed_scores` (L, N): rank the tokens by these instead of by the maps (contrastive
+    seeds). Only the L * |T_l| self-attention rows are computed, never the N x N matrix.
     """
     n_subjects, n_tokens = maps.shape
     top = max(1, top_count(n_tokens, top_fraction))
-    salient = maps.topk(top, dim=-1).indices  # (L, top)
+    salient = (maps if seed_scores is None else seed_scores).topk(top, dim=-1).indices  # (L, top)
     rows = mean_attention_rows(q_img[:, salient.reshape(-1)], k_img)  # (L * top, N)
     return rows.view(n_subjects, top, n_tokens).mean(dim=1)
+
+
+def contrastive_scores(maps: torch.Tensor, rule: str) -> torch.Tensor:
+    """How much more subject l's words attend to each token than the other subjects' do. maps: (L, N) -> (L, N).
+
+    "strongest": M_l - max_{m != l} M_m; "authors" (the authors' later code): L * M_l - sum_{m != l} M_m. With one
+    subject both are M_l.
+    """
+    n_subjects = maps.shape[0]
+    if n_subjects == 1:
+        return maps.clone()
+    if rule == "authors":
+        return (n_subjects + 1) * maps - maps.sum(dim=0, keepdim=True)
+    if rule != "strongest":
+        raise ValueError(f"rule: expected 'strongest' or 'authors', got {rule!r}")
+    # the largest other map per token: the largest map, or the second largest where l itself is the largest
+    top2 = maps.topk(2, dim=0)
+    is_first = torch.arange(n_subjects, device=maps.device)[:, None] == top2.indices[0][None, :]
+    strongest_other = torch.where(is_first, top2.values[1][None, :], top2.values[0][None, :])
+    return maps - strongest_other

@@ -10,6 +10,17 @@ from dataclasses import dataclass, fields
 # "image_queries" - the image tokens' queries over the words' keys, normalised over the image tokens (the
 #   authors' later code); the toy world's masks were closer to the true regions with it (TOYWORLD.md).
 CROSS_ATTENTION_CHOICES = ("text_queries", "image_queries")
+# Which tokens seed Eq. 9's self-attention (T_l): "off" - the top tokens of the subject's map M_l (the paper);
+# "strongest" - the top tokens of M_l - max_{m != l} M_m; "authors" - of L * M_l - sum_{m != l} M_m (the authors'
+# later code). Both contrastive rules leave out every token that the sink filter dropped from any subject's row.
+# Without Eq. 9-10 (self_attention off) there are no seeds and the setting changes nothing.
+CONTRASTIVE_CHOICES = ("off", "strongest", "authors")
+# What becomes of the image that no subject claims: "off" - every superpixel goes to some subject (the paper);
+# "tokens" - the attention of given background tokens (an end-of-text token, a background phrase) above its even
+# share 1/N is one more class in the vote (masks.background_score_map); "threshold" - a superpixel where every
+# subject's score is below background_threshold times the even share 1/N (each map is a distribution over the N
+# image tokens). What the background wins gets no subject LoRA.
+BACKGROUND_CHOICES = ("off", "tokens", "threshold")
 
 
 @dataclass(frozen=True)
@@ -27,6 +38,10 @@ class MaskConfig:
     slic_max_side: int = 512  # SLIC runs on a copy downscaled to this long side
     soft: bool = False  # token masks as area fractions instead of 0/1
     cross_attention: str = "text_queries"  # CROSS_ATTENTION_CHOICES: Eq. 5 as the paper, or the transposed scores
+    contrastive: str = "off"  # CONTRASTIVE_CHOICES: Eq. 9's top tokens by M_l (the paper) or by a contrast
+    background: str = "off"  # BACKGROUND_CHOICES: "off" gives every superpixel to some subject, as the paper
+    background_threshold: float = 0.5  # "threshold": multiple of the even score 1/N below which nobody owns
+    fill_holes: float = 0.0  # pieces of an owner (or of background) below this share of the image join their surround
 
     def __post_init__(self) -> None:
         for flag in ("sink_filter", "self_attention", "superpixel_vote", "soft"):
@@ -38,10 +53,17 @@ class MaskConfig:
                 raise ValueError(f"{name}: expected a fraction in (0, 1], got {value!r}")
         if not _is_real(self.compactness) or not 0.0 < self.compactness < math.inf:
             raise ValueError(f"compactness: expected a positive finite number, got {self.compactness!r}")
-        if self.cross_attention not in CROSS_ATTENTION_CHOICES:
-            raise ValueError(
-                f"cross_attention: expected one of {CROSS_ATTENTION_CHOICES}, got {self.cross_attention!r}"
-            )
+        for name, choices in (
+            ("cross_attention", CROSS_ATTENTION_CHOICES),
+            ("contrastive", CONTRASTIVE_CHOICES),
+            ("background", BACKGROUND_CHOICES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}: expected one of {choices}, got {getattr(self, name)!r}")
+        if not _is_real(self.background_threshold) or not 0.0 < self.background_threshold <= 100.0:
+            raise ValueError(f"background_threshold: expected a number in (0, 100], got {self.background_threshold!r}")
+        if not _is_real(self.fill_holes) or not 0.0 <= self.fill_holes < 0.5:
+            raise ValueError(f"fill_holes: expected a fraction in [0, 0.5), got {self.fill_holes!r}")
         _require_int("edge_width", self.edge_width, minimum=0)
         _require_int("slic_max_side", self.slic_max_side, minimum=16)
         if self.n_segments is not None:

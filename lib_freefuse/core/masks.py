@@ -8,18 +8,32 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .attention import edge_tokens, filter_attention_sinks, mean_attention_rows, self_attention_maps, subject_maps
+from .attention import (
+    attention_sinks,
+    contrastive_scores,
+    edge_tokens,
+    filter_attention_sinks,
+    mean_attention_rows,
+    self_attention_maps,
+    subject_maps,
+)
 from .config import MaskConfig
 from .superpixel import (
+    fill_holes,
     owner_to_pixel_masks,
     pixel_masks_to_tokens,
     resize_image,
     slic_scale,
     slic_segments,
+    token_owners,
     vote_superpixels,
 )
 
-__all__ = ["extract_masks", "subject_score_maps"]
+__all__ = ["BACKGROUND_SCALE", "background_score_map", "extract_masks", "subject_score_maps"]
+
+# Background "tokens": the factor of the background map in the vote. Planted background scene (tests/core): mean IoU
+# 0.94 at 2, 0.95 at 3 to 6; scenes without background unchanged at any of them.
+BACKGROUND_SCALE = 3.0
 
 
 def extract_masks(
@@ -29,23 +43,33 @@ def extract_masks(
     grid_hw: tuple[int, int],
     image: np.ndarray | torch.Tensor | None = None,
     config: MaskConfig = MaskConfig(),
+    background_tokens: Sequence[int] = (),
 ) -> torch.Tensor:
     """Subject masks of one image (Eq. 5-13).
 
     q, k: (H, L_txt + h*w, D) at the capture block, after QK-norm and RoPE, text tokens first.
     subject_tokens: one sequence of text-token positions per subject. grid_hw: (h, w), row-major.
     image: predicted x0 as (H_px, W_px, 3) RGB in [0, 1] (or uint8); needed when `config.superpixel_vote` is on.
-    Returns (L, h, w) float32 masks in [0, 1] on q's device, disjoint (sum over subjects <= 1).
+    background_tokens: text positions whose attention is the background (an end-of-text token, a background
+    phrase); used when `config.background` is "tokens", ignored otherwise.
+    Returns (L, h, w) float32 masks in [0, 1] on q's device, disjoint (sum over subjects <= 1; with a background
+    setting, the tokens that nobody owns are 0 in every mask).
     """
     n_text, groups = _check_inputs(q, k, subject_tokens, grid_hw, image, config)
+    background_rows = _check_background_tokens(background_tokens, n_text, config)
     h, w = grid_hw
     scores = subject_score_maps(q, k, groups, grid_hw, config, n_text=n_text)  # (L, N)
     maps = scores.view(-1, h, w)
+    background = None
+    if background_rows:
+        background = background_score_map(q, k, background_rows, grid_hw, config, n_text=n_text).view(h, w)
+    threshold = config.background_threshold if config.background == "threshold" else None
     if config.superpixel_vote:
-        masks = _vote_masks(maps, _as_image(image), grid_hw, config)
+        masks = _vote_masks(maps, _as_image(image), grid_hw, config, background, threshold)
     else:
         # Without voting each token goes to the subject with the largest score: the paper's "holes".
-        masks = owner_to_pixel_masks(maps.argmax(dim=0), maps.shape[0])
+        owner = _filled(token_owners(maps, background, threshold), config)
+        masks = owner_to_pixel_masks(owner, maps.shape[0])
     return masks.to(device=q.device, dtype=torch.float32)
 
 
@@ -59,32 +83,82 @@ def subject_score_maps(
     n_text: int,
 ) -> torch.Tensor:
     """Eq. 5-10 for validated input: per-subject score over the image tokens, (L, h*w) float32."""
-    k_img = k[:, n_text:]  # (H, N, D)
     used_rows = sorted({i for group in groups for i in group})
     row_of = {token: r for r, token in enumerate(used_rows)}
-    if config.cross_attention == "image_queries":
-        # softmax over the image tokens of q_img k_t^T: the words' keys against every image query, (R, N)
-        cross = mean_attention_rows(k[:, used_rows], q[:, n_text:])
-    else:
-        cross = mean_attention_rows(q[:, used_rows], k_img)  # Eq. 5: (R, N), rows of the subject tokens only
-    if config.sink_filter:
-        edge = edge_tokens(grid_hw, config.edge_width, device=cross.device)
-        cross = filter_attention_sinks(cross, edge, config.sink_top_fraction)  # Eq. 6-7
+    cross, sinks = _filtered_cross_rows(q, k, used_rows, grid_hw, config, n_text)  # Eq. 5-7: (R, N)
     maps = subject_maps(cross, [[row_of[t] for t in group] for group in groups])  # Eq. 8: (L, N)
     if config.self_attention:
-        maps = self_attention_maps(q[:, n_text:], k_img, maps, config.self_attention_top_fraction)  # Eq. 9-10
+        seed_scores = None
+        if config.contrastive != "off":
+            seed_scores = contrastive_scores(maps, config.contrastive)
+            if sinks is not None:
+                # A sink dropped from one subject's row but not from another's would have the largest contrast of all.
+                seed_scores = seed_scores.masked_fill(sinks.any(dim=0), -math.inf)
+        q_img, k_img = q[:, n_text:], k[:, n_text:]
+        maps = self_attention_maps(q_img, k_img, maps, config.self_attention_top_fraction, seed_scores)  # Eq. 9-10
     return maps
 
 
-def _vote_masks(maps: torch.Tensor, image: torch.Tensor, grid_hw: tuple[int, int], config: MaskConfig) -> torch.Tensor:
+def background_score_map(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rows: Sequence[int],
+    grid_hw: tuple[int, int],
+    config: MaskConfig,
+    *,
+    n_text: int,
+    scale: float = BACKGROUND_SCALE,
+) -> torch.Tensor:
+    """The background class of the vote, (h*w,) float32: where the background tokens' mean filtered cross-attention
+    (Eq. 5-8) exceeds its even share 1 / (h*w), the excess times `scale`; zero elsewhere.
+
+    Only the excess counts: an end-of-text token in a picture with no background spreads its attention evenly, and
+    that even share outweighs the weak parts of the subjects' maps (planted scenes without background: mean IoU
+    0.95-1.0 fell to 0.70-0.88 with the authors' unshifted map times 0.95). No self-attention step (Eq. 9-10): the
+    top 1% tokens would be one patch of the background, whose self-attention leaves out the rest of it."""
+    cross, _ = _filtered_cross_rows(q, k, sorted(set(rows)), grid_hw, config, n_text)
+    above_even = (cross.mean(dim=0) - 1.0 / cross.shape[1]).clamp_min_(0.0)
+    return above_even.mul_(scale)
+
+
+def _filtered_cross_rows(
+    q: torch.Tensor, k: torch.Tensor, rows: list[int], grid_hw: tuple[int, int], config: MaskConfig, n_text: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eq. 5-7 for the given text rows: (R, N) attention over the image tokens, and the sinks dropped (or None)."""
+    if config.cross_attention == "image_queries":
+        # softmax over the image tokens of q_img k_t^T: the words' keys against every image query, (R, N)
+        cross = mean_attention_rows(k[:, rows], q[:, n_text:])
+    else:
+        cross = mean_attention_rows(q[:, rows], k[:, n_text:])  # Eq. 5: (R, N), the given rows only
+    if not config.sink_filter:
+        return cross, None
+    edge = edge_tokens(grid_hw, config.edge_width, device=cross.device)
+    sinks = attention_sinks(cross, edge, config.sink_top_fraction)
+    return filter_attention_sinks(cross, edge, config.sink_top_fraction, sinks), sinks  # Eq. 6-7
+
+
+def _vote_masks(
+    maps: torch.Tensor,
+    image: torch.Tensor,
+    grid_hw: tuple[int, int],
+    config: MaskConfig,
+    background: torch.Tensor | None = None,
+    threshold: float | None = None,
+) -> torch.Tensor:
     """Eq. 11-13 on a copy of x0 whose every token is an s x s pixel block, then back to tokens."""
     h, w = grid_hw
     s = slic_scale(grid_hw, tuple(image.shape[:2]), config.slic_max_side)
     small = resize_image(image, (h * s, w * s))
     n_segments = config.n_segments or round(math.sqrt(image.shape[0] * image.shape[1]))
     segments = slic_segments(small, min(n_segments, small.shape[0] * small.shape[1]), config.compactness)
-    owner = vote_superpixels(maps, segments)
+    owner = _filled(vote_superpixels(maps, segments, background, threshold), config)
     return pixel_masks_to_tokens(owner_to_pixel_masks(owner, maps.shape[0]), grid_hw, soft=config.soft)
+
+
+def _filled(owner: torch.Tensor, config: MaskConfig) -> torch.Tensor:
+    """fill_holes at `config.fill_holes` of the owner map's area (unchanged when that is under one pixel)."""
+    min_size = math.floor(config.fill_holes * owner.numel())
+    return fill_holes(owner, min_size) if min_size >= 1 else owner
 
 
 def _as_image(image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -125,6 +199,22 @@ def _check_inputs(q, k, subject_tokens, grid_hw, image, config) -> tuple[int, li
     if config.superpixel_vote:
         _check_image(image, grid_hw)
     return n_text, groups
+
+
+def _check_background_tokens(background_tokens, n_text: int, config: MaskConfig) -> list[int]:
+    """The background rows to use: validated positions with background "tokens", nothing otherwise."""
+    if config.background != "tokens":
+        return []
+    if isinstance(background_tokens, torch.Tensor):
+        background_tokens = background_tokens.tolist()
+    if isinstance(background_tokens, (str, bytes)) or not isinstance(background_tokens, Sequence):
+        raise ValueError(f"background_tokens: expected a sequence of token positions, got {background_tokens!r}")
+    if len(background_tokens) == 0:
+        raise ValueError("background_tokens: background is 'tokens' but no background token positions were given")
+    for p in background_tokens:
+        if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= p < n_text:
+            raise ValueError(f"background_tokens: position {p!r} is outside the text tokens [0, {n_text})")
+    return [int(p) for p in background_tokens]
 
 
 def _check_subject_tokens(subject_tokens, n_text: int) -> list[list[int]]:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage  # installed with scikit-image, which is built on it
 from skimage.segmentation import slic
 
 
@@ -35,24 +36,101 @@ def slic_segments(image: torch.Tensor, n_segments: int, compactness: float) -> t
     return torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
 
 
-def vote_superpixels(maps: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+def vote_superpixels(
+    maps: torch.Tensor,
+    segments: torch.Tensor,
+    background: torch.Tensor | None = None,
+    threshold: float | None = None,
+) -> torch.Tensor:
     """Eq. 12-13: each superpixel goes to the subject with the largest summed upsampled score.
 
-    maps: (L, h, w) token-grid scores; segments: (H_px, W_px) labels -> (H_px, W_px) int64 owner index.
+    maps: (L, h, w) token-grid scores; segments: (H_px, W_px) labels -> (H_px, W_px) int64 owner index, where
+    index L means nobody (background). background: an (h, w) score map that competes as one more class.
+    threshold: a superpixel where every subject's mean score is below `threshold` times the even share 1 / (h * w)
+    goes to nobody (each map is a distribution over the tokens); the subjects' own contest is unchanged.
     """
+    n_subjects = maps.shape[0]
+    channels = maps if background is None else torch.cat([maps, background[None].to(maps)])
     size = tuple(segments.shape)
-    upsampled = F.interpolate(maps[None].float().cpu(), size=size, mode="bilinear", align_corners=False)[0]
+    upsampled = F.interpolate(channels[None].float().cpu(), size=size, mode="bilinear", align_corners=False)[0]
     labels = segments.reshape(-1)
     n_labels = int(labels.max()) + 1
-    scores = torch.zeros(maps.shape[0], n_labels, dtype=torch.float64)  # s_{l,j} of Eq. 12
-    scores.index_add_(1, labels, upsampled.reshape(maps.shape[0], -1).double())
+    scores = torch.zeros(channels.shape[0], n_labels, dtype=torch.float64)  # s_{l,j} of Eq. 12
+    scores.index_add_(1, labels, upsampled.reshape(channels.shape[0], -1).double())
     winner = scores.argmax(dim=0)  # l* of Eq. 13, per superpixel
+    if threshold is not None:
+        pixels = torch.bincount(labels, minlength=n_labels).double().clamp_min(1.0)
+        strength = scores[:n_subjects].amax(dim=0) / pixels * (maps.shape[1] * maps.shape[2])  # in units of 1/N
+        winner = torch.where(strength < threshold, n_subjects, winner)
     return winner[labels].view(size)
 
 
+def token_owners(
+    maps: torch.Tensor, background: torch.Tensor | None = None, threshold: float | None = None
+) -> torch.Tensor:
+    """vote_superpixels with every token its own superpixel: (L, h, w) -> (h, w) int64, index L = nobody."""
+    n_subjects = maps.shape[0]
+    channels = maps if background is None else torch.cat([maps, background[None].to(maps)])
+    winner = channels.argmax(dim=0)
+    if threshold is not None:
+        strength = maps.amax(dim=0).double().cpu() * (maps.shape[1] * maps.shape[2])  # in units of 1/N
+        winner = torch.where(strength < threshold, n_subjects, winner.cpu())
+    return winner.cpu()
+
+
+def fill_holes(owner: torch.Tensor, min_size: int, max_passes: int = 4) -> torch.Tensor:
+    """Each connected piece (4-neighbour) of one owner smaller than `min_size` pixels goes to the owner that most of
+    the pixels touching it have (ties: the lowest index), smallest piece first (ties: the one whose first pixel comes
+    first in row-major order). owner: (H, W) int64 -> (H, W) int64.
+
+    A pass relabels the pieces once; merging can leave new small pieces behind (an island inside an island), so
+    passes repeat until nothing changes, at most `max_passes` times.
+    """
+    result = owner.numpy().copy()
+    height, width = result.shape
+    for _ in range(max_passes):
+        pieces, count = _pieces(result)
+        sizes = np.bincount(pieces.ravel(), minlength=count + 1)
+        small = np.flatnonzero(sizes[1:] < min_size) + 1
+        if small.size == 0:
+            break
+        first_pixel = np.unique(pieces.ravel(), return_index=True)[1]  # per label 1..count, in label order
+        boxes = ndimage.find_objects(pieces)
+        changed = False
+        for piece in small[np.lexsort((first_pixel[small - 1], sizes[small]))]:  # smallest first, then scan order
+            rows, cols = boxes[piece - 1]
+            r0, r1 = max(rows.start - 1, 0), min(rows.stop + 1, height)
+            c0, c1 = max(cols.start - 1, 0), min(cols.stop + 1, width)
+            inside = pieces[r0:r1, c0:c1] == piece
+            ring = ndimage.binary_dilation(inside, structure=_CROSS) & ~inside
+            window = result[r0:r1, c0:c1]
+            neighbours = window[ring]
+            neighbours = neighbours[neighbours != window[inside][0]]  # pieces merged earlier may share the owner
+            if neighbours.size:
+                window[inside] = np.bincount(neighbours).argmax()
+                changed = True
+        if not changed:
+            break
+    return torch.from_numpy(result)
+
+
+_CROSS = ndimage.generate_binary_structure(2, 1)
+
+
+def _pieces(owner: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected pieces of equal owner: (H, W) labels 1..count."""
+    pieces = np.zeros(owner.shape, dtype=np.int64)
+    count = 0
+    for value in np.unique(owner):
+        labelled, found = ndimage.label(owner == value, structure=_CROSS)
+        pieces[labelled > 0] = labelled[labelled > 0] + count
+        count += found
+    return pieces, count
+
+
 def owner_to_pixel_masks(owner: torch.Tensor, n_subjects: int) -> torch.Tensor:
-    """F_l of Eq. 13: (H, W) owner indices -> (L, H, W) float32 0/1 masks."""
-    return F.one_hot(owner, n_subjects).permute(2, 0, 1).float()
+    """F_l of Eq. 13: (H, W) owner indices (index n_subjects = nobody) -> (L, H, W) float32 0/1 masks."""
+    return F.one_hot(owner, n_subjects + 1)[..., :n_subjects].permute(2, 0, 1).float()
 
 
 def pixel_masks_to_tokens(pixel_masks: torch.Tensor, grid_hw: tuple[int, int], soft: bool = False) -> torch.Tensor:

@@ -14,14 +14,15 @@ import torch
 
 from lib_freefuse.core import MaskConfig
 from lib_freefuse.core.attention import (
+    contrastive_scores,
     edge_tokens,
     filter_attention_sinks,
     mean_attention_rows,
     self_attention_maps,
     subject_maps,
 )
-from lib_freefuse.core.masks import subject_score_maps
-from lib_freefuse.core.superpixel import vote_superpixels
+from lib_freefuse.core.masks import BACKGROUND_SCALE, background_score_map, subject_score_maps
+from lib_freefuse.core.superpixel import fill_holes, token_owners, vote_superpixels
 
 pytestmark = pytest.mark.core
 
@@ -52,6 +53,17 @@ def naive_softmax_rows(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def naive_edge(grid_hw: tuple[int, int], width: int) -> torch.Tensor:
     h, w = grid_hw
     return torch.tensor([min(r, c, h - 1 - r, w - 1 - c) < width for r in range(h) for c in range(w)])
+
+
+def naive_sinks(rows: torch.Tensor, edge: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Eq. 6 row by row: the values >= the row's k-th largest that lie on the edge, (R, N) bool."""
+    k = math.floor(rows.shape[1] * fraction)
+    out = torch.zeros(rows.shape, dtype=torch.bool)
+    for i in range(rows.shape[0]):
+        if k:
+            tau = sorted(rows[i].tolist(), reverse=True)[k - 1]
+            out[i] = torch.tensor([float(a) >= tau and bool(e) for a, e in zip(rows[i], edge, strict=True)])
+    return out
 
 
 def naive_sink_filter(rows: torch.Tensor, edge: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -164,24 +176,93 @@ def test_eq9_10_self_attention_maps_match_full_matrix(qk, fraction):
         MaskConfig(edge_width=2, sink_top_fraction=0.1, self_attention_top_fraction=0.05),
         MaskConfig(cross_attention="image_queries"),
         MaskConfig(cross_attention="image_queries", sink_filter=False, self_attention=False),
+        MaskConfig(contrastive="strongest", sink_top_fraction=0.05, self_attention_top_fraction=0.05),
+        MaskConfig(contrastive="authors", sink_top_fraction=0.05, self_attention_top_fraction=0.05),
+        MaskConfig(contrastive="strongest", sink_filter=False),
+        MaskConfig(contrastive="authors", cross_attention="image_queries"),
+        MaskConfig(contrastive="strongest", self_attention=False),
     ],
 )
 def test_eq5_to_10_score_maps_match_naive_pipeline(qk, config):
-    q, k = qk
-    groups = [[0, 2], [5], [7, 8, 11]]
+    got = subject_score_maps(*qk, GROUPS, GRID, config, n_text=N_TEXT)
+    torch.testing.assert_close(got.double(), naive_score_maps(*qk, config), atol=1e-6, rtol=1e-5)
+
+
+GROUPS = [[0, 2], [5], [7, 8, 11]]
+
+
+def naive_score_maps(q, k, config: MaskConfig, skip_sinks: bool = True) -> torch.Tensor:
+    """Eq. 5-10 with full matrices; contrastive seeds as defined in config.py, sinks of any subject row skipped."""
     if config.cross_attention == "image_queries":
         cross = naive_image_query_columns(q[:, N_TEXT:], k[:, :N_TEXT])
     else:
         cross = naive_softmax_rows(q[:, :N_TEXT], k[:, N_TEXT:])
+    sink_any = torch.zeros(N_IMG, dtype=torch.bool)
     if config.sink_filter:
-        cross = naive_sink_filter(cross, naive_edge(GRID, config.edge_width), config.sink_top_fraction)
-    maps = torch.stack([cross[g].mean(dim=0) for g in groups])
-    if config.self_attention:
-        a_self = naive_softmax_rows(q[:, N_TEXT:], k[:, N_TEXT:])
-        top = max(1, math.floor(N_IMG * config.self_attention_top_fraction))
-        maps = torch.stack([a_self[m.argsort(descending=True)[:top]].mean(dim=0) for m in maps])
-    got = subject_score_maps(q, k, groups, GRID, config, n_text=N_TEXT)
-    torch.testing.assert_close(got.double(), maps, atol=1e-6, rtol=1e-5)
+        edge = naive_edge(GRID, config.edge_width)
+        subject_rows = sorted({i for g in GROUPS for i in g})
+        sink_any = naive_sinks(cross[subject_rows], edge, config.sink_top_fraction).any(dim=0)
+        cross = naive_sink_filter(cross, edge, config.sink_top_fraction)
+    maps = torch.stack([cross[g].mean(dim=0) for g in GROUPS])
+    if not config.self_attention:
+        return maps
+    seeds_by = maps
+    if config.contrastive != "off":
+        seeds_by = torch.stack([naive_contrast(maps, l, config.contrastive) for l in range(len(GROUPS))])
+        if skip_sinks:
+            seeds_by = seeds_by.masked_fill(sink_any, -math.inf)
+    a_self = naive_softmax_rows(q[:, N_TEXT:], k[:, N_TEXT:])
+    top = max(1, math.floor(N_IMG * config.self_attention_top_fraction))
+    return torch.stack([a_self[s.argsort(descending=True, stable=True)[:top]].mean(dim=0) for s in seeds_by])
+
+
+def naive_contrast(maps: torch.Tensor, l: int, rule: str) -> torch.Tensor:
+    """One subject's contrastive score, token by token, from the definitions in config.py."""
+    out = torch.zeros(maps.shape[1], dtype=maps.dtype)
+    for j in range(maps.shape[1]):
+        others = [float(maps[m, j]) for m in range(maps.shape[0]) if m != l]
+        if not others:
+            out[j] = maps[l, j]
+        elif rule == "strongest":
+            out[j] = maps[l, j] - max(others)
+        else:
+            out[j] = maps.shape[0] * maps[l, j] - sum(others)
+    return out
+
+
+@pytest.mark.parametrize("rule", ["strongest", "authors"])
+@pytest.mark.parametrize("n_subjects", [1, 2, 4])
+def test_contrastive_scores_match_their_definition(rule, n_subjects):
+    maps = torch.rand(n_subjects, 50, generator=torch.Generator().manual_seed(n_subjects))
+    maps[:, 7] = 0.5  # a token where every subject ties
+    expected = torch.stack([naive_contrast(maps, l, rule) for l in range(n_subjects)])
+    torch.testing.assert_close(contrastive_scores(maps, rule), expected)
+
+
+def test_contrastive_seeds_skip_sinks_that_the_test_config_really_meets(qk):
+    """The sink rule of the contrastive seeds is exercised above: without it the seeds and the maps differ."""
+    config = MaskConfig(contrastive="strongest", sink_top_fraction=0.05, self_attention_top_fraction=0.05)
+    with_rule, without_rule = naive_score_maps(*qk, config), naive_score_maps(*qk, config, skip_sinks=False)
+    assert not torch.allclose(with_rule, without_rule, atol=1e-4)
+
+
+@pytest.mark.parametrize("cross_attention", ["text_queries", "image_queries"])
+@pytest.mark.parametrize("sink_filter", [True, False])
+def test_background_map_is_the_background_rows_excess_over_the_even_share(qk, cross_attention, sink_filter):
+    q, k = qk
+    config = MaskConfig(background="tokens", cross_attention=cross_attention, sink_filter=sink_filter)
+    rows = [10, 3]
+    if cross_attention == "image_queries":
+        cross = naive_image_query_columns(q[:, N_TEXT:], k[:, :N_TEXT])
+    else:
+        cross = naive_softmax_rows(q[:, :N_TEXT], k[:, N_TEXT:])
+    if sink_filter:
+        cross = naive_sink_filter(cross, naive_edge(GRID, 1), config.sink_top_fraction)
+    mean = cross[rows].mean(dim=0)
+    expected = torch.tensor([max(0.0, float(v) - 1.0 / N_IMG) * BACKGROUND_SCALE for v in mean], dtype=torch.float64)
+    got = background_score_map(q, k, rows, GRID, config, n_text=N_TEXT)
+    assert got.shape == (N_IMG,) and bool((got >= 0).all()) and bool((got == 0).any())
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-5)
 
 
 def naive_image_query_columns(q_img: torch.Tensor, k_txt: torch.Tensor) -> torch.Tensor:
@@ -207,12 +288,127 @@ def naive_vote(maps: torch.Tensor, segments: np.ndarray) -> np.ndarray:
     return owner
 
 
+def naive_vote_with_background(maps, segments, background=None, threshold=None) -> np.ndarray:
+    """Eq. 12-13 per superpixel with a background class: the background map competes as class L; with a threshold, a
+    superpixel whose every subject's mean upsampled score is below threshold / (h * w) goes to class L."""
+    n_subjects, h, w = maps.shape
+    channels = maps if background is None else torch.cat([maps, background[None]])
+    up = torch.nn.functional.interpolate(channels[None].double(), size=segments.shape, mode="bilinear")[0].numpy()
+    owner = np.zeros(segments.shape, dtype=np.int64)
+    for label in np.unique(segments):
+        region = segments == label
+        sums = [up[c][region].sum() for c in range(channels.shape[0])]
+        winner = int(np.argmax(sums))
+        if threshold is not None and max(sums[:n_subjects]) / region.sum() < threshold / (h * w):
+            winner = n_subjects
+        owner[region] = winner
+    return owner
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5, 1.0])
+@pytest.mark.parametrize("with_background", [False, True])
+def test_vote_with_background_matches_naive(threshold, with_background):
+    rng = np.random.default_rng(3)
+    maps = torch.from_numpy(rng.random((3, 6, 8)) ** 6 / 7).float()  # skewed: some superpixels below 1/N
+    background = torch.from_numpy(rng.random((6, 8)) / 30).float() if with_background else None
+    segments = np.kron(rng.permutation(48).reshape(6, 8), np.ones((4, 4), dtype=np.int64))  # one per token ...
+    segments[rng.random(segments.shape) < 0.2] = 7  # ... and one scattered superpixel
+    got = vote_superpixels(maps, torch.from_numpy(segments), background, threshold).numpy()
+    expected = naive_vote_with_background(maps, segments, background, threshold)
+    assert np.array_equal(got, expected)
+    if with_background or threshold:
+        assert 3 in set(got.ravel().tolist()), "the case must give some superpixel to the background"
+
+
+@pytest.mark.parametrize("threshold", [None, 0.8])
+def test_token_owners_match_naive(threshold):
+    rng = np.random.default_rng(4)
+    maps = torch.from_numpy(rng.random((2, 5, 7)) / 20).float()
+    background = torch.from_numpy(rng.random((5, 7)) / 30).float()
+    got = token_owners(maps, background, threshold)
+    for r in range(5):
+        for c in range(7):
+            scores = [float(maps[0, r, c]), float(maps[1, r, c]), float(background[r, c])]
+            want = int(np.argmax(scores))
+            if threshold is not None and max(scores[:2]) < threshold / 35:
+                want = 2
+            assert int(got[r, c]) == want
+
+
 def test_eq11_13_vote_matches_naive():
     rng = np.random.default_rng(0)
     maps = torch.from_numpy(rng.random((3, 6, 8))).float()
     segments = rng.integers(0, 20, size=(24, 32))
     got = vote_superpixels(maps, torch.from_numpy(segments))
     assert np.array_equal(got.numpy(), naive_vote(maps, segments))
+
+
+def naive_fill_holes(owner: np.ndarray, min_size: int, max_passes: int = 4) -> np.ndarray:
+    """fill_holes with a flood fill: every pass finds the 4-connected pieces, then, smallest first (ties in scan
+    order of their first pixel), gives each piece under min_size pixels to the owner most common among the pixels
+    that touch it (each counted once; ties to the lowest owner)."""
+    owner = owner.copy()
+    h, w = owner.shape
+    for _ in range(max_passes):
+        seen = np.zeros((h, w), dtype=bool)
+        pieces = []
+        for r in range(h):
+            for c in range(w):
+                if seen[r, c]:
+                    continue
+                stack, piece = [(r, c)], []
+                seen[r, c] = True
+                while stack:
+                    y, x = stack.pop()
+                    piece.append((y, x))
+                    for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                        if 0 <= ny < h and 0 <= nx < w and not seen[ny, nx] and owner[ny, nx] == owner[r, c]:
+                            seen[ny, nx] = True
+                            stack.append((ny, nx))
+                pieces.append(piece)
+        changed = False
+        for piece in sorted((p for p in pieces if len(p) < min_size), key=len):
+            inside = set(piece)
+            own = owner[piece[0]]
+            ring = {
+                n
+                for y, x in piece
+                for n in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1))
+                if 0 <= n[0] < h and 0 <= n[1] < w and n not in inside
+            }
+            around = [owner[n] for n in ring if owner[n] != own]
+            if around:
+                counts = np.bincount(around)
+                for pixel in piece:
+                    owner[pixel] = int(np.argmax(counts))
+                changed = True
+        if not changed:
+            break
+    return owner
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("min_size", [2, 5, 12])
+def test_fill_holes_matches_naive(seed, min_size):
+    rng = np.random.default_rng(seed)
+    owner = rng.choice(3, size=(14, 17), p=[0.6, 0.3, 0.1])
+    got = fill_holes(torch.from_numpy(owner), min_size).numpy()
+    assert np.array_equal(got, naive_fill_holes(owner, min_size))
+
+
+def test_fill_holes_closes_small_islands_and_keeps_large_ones():
+    owner = np.zeros((12, 12), dtype=np.int64)
+    owner[:, 6:] = 1
+    owner[2:4, 2:4] = 1  # a hole of 4 pixels in subject 0
+    owner[8:11, 8:11] = 2  # a 9-pixel piece of background inside subject 1, with ...
+    owner[9, 9] = 0  # ... a 1-pixel island inside it
+    got = fill_holes(torch.from_numpy(owner), min_size=5).numpy()
+    expected = np.zeros((12, 12), dtype=np.int64)
+    expected[:, 6:] = 1
+    expected[8:11, 8:11] = 2
+    assert np.array_equal(got, expected)
+    assert np.array_equal(fill_holes(torch.from_numpy(owner), min_size=10).numpy()[8:11, 8:11], np.ones((3, 3)))
+    assert np.array_equal(fill_holes(torch.from_numpy(owner), min_size=1).numpy(), owner)
 
 
 def test_eq11_13_each_superpixel_has_one_owner():

@@ -162,6 +162,15 @@ def test_bad_config_type_names_config():
         ("slic_max_side", 8),
         ("soft", None),
         ("cross_attention", "image_keys"),
+        ("contrastive", "on"),
+        ("contrastive", True),
+        ("background", "eos"),
+        ("background_threshold", 0.0),
+        ("background_threshold", 101.0),
+        ("background_threshold", float("nan")),
+        ("fill_holes", -0.01),
+        ("fill_holes", 0.5),
+        ("fill_holes", "0.01"),
     ],
 )
 def test_bad_config_value_names_the_field(field, value):
@@ -182,6 +191,84 @@ def test_config_defaults_follow_algorithm_md():
         "slic_max_side": 512,
         "soft": False,
         "cross_attention": "text_queries",
+        # options beyond the paper, off by default
+        "contrastive": "off",
+        "background": "off",
+        "background_threshold": 0.5,
+        "fill_holes": 0.0,
     }
     with pytest.raises(dataclasses.FrozenInstanceError):
         MaskConfig().soft = True  # type: ignore[misc]
+
+
+BEYOND_THE_PAPER = [
+    MaskConfig(contrastive="strongest"),
+    MaskConfig(contrastive="authors", superpixel_vote=False),
+    MaskConfig(fill_holes=0.05),
+    MaskConfig(fill_holes=0.05, superpixel_vote=False, soft=True),
+    MaskConfig(background="tokens"),
+    MaskConfig(background="tokens", superpixel_vote=False),
+    MaskConfig(background="threshold", background_threshold=0.9),
+    MaskConfig(background="threshold", background_threshold=0.9, soft=True, fill_holes=0.05),
+]
+
+
+@pytest.mark.parametrize("config", BEYOND_THE_PAPER, ids=repr)
+def test_output_contract_with_the_options_beyond_the_paper(config):
+    masks = extract_masks(**inputs(), config=config, background_tokens=[6])
+    assert masks.shape == (2, *GRID) and masks.dtype == torch.float32
+    assert masks.min() >= 0 and masks.max() <= 1 and torch.all(masks.sum(dim=0) <= 1 + 1e-6)
+    if config.background == "off":  # the subjects share the whole image, as the paper's vote does
+        torch.testing.assert_close(masks.sum(dim=0), torch.ones(GRID))
+    if not config.soft:
+        assert set(masks.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_background_leaves_part_of_the_image_to_nobody_and_the_rest_as_before():
+    """A background token that attends to the image's bottom rows takes them from both subjects."""
+    args = inputs(1)
+    n_img = GRID[0] * GRID[1]
+    bottom = torch.zeros(n_img, dtype=torch.bool)
+    bottom[-2 * GRID[1] :] = True
+    args["k"] = args["k"].clone()
+    args["q"] = args["q"].clone()
+    direction = torch.nn.functional.normalize(torch.randn(DIM, generator=torch.Generator().manual_seed(9)), dim=0)
+    args["k"][:, N_TEXT:][:, bottom] = 8 * direction  # the bottom rows' keys are one direction ...
+    args["q"][:, 6] = 4 * direction  # ... that the background token's query points along: logit 8 there
+    paper = extract_masks(**args, config=MaskConfig(superpixel_vote=False))
+    masks = extract_masks(**args, config=MaskConfig(superpixel_vote=False, background="tokens"), background_tokens=[6])
+    nobody = masks.sum(dim=0) == 0
+    assert bool(nobody.reshape(-1)[bottom].all()) and not bool(nobody.reshape(-1)[~bottom].any())
+    assert torch.equal(masks[:, ~nobody], paper[:, ~nobody])
+
+
+def test_background_tokens_are_ignored_unless_asked_for():
+    args = inputs(2)
+    assert torch.equal(extract_masks(**args, background_tokens=[6]), extract_masks(**args))
+    assert torch.equal(extract_masks(**args, background_tokens="junk"), extract_masks(**args))
+
+
+@pytest.mark.parametrize(
+    "tokens", [(), [N_TEXT], [-1], [1.5], "eos", None], ids=["none", "image-token", "negative", "float", "str", "None"]
+)
+def test_bad_background_tokens_name_the_argument(tokens):
+    with pytest.raises(ValueError, match="^background_tokens:"):
+        extract_masks(**inputs(), config=MaskConfig(background="tokens"), background_tokens=tokens)
+
+
+def test_fill_holes_absorbs_a_subject_island_into_its_surround():
+    """Without the vote, a token that the other subject wins alone inside a subject's area is a hole."""
+    args = inputs(3)
+    paper = extract_masks(**args, config=MaskConfig(superpixel_vote=False))
+    filled = extract_masks(**args, config=MaskConfig(superpixel_vote=False, fill_holes=2.5 / (GRID[0] * GRID[1])))
+    owner_paper, owner_filled = paper.argmax(dim=0).numpy(), filled.argmax(dim=0).numpy()
+    from scipy import ndimage
+
+    def pieces(owner):
+        return sum(ndimage.label(owner == value)[1] for value in (0, 1))
+
+    def single_token_pieces(owner):
+        return sum(int((np.bincount(ndimage.label(owner == v)[0].ravel())[1:] == 1).sum()) for v in (0, 1))
+
+    assert single_token_pieces(owner_paper) > 0, "the case needs a one-token hole"
+    assert single_token_pieces(owner_filled) == 0 and pieces(owner_filled) < pieces(owner_paper)

@@ -73,6 +73,7 @@ class Words:
     core: float = 2.0  # extra logit on the region's core
     others: float = 0.0  # logit on every token of the other subjects' regions (cross-intrusion)
     sink: float = 7.0  # extra logit on every sink token
+    others_core: float = 0.0  # extra logit on the other subjects' cores: the words leak onto the other "face"
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class Scene:
     subject_tokens: tuple[tuple[int, ...], ...]  # text positions of each subject's activation words
     image: np.ndarray  # (h * ppt, w * ppt, 3) float64 RGB in [0, 1]: the photo collage
     sinks: tuple[int, ...] = ()  # image-token indices (row-major) of the attention sinks
+    background_tokens: tuple[int, ...] = ()  # text positions of the planted end-of-text token, if any
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -116,7 +118,7 @@ class Scene:
         return len(self.subject_tokens)
 
     def planted_masks(self) -> torch.Tensor:
-        """(L, h, w) bool: the planted region of each subject."""
+        """(L, h, w) bool: the planted region of each subject (labels >= L are unclaimed: background, props)."""
         labels = torch.from_numpy(self.regions)
         return torch.stack([labels == subject for subject in range(self.n_subjects)])
 
@@ -196,55 +198,70 @@ def build_scene(
     recipe: Recipe = Recipe(),
     sinks: Sequence[int] | None = None,
     photos: Sequence[str] = PHOTOS,
+    subjects: int | None = None,
+    end_of_text: Words | None = None,
 ) -> Scene:
-    """Plant `regions` (h, w) with one subject per label; `sinks` defaults to 3 random border tokens."""
+    """Plant `regions` (h, w); `sinks` defaults to 3 random border tokens.
+
+    Labels 0..subjects-1 are the subjects (default: every label); higher labels are unclaimed regions that no
+    subject's words point at: label `subjects` is the background, higher ones are objects (a prop, a third person)
+    that only the filler words mix in. `end_of_text`: plant an end-of-text token after the words whose logit is
+    `region` on the background, `others` on the subjects' regions and 0 on the objects (the authors' later code
+    takes this token's attention as the background).
+    """
     regions = np.ascontiguousarray(regions, dtype=np.int64)
-    n_subjects = int(regions.max()) + 1
+    n_labels = int(regions.max()) + 1
+    n_subjects = n_labels if subjects is None else subjects
     words = list(words) if words is not None else [Words()] * n_subjects
-    if len(words) != n_subjects or sorted(np.unique(regions)) != list(range(n_subjects)):
+    if (
+        len(words) != n_subjects
+        or not 1 <= n_subjects <= n_labels
+        or sorted(np.unique(regions)) != list(range(n_labels))
+    ):
         raise ValueError("regions must use labels 0..L-1 and words must have one entry per subject")
     rng = np.random.default_rng(seed)
     if sinks is None:
         sinks = rng.choice(edge_positions(regions), size=3, replace=False)
     sinks = tuple(sorted(int(s) for s in sinks))
-    basis = _Basis(n_subjects, recipe.head_dim)
+    basis = _Basis(n_labels, recipe.head_dim)
     image_queries, image_keys = _image_queries_keys(regions, sinks, recipe, basis, rng)  # (N, D) each
     subject_tokens = _text_layout(words, recipe.n_text)
-    text_queries = _text_queries(words, subject_tokens, recipe, basis, rng)  # (L_txt, D)
+    background_tokens = _end_of_text_layout(subject_tokens, end_of_text, recipe.n_text)
+    text_queries = _text_queries(words, subject_tokens, recipe, basis, rng, end_of_text, background_tokens)
     text_keys = rng.normal(size=(recipe.n_text, recipe.head_dim)) / math.sqrt(recipe.head_dim)
     q = np.concatenate([text_queries, image_queries])
     k = np.concatenate([text_keys, image_keys])
     q_heads, k_heads = _heads(q, k, recipe, seed)
     image = collage(regions, recipe.pixels_per_token, photos)
-    return Scene(name, regions, q_heads, k_heads, subject_tokens, image, sinks)
+    return Scene(name, regions, q_heads, k_heads, subject_tokens, image, sinks, background_tokens)
 
 
 @dataclass(frozen=True)
 class _Basis:
-    """Coordinates of the feature space: region embeddings (coordinate l for subject l), core directions,
+    """Coordinates of the feature space: region embeddings (coordinate l for label l), core directions,
     sink, position, then free coordinates for noise."""
 
-    n_subjects: int
+    n_labels: int
     dim: int
 
     def __post_init__(self) -> None:
         if self.free_start >= self.dim:
-            raise ValueError(f"head_dim {self.dim} is too small for {self.n_subjects} subjects")
+            raise ValueError(f"head_dim {self.dim} is too small for {self.n_labels} regions")
 
-    def core(self, subject: int) -> int:
-        return self.n_subjects + subject
+    def core(self, label: int) -> int:
+        return self.n_labels + label
 
     @property
     def sink(self) -> int:
-        return 2 * self.n_subjects
+        return 2 * self.n_labels
 
     @property
     def position(self) -> slice:
-        return slice(2 * self.n_subjects + 1, 2 * self.n_subjects + 5)
+        return slice(2 * self.n_labels + 1, 2 * self.n_labels + 5)
 
     @property
     def free_start(self) -> int:
-        return 2 * self.n_subjects + 5
+        return 2 * self.n_labels + 5
 
     def unit(self, index: int) -> np.ndarray:
         vector = np.zeros(self.dim)
@@ -269,9 +286,9 @@ def _image_features(regions: np.ndarray, recipe: Recipe, basis: _Basis, rng: np.
     features = np.zeros((h * w, basis.dim))
     features[np.arange(h * w), labels] = 1.0  # e_r
     core_size = max(2, round(recipe.core_fraction * h * w))
-    for subject in range(basis.n_subjects):
-        core = _core_mask(regions, subject, core_size).reshape(-1)
-        features[core, basis.core(subject)] = recipe.core_strength
+    for label in range(basis.n_labels):
+        core = _core_mask(regions, label, core_size).reshape(-1)
+        features[core, basis.core(label)] = recipe.core_strength
     rows, cols = np.mgrid[0:h, 0:w]
     angles = (np.pi * rows.reshape(-1) / max(h - 1, 1), np.pi * cols.reshape(-1) / max(w - 1, 1))
     waves = np.stack([np.cos(angles[0]), np.sin(angles[0]), np.cos(angles[1]), np.sin(angles[1])], axis=1)
@@ -288,7 +305,7 @@ def _image_queries_keys(
     features = _image_features(regions, recipe, basis, rng)
     queries = recipe.self_gain * features
     keys = features.copy()
-    keys[:, : basis.n_subjects] += recipe.confusion * rng.normal(size=(features.shape[0], basis.n_subjects))
+    keys[:, : basis.n_labels] += recipe.confusion * rng.normal(size=(features.shape[0], basis.n_labels))
     sink = basis.unit(basis.sink)
     keys[list(sinks)] += recipe.sink_key * sink
     queries[list(sinks)] += recipe.sink_self / recipe.sink_key * sink
@@ -307,28 +324,51 @@ def _text_layout(words: Sequence[Words], n_text: int) -> tuple[tuple[int, ...], 
     return tuple(positions)
 
 
+def _end_of_text_layout(
+    subject_tokens: Sequence[Sequence[int]], end_of_text: Words | None, n_text: int
+) -> tuple[int, ...]:
+    """Positions of the end-of-text token(s): right after the last subject's words and its 2 fillers."""
+    if end_of_text is None:
+        return ()
+    start = subject_tokens[-1][-1] + 3
+    if start + end_of_text.count > n_text:
+        raise ValueError(f"n_text {n_text} is too short for the end-of-text token")
+    return tuple(range(start, start + end_of_text.count))
+
+
 def _text_queries(
     words: Sequence[Words],
     subject_tokens: Sequence[Sequence[int]],
     recipe: Recipe,
     basis: _Basis,
     rng: np.random.Generator,
+    end_of_text: Words | None = None,
+    background_tokens: Sequence[int] = (),
 ) -> np.ndarray:
-    """(L_txt, D) text queries: subject words as in the module docstring, fillers on random region mixes."""
-    n_subjects = basis.n_subjects
+    """(L_txt, D) text queries: subject words as in the module docstring, fillers on random region mixes, and the
+    end-of-text token on the unclaimed regions."""
+    n_labels, n_subjects = basis.n_labels, len(words)
     queries = np.zeros((recipe.n_text, basis.dim))
-    mixes = rng.dirichlet(np.ones(n_subjects), size=recipe.n_text)  # fillers: a random mix of the regions
-    queries[:, :n_subjects] = 3.0 * mixes
+    mixes = rng.dirichlet(np.ones(n_labels), size=recipe.n_text)  # fillers: a random mix of the regions
+    queries[:, :n_labels] = 3.0 * mixes
     queries[:, basis.sink] = Words().sink / recipe.sink_key
     queries[:, basis.free_start :] = rng.normal(size=(recipe.n_text, basis.dim - basis.free_start))
     for subject, (subject_words, positions) in enumerate(zip(words, subject_tokens, strict=True)):
-        query = np.full(n_subjects, subject_words.others)
-        query[subject] = subject_words.region
+        others = [m for m in range(n_subjects) if m != subject]
         for position in positions:
             queries[position] = 0.0
-            queries[position, :n_subjects] = query
+            queries[position, others] = subject_words.others
+            queries[position, subject] = subject_words.region
             queries[position, basis.core(subject)] = subject_words.core / recipe.core_strength
+            queries[position, [basis.core(m) for m in others]] = subject_words.others_core / recipe.core_strength
             queries[position, basis.sink] = subject_words.sink / recipe.sink_key
+    if end_of_text is not None:
+        for position in background_tokens:
+            queries[position] = 0.0
+            queries[position, :n_subjects] = end_of_text.others
+            if n_subjects < n_labels:  # a scene without background leaves the end-of-text token nothing of its own
+                queries[position, n_subjects] = end_of_text.region
+            queries[position, basis.sink] = end_of_text.sink / recipe.sink_key
     queries += recipe.text_noise * rng.normal(size=queries.shape)
     return queries
 
@@ -389,15 +429,16 @@ def collage(regions: np.ndarray, pixels_per_token: int, photos: Sequence[str] = 
 
 def _geometry(
     name: str, make: Callable[[int, int], np.ndarray], hw: tuple[int, int], pixels_per_token: int = 8
-) -> Callable[[int], Scene]:
-    def scene(seed: int) -> Scene:
-        return build_scene(name, make(*hw), seed, recipe=Recipe(pixels_per_token=pixels_per_token))
+) -> Callable[..., Scene]:
+    def scene(seed: int, end_of_text: Words | None = None) -> Scene:
+        recipe = Recipe(pixels_per_token=pixels_per_token)
+        return build_scene(name, make(*hw), seed, recipe=recipe, end_of_text=end_of_text)
 
     scene.__doc__ = f"{make.__doc__} On a {hw[0]}x{hw[1]} token grid at {pixels_per_token} px per token, default words."
     return scene
 
 
-GEOMETRY_SCENES: dict[str, Callable[[int], Scene]] = {
+GEOMETRY_SCENES: dict[str, Callable[..., Scene]] = {
     "left_right": _geometry("left_right", left_right, (24, 24)),
     "top_bottom": _geometry("top_bottom", top_bottom, (24, 24), pixels_per_token=16),
     "diagonal": _geometry("diagonal", diagonal, (28, 28)),
@@ -408,7 +449,7 @@ GEOMETRY_SCENES: dict[str, Callable[[int], Scene]] = {
 }
 
 
-def sink_scene(seed: int) -> Scene:
+def sink_scene(seed: int, end_of_text: Words | None = None) -> Scene:
     """Left/right split whose subject 0 over-focuses on sinks that lie in subject 1's region.
 
     There are exactly k = floor(N * 0.01) sinks (Eq. 6's k, also Eq. 9's |T|), all on subject 1's border.
@@ -425,10 +466,10 @@ def sink_scene(seed: int) -> Scene:
     n_sinks = math.floor(regions.size * 0.01)
     sinks = rng.choice(edge_positions(regions, subject=1), size=n_sinks, replace=False)
     words = [Words(sink=11.0), Words(sink=1.5)]
-    return build_scene("sink", regions, seed, words, sinks=sinks)
+    return build_scene("sink", regions, seed, words, sinks=sinks, end_of_text=end_of_text)
 
 
-def intrusion_scene(seed: int) -> Scene:
+def intrusion_scene(seed: int, end_of_text: Words | None = None) -> Scene:
     """Left/right split where subject 0's cross-attention spreads over subject 1's region.
 
     Subject 0's words peak on its core (its "face") but give subject 1's region the same logit as their own
@@ -439,10 +480,10 @@ def intrusion_scene(seed: int) -> Scene:
     of each map still lie in the right cores, and their self-attention rows stay inside their own regions.
     """
     words = [Words(region=3.0, core=3.0, others=3.0), Words(region=0.3, core=4.5)]
-    return build_scene("intrusion", left_right(24, 24), seed, words)
+    return build_scene("intrusion", left_right(24, 24), seed, words, end_of_text=end_of_text)
 
 
-def holes_scene(seed: int) -> Scene:
+def holes_scene(seed: int, end_of_text: Words | None = None) -> Scene:
     """Left/right split whose image keys carry strong per-token "confusion" noise along the region embeddings.
 
     The noise is in the keys, hence in every map (cross- and self-attention) at that token. A token whose
@@ -453,11 +494,68 @@ def holes_scene(seed: int) -> Scene:
     tokens. A lower self-attention gain keeps one extreme token from outweighing the rest of its superpixel.
     """
     recipe = Recipe(confusion=0.7, self_gain=2.0, pixels_per_token=8)
-    return build_scene("holes", left_right(32, 32), seed, recipe=recipe)
+    return build_scene("holes", left_right(32, 32), seed, recipe=recipe, end_of_text=end_of_text)
 
 
-ABLATION_SCENES: dict[str, Callable[[int], Scene]] = {
+ABLATION_SCENES: dict[str, Callable[..., Scene]] = {
     "sink": sink_scene,
     "intrusion": intrusion_scene,
     "holes": holes_scene,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Failure scenes: kinds of input on which the paper's pipeline loses, each with a remedy beyond the paper.
+
+# The end-of-text token of every scene that has one: it attends to the background (if any) and evenly elsewhere.
+END_OF_TEXT = Words(count=1, region=3.0, others=0.0)
+
+
+def leak_scene(seed: int, end_of_text: Words | None = None) -> Scene:
+    """Left/right split where subject 0's words also attend to subject 1, its face above all.
+
+    Subject 0's words give subject 1's region the logit of their own region (3) and subject 1's core (its
+    "face") one more than their own core (6 against 5); subject 1's words attend to their own core most (7).
+    Subject 0's top 1% tokens (Eq. 9) then lie on subject 1's face, its self-attention map is subject 1's
+    region, and the two subjects fight over one half of the image while the other half goes to whichever map
+    is less small there. The contrast M_0 - M_1 is largest on subject 0's own face: contrastive seeds fix it.
+    """
+    words = [Words(others=3.0, others_core=3.0), Words(core=4.0)]
+    return build_scene("leak", left_right(24, 24), seed, words, end_of_text=end_of_text)
+
+
+def wide_holes_scene(seed: int, end_of_text: Words | None = None) -> Scene:
+    """Three subjects in strips of a wide canvas (24x72 tokens at FLUX's 16 px per token: 1152x384 px) whose
+    maps have holes (the keys' confusion noise of `holes_scene`, a little stronger).
+
+    sqrt(pixel count) = 665 superpixels on 1728 tokens is 2.6 tokens each, too few to outvote the holes that
+    clump together; filling the small pieces of each owner with their surroundings closes them.
+    """
+    recipe = Recipe(confusion=0.8, self_gain=2.0, pixels_per_token=16)
+    return build_scene("wide_holes", vertical_strips(24, 72), seed, recipe=recipe, end_of_text=end_of_text)
+
+
+def figures_with_prop(h: int, w: int) -> np.ndarray:
+    """Two standing figures (0 left, 1 right) in a background (2), with an object (3) on the ground between them."""
+    regions = np.full((h, w), 2, dtype=np.int64)
+    regions[h // 5 :, round(w * 0.1) : round(w * 0.35)] = 0
+    regions[h // 5 :, round(w * 0.65) : round(w * 0.9)] = 1
+    regions[round(h * 0.65) : round(h * 0.9), round(w * 0.44) : round(w * 0.56)] = 3
+    return regions
+
+
+def background_scene(seed: int, end_of_text: Words | None = END_OF_TEXT) -> Scene:
+    """Two figures in a background with a third object between them that no subject's words name.
+
+    The paper's vote gives every superpixel to some subject, so the background and the object go to the two
+    figures (their LoRAs would paint them). The end-of-text token attends to the background; the object is only
+    in the fillers' mixes. The subjects' maps are far below the uniform score 1/N on both.
+    """
+    return build_scene("background", figures_with_prop(28, 40), seed, subjects=2, end_of_text=end_of_text)
+
+
+FAILURE_SCENES: dict[str, Callable[..., Scene]] = {
+    "leak": leak_scene,
+    "wide_holes": wide_holes_scene,
+    "background": background_scene,
 }

@@ -107,18 +107,17 @@ def masked_lora_delta(
     ranks = [d.shape[0] for d in downs]
     down = _stacked([d.to(device=x.device) for d in downs], ranks, x.dtype, along_rows=True)  # (R, d_in)
     up = _stacked([u.to(device=x.device) for u in ups], ranks, x.dtype, along_rows=False)  # (d_out, R)
-    hidden = x @ down.T  # (B, T, R)
-    # (B|1, T, L) weights: L values per token, not R, so this costs nothing next to the products
+    # Per-token weights of L values, not R, computed before the products so that only the in-place scaling of the
+    # (B, T, R) activations comes between them: (B|1, T, L, 1) when the ranks are equal, else (B|1, T, R).
     weight = masks[..., : len(downs)].to(device=x.device, dtype=x.dtype) * torch.tensor(
         [float(s) for s in scales], device=x.device, dtype=x.dtype
     )
-    if len(set(ranks)) == 1:
-        per_lora = hidden.view(*hidden.shape[:2], len(ranks), ranks[0])  # (B, T, L, r)
-        weight = weight.unsqueeze(-1)  # (B|1, T, L, 1)
-    else:
-        per_lora, weight = hidden, weight.repeat_interleave(torch.tensor(ranks, device=x.device), dim=-1)
+    same_rank = len(set(ranks)) == 1
+    weight = weight.unsqueeze(-1) if same_rank else weight.repeat_interleave(torch.tensor(ranks, device=x.device), -1)
+    hidden = x @ down.T  # (B, T, R)
+    scaled = hidden.view(*hidden.shape[:2], len(ranks), ranks[0]) if same_rank else hidden  # (B, T, L, r) or (B, T, R)
     for rows in _serial_chunks(x.device, hidden.shape[1], hidden.shape[0] * hidden.shape[2]):
-        per_lora[:, rows].mul_(weight[:, rows])
+        scaled[:, rows].mul_(weight[:, rows])
     return hidden @ up.T  # (B, T, d_out)
 
 

@@ -26,7 +26,11 @@ that SLIC's superpixels follow the planted regions the way they follow objects i
 
 The three ablation scenes (Fig. 7 of the paper) each make one stage of Eq. 5-13 necessary:
 `sink_scene` (sink handling, Eq. 6-7), `intrusion_scene` (self-attention, Eq. 9-10) and `holes_scene`
-(superpixel voting, Eq. 11-13).
+(superpixel voting, Eq. 11-13). The three failure scenes are where the paper's pipeline itself loses, each with a
+remedy beyond the paper: `leak_scene` (words that also attend to the other subject: contrastive seeds),
+`wide_holes_scene` (holes that superpixels of a wide canvas cannot outvote: fill_holes) and `background_scene`
+(image that no subject owns: a background class). Regions may be left to no subject (background, objects), and a
+scene may carry an end-of-text token, whose attention the background class reads.
 """
 
 from __future__ import annotations
@@ -44,18 +48,23 @@ from skimage.transform import resize
 
 __all__ = [
     "ABLATION_SCENES",
+    "END_OF_TEXT",
+    "FAILURE_SCENES",
     "GEOMETRY_SCENES",
     "PHOTOS",
     "Recipe",
     "Scene",
     "Words",
+    "background_scene",
     "build_scene",
     "collage",
     "edge_positions",
     "holes_scene",
     "intrusion_scene",
+    "leak_scene",
     "mean_iou",
     "sink_scene",
+    "wide_holes_scene",
 ]
 
 # Bundled with scikit-image (no download). Ordered so that neighbouring regions get photos of unlike colour.

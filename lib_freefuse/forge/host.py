@@ -96,7 +96,7 @@ def patch_unet(
             patch = MaskedLinearPatch(_unpatched(clone, name), deltas, source, on_error=job.layer_failed)
             clone.add_object_patch(name, patch)
     previous = clone.model_options.get("model_function_wrapper")
-    clone.set_model_unet_function_wrapper(ModelCallTracker(job, previous))
+    clone.set_model_unet_function_wrapper(ModelCallTracker(job, previous, host.reference_tokens))
     return clone
 
 
@@ -118,9 +118,11 @@ def _stream_masks(job: FreeFuseJob, stream: str) -> Callable[[torch.Tensor], tor
 class ModelCallTracker:
     """The model-function wrapper: tells the job about each call (step, batch layout) and its denoised x0."""
 
-    def __init__(self, job: FreeFuseJob, previous=None):
+    def __init__(self, job: FreeFuseJob, previous=None, reference_tokens=None):
+        """reference_tokens(c) -> reference-image tokens in this call (Host.reference_tokens); default none."""
         self.job = job
         self.previous = previous  # another extension's wrapper, kept in the chain
+        self.reference_tokens = reference_tokens or (lambda c: 0)
 
     def __deepcopy__(self, memo):
         return self  # UnetPatcher.clone() deep-copies model_options: the job must stay the one the patches use
@@ -128,7 +130,8 @@ class ModelCallTracker:
     def __call__(self, apply_model, args: dict):
         def tracked(x, t, **c):
             context = c.get("c_crossattn")
-            self.job.begin_call(x, t, args.get("cond_or_uncond") or [], context.shape[1])
+            references = self.reference_tokens(c)
+            self.job.begin_call(x, t, args.get("cond_or_uncond") or [], context.shape[1], references)
             try:
                 denoised = apply_model(x, t, **c)
             except BaseException:

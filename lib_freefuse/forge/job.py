@@ -61,6 +61,7 @@ class _Call:
     cond_or_uncond: list[int]
     grid_hw: tuple[int, int]
     text_tokens: int
+    reference_tokens: int = 0  # reference-image tokens after the generated image's (FLUX.1 Kontext)
     cache: dict = field(default_factory=dict)
 
 
@@ -80,14 +81,23 @@ class FreeFuseJob:
         self._captured: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- the model wrapper's side -------------------------------------------------------------------------------
-    def begin_call(self, x: torch.Tensor, sigma: torch.Tensor, cond_or_uncond: Sequence[int], text_tokens: int):
-        """Record a model call: x (B, C, H, W) latents, sigma (B,), the [uncond, cond] chunk order, L_txt."""
+    def begin_call(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond_or_uncond: Sequence[int],
+        text_tokens: int,
+        reference_tokens: int = 0,
+    ):
+        """Record a model call: x (B, C, H, W) latents, sigma (B,), the [uncond, cond] chunk order, L_txt, and the
+        number of reference-image tokens that follow the image's (Kontext: the masks cover the generated image only;
+        reference tokens get every subject LoRA, as in a merged run, and stay out of the captured attention)."""
         step = self.steps.step_of(float(sigma.reshape(-1)[0]))
         grid = (math.ceil(x.shape[-2] / 2), math.ceil(x.shape[-1] / 2))  # FLUX's 2x2 patches, padded
         chunks = list(cond_or_uncond) or [0]
         if x.shape[0] != len(chunks) * self.plan.n_images:
             self.fail(f"a model call has batch {x.shape[0]}, expected {len(chunks)} x {self.plan.n_images} images")
-        self._call = _Call(step, chunks, grid, text_tokens)
+        self._call = _Call(step, chunks, grid, text_tokens, reference_tokens)
 
     def end_call(self, denoised: torch.Tensor) -> None:
         """After the call: if attention was captured in it, make the masks from it and the predicted x0."""
@@ -131,8 +141,11 @@ class FreeFuseJob:
         )
 
     def store_attention(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        """q, k: (B, H, L_txt + N_img, D) after QK-norm and RoPE; the conditional rows are kept."""
-        self._captured = (self._cond_rows(q, self._call).detach(), self._cond_rows(k, self._call).detach())
+        """q, k: (B, H, L_txt + N_img [+ N_ref], D) after QK-norm and RoPE; the conditional rows of the text and
+        generated-image tokens are kept."""
+        call = self._call
+        keep = call.text_tokens + call.grid_hw[0] * call.grid_hw[1]  # without reference tokens (Kontext)
+        self._captured = tuple(self._cond_rows(t, call)[:, :, :keep].detach() for t in (q, k))
         self.capture_count += 1
 
     # -- the layer patches' side --------------------------------------------------------------------------------
@@ -207,6 +220,8 @@ class FreeFuseJob:
 
     def _call_masks(self, stream: str, call: _Call) -> torch.Tensor:
         image = self._masks_at(call.grid_hw).flatten(2).transpose(1, 2)  # (B_img, N, L)
+        if call.reference_tokens:  # every subject on the reference image's tokens, as merged LoRAs would act
+            image = torch.cat([image, image.new_ones(image.shape[0], call.reference_tokens, image.shape[2])], 1)
         text = torch.stack(
             [
                 text_token_masks(words, call.text_tokens, self.plan.text_length, self.plan.text_loras)

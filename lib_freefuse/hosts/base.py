@@ -101,6 +101,10 @@ class Host(ABC):
     def modulation_output(self, modulation, chunks: Sequence[torch.Tensor]):
         """What the host's FLUX `Modulation.forward` returns, made of its `multiplier` chunks (B, T, D)."""
 
+    def reference_tokens(self, conditioning: dict) -> int:
+        """Reference-image tokens the host's FLUX appends after the image's in this model call (Kontext); none."""
+        return 0
+
     def merge(self, entries: Sequence[PatchEntry], weight: torch.Tensor, key: str) -> torch.Tensor:
         """The host's own merge of `entries` into a float32 copy of `weight` (both hosts share the function name)."""
         from backend.patcher.lora import merge_lora_to_weight

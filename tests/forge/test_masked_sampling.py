@@ -204,3 +204,39 @@ def test_text_loras_none_with_zero_masks_is_no_lora_at_all(forge, tiny_unet, tex
         torch.testing.assert_close(got, plain, atol=2e-5, rtol=1e-5)
     else:
         assert (got - plain).abs().max() > 1e-3
+
+
+def test_kontext_reference_tokens_get_every_subject_and_stay_out_of_the_masks(forge, tiny_unet):
+    """FLUX.1 Kontext in Neo: reference-image tokens follow the generated image's in the image stream. FreeFuse's
+    masks cover the generated image only; the reference tokens get every subject LoRA (as a merged run gives them),
+    so all-ones masks still equal Neo's merged LoRAs, and the capture reads the generated image's tokens only."""
+    if forge.HOST != "neo":
+        pytest.skip("classic Forge's FLUX takes no reference image (Kontext is Neo's)")
+    from backend.args import dynamic_args
+
+    from lib_freefuse.core import MaskConfig
+
+    sds = {"a.safetensors": lora_sd(1, image_only=False), "b.safetensors": lora_sd(2, image_only=False)}
+    merged = with_loras(tiny_unet, sds)
+    saved = dynamic_args.ref_latents
+    try:
+        dynamic_args.ref_latents = []
+        without_reference = forge.sample(merged, steps=3, latent_hw=LATENT)
+        dynamic_args.ref_latents = [torch.randn(1, 16, 8, 10, generator=torch.Generator().manual_seed(4))]
+        expected = forge.sample(merged, steps=3, latent_hw=LATENT)
+        assert (expected - without_reference).abs().max() > 1e-3  # the reference image is read
+        unet, job = freefuse_unet(merged, list(sds), torch.ones(1, 2, *GRID))
+        got = forge.sample(unet, steps=3, latent_hw=LATENT)
+        assert job.failure is None
+        torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+        words = {
+            "word_positions": (((1, 2), (5,)),),
+            "capture_step": 1,
+            "mask_config": MaskConfig(superpixel_vote=False),
+        }
+        unet, job = freefuse_unet(merged, list(sds), None, **words)
+        forge.sample(unet, steps=3, latent_hw=LATENT)
+        assert job.failure is None and job.capture_count == 1
+        assert job.masks is not None and tuple(job.masks.shape) == (1, 2, *GRID)
+    finally:
+        dynamic_args.ref_latents = saved

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from collections.abc import Sequence
@@ -103,6 +104,14 @@ class ForgeNeo(Host):
             return dequantized(saved.weight if saved is not None else utils.get_attr(unet.model, key))
 
         return base_weight
+
+    def reference_tokens(self, conditioning: dict) -> int:
+        """FLUX.1 Kontext: Neo's FLUX appends each reference latent's 2x2 patches after the image's tokens, taken from
+        the call's `ref_latents` or else backend.args.dynamic_args.ref_latents (backend/nn/flux.py forward)."""
+        from backend.args import dynamic_args
+
+        references = conditioning.get("ref_latents") or getattr(dynamic_args, "ref_latents", None) or []
+        return sum(math.ceil(r.shape[-2] / 2) * math.ceil(r.shape[-1] / 2) for r in references)
 
     def modulation_output(self, modulation, chunks):
         from backend.nn.flux import ModulationOut

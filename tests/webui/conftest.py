@@ -222,14 +222,27 @@ class WebUI:
 
     @property
     def hires_upscaler(self) -> str:
-        """An upscaler for hires-fix tests: classic Forge's "Latent"; this Neo release registers no latent mode."""
-        return "Lanczos" if self.neo else "Latent"
+        """An upscaler for hires-fix tests: "Latent" where the host has it (classic Forge), else the first the host
+        lists (this Neo release registers no latent mode)."""
+        latent = [mode["name"] for mode in self.get("/sdapi/v1/latent-upscale-modes")]
+        if "Latent" in latent:
+            return "Latent"
+        names = latent + [u["name"] for u in self.get("/sdapi/v1/upscalers") if u["name"] != "None"]
+        assert names, "the host lists no upscaler for hires fix"
+        return names[0]
 
     def image_size(self, width: int, height: int) -> tuple[int, int]:
         """The size the host makes for a requested size: this Neo release rounds both to multiples of 64."""
         if not self.neo:
             return width, height
         return max((width + 32) // 64 * 64, 64), max((height + 32) // 64 * 64, 64)
+
+    @property
+    def checkpoint_title(self) -> str:
+        """The tiny checkpoint as the host's checkpoint list titles it (what its UI's dropdown holds)."""
+        titles = [m["title"] for m in self.get("/sdapi/v1/sd-models") if m["model_name"] == self.checkpoint]
+        assert titles, f"the host lists no {self.checkpoint}"
+        return titles[0]
 
     @property
     def checkpoint(self) -> str:
@@ -436,6 +449,7 @@ def webui(tmp_path_factory):
         shutil.copyfile(source, models / folder / source.name)
 
     (data_dir / "extensions").mkdir()
+    (data_dir / "tmp").mkdir()  # Neo saves gallery images under <data dir>/tmp and does not create it
     (data_dir / "extensions" / EXTENSION_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
     (data_dir / "extensions" / TEST_EXTENSION_NAME).symlink_to(HERE / "webui_extension", target_is_directory=True)
 

@@ -88,8 +88,8 @@ def test_variants_give_images_with_masks(webui, overrides):
     assert len(result.images) == 2 * images  # each image and its overlay
     overlays = result.images[images:]
     assert all(o.pixels != i.pixels for o, i in zip(overlays, result.images[:images], strict=True))
-    size = 96 if overrides.get("enable_hr") else 64
-    assert all((im.width, im.height) == (size, size) for im in result.images)
+    size = webui.image_size(96, 96) if overrides.get("enable_hr") else (64, 64)
+    assert [(im.width, im.height) for im in result.images] == [size] * len(result.images)
     assert "FreeFuse coverage" in result.infotext
     assert "FreeFuse warnings" not in result.infotext, result.infotext
 

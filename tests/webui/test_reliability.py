@@ -144,6 +144,29 @@ def test_a_fault_inside_freefuse_still_makes_the_image(webui, stage, reported):
     assert [im.pixels for im in again.images] == [im.pixels for im in reference.images]
 
 
+@pytest.mark.parametrize(
+    ("stage", "reported"),
+    [
+        ("host", "keeps its LoRAs in a way FreeFuse does not know (neither Forge Neo nor classic Forge)"),
+        ("start", "FreeFuse could not start in this Forge (AttributeError: 'Flux' object has no attribute"),
+    ],
+)
+def test_a_host_freefuse_does_not_know_gets_one_warning_and_the_plain_image(webui, stage, reported):
+    """A Forge whose adapter fails (injected in the server: no adapter owns the patcher, or the host lacks an
+    attribute the adapter uses): one warning, in the console and the infotext; the image is exactly the one made
+    without FreeFuse, and the infotext records no FreeFuse settings."""
+    plain = webui.txt2img(tagged(webui), steps=6)
+    log_start = len(webui.log())
+    with webui.fault(stage):
+        result = webui.txt2img(tagged(webui), steps=6, alwayson_scripts=freefuse(webui, show_masks=True))
+    assert [im.pixels for im in result.images] == [plain.images[0].pixels]
+    assert reported in result.infotext, result.infotext
+    assert "FreeFuse subjects" not in result.infotext and "FreeFuse version" not in result.infotext
+    assert "FreeFuse coverage" not in result.infotext
+    log = webui.log()[log_start:]
+    assert log.count(reported) == 1, log
+
+
 # ------------------------------------------------------------------------------------ LoRA files that fail
 
 
@@ -207,7 +230,7 @@ def problem_loras(webui):
 
 def unreadable(webui) -> str:
     """How the host's safetensors loader says a file is not one (Neo adds the path after this)."""
-    return 'Model "' if webui.neo else "Error while deserializing header: HeaderTooLarge"
+    return "Model " if webui.neo else "Error while deserializing header: HeaderTooLarge"
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,9 @@ patches them in memory, never on disk:
   capture (`FreeFuseJob.store_attention`), its SLIC call (`lib_freefuse.core.masks.slic_segments`) and its masked
   LoRA product once the masks exist (`StackedLoRA.add_to` with masks that are not all ones) are wrapped; each
   raises RuntimeError("injected fault: <stage>") while that file holds the stage's name ("capture", "slic",
-  "masks"), read at every call, and otherwise does exactly what it did. The shipped code has no such switch.
+  "masks"), read at every call, and otherwise does exactly what it did. Stage "host" makes every known host
+  adapter disown the job's patcher (a Forge FreeFuse does not know); stage "start" makes the prompt's word lookup
+  raise the AttributeError a renamed host attribute would. The shipped code has no such switch.
 - With $FREEFUSE_TEST_EXIT_WITH_PARENT=1 the process ends itself once the process that started it is gone, so a
   test run that was killed (and so never reached the fixture's teardown) leaves no webui behind.
 
@@ -163,6 +165,35 @@ def patch_lora(module):
     module.StackedLoRA.add_to = add_to
 
 
+def patch_hosts(module):
+    """Stage "host": no known adapter owns the job's patcher, as in a Forge that FreeFuse does not know."""
+    for adapter in module.KNOWN:
+        original = adapter.owns
+
+        def owns(self, unet, _original=original):
+            try:
+                injected_fault("host")
+            except RuntimeError:
+                return False
+            return _original(self, unet)
+
+        adapter.owns = owns
+
+
+def patch_start(module):
+    """Stage "start": the host's text engine is gone (a renamed attribute in a Forge release FreeFuse predates)."""
+    original = module._subject_words
+
+    def _subject_words(*args, **kwargs):
+        try:
+            injected_fault("start")
+        except RuntimeError as error:
+            raise AttributeError("'Flux' object has no attribute 'text_processing_engine_t5'") from error
+        return original(*args, **kwargs)
+
+    module._subject_words = _subject_words
+
+
 TENSOR_LOG_ENV = "FREEFUSE_TEST_TENSOR_LOG"
 
 
@@ -189,12 +220,22 @@ def patch_processing(module):
 
 
 PATCHES = {"huggingface_guess": patch_huggingface_guess, "modules.launch_utils": patch_launch_utils}
-if os.environ.get(TENSOR_LOG_ENV):
-    PATCHES["lib_freefuse.forge.processing"] = patch_processing
+
+
+def patch_processing_module(module):
+    if os.environ.get(TENSOR_LOG_ENV):
+        patch_processing(module)
+    if os.environ.get(FAULT_ENV):
+        patch_start(module)
+
+
+if os.environ.get(TENSOR_LOG_ENV) or os.environ.get(FAULT_ENV):
+    PATCHES["lib_freefuse.forge.processing"] = patch_processing_module
 if os.environ.get(FAULT_ENV):
     PATCHES["lib_freefuse.forge.job"] = patch_job
     PATCHES["lib_freefuse.core.masks"] = patch_masks
     PATCHES["lib_freefuse.core.lora"] = patch_lora
+    PATCHES["lib_freefuse.hosts"] = patch_hosts
 
 
 class PatchingLoader(importlib.abc.Loader):

@@ -48,6 +48,42 @@ class PatchEntry:
         return (self.kind in ADDITIVE_KINDS or self.kind == "nested") and not self.dora and self.strength_model == 1.0
 
 
+def read_entry(raw) -> PatchEntry:
+    """A host's patch entry (strength, patch, strength_model, offset, function[, online_mode]) as a PatchEntry. Both
+    hosts order the first five fields alike; the patch is a ComfyUI weight adapter (Neo: `.name`, `.weights`), a
+    nested list, a 1-tuple diff or a (kind, data) pair. A LoRA's factors are (up, down, alpha, mid, dora_scale
+    [, reshape]); the other kinds keep their DoRA scale last."""
+    strength, value, strength_model, offset, function = raw[:5]
+    data = None
+    if hasattr(value, "calculate_weight") and hasattr(value, "weights"):
+        kind, data = value.name, tuple(value.weights)
+    elif isinstance(value, list):
+        kind = "nested"
+    elif len(value) == 1:
+        kind = "diff"
+    elif len(value) == 2 and isinstance(value[0], str):
+        kind, data = value
+    else:
+        kind = "unknown"
+    dora = (kind == "lora" and data[4] is not None) or (kind in ("loha", "lokr", "glora") and data[-1] is not None)
+    mid = kind == "lora" and data[3] is not None
+    reshaped = kind == "lora" and len(data) > 5 and data[5] is not None
+    low_rank = None
+    if kind == "lora" and not (dora or mid or reshaped) and data[0].ndim == 2 and data[1].ndim == 2:
+        low_rank = (data[0], data[1], data[2])
+    return PatchEntry(
+        strength=float(strength),
+        kind=kind,
+        strength_model=float(strength_model),
+        offset=None if offset is None else tuple(offset),
+        function=function,
+        low_rank=low_rank,
+        dora=dora,
+        mid=mid,
+        raw=raw,
+    )
+
+
 class SubjectPatches(dict):
     """{parameter key: [PatchEntry, ...]} of one subject LoRA, plus unmatched (file keys that matched no layer),
     skipped (mapped keys that are no model parameter), strength (the weight it was loaded or merged at) and source

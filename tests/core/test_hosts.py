@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from lib_freefuse import hosts
-from lib_freefuse.hosts.classic import read_entries, read_entry
+from lib_freefuse.hosts.base import read_entry
+from lib_freefuse.hosts.classic import read_entries
 from lib_freefuse.hosts.neo import _same
-from lib_freefuse.hosts.neo import read_entry as read_neo_entry
+
+read_neo_entry = read_entry  # one reader: Neo's entries add online_mode and hold weight adapters
 
 pytestmark = pytest.mark.core
 

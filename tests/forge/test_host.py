@@ -29,9 +29,9 @@ class SpyJob(FreeFuseJob):
         self.capture_sigmas: list[float] = []
         self.sigma = None
 
-    def begin_call(self, x, sigma, cond_or_uncond, text_tokens):
+    def begin_call(self, x, sigma, *args, **kwargs):
         self.sigma = float(sigma.reshape(-1)[0])
-        super().begin_call(x, sigma, cond_or_uncond, text_tokens)
+        super().begin_call(x, sigma, *args, **kwargs)
 
     def store_attention(self, q, k):
         super().store_attention(q, k)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..base import Host, PatchEntry, SubjectPatches
+from ..base import Host, PatchEntry, SubjectPatches, read_entry
 
 
 class ClassicForge(Host):
@@ -104,31 +104,3 @@ def read_entries(key: str, raw_entries) -> list[PatchEntry]:
             f"(one UnetPatcher.lora_patches value), got {raw_entries!r:.120}"
         )
     return [read_entry(list(e[:5])) for e in raw_entries]
-
-
-def read_entry(entry: list) -> PatchEntry:
-    strength, value, strength_model, offset, function = entry
-    if isinstance(value, list):
-        kind, data = "nested", None
-    elif len(value) == 1:
-        kind, data = "diff", value
-    elif len(value) == 2 and isinstance(value[0], str):
-        kind, data = value
-    else:
-        kind, data = "unknown", None
-    dora = kind in ("lora", "loha", "lokr", "glora") and data[-1] is not None
-    mid = kind == "lora" and data[3] is not None
-    low_rank = None
-    if kind == "lora" and not dora and not mid and data[0].ndim == 2 and data[1].ndim == 2:
-        low_rank = (data[0], data[1], data[2])
-    return PatchEntry(
-        strength=float(strength),
-        kind=kind,
-        strength_model=float(strength_model),
-        offset=None if offset is None else tuple(offset),
-        function=function,
-        low_rank=low_rank,
-        dora=dora,
-        mid=mid,
-        raw=entry,
-    )

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..base import Host, PatchEntry, SubjectPatches
+from ..base import Host, PatchEntry, SubjectPatches, read_entry
 
 
 class ForgeNeo(Host):
@@ -129,39 +129,6 @@ def dequantized(weight: torch.Tensor) -> torch.Tensor:
     if hasattr(weight, "dequantize") and type(weight).__name__ == "QuantizedTensor":
         return weight.dequantize()
     return weight
-
-
-def read_entry(raw: tuple) -> PatchEntry:
-    """Neo's (strength, adapter, strength_model, offset, function, online_mode) as a PatchEntry."""
-    strength, value, strength_model, offset, function = raw[:5]
-    data = None
-    if hasattr(value, "calculate_weight") and hasattr(value, "weights"):
-        kind, data = value.name, tuple(value.weights)
-    elif isinstance(value, list):
-        kind = "nested"
-    elif len(value) == 1:
-        kind = "diff"
-    elif len(value) == 2 and isinstance(value[0], str):
-        kind = value[0]
-    else:
-        kind = "unknown"
-    # DoRA scale: LoRA's 5th factor (a reshape follows it), the last of LoHa's, LoKr's and GLoRA's
-    dora = (kind == "lora" and data[4] is not None) or (kind in ("loha", "lokr", "glora") and data[-1] is not None)
-    mid = kind == "lora" and data[3] is not None
-    low_rank = None
-    if kind == "lora" and not dora and not mid and data[5] is None and data[0].ndim == 2 and data[1].ndim == 2:
-        low_rank = (data[0], data[1], data[2])
-    return PatchEntry(
-        strength=float(strength),
-        kind=kind,
-        strength_model=float(strength_model),
-        offset=None if offset is None else tuple(offset),
-        function=function,
-        low_rank=low_rank,
-        dora=dora,
-        mid=mid,
-        raw=raw,
-    )
 
 
 def _read_lora_file(unet, filename: str) -> tuple[dict, list]:

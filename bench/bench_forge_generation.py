@@ -207,7 +207,7 @@ class Bench:
 
     def freefuse(self, timings: dict, *, restart: bool = False, modulation: str = "per_token", instrument=None):
         """A FreeFuse clone of the merged patcher, built as processing.start_run builds it for one sampling call."""
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         deltas: dict[str, list] = defaultdict(list)
         merged = self.subject_patches()
         base_weight = self.host.base_weight(self.merged)
@@ -225,6 +225,7 @@ class Bench:
         job = FreeFuseJob(plan, forge_env.decode)
         unet = patch_unet(self.merged, job, deltas, self.capture_block, merged, self.host)
         timings["setup"] = timings.get("setup", 0.0) + time.perf_counter() - started
+        timings["setup cpu"] = timings.get("setup cpu", 0.0) + time.thread_time() - started_cpu
         if instrument is not None:
             instrument(unet, job)
         return unet, job
@@ -596,6 +597,20 @@ def main() -> None:
     print(
         f"(a)'s own runs spread {(max(base) - min(base)) / statistics.median(base) * 100:.1f}% (max - min over median)"
     )
+
+    def cpu(t: dict) -> float:
+        return t.get("setup cpu", 0.0) + t["sample cpu"]
+
+    base_cpu = [cpu(r.timings) for r in samples[A]]
+    per_round_cpu = {
+        case: [cpu(r.timings) / b for r, b in zip(samples[case], base_cpu, strict=True)] for case in cases[1:]
+    }
+    print(
+        "thread CPU time (setup + sampler) / (a), per round: "
+        + "; ".join(f"{case} {spread(per_round_cpu[case])}" for case in cases[1:])
+        + f"; (a)'s own CPU times spread {(max(base_cpu) - min(base_cpu)) / statistics.median(base_cpu) * 100:.1f}%"
+        " (one torch thread: the work itself, without the time it waited for a core on a shared machine)"
+    )
     print(
         "prepare: Forge's sampling_prepare; (a) merges the two LoRAs again after every FreeFuse run and (b)/(c) undo "
         "the merge, because the interleaved cases change the set of merged LoRAs each time (not in the totals)"
@@ -613,6 +628,7 @@ def main() -> None:
     print()
     for case in cases[1:]:
         print(ratio_line(f"{case} / (a) merged, setup + sampler", per_round[case]))
+        print(ratio_line(f"{case} / (a) merged, thread CPU time of setup + sampler", per_round_cpu[case]))
     print(f"total wall time {time.perf_counter() - started:.0f} s")
     if broken:
         raise SystemExit(f"{', '.join(broken)}: did not run FreeFuse's whole path (see the checks above)")

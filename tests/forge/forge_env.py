@@ -355,7 +355,7 @@ class _Timed:
         if self.clock.timings is not None:
             if self.clock.cuda:
                 torch.cuda.synchronize()
-            self.start = time.perf_counter()
+            self.start, self.start_cpu = time.perf_counter(), time.thread_time()
 
     def __exit__(self, *exc):
         timings = self.clock.timings
@@ -363,6 +363,8 @@ class _Timed:
             if self.clock.cuda:
                 torch.cuda.synchronize()
             timings[self.name] = timings.get(self.name, 0.0) + time.perf_counter() - self.start
+            cpu = f"{self.name} cpu"  # this thread's CPU seconds: with one torch thread, the work itself
+            timings[cpu] = timings.get(cpu, 0.0) + time.thread_time() - self.start_cpu
         return False
 
 

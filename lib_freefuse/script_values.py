@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .args import FreeFuseArgs
+from .core import split_phrases
 
 SUBJECT_ROWS = 4
 SUBJECT_KEYS = ("lora", "words", "weight")
@@ -23,7 +24,11 @@ def value_count() -> int:
 
 def args_from_values(values: Sequence[Any]) -> FreeFuseArgs:
     """FreeFuseArgs from the script's values: positional (missing trailing values keep defaults) or one dict first
-    (the API pads the values it was not sent with the UI's defaults: those are ignored)."""
+    (the API pads the values it was not sent with the UI's defaults: those are ignored).
+
+    Positional rows are the UI's: a half-filled row (a LoRA without words, words without a LoRA) is left out, never an
+    error (incomplete_rows names it), and FreeFuse left on with only such rows is off for the job; a row that is
+    filled but wrong is named by its number on screen ("row 3.weight: ...")."""
     if len(values) >= 1 and isinstance(values[0], Mapping):
         return FreeFuseArgs.from_dict(values[0])
     if len(values) > value_count():
@@ -31,17 +36,58 @@ def args_from_values(values: Sequence[Any]) -> FreeFuseArgs:
     if not values:
         return FreeFuseArgs()
     given: dict[str, Any] = {"enabled": values[0]}
-    rows = list(values[1 : 1 + SUBJECT_ROWS * len(SUBJECT_KEYS)])
     subjects = []
-    for start in range(0, len(rows), len(SUBJECT_KEYS)):
-        row = dict(zip(SUBJECT_KEYS, rows[start : start + len(SUBJECT_KEYS)], strict=False))
-        if any(isinstance(v, str) and v.strip() for k, v in row.items() if k != "weight"):
-            subjects.append(row)
+    for number, row in _rows(values):
+        if _row_text(row.get("lora")) and _row_words(row.get("words")):
+            try:
+                subjects.extend(FreeFuseArgs.from_dict({"subjects": [row]}).subjects)
+            except ValueError as error:
+                raise ValueError(f"row {number} {str(error).removeprefix('subjects[0].')}") from None
     given["subjects"] = subjects
+    if not subjects and incomplete_rows(values):
+        given["enabled"] = False  # a half-filled form must not cost the job: the image is made, the rows named
     settings = values[1 + SUBJECT_ROWS * len(SUBJECT_KEYS) :]
     for key, value in zip(SETTING_KEYS, settings, strict=False):
         given[key] = None if key in AUTO_ZERO and value in (0, 0.0) else value
     return FreeFuseArgs.from_dict(given)
+
+
+def incomplete_rows(values: Sequence[Any]) -> list[str]:
+    """One warning per half-filled positional row, numbered as on screen: "row 3 (c_new): no activation words: it
+    acts as an ordinary LoRA"; [] for the API's dict form and while FreeFuse is off."""
+    if not values or isinstance(values[0], Mapping) or not _is_on(values[0]):
+        return []
+    notes = []
+    for number, row in _rows(values):
+        lora, words = _row_text(row.get("lora")), _row_text(row.get("words"))
+        if lora and not _row_words(words):
+            notes.append(f"row {number} ({lora}): no activation words: it acts as an ordinary LoRA")
+        elif words and not lora:
+            notes.append(f"row {number} ({words!r}): no LoRA: its words bind nothing")
+    return notes
+
+
+def _rows(values: Sequence[Any]) -> list[tuple[int, dict[str, Any]]]:
+    """The positional subject rows as (number on screen, {"lora", "words", "weight"?})."""
+    flat = list(values[1 : 1 + SUBJECT_ROWS * len(SUBJECT_KEYS)])
+    return [
+        (start // len(SUBJECT_KEYS) + 1, dict(zip(SUBJECT_KEYS, flat[start : start + len(SUBJECT_KEYS)], strict=False)))
+        for start in range(0, len(flat), len(SUBJECT_KEYS))
+    ]
+
+
+def _is_on(value: Any) -> bool:
+    """The enabled value as from_dict reads it, without its error for junk (from_dict names that)."""
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
+
+
+def _row_text(value: Any) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _row_words(value: Any) -> bool:
+    """True when the words hold at least one phrase (", ," holds none)."""
+    return bool(split_phrases(_row_text(value)))
 
 
 def values_from_args(args: FreeFuseArgs) -> list[Any]:

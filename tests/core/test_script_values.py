@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from lib_freefuse.args import FreeFuseArgs
-from lib_freefuse.script_values import SETTING_KEYS, args_from_values, value_count, values_from_args
+from lib_freefuse.script_values import (
+    SETTING_KEYS,
+    args_from_values,
+    incomplete_rows,
+    value_count,
+    values_from_args,
+)
 
 pytestmark = pytest.mark.core
 
@@ -64,3 +70,38 @@ def test_a_dict_padded_with_ui_defaults_by_the_api():
 def test_bad_values_are_named(values, message):
     with pytest.raises(ValueError, match=message):
         args_from_values(values)
+
+
+def test_a_half_filled_row_is_left_out_and_named_by_its_number_on_screen():
+    values = [True, "a", "cat", 1.0, "b", "dog", 1.0, "c_new", "", 1.0, "", "unicorn", 1.0]
+    args = args_from_values(values)
+    assert args.enabled and [s.lora for s in args.subjects] == ["a", "b"]
+    assert incomplete_rows(values) == [
+        "row 3 (c_new): no activation words: it acts as an ordinary LoRA",
+        "row 4 ('unicorn'): no LoRA: its words bind nothing",
+    ]
+
+
+def test_words_of_commas_only_are_no_words():
+    assert incomplete_rows([True, "a", " , ", 1.0]) == ["row 1 (a): no activation words: it acts as an ordinary LoRA"]
+
+
+def test_only_half_filled_rows_turn_freefuse_off_for_the_job_instead_of_failing_it():
+    values = [True, "a", "", 1.0, "", "", 1.0]
+    assert args_from_values(values) == FreeFuseArgs()
+    assert incomplete_rows(values) == ["row 1 (a): no activation words: it acts as an ordinary LoRA"]
+
+
+def test_half_filled_rows_say_nothing_while_freefuse_is_off_or_in_the_dict_form():
+    assert incomplete_rows([False, "a", "", 1.0]) == []
+    assert incomplete_rows([{"enabled": True, "subjects": [{"lora": "a", "words": "x"}]}]) == []
+
+
+def test_the_api_dict_form_still_refuses_a_row_without_words():
+    with pytest.raises(ValueError, match=r"^subjects\[1\]\.words: expected non-empty text"):
+        args_from_values([{"enabled": True, "subjects": [{"lora": "a", "words": "x"}, {"lora": "b", "words": ""}]}])
+
+
+def test_a_wrong_filled_row_is_named_by_its_number_on_screen():
+    with pytest.raises(ValueError, match=r"^row 2 lora: <lora:NAME:\.\.\.> names cannot hold"):
+        args_from_values([True, "a", "cat", 1.0, "b:c", "dog", 1.0])

@@ -31,7 +31,7 @@ from typing import Any
 
 from lib_freefuse.core.prompt import find_subject_tokens, split_phrases
 
-__all__ = ["activation_words", "lora_tags", "missing_phrases", "rows_from_prompt"]
+__all__ = ["activation_words", "lora_tags", "missing_phrases", "rows_from_prompt", "styles_left_out"]
 
 USER_METADATA = "user metadata"
 MODELSPEC = "modelspec"
@@ -113,16 +113,43 @@ def lora_tags(prompt: str) -> list[tuple[str, float]]:
     return list(tags.items())
 
 
-def rows_from_prompt(prompt: str, lookup: Callable[[str], str | os.PathLike[str] | None]) -> list[dict[str, Any]]:
-    """One subject row {"lora", "words", "weight"} per LoRA tag of the prompt; words "" where none are known."""
+def rows_from_prompt(
+    prompt: str,
+    lookup: Callable[[str], str | os.PathLike[str] | None],
+    bound: Mapping[str, str] | None = None,
+    include_styles: bool = True,
+) -> list[dict[str, Any]]:
+    """One subject row {"lora", "words", "weight"} per LoRA tag of the prompt, its words, first found wins: those
+    `bound` ({lora: words} already in the rows) gives it, its metadata's, its name where the prompt's text names it
+    ("zorbo" or "zorbo_v2" as "zorbo v2"). A LoRA with none of them looks like a style: left out unless
+    include_styles or a row binds it already (then its words are "")."""
     if not callable(lookup):
         raise TypeError(f"lookup: expected a function name -> path, got {type(lookup).__name__}")
+    bound = bound or {}
     rows = []
     for name, weight in lora_tags(prompt):
-        path = lookup(name)
-        found = activation_words(path) if path else None
-        rows.append({"lora": name, "words": found[0] if found else "", "weight": weight})
+        words = (bound.get(name) or "").strip() if isinstance(bound.get(name), str) else ""
+        if not split_phrases(words):
+            path = lookup(name)
+            found = activation_words(path) if path else None
+            words = found[0] if found else _named_in_text(prompt, name)
+        if words or include_styles or name in bound:
+            rows.append({"lora": name, "words": words, "weight": weight})
     return rows
+
+
+def styles_left_out(prompt: str, rows: list[dict[str, Any]]) -> list[str]:
+    """The LoRA tags of the prompt that rows_from_prompt left out (styles), in the prompt's order."""
+    kept = {row["lora"] for row in rows}
+    return [name for name, _ in lora_tags(prompt) if name not in kept]
+
+
+def _named_in_text(prompt: str, name: str) -> str:
+    """The LoRA's name as the prompt's text (outside tags) writes it: "zorbo_v2" also as "zorbo v2"; "" if absent."""
+    for spelling in dict.fromkeys((name, re.sub(r"[_\-.]+", " ", name).strip())):
+        if split_phrases(spelling) and not missing_phrases(prompt, spelling):
+            return spelling
+    return ""
 
 
 def missing_phrases(prompt: str, words: str) -> list[str]:

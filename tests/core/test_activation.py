@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lib_freefuse.activation import activation_words, lora_tags, missing_phrases, rows_from_prompt
+from lib_freefuse.activation import activation_words, lora_tags, missing_phrases, rows_from_prompt, styles_left_out
 
 pytestmark = pytest.mark.core
 
@@ -240,6 +240,39 @@ def test_rows_from_prompt(tmp_path):
         {"lora": "empty", "words": "", "weight": 1.0},
     ]
     assert rows_from_prompt("no tags here", files.get) == []
+
+
+def test_fill_keeps_the_words_of_loras_already_bound(tmp_path):
+    harry = write_lora(tmp_path / "harry.safetensors", {"modelspec.trigger_phrase": "harry potter"})
+    prompt = "harry and the boy <lora:harry:0.8> <lora:boy:1>"
+    bound = {"harry": "harry, the wizard", "boy": "the boy", "gone": "x"}
+    assert rows_from_prompt(prompt, {"harry": harry}.get, bound, include_styles=False) == [
+        {"lora": "harry", "words": "harry, the wizard", "weight": 0.8},
+        {"lora": "boy", "words": "the boy", "weight": 1.0},
+    ]
+    # a row with the LoRA but empty words: its metadata's words, or its name the prompt's text holds, or none: the
+    # row is kept even so (the user bound it)
+    bound = {"harry": " ", "boy": "", "cat": ""}
+    assert rows_from_prompt(prompt + " <lora:cat:1>", {"harry": harry}.get, bound, include_styles=False) == [
+        {"lora": "harry", "words": "harry potter", "weight": 0.8},
+        {"lora": "boy", "words": "boy", "weight": 1.0},
+        {"lora": "cat", "words": "", "weight": 1.0},
+    ]
+
+
+def test_fill_leaves_out_styles_unless_asked(tmp_path):
+    knight = write_lora(tmp_path / "knight.safetensors", {"modelspec.trigger_phrase": "zorbo the knight"})
+    files = {"knight": knight, "film_grain": write_lora(tmp_path / "film_grain.safetensors")}
+    prompt = "zorbo the knight and quill v2 <lora:knight:1> <lora:film_grain:0.5> <lora:quill_v2:0.9>"
+    rows = rows_from_prompt(prompt, files.get, include_styles=False)
+    assert rows == [
+        {"lora": "knight", "words": "zorbo the knight", "weight": 1.0},
+        {"lora": "quill_v2", "words": "quill v2", "weight": 0.9},  # named in the prompt's text
+    ]
+    assert styles_left_out(prompt, rows) == ["film_grain"]
+    every = rows_from_prompt(prompt, files.get, include_styles=True)
+    assert [row["lora"] for row in every] == ["knight", "film_grain", "quill_v2"] and every[1]["words"] == ""
+    assert styles_left_out(prompt, every) == []
 
 
 def test_rows_from_prompt_needs_a_lookup_function():

@@ -345,8 +345,23 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
 SUBJECT_FIELD_HELP: tuple[FieldHelp, ...] = (
     FieldHelp("lora", "LoRA", "The name used in <lora:NAME:...>."),
     FieldHelp("words", "Activation words", "Words of this subject in the prompt; several phrases separated by commas."),
-    FieldHelp("weight", "Weight", "LoRA strength when the prompt has no <lora:...> tag for it."),
+    FieldHelp(
+        "weight",
+        "Weight",
+        "LoRA strength used only when the prompt has no <lora:NAME:...> tag for this LoRA; with a tag, the tag's "
+        "weight counts.",
+    ),
 )
+
+
+def img2img_steps(steps: int, denoising: float, fix_steps: bool = False) -> int:
+    """Denoising steps an img2img job of `steps` runs at this strength: t_enc + 1 of Forge's setup_img2img_steps
+    (forge/processing.py _steps_in_run counts so); all of them with Forge's "img2img_fix_steps" option."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected a positive integer, got {_show(steps)}")
+    if not _is_real(denoising) or not 0 <= denoising <= 1:
+        raise ValueError(f"denoising: expected a number in [0, 1], got {_show(denoising)}")
+    return steps if fix_steps else int(min(denoising, 0.999) * steps) + 1
 
 
 def help_for(key: str) -> FieldHelp:
@@ -553,4 +568,5 @@ __all__ = [
     "FreeFuseArgs",
     "SubjectBinding",
     "help_for",
+    "img2img_steps",
 ]

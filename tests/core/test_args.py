@@ -24,6 +24,7 @@ from lib_freefuse.args import (
     FreeFuseArgs,
     SubjectBinding,
     help_for,
+    img2img_steps,
 )
 from lib_freefuse.core import MaskConfig, default_capture_step
 
@@ -636,3 +637,22 @@ def test_plausible_dicts_round_trip_or_name_a_subject_problem(values):
     assert FreeFuseArgs.from_dict(args.to_dict()) == args
     assert FreeFuseArgs.from_dict(args.to_dict(only_changed=True)) == args
     assert FreeFuseArgs.from_dict(json.loads(json.dumps(args.to_dict()))) == args
+
+
+@pytest.mark.parametrize(
+    ("steps", "denoising", "fix_steps", "run"),
+    [(20, 0.75, False, 16), (20, 1.0, False, 20), (20, 0.0, False, 1), (20, 0.5, True, 20), (7, 0.3, False, 3)],
+)
+def test_img2img_steps_count_as_forges_setup_img2img_steps(steps, denoising, fix_steps, run):
+    assert img2img_steps(steps, denoising, fix_steps) == run
+
+
+def test_img2img_steps_refuse_junk():
+    with pytest.raises(ValueError, match="^denoising"):
+        img2img_steps(20, 1.5)
+    with pytest.raises(ValueError, match="^steps"):
+        img2img_steps(0, 0.5)
+
+
+def test_the_weight_help_says_when_the_weight_acts():
+    assert "only when the prompt has no <lora:NAME:...> tag" in SUBJECT_FIELD_HELP[2].help

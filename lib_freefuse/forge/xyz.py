@@ -27,7 +27,7 @@ WEIGHTS_ATTR = "freefuse_xyz_weights"
 ALL_SUBJECTS = -1  # key of WEIGHTS_ATTR: every subject
 WEIGHT = "weight"  # Axis.key of the subject LoRA weight axes
 LABEL_PREFIX = "FreeFuse "
-PARAMS_PREFIX = "FreeFuse "  # every infotext key of FreeFuse (lib_freefuse.infotext)
+PARAMS_PREFIX = "FreeFuse "  # every infotext key of FreeFuse but the bindings' "FreeFuse" (lib_freefuse.infotext)
 XYZ_MODULE_NAMES = ("xyz_grid.py", "scripts.xyz_grid")  # Forge loads scripts/xyz_grid.py as module "xyz_grid.py"
 BOOL_CHOICES = ("False", "True")  # as Forge's boolean_choice(reverse=True)
 AUTO_ZERO = ("capture_step",)  # 0 stands for "automatic", as in the script's number box
@@ -150,7 +150,8 @@ def clear_previous_cell(p: Any) -> None:
     """Drop the "FreeFuse ..." infotext entries of the cell before: X/Y/Z plot cells share copy(p)'s dict."""
     params = getattr(p, "extra_generation_params", None)
     if isinstance(params, dict):
-        for key in [key for key in params if isinstance(key, str) and key.startswith(PARAMS_PREFIX)]:
+        ours = [key for key in params if isinstance(key, str) and (key.startswith(PARAMS_PREFIX) or key == "FreeFuse")]
+        for key in ours:
             del params[key]
 
 

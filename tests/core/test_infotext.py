@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 
 from lib_freefuse.args import FreeFuseArgs
-from lib_freefuse.infotext import SUBJECTS_KEY, VERSION_KEY, args_from_params, infotext_params, setting_key
+from lib_freefuse.forge.xyz import clear_previous_cell
+from lib_freefuse.infotext import (
+    BINDINGS_KEY,
+    SUBJECTS_KEY,
+    VERSION_KEY,
+    args_from_params,
+    infotext_params,
+    setting_key,
+)
 
 pytestmark = pytest.mark.core
 
@@ -49,8 +58,41 @@ def test_only_changed_settings_and_the_bindings_are_written():
     params = infotext_params(ARGS)
     assert params[setting_key("capture_step")] == 6 and params[setting_key("sink_filter")] is False
     assert setting_key("restart") not in params and setting_key("compactness") not in params  # defaults
-    assert json.loads(params[SUBJECTS_KEY])[1] == {"lora": "daiyu", "words": "林黛玉, daiyu lin", "weight": 0.9}
-    assert VERSION_KEY in params
+    assert params[BINDINGS_KEY] == "harry: harry potter, the boy who lived; daiyu (0.9): 林黛玉, daiyu lin"
+    assert SUBJECTS_KEY not in params and VERSION_KEY in params
+
+
+def test_the_bindings_read_as_one_line_in_png_info():
+    args = FreeFuseArgs.from_dict(
+        {"enabled": True, "subjects": [{"lora": "a", "words": "zorbo the knight"}, {"lora": "b", "words": "quill"}]}
+    )
+    line = ", ".join(f"{k}: {v}" for k, v in forge_roundtrip(infotext_params(args)).items())
+    assert line.startswith("FreeFuse: a: zorbo the knight; b: quill, FreeFuse version: ")
+
+
+@pytest.mark.parametrize(
+    "subjects",
+    [
+        [{"lora": "x (2)", "words": "a name that looks weighted"}, {"lora": "y", "words": "y"}],
+        [{"lora": "b", "words": "quill (the wizard)", "weight": -1.25}],
+        [{"lora": "semi", "words": "a; b"}],  # a ';' in the words: the JSON form under the old key
+    ],
+)
+def test_awkward_bindings_round_trip(subjects):
+    args = FreeFuseArgs.from_dict({"enabled": True, "subjects": subjects})
+    assert args_from_params(forge_roundtrip(infotext_params(args))) == args
+
+
+def test_old_infotexts_with_the_json_subjects_still_paste():
+    old = {SUBJECTS_KEY: '[{"lora": "a", "words": "cat"}, {"lora": "b", "words": "dog", "weight": 0.8}]'}
+    args = args_from_params(forge_roundtrip(old))
+    assert [(s.lora, s.words, s.weight) for s in args.subjects] == [("a", "cat", 1.0), ("b", "dog", 0.8)]
+
+
+def test_an_xyz_cell_drops_the_bindings_of_the_cell_before():
+    cell = SimpleNamespace(extra_generation_params={"Steps": 6, **infotext_params(ARGS)})
+    clear_previous_cell(cell)
+    assert cell.extra_generation_params == {"Steps": 6}
 
 
 @pytest.mark.parametrize(
@@ -70,6 +112,8 @@ def test_an_infotext_without_freefuse_gives_none():
         ({SUBJECTS_KEY: "[{"}, "subjects"),
         ({SUBJECTS_KEY: '[{"lora": "a", "words": "x"}]', setting_key("capture_step"): "six"}, "capture_step"),
         ({SUBJECTS_KEY: '[{"lora": "a"}]'}, "subjects"),
+        ({BINDINGS_KEY: "a cat"}, "subjects"),
+        ({BINDINGS_KEY: "a (heavy): cat"}, "subjects"),
     ],
 )
 def test_a_damaged_infotext_names_the_field(params, field):

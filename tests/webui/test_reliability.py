@@ -161,7 +161,7 @@ def test_a_host_freefuse_does_not_know_gets_one_warning_and_the_plain_image(webu
         result = webui.txt2img(tagged(webui), steps=6, alwayson_scripts=freefuse(webui, show_masks=True))
     assert [im.pixels for im in result.images] == [plain.images[0].pixels]
     assert reported in result.infotext, result.infotext
-    assert "FreeFuse subjects" not in result.infotext and "FreeFuse version" not in result.infotext
+    assert 'FreeFuse: "' not in result.infotext and "FreeFuse version" not in result.infotext
     assert "FreeFuse coverage" not in result.infotext
     log = webui.log()[log_start:]
     assert log.count(reported) == 1, log

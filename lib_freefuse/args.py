@@ -354,6 +354,31 @@ SUBJECT_FIELD_HELP: tuple[FieldHelp, ...] = (
 )
 
 
+BUTTON_HELP: tuple[FieldHelp, ...] = (  # the subject rows' buttons, in the UI only
+    FieldHelp(
+        "fill",
+        "Fill from prompt",
+        "one row per <lora:NAME:weight> tag of the prompt; words already typed for a LoRA are kept",
+    ),
+    FieldHelp(
+        "fill_styles",
+        "Also LoRAs without activation words (styles)",
+        "Fill from prompt leaves out LoRAs with no words in their metadata or the prompt, unless ticked",
+    ),
+    FieldHelp(
+        "refresh",
+        "Refresh LoRA list",
+        "read the LoRA folder again for the rows' lists (the Lora tab's refresh does too)",
+    ),
+)
+
+
+def subject_help_lines() -> list[str]:
+    """The help shown above the subject rows: what a row does, then each column and button, "Label: help"."""
+    entries = (*SUBJECT_FIELD_HELP, *BUTTON_HELP)
+    return [help_for("subjects").help, *(f"{entry.label}: {entry.help}" for entry in entries)]
+
+
 def img2img_steps(steps: int, denoising: float, fix_steps: bool = False) -> int:
     """Denoising steps an img2img job of `steps` runs at this strength: t_enc + 1 of Forge's setup_img2img_steps
     (forge/processing.py _steps_in_run counts so); all of them with Forge's "img2img_fix_steps" option."""
@@ -554,6 +579,7 @@ _DEFAULT_DICT = FreeFuseArgs().to_dict()
 
 __all__ = [
     "BACKGROUND_CHOICES",
+    "BUTTON_HELP",
     "FIELD_HELP",
     "HIRES_MASKS_CHOICES",
     "MAX_CAPTURE_BLOCK",
@@ -569,4 +595,5 @@ __all__ = [
     "SubjectBinding",
     "help_for",
     "img2img_steps",
+    "subject_help_lines",
 ]

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lib_freefuse.args import (
+    BUTTON_HELP,
     FIELD_HELP,
     HIRES_MASKS_CHOICES,
     MODULATION_CHOICES,
@@ -25,6 +26,7 @@ from lib_freefuse.args import (
     SubjectBinding,
     help_for,
     img2img_steps,
+    subject_help_lines,
 )
 from lib_freefuse.core import MaskConfig, default_capture_step
 
@@ -656,3 +658,9 @@ def test_img2img_steps_refuse_junk():
 
 def test_the_weight_help_says_when_the_weight_acts():
     assert "only when the prompt has no <lora:NAME:...> tag" in SUBJECT_FIELD_HELP[2].help
+
+
+def test_the_help_above_the_rows_names_every_column_and_button():
+    lines = subject_help_lines()
+    assert lines[0] == help_for("subjects").help
+    assert [line.split(":")[0] for line in lines[1:]] == [e.label for e in (*SUBJECT_FIELD_HELP, *BUTTON_HELP)]

@@ -1,7 +1,10 @@
-// FreeFuse in Forge's page: (a) a live warning under each subject's activation words listing the phrases that are
-// not in the prompt; (b) while the FreeFuse accordion is open, a click on a LoRA card puts that LoRA into the first
-// subject row without one. Element ids match scripts/freefuse.py ui(): freefuse-{tab}, freefuse-{tab}-lora-{i},
-// freefuse-{tab}-words-{i}; this file adds freefuse-{tab}-missing-{i}.
+// FreeFuse in Forge's page: (a) a live hint under each subject's activation words: a half-filled row (a LoRA without
+// words, words without a LoRA), else the phrases that are not in the prompt; (b) while the FreeFuse accordion is
+// open, a click on a LoRA card puts that LoRA into the first subject row without one (its words come from its
+// metadata, or the hint asks for them); (c) the Lora tab's refresh also refreshes the rows' LoRA lists; (d) the
+// dropdowns' empty choice is not listed. Element ids match scripts/freefuse.py ui(): freefuse-{tab},
+// freefuse-{tab}-lora-{i}, freefuse-{tab}-words-{i}, freefuse-{tab}-reread-loras; this file adds
+// freefuse-{tab}-missing-{i}.
 (function() {
     "use strict";
 
@@ -13,6 +16,10 @@
     const EMPHASIS = /:\s*[+-]?[.\d]+\s*\)|(?<!\\)[()[\]]/gu; // weights "(x:1.2)" and bare brackets
     const BREAK = new RegExp("\\s*(?<!" + W + ")BREAK(?!" + W + ")\\s*", "u"); // a chunk end: no phrase crosses it
     const BOUNDARY = " \u0000 "; // what lib_freefuse.core.prompt makes of a special piece such as </s>
+    const REREAD_DELAY_MS = 3000; // the Lora tab's refresh reads the LoRA folder first; the rows' lists follow
+    // lib_freefuse/script_values.py incomplete_rows says the same when such a row is sent:
+    const NO_WORDS = "No activation words: this row acts as an ordinary LoRA until you type its subject's words";
+    const NO_LORA = "No LoRA: these words bind nothing until you pick one";
 
     /** 'harry potter, the boy' -> ['harry potter', 'the boy']: as lib_freefuse.core.prompt.split_phrases. */
     function splitPhrases(words) {
@@ -84,18 +91,24 @@
         const prompt = app().querySelector(`#${tab}_prompt textarea`);
         if (!prompt) return;
         const words = [];
+        const loras = [];
         for (let i = 0; i < ROWS; i++) {
             const box = field(`freefuse-${tab}-words-${i}`);
+            const lora = field(`freefuse-${tab}-lora-${i}`);
             words.push(box ? box.value : "");
+            loras.push(lora ? lora.value.trim() : "");
         }
-        const seen = JSON.stringify([prompt.value, words]);
+        const seen = JSON.stringify([prompt.value, words, loras]);
         if (lastSeen[tab] === seen) return;
         lastSeen[tab] = seen;
         words.forEach((text, i) => {
             const element = warning(tab, i);
             if (!element) return;
+            const phrases = splitPhrases(text).length > 0;
             const missing = missingPhrases(prompt.value, text);
-            const message = missing.length ? "Not in the prompt: " + missing.join(", ") : "";
+            let message = missing.length ? "Not in the prompt: " + missing.join(", ") : "";
+            if (loras[i] && !phrases) message = NO_WORDS;
+            if (!loras[i] && phrases) message = NO_LORA;
             // Write only what changed: every write is a DOM mutation, and mutations call onAfterUiUpdate again.
             if (element.textContent !== message) element.textContent = message;
             if (element.hidden !== !message) element.hidden = !message;
@@ -137,6 +150,21 @@
         if (tab && isOpen(tab)) addLora(tab, cardLoraName(card));
     }
 
+    /** The Lora tab's refresh button: once Forge has read the folder again, the rows' lists are read again too. */
+    function onRefresh(event) {
+        const button = event.target.closest && event.target.closest("[id$='_lora_extra_refresh']");
+        const tab = button && TABS.find((name) => button.id === `${name}_lora_extra_refresh`);
+        const reread = tab && app().querySelector(`#freefuse-${tab}-reread-loras`);
+        if (reread) setTimeout(() => reread.click(), REREAD_DELAY_MS);
+    }
+
+    /** The dropdowns' empty choice (there so that an empty row sends ""), kept out of their open lists. */
+    function hideEmptyChoice() {
+        const style = document.createElement("style");
+        style.textContent = "[id^='freefuse-'] ul.options li[aria-label=''] { display: none; }";
+        document.head.appendChild(style);
+    }
+
     function onInput(event) {
         const target = event.target;
         for (const tab of TABS) {
@@ -148,6 +176,8 @@
         const root = app();
         root.addEventListener("input", onInput);
         root.addEventListener("click", onClick);
+        root.addEventListener("click", onRefresh);
+        hideEmptyChoice();
         // Pasted parameters and server-side updates change values without input events: look again now and then.
         setInterval(() => TABS.forEach(refresh), 1000);
         TABS.forEach(refresh);

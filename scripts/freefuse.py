@@ -8,16 +8,35 @@ import gradio as gr
 from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
-from lib_freefuse.activation import activation_words, rows_from_prompt
-from lib_freefuse.args import FIELD_HELP, SUBJECT_FIELD_HELP, FreeFuseArgs
+from lib_freefuse.args import (
+    BUTTON_HELP,
+    FIELD_HELP,
+    SUBJECT_FIELD_HELP,
+    FreeFuseArgs,
+    subject_help_lines,
+)
 from lib_freefuse.forge.job import coverage_percent
 from lib_freefuse.forge.processing import run_state, start_run
+from lib_freefuse.forge.ui_events import (
+    capture_text,
+    fill_from_prompt,
+    literal,
+    lora_choices,
+    lora_names,
+    words_for_lora,
+)
 from lib_freefuse.forge.xyz import clear_previous_cell, register_axes, xyz_args
 from lib_freefuse.hosts import HostUnsupported, detect
 from lib_freefuse.infotext import COVERAGE_KEY, WARNINGS_KEY, args_from_params, infotext_params
 from lib_freefuse.log import configure, logger
 from lib_freefuse.overlay import mask_overlay
-from lib_freefuse.script_values import SETTING_KEYS, SUBJECT_ROWS, args_from_values, values_from_args
+from lib_freefuse.script_values import (
+    SETTING_KEYS,
+    SUBJECT_ROWS,
+    args_from_values,
+    incomplete_rows,
+    values_from_args,
+)
 
 configure(getattr(shared.cmd_opts, "freefuse_log_level", "INFO"))
 try:
@@ -26,59 +45,14 @@ except HostUnsupported as unknown:  # each job says so again, in its infotext to
     logger.warning("FreeFuse: %s", unknown)
 HELP = {entry.key: entry for entry in FIELD_HELP}
 DEFAULTS = FreeFuseArgs().to_dict()
+FILL, STYLES, REFRESH = (entry.label for entry in BUTTON_HELP)
 register_axes()  # now: an API-only server builds the scripts' UI before any before_ui callback
 script_callbacks.on_before_ui(register_axes)  # and before the UI, if X/Y/Z plot loads later (idempotent)
 
 
-def _lora_names() -> list[str]:
-    try:
-        import networks
-
-        return sorted(networks.available_network_aliases)
-    except Exception:  # the LoRA extension is disabled or not loaded yet: the box still takes any name
-        return []
-
-
-def _lora_path(name: str) -> str | None:
-    """The file of a LoRA named as in <lora:NAME:...> (alias or file name, as Forge resolves it); None if unknown."""
-    try:
-        import networks
-    except ImportError:  # the LoRA extension is disabled
-        return None
-    on_disk = networks.available_network_aliases.get(name) or networks.available_networks.get(name)
-    return getattr(on_disk, "filename", None)
-
-
-def _words_for_lora(lora: str, words: str):
-    """A row's words when the user picks its LoRA: the LoRA's activation words, only into an empty box."""
-    path = _lora_path(lora.strip()) if lora and not (words or "").strip() else None
-    found = activation_words(path) if path else None
-    if found is None:
-        return gr.update()
-    logger.info("FreeFuse: words of %s from its %s: %s", lora, found[1], found[0])
-    return found[0]
-
-
-def _fill_from_prompt(prompt: str) -> list:
-    """Every subject row from the prompt's <lora:...> tags (LoRA, activation words, weight); the other rows cleared."""
-    found = rows_from_prompt(prompt or "", _lora_path)
-    if not found:
-        gr.Info("FreeFuse: the prompt has no <lora:NAME:weight> tags")
-        return [gr.update()] * (3 * SUBJECT_ROWS)
-    if len(found) > SUBJECT_ROWS:
-        gr.Warning(f"FreeFuse: {len(found)} LoRA tags but {SUBJECT_ROWS} rows: the first {SUBJECT_ROWS} are used")
-    rows = (found + [{"lora": "", "words": "", "weight": 1.0}] * SUBJECT_ROWS)[:SUBJECT_ROWS]
-    return [v for row in rows for v in (row["lora"], row["words"], min(2.0, max(-2.0, row["weight"])))]
-
-
-def _capture_text(steps, capture_step) -> str:
-    """The capture step FreeFuse will use for this step count, as the accordion shows it."""
-    try:
-        args = FreeFuseArgs(capture_step=int(capture_step) or None)
-        step, note = args.resolved_capture_step(int(steps)), args.capture_step_note(int(steps))
-    except (TypeError, ValueError) as error:
-        return f"Capture step: {error}"
-    return f"Masks are made at step **{step}** of {int(steps)}" + (f" ({note})" if note else "")
+def _value(component):
+    """A component's value at start-up (None without one)."""
+    return None if component is None else component.value
 
 
 def _paste(index: int):
@@ -135,22 +109,28 @@ class FreeFuseScript(scripts.Script):
             self.steps_slider = component  # UI wiring only: shows the capture step resolved for the step count
         if kwargs.get("elem_id") == f"{'img2img' if self.is_img2img else 'txt2img'}_prompt":
             self.prompt_box = component  # UI wiring only: "Fill from prompt" reads it
+        if self.is_img2img and kwargs.get("elem_id") == "img2img_denoising_strength":
+            self.denoising_slider = component  # UI wiring only: the capture step counts the steps img2img runs
 
     def ui(self, is_img2img):
         prefix = f"freefuse-{'img2img' if is_img2img else 'txt2img'}"
         lora, words, weight = SUBJECT_FIELD_HELP
         with InputAccordion(False, label="FreeFuse", elem_id=prefix) as enabled:
-            gr.Markdown(HELP["subjects"].help)
+            first, *more = subject_help_lines()  # <lora:NAME:...> shown as written:
+            gr.Markdown(
+                "\n".join(literal(line) for line in [first, *(f"- {m}" for m in more)]), elem_id=f"{prefix}-help"
+            )
             rows = []
             for index in range(SUBJECT_ROWS):
                 with gr.Row(elem_id=f"{prefix}-subject-{index}"):
                     rows.append(
                         gr.Dropdown(
                             # "" first: with an empty value, Gradio 4's dropdown shows and sends its first choice
-                            ["", *_lora_names()],
+                            # (javascript/freefuse.js hides that empty choice in the open list)
+                            ["", *lora_names()],
                             value="",
                             allow_custom_value=True,
-                            label=lora.label,
+                            label=f"{index + 1}. {lora.label}",  # numbered as the warnings name rows
                             elem_id=f"{prefix}-lora-{index}",
                             scale=2,
                         )
@@ -175,21 +155,31 @@ class FreeFuseScript(scripts.Script):
                             scale=1,
                         )
                     )
-            fill = gr.Button("Fill from prompt", size="sm", elem_id=f"{prefix}-fill-from-prompt")
+            with gr.Row():
+                fill = gr.Button(FILL, size="sm", elem_id=f"{prefix}-fill-from-prompt")
+                styles = gr.Checkbox(False, label=STYLES, elem_id=f"{prefix}-fill-styles")
+                rescan = gr.Button(REFRESH, size="sm", elem_id=f"{prefix}-refresh-loras")
+                reread = gr.Button(visible=False, elem_id=f"{prefix}-reread-loras")  # after the Lora tab's refresh
             with gr.Accordion("Advanced", open=False, elem_id=f"{prefix}-advanced"):
-                resolved = gr.Markdown(_capture_text(20, 0), elem_id=f"{prefix}-capture-resolved")
+                denoising = getattr(self, "denoising_slider", None) if is_img2img else None
+                line = capture_text(getattr(getattr(self, "steps_slider", None), "value", 20), 0, _value(denoising))
+                resolved = gr.Markdown(line, elem_id=f"{prefix}-capture-resolved")
                 settings = [_setting(key, prefix) for key in SETTING_KEYS]
         steps = getattr(self, "steps_slider", None)
         capture = settings[SETTING_KEYS.index("capture_step")]
         if steps is not None:
-            for source in (steps, capture):
-                source.change(_capture_text, inputs=[steps, capture], outputs=[resolved], show_progress=False)
+            sources = [steps, capture] + ([denoising] if denoising is not None else [])
+            for source in sources:
+                source.change(capture_text, inputs=sources, outputs=[resolved], show_progress=False)
         for index in range(SUBJECT_ROWS):
             lora_box, words_box = rows[3 * index], rows[3 * index + 1]
-            lora_box.input(_words_for_lora, inputs=[lora_box, words_box], outputs=[words_box], show_progress=False)
+            lora_box.input(words_for_lora, inputs=[lora_box, words_box], outputs=[words_box], show_progress=False)
+        loras = rows[0::3]
+        rescan.click(lambda: lora_choices(True), outputs=loras, show_progress=False)
+        reread.click(lambda: lora_choices(False), outputs=loras, show_progress=False)
         prompt_box = getattr(self, "prompt_box", None)
         if prompt_box is not None:
-            fill.click(_fill_from_prompt, inputs=[prompt_box], outputs=rows, show_progress=False)
+            fill.click(fill_from_prompt, inputs=[prompt_box, styles, *rows], outputs=rows, show_progress=False)
         components = [enabled, *rows, *settings]
         self.infotext_fields = [(c, _paste(i)) for i, c in enumerate(components)]
         return components
@@ -202,8 +192,12 @@ class FreeFuseScript(scripts.Script):
             _reject_job(p, f"FreeFuse: {error}")
             return
         p.freefuse_args = args
+        for note in incomplete_rows(values):  # a half-filled row is left out, named, and the image is made
+            run_state(p).warn(note)
         if args.enabled:
             p.extra_generation_params.update(infotext_params(args))
+        elif getattr(p, "freefuse_state", None) is not None:  # FreeFuse off for want of a complete row
+            p.extra_generation_params[WARNINGS_KEY] = "; ".join(p.freefuse_state.warnings)
 
     def process_before_every_sampling(self, p, *values, **kwargs):
         args = getattr(p, "freefuse_args", None)

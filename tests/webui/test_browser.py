@@ -1,5 +1,7 @@
-"""FreeFuse in Forge's real page, driven by headless Chromium (Selenium): fill two bindings, generate, see the mask
-overlay, see the live missing-word warning, paste the infotext back and see the accordion restored.
+"""FreeFuse in Forge's real page, driven by headless Chromium (Selenium): fill two bindings and a half-filled row,
+generate, see the mask overlay and the row's warning, see the live hints, paste the infotext back and see the
+accordion restored; LoRA cards, activation words, "Fill from prompt", the LoRA list's refresh, the help, img2img's
+capture-step line.
 
 Needs Debian's `chromium` and `chromium-driver` (/usr/bin/chromium, /usr/bin/chromedriver; FREEFUSE_CHROMIUM and
 FREEFUSE_CHROMEDRIVER override the paths) and `selenium` in the test process; skips with the reason otherwise.
@@ -18,6 +20,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from lib_freefuse.args import FreeFuseArgs
 
 CHROMIUM = os.environ.get("FREEFUSE_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("FREEFUSE_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -38,6 +42,9 @@ TAB = "txt2img"
 FF = f"freefuse-{TAB}"
 BINDINGS = (("tiny_lora_a", "cat"), ("tiny_lora_b", "dog"))
 PROMPT = "a photo of a cat and a dog in a garden <lora:tiny_lora_a:0.8> <lora:tiny_lora_b:0.8>"
+# javascript/freefuse.js's hints under a half-filled row
+NO_WORDS = "No activation words: this row acts as an ordinary LoRA until you type its subject's words"
+NO_LORA = "No LoRA: these words bind nothing until you pick one"
 
 
 def _browser_missing() -> str:
@@ -198,6 +205,34 @@ class Page:
     def infotext(self) -> str:
         return self.js(f"const e = document.querySelector('#html_info_{TAB}'); return e ? e.innerText.trim() : '';")
 
+    def text(self, css: str) -> str:
+        """The text of an element as shown (innerText), "" when absent."""
+        return self.js("const e = document.querySelector(arguments[0]); return e ? e.innerText : '';", css)
+
+    def options(self, elem_id: str) -> tuple[list[str], list[str]]:
+        """Open a dropdown's list: (the choices it shows, those it hides); closed again with Escape."""
+        from selenium.webdriver.common.keys import Keys
+
+        box = self.find(f"#{elem_id} input")
+        self.js("arguments[0].blur()", box)  # Gradio opens the list on focus: a box still focused would not open
+        box.click()
+        self.wait(
+            lambda d: self.js(f"return document.querySelectorAll('#{elem_id} ul.options li').length > 0"), "a list"
+        )
+        shown, hidden = self.js(
+            f"""const shown = [], hidden = [];
+            for (const li of document.querySelectorAll('#{elem_id} ul.options li'))
+                (li.offsetParent ? shown : hidden).push(li.getAttribute('aria-label'));
+            return [shown, hidden];"""
+        )
+        box.send_keys(Keys.ESCAPE)
+        self.js("arguments[0].blur()", box)
+        return shown, hidden
+
+    def page_says(self, text: str) -> bool:
+        """True when the page shows `text` anywhere (a pop-up's message, a help line)."""
+        return bool(self.js("return document.body.innerText.includes(arguments[0])", text))
+
     def missing(self, row: int) -> str:
         """The text of freefuse.js's live warning under a row's words; "" when hidden or absent."""
         return self.js(
@@ -247,7 +282,8 @@ def test_fill_generate_see_masks_paste_back(webui, browser, tmp_path):
         "/sdapi/v1/options",
         {
             "sd_model_checkpoint": webui.checkpoint_title,
-            "forge_checkpoint_flux": webui.checkpoint_title,  # Neo: each UI preset remembers its own checkpoint
+            # Neo: each UI preset remembers its own checkpoint (classic has no such option, and refuses it)
+            **({"forge_checkpoint_flux": webui.checkpoint_title} if webui.neo else {}),
             "forge_preset": "flux",
             "flux_t2i_width": 64,
             "flux_t2i_height": 64,
@@ -289,8 +325,21 @@ def _run(page: Page, webui) -> None:
     page.number(f"{TAB}_seed", 1234)
     page.set_prompt(PROMPT)
 
-    # 2. FreeFuse: open (= enable), bind the two LoRAs, capture block 1 (the tiny model has 2 double blocks), masks
+    # 2. FreeFuse: open (= enable); its help shows every column, <lora:NAME:...> as written; the rows are numbered
     page.open_accordion(FF)
+    help_text = page.text(f"#{FF}-help")
+    for expected in (
+        "binds a LoRA (its <lora:NAME:...> name)",
+        "Weight: LoRA strength used only when the prompt has no <lora:NAME:...> tag for this LoRA",
+        "Fill from prompt: one row per <lora:NAME:weight> tag",
+        "Also LoRAs without activation words (styles): ",
+    ):
+        assert expected in help_text, f"{expected!r} not in the help:\n{help_text}"
+    assert [page.text(f"#{FF}-lora-{i} [data-testid=block-info]").strip() for i in range(4)] == [
+        f"{i}. LoRA" for i in (1, 2, 3, 4)
+    ]
+    page.shot("help")
+    # bind the two LoRAs, capture block 1 (the tiny model has 2 double blocks), masks
     for row, (lora, words) in enumerate(BINDINGS):
         page.type_into(f"#{FF}-words-{row} textarea", words)  # words first: picking a LoRA fills only empty words
         page.choose(f"{FF}-lora-{row}", lora)
@@ -298,6 +347,10 @@ def _run(page: Page, webui) -> None:
     page.number(f"{FF}-capture-block", 1)
     page.tick(f"{FF}-show-masks")
     _assert_accordion(page, BINDINGS, "1", True)
+    # a half-filled third row (a LoRA, no words yet): its hint says so, and it must not cost the job
+    page.type_into(f"#{FF}-lora-2 input", "c_new")
+    page.wait(lambda d: page.missing(2) == NO_WORDS, f"#{FF}-missing-2 to say the row has no words")
+    assert page.missing(0) == page.missing(1) == "", "a hint under a complete row"
     page.mark("form filled")
     page.shot("filled")
 
@@ -326,15 +379,15 @@ def _run(page: Page, webui) -> None:
         "Seed: 1234",
         "Size: 64x64",
         f"Model: {webui.checkpoint}",
-        "FreeFuse subjects:",
+        'FreeFuse: "tiny_lora_a: cat; tiny_lora_b: dog"',  # the bindings as one readable line
         "FreeFuse capture block: 1",
         "FreeFuse show masks: True",
         "FreeFuse coverage:",
+        # the half-filled row, numbered as on screen, is the job's one warning
+        'FreeFuse warnings: "row 3 (c_new): no activation words: it acts as an ordinary LoRA"',
     ):
         assert expected in infotext, f"{expected!r} not in the infotext:\n{infotext}"
-    assert "FreeFuse warnings" not in infotext, infotext
-    for lora, words in BINDINGS:
-        assert f'"lora": "{lora}", "words": "{words}"' in infotext.replace('\\"', '"'), infotext
+    assert infotext.count("FreeFuse warnings") == 1 and "FreeFuse subjects" not in infotext, infotext
     page.find(f'#{TAB}_gallery .thumbnail-item img[src="{images[1]["src"]}"]').click()  # preview the overlay
     page.wait(
         lambda d: page.js(
@@ -352,6 +405,9 @@ def _run(page: Page, webui) -> None:
     page.wait(lambda d: "unicorn" in page.missing(1), f"#{FF}-missing-1 to name the missing phrase")
     assert page.missing(1) == "Not in the prompt: unicorn" and page.missing(0) == ""
     page.shot("missing-word")
+    page.type_into(f"#{FF}-lora-2 input", "")  # words without a LoRA: the hint says that instead
+    page.type_into(f"#{FF}-words-2 textarea", "garden")
+    page.wait(lambda d: page.missing(2) == NO_LORA, f"#{FF}-missing-2 to say the row has no LoRA")
     from selenium.webdriver.common.keys import Keys
 
     page.find(f"#{TAB}_prompt textarea").send_keys(Keys.CONTROL, Keys.END)
@@ -440,6 +496,8 @@ def _run_lora_cards(page: Page, webui) -> None:
     assert rows() == ["tiny_lora_b", "", "", ""], rows()
     prompt = page.value(prompt_css)
     assert prompt.startswith("a photo of a cat and a dog") and len(_lora_tag("tiny_lora_b").findall(prompt)) == 1
+    # no metadata here: the row has no words, and its hint asks for them (a job would warn, not fail)
+    page.wait(lambda d: page.missing(0) == NO_WORDS, f"#{FF}-missing-0 to say the row needs words")
     page.shot("card-b")
 
     # 3. tiny_lora_a's card: the next empty row, and its tag after b's
@@ -452,11 +510,14 @@ def _run_lora_cards(page: Page, webui) -> None:
     page.shot("card-a")
     page.mark("cards while open")
 
-    # 4. the rows are kept when the user goes back to the Generation tab (what the server sees, after a blur)
+    # 4. the rows are kept when the user goes back to the Generation tab (what the server sees, after a blur); the
+    #    words the user then types end the hint
     generation_tab()
     assert page.accordion_open(FF)
     page.wait_value(f"#{FF}-lora-0 input", "tiny_lora_b")
     page.wait_value(f"#{FF}-lora-1 input", "tiny_lora_a")
+    page.type_into(f"#{FF}-words-0 textarea", "dog")
+    page.wait(lambda d: page.missing(0) == "", f"#{FF}-missing-0 to go once the row has words")
 
     # 5. the user empties row 1 and closes the accordion: a click on tiny_lora_a's card (which would go to row 1 if
     #    FreeFuse were open) now only toggles Forge's tag, and the rows stay as they are
@@ -470,6 +531,24 @@ def _run_lora_cards(page: Page, webui) -> None:
     assert rows() == ["tiny_lora_b", "", "", ""], rows()
     page.shot("card-a-closed")
     page.mark("card while closed")
+
+    # 6. a LoRA file added after start-up: the Lora tab's own refresh shows its card, and the rows' lists learn it
+    added = webui.data_dir / "models" / "Lora" / "tiny_lora_new.safetensors"
+    added.write_bytes((webui.data_dir / "models" / "Lora" / "tiny_lora_a.safetensors").read_bytes())
+    try:
+        page.find(f"#{TAB}_lora_extra_refresh").click()
+        page.find(f'#{TAB}_lora_cards .card[data-name="tiny_lora_new"]')
+        generation_tab()
+        page.open_accordion(FF)
+        page.wait(
+            lambda d: "tiny_lora_new" in page.options(f"{FF}-lora-3")[0],
+            f"#{FF}-lora-3's list to offer tiny_lora_new after the Lora tab's refresh",
+        )
+        page.shot("refreshed-by-lora-tab")
+    finally:
+        added.unlink(missing_ok=True)
+        webui.post("/sdapi/v1/refresh-loras", {})
+    page.mark("lora tab refresh")
 
 
 # ------------------------------------------------------------------------------ activation words from metadata
@@ -544,3 +623,58 @@ def _run_activation_words(page: Page, webui) -> None:
     assert page.value(f"#{TAB}_prompt textarea") == FILL_PROMPT
     page.shot("filled-from-prompt")
     page.mark("filled from prompt")
+
+    # 3. the user's own words for tiny_lora_a; b's row emptied, and tiny_lora_b loses its metadata (a style now).
+    #    Fill again: a's words are kept, b is left out (the pop-up says why); ticked, b gets a row without words
+    #    and its hint
+    page.type_into(f"#{FF}-words-1 textarea", "kitty")
+    page.type_into(f"#{FF}-lora-0 input", "")
+    page.type_into(f"#{FF}-words-0 textarea", "")
+    (webui.data_dir / "models" / "Lora" / "tiny_lora_b.json").unlink()
+    page.find(f"#{FF}-fill-from-prompt").click()
+    expected = [("tiny_lora_a", "kitty", "0.9"), *empty[1:]]
+    page.wait(lambda d: rows() == expected, f"a's words kept and b left out (rows: {rows()})")
+    page.wait(lambda d: page.page_says("left out tiny_lora_b: no activation words"), "the pop-up naming b")
+    page.shot("style-left-out")
+    page.tick(f"{FF}-fill-styles")
+    page.find(f"#{FF}-fill-from-prompt").click()
+    expected = [("tiny_lora_b", "", "0.7"), ("tiny_lora_a", "kitty", "0.9"), *empty[2:]]
+    page.wait(lambda d: rows() == expected, f"the style bound too when asked (rows: {rows()})")
+    page.wait(lambda d: page.missing(0) == NO_WORDS, f"#{FF}-missing-0 to say the row needs words")
+    page.shot("style-included")
+
+    # 4. a prompt without tags: the pop-up shows <lora:NAME:weight> as written
+    page.set_prompt("a cat and a dog")
+    page.find(f"#{FF}-fill-from-prompt").click()
+    page.wait(lambda d: page.page_says("the prompt has no <lora:NAME:weight> tags"), "the no-tags pop-up, literally")
+    page.shot("no-tags")
+    page.mark("fill rules")
+
+    # 5. a LoRA file added after start-up: the refresh button beside the rows reads the folder again; the lists do
+    #    not show their empty choice
+    added = webui.data_dir / "models" / "Lora" / "tiny_lora_c.safetensors"
+    added.write_bytes((webui.data_dir / "models" / "Lora" / "tiny_lora_a.safetensors").read_bytes())
+    try:
+        assert "tiny_lora_c" not in page.options(f"{FF}-lora-3")[0]
+        page.find(f"#{FF}-refresh-loras").click()
+        page.wait(lambda d: "tiny_lora_c" in page.options(f"{FF}-lora-3")[0], "tiny_lora_c in the refreshed list")
+        shown, hidden = page.options(f"{FF}-lora-3")
+        assert "" not in shown and hidden == [""] and {"tiny_lora_a", "tiny_lora_b"} <= set(shown), (shown, hidden)
+        page.shot("refreshed")
+    finally:
+        added.unlink(missing_ok=True)
+        webui.post("/sdapi/v1/refresh-loras", {})
+    page.mark("refresh button")
+
+    # 6. img2img: the capture-step line counts the steps the denoising strength runs (20 steps at 0.5: 11)
+    page.find("#tab_img2img-button").click()
+    page.open_accordion("freefuse-img2img")
+    page.open_accordion("freefuse-img2img-advanced")
+    page.number("img2img_steps", 20)
+    page.number("img2img_denoising_strength", 0.5)
+    step = FreeFuseArgs().resolved_capture_step(11)
+    line = f"Masks are made at step {step} of the 11 that denoising 0.5 runs of 20"
+    page.wait(lambda d: page.text("#freefuse-img2img-capture-resolved").strip() == line, f"the line {line!r}")
+    page.js("document.querySelector('#freefuse-img2img-capture-resolved').scrollIntoView({block: 'center'})")
+    page.shot("img2img-steps")
+    page.mark("img2img steps")

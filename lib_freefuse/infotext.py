@@ -24,6 +24,10 @@ COVERAGE_KEY = "FreeFuse coverage"  # percent of each image each subject's mask 
 WARNINGS_KEY = "FreeFuse warnings"
 KEYS_WITHOUT_PREFIX = (BINDINGS_KEY,)  # every other key starts with "FreeFuse "
 
+# Defaults that changed, with the version that changed them: an infotext written before it ran with the old value,
+# which is not in it (defaults are left out), so it is filled in on the way back to reproduce that image.
+CHANGED_DEFAULTS: tuple[tuple[tuple[int, ...], str, object], ...] = (((0, 2, 0), "slic_max_side", 512),)
+
 _ROW_SEPARATOR = "; "
 _WEIGHTED_NAME = re.compile(r"(.*?) \(([^()]*)\)")  # "b (0.9)"
 
@@ -91,4 +95,16 @@ def args_from_params(params: Mapping[str, object]) -> FreeFuseArgs | None:
         return None
     values: dict[str, object] = {"enabled": True, "subjects": subjects}
     values.update((key, params[setting_key(key)]) for key in SETTING_KEYS if setting_key(key) in params)
+    written_by = _version(params.get(VERSION_KEY))
+    for changed_in, key, old_default in CHANGED_DEFAULTS:
+        if written_by < changed_in:
+            values.setdefault(key, old_default)
     return FreeFuseArgs.from_dict(values)
+
+
+def _version(text: object) -> tuple[int, ...]:
+    """ "0.1.0" -> (0, 1, 0); a missing or unreadable version counts as the oldest."""
+    try:
+        return tuple(int(part) for part in str(text).strip().split("."))
+    except ValueError:
+        return ()

@@ -35,7 +35,7 @@ class MaskConfig:
     superpixel_vote: bool = True  # Eq. 11-13: one owner per SLIC superpixel of x0
     n_segments: int | None = None  # None: sqrt(pixel count of the image), as the paper
     compactness: float = 10.0  # SLIC compactness, as the paper
-    slic_max_side: int = 512  # SLIC runs on a copy downscaled to this long side
+    slic_max_side: int = 256  # SLIC runs on a copy downscaled to this long side (README "Superpixel image size")
     soft: bool = False  # token masks as area fractions instead of 0/1
     cross_attention: str = "text_queries"  # CROSS_ATTENTION_CHOICES: Eq. 5 as the paper, or the transposed scores
     contrastive: str = "off"  # CONTRASTIVE_CHOICES: Eq. 9's top tokens by M_l (the paper) or by a contrast

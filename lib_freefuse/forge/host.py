@@ -218,7 +218,7 @@ class PerTokenModulation:
             if mode == "global":
                 out = (base + per_subject.sum(dim=1))[:, None, :]
             else:
-                out = torch.baddbmm(base[:, None, :], masks.to(per_subject), per_subject)  # (B, T, M*D)
+                out = _per_token(base, per_subject, masks.to(per_subject))  # (B, T, M*D)
         return out.chunk(self.multiplier, dim=-1)
 
     def subject_outputs(self, hidden: torch.Tensor, width: int) -> torch.Tensor:
@@ -228,6 +228,22 @@ class PerTokenModulation:
             rows = slice(None) if delta.rows is None else slice(delta.rows[0], delta.rows[0] + delta.rows[1])
             out[:, subject, rows] += _delta_output(delta, hidden, self._cast)
         return out
+
+
+def _per_token(base: torch.Tensor, per_subject: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """base (B, W) + masks (B|1, T, L) @ per_subject (B, L, W) -> (B, T, W).
+
+    Hard masks (0/1, at most one subject per token) give each token one of L + 1 rows, base + subject l's delta or
+    base alone, so the rows are computed once and copied per token; soft masks take the weighted sum.
+    """
+    batch, n_subjects = per_subject.shape[0], per_subject.shape[1]
+    owned = masks.sum(dim=-1)  # (B|1, T)
+    if not (bool(((masks == 0) | (masks == 1)).all()) and bool((owned <= 1).all())):
+        return torch.baddbmm(base[:, None, :], masks, per_subject)
+    owner = torch.where(owned > 0, masks.argmax(dim=-1), n_subjects).expand(batch, -1)  # (B, T), L = nobody
+    rows = torch.cat([base[:, None, :] + per_subject, base[:, None, :]], dim=1)  # (B, L + 1, W)
+    offsets = torch.arange(batch, device=owner.device)[:, None] * (n_subjects + 1)
+    return rows.flatten(0, 1).index_select(0, (owner + offsets).flatten()).view(batch, owner.shape[1], -1)
 
 
 def _delta_output(delta: SubjectWeightDelta, x: torch.Tensor, cache: dict) -> torch.Tensor:

@@ -110,7 +110,7 @@ def changed_everywhere() -> FreeFuseArgs:
         superpixel_vote=False,
         n_segments=300,
         compactness=20.0,
-        slic_max_side=256,
+        slic_max_side=384,
         soft=True,
         cross_attention="image_queries",
         contrastive="strongest",

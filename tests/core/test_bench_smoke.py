@@ -24,6 +24,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 TIERS = {
     "bench_extract_masks.py": "core",
     "bench_masked_lora.py": "core",
+    "bench_slic_size.py": "core",
     "bench_forge_generation.py": "forge",
 }
 
@@ -96,3 +97,12 @@ def test_masked_lora_smoke():
         for name in ("StackedLoRA (ii) / unmasked (iii)", "add_to (v) / unmasked addmm_ (vi)")
         for dtype in ("float32", "bfloat16")
     }
+
+
+def test_slic_size_smoke():
+    stdout = run_smoke("bench_slic_size.py")
+    found = ratios(stdout)
+    assert set(found) == {"extraction at slic_max_side 64 / 512"}
+    rows = re.findall(r"^\s+(\d+)\s+(\d\.\d{3})\s+(\d\.\d{3})\s", stdout, re.M)
+    assert [size for size, *_ in rows] == ["64", "512"]
+    assert all(0.5 < float(iou) <= 1.0 for _, iou, _ in rows)  # masks that find the planted regions at both sizes

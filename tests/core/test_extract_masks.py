@@ -188,7 +188,7 @@ def test_config_defaults_follow_algorithm_md():
         "superpixel_vote": True,
         "n_segments": None,
         "compactness": 10.0,
-        "slic_max_side": 512,
+        "slic_max_side": 256,
         "soft": False,
         "cross_attention": "text_queries",
         # options beyond the paper, off by default

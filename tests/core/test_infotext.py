@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import lib_freefuse
 from lib_freefuse.args import FreeFuseArgs
 from lib_freefuse.forge.xyz import clear_previous_cell
 from lib_freefuse.infotext import (
@@ -87,6 +88,22 @@ def test_old_infotexts_with_the_json_subjects_still_paste():
     old = {SUBJECTS_KEY: '[{"lora": "a", "words": "cat"}, {"lora": "b", "words": "dog", "weight": 0.8}]'}
     args = args_from_params(forge_roundtrip(old))
     assert [(s.lora, s.words, s.weight) for s in args.subjects] == [("a", "cat", 1.0), ("b", "dog", 0.8)]
+
+
+@pytest.mark.parametrize(
+    ("version", "given", "pasted"),
+    [
+        ("0.1.0", None, 512),  # written when 512 was the default, so it was left out: that image used 512
+        (None, None, 512),  # no version: as old as it gets
+        ("0.1.0", "384", 384),  # a value written is a value kept
+        (lib_freefuse.__version__, None, FreeFuseArgs().mask.slic_max_side),
+    ],
+)
+def test_an_old_infotext_keeps_the_defaults_it_was_made_with(version, given, pasted):
+    params = {BINDINGS_KEY: "a: cat", VERSION_KEY: version, setting_key("slic_max_side"): given}
+    args = args_from_params(forge_roundtrip({k: v for k, v in params.items() if v is not None}))
+    assert args.mask.slic_max_side == pasted
+    assert FreeFuseArgs().mask.slic_max_side != 512  # else this test proves nothing
 
 
 def test_an_xyz_cell_drops_the_bindings_of_the_cell_before():

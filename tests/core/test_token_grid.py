@@ -46,6 +46,7 @@ def test_uncovered_pixels_stay_unowned_in_hard_masks():
     ("grid", "image_hw", "max_side", "scale"),
     [
         ((64, 64), (1024, 1024), 512, 8),  # FLUX 1024x1024: SLIC on 512x512
+        ((64, 64), (1024, 1024), 256, 4),  # the default: 4 x 4 pixels per token
         ((32, 96), (512, 1536), 512, 5),  # very wide: 160x480
         ((4, 4), (64, 64), 512, 16),  # tiny image: never upsampled past its own resolution
         ((128, 128), (2048, 2048), 64, 1),  # at least one pixel per token

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..args import MODULATION_CHOICES, PRE_MASK_CHOICES, FreeFuseArgs, SubjectBinding
-from ..core import CROSS_ATTENTION_CHOICES, TEXT_LORA_CHOICES
+from ..args import BACKGROUND_CHOICES, MODULATION_CHOICES, PRE_MASK_CHOICES, FreeFuseArgs, SubjectBinding
+from ..core import CONTRASTIVE_CHOICES, CROSS_ATTENTION_CHOICES, TEXT_LORA_CHOICES
 from ..log import logger
 from ..script_values import SUBJECT_ROWS
 
@@ -65,6 +65,11 @@ AXES: tuple[Axis, ...] = (
     Axis(f"{LABEL_PREFIX}modulation", "modulation", str, MODULATION_CHOICES),
     Axis(f"{LABEL_PREFIX}word-to-image attention", "cross_attention", str, CROSS_ATTENTION_CHOICES),
     Axis(f"{LABEL_PREFIX}LoRAs on text tokens", "text_loras", str, TEXT_LORA_CHOICES),
+    Axis(f"{LABEL_PREFIX}contrastive seeds", "contrastive", str, CONTRASTIVE_CHOICES),
+    Axis(f"{LABEL_PREFIX}background", "background", str, BACKGROUND_CHOICES),
+    Axis(f"{LABEL_PREFIX}background threshold", "background_threshold", float),
+    Axis(f"{LABEL_PREFIX}fill holes", "fill_holes", float),
+    Axis(f"{LABEL_PREFIX}superpixel image size", "slic_max_side", int),
     *_weight_axes(),
 )
 

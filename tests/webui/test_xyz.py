@@ -19,6 +19,11 @@ MORE = (
     "modulation",
     "word-to-image attention",
     "LoRAs on text tokens",
+    "contrastive seeds",
+    "background",
+    "background threshold",
+    "fill holes",
+    "superpixel image size",
     "subject LoRA weight",
 )
 FREEFUSE_AXES = [f"FreeFuse {name}" for name in (*SETTINGS, *MORE, *(f"subject {i} LoRA weight" for i in range(1, 5)))]

@@ -40,6 +40,11 @@ class StackedLoRA:
         self.up = torch.cat([u.to(device) for u in ups], dim=1)  # (d_out, R)
         self.rank_subject = torch.repeat_interleave(torch.tensor(subjects), torch.tensor(ranks))  # (R,)
         self.rank_scale = torch.repeat_interleave(torch.tensor([float(s) for s in scales]), torch.tensor(ranks))
+        # Equal ranks (the usual case): the (B, T, R) activations scale as (B, T, n_loras, r) by one weight per LoRA,
+        # computed from n_loras mask values per token instead of R.
+        self.rank = ranks[0] if len(set(ranks)) == 1 else None
+        self.lora_subject = torch.tensor(subjects)  # (n_loras,)
+        self.lora_scale = torch.tensor([float(s) for s in scales])  # (n_loras,)
         self._cast: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
 
     def factors(
@@ -54,6 +59,13 @@ class StackedLoRA:
                 self.rank_subject.to(device),
                 self.rank_scale.to(device=device, dtype=dtype),
             )
+        return self._cast[key]
+
+    def _lora_weights(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """LoRA -> subject index (n_loras,) and scales (n_loras,) in the given dtype/device (cached)."""
+        key = ("lora", dtype, device)
+        if key not in self._cast:
+            self._cast[key] = (self.lora_subject.to(device), self.lora_scale.to(device=device, dtype=dtype))
         return self._cast[key]
 
     def __call__(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -81,9 +93,19 @@ class StackedLoRA:
         """(x A^T) scaled per rank by its subject's mask and scale: (B, T, R)."""
         _check_call(x, masks, self.d_in, self.n_subjects)
         down, _, rank_subject, rank_scale = self.factors(x.dtype, x.device)
-        hidden = x @ down.T  # (B, T, R)
-        rank_weight = masks.to(device=x.device, dtype=x.dtype).index_select(-1, rank_subject) * rank_scale
-        return hidden.mul_(rank_weight)
+        masks = masks.to(device=x.device, dtype=x.dtype)
+        if self.rank is None:
+            weight = masks.index_select(-1, rank_subject) * rank_scale  # (B|1, T, R)
+            hidden = x @ down.T  # (B, T, R)
+            scaled = hidden
+        else:
+            lora_subject, lora_scale = self._lora_weights(x.dtype, x.device)
+            weight = (masks.index_select(-1, lora_subject) * lora_scale).unsqueeze(-1)  # (B|1, T, n_loras, 1)
+            hidden = x @ down.T  # (B, T, R)
+            scaled = hidden.view(*hidden.shape[:2], -1, self.rank)  # (B, T, n_loras, r)
+        for rows in _serial_chunks(x.device, hidden.shape[1], hidden.shape[0] * hidden.shape[2]):
+            scaled[:, rows].mul_(weight[:, rows])
+        return hidden
 
 
 def masked_lora_delta(

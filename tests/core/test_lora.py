@@ -195,3 +195,20 @@ def test_equals_naive_sum_when_stacking_and_scaling_run_in_chunks(ranks):
     masks = random_masks(batch=1, tokens=tokens, subjects=len(ranks) + 1, seed=6)  # batch-shared, a spare column
     got = masked_lora_delta(x, downs, ups, scales, masks)
     torch.testing.assert_close(got.double(), naive_delta(x, downs, ups, scales, masks), atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ranks", [(16, 16), (4, 4, 4), (16, 16, 5)])
+@pytest.mark.parametrize("mask_batch", [1, 2])
+def test_stack_scales_by_subject_in_chunks_over_many_tokens(ranks, mask_batch):
+    """Equal ranks scale (B, T, n_loras, r), unequal ones (B, T, R); either in several chunks of tokens (R * B * T is
+    well above the serial grain size here), with masks for the batch or shared by it, and subjects shared by LoRAs."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3000, 24, generator=gen)
+    downs, ups, scales = make_loras(ranks)
+    subjects = [1, 0, 1][: len(ranks)]
+    masks = torch.rand(mask_batch, 3000, 2, generator=gen)
+    got = StackedLoRA(downs, ups, scales, subjects=subjects)(x, masks)
+    expected = naive_delta(x, downs, ups, scales, masks[..., subjects].expand(2, -1, -1))
+    torch.testing.assert_close(got.double(), expected, atol=1e-3, rtol=1e-5)
+    one_shot = masked_lora_delta(x, downs, ups, scales, masks[..., subjects])
+    torch.testing.assert_close(got, one_shot, atol=1e-4, rtol=1e-5)

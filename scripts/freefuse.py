@@ -15,6 +15,7 @@ from lib_freefuse.args import (
     FreeFuseArgs,
     subject_help_lines,
 )
+from lib_freefuse.forge import adetailer
 from lib_freefuse.forge.job import coverage_percent
 from lib_freefuse.forge.processing import run_state, start_run
 from lib_freefuse.forge.ui_events import (
@@ -185,6 +186,12 @@ class FreeFuseScript(scripts.Script):
         return components
 
     def process(self, p, *values):
+        if adetailer.is_adetailer_pass(p):  # a region of an image FreeFuse made: only its owner's LoRA redraws it
+            adetailer.redraw_pass(p)
+            return
+        if hasattr(p, "freefuse_args"):  # again for a job under way (ADetailer, after a batch's last image): keep it
+            return
+        adetailer.unlink()
         clear_previous_cell(p)  # X/Y/Z plot cells share one extra_generation_params dict
         try:
             args = xyz_args(args_from_values(values), p)  # with an X/Y/Z plot cell's values
@@ -225,11 +232,18 @@ class FreeFuseScript(scripts.Script):
             p.extra_generation_params[COVERAGE_KEY] = json.dumps(
                 {name: [round(image[i], 1) for image in coverage] for i, name in enumerate(state.subject_names)}
             )
+            adetailer.link_job(p)
         else:
             p.extra_generation_params.pop(COVERAGE_KEY, None)
+        if note := adetailer.adetailer_leaves_out(p, self.filename):
+            state.warn(note)
         failures = [job.failure for job in state.jobs if job.failure]
         if failures or state.warnings:
             p.extra_generation_params[WARNINGS_KEY] = "; ".join(dict.fromkeys([*failures, *state.warnings]))
+
+    def postprocess_image(self, p, pp, *values):
+        if getattr(p, "freefuse_args", None) is not None:
+            adetailer.forget_other_image(p)
 
     def postprocess(self, p, processed, *values):
         args = getattr(p, "freefuse_args", None)

@@ -189,8 +189,9 @@ class FreeFuseScript(scripts.Script):
         if adetailer.is_adetailer_pass(p):  # a region of an image FreeFuse made: only its owner's LoRA redraws it
             adetailer.redraw_pass(p)
             return
-        if hasattr(p, "freefuse_args"):  # again for a job under way (ADetailer, after a batch's last image): keep it
+        if getattr(p, "freefuse_of", id(p)) != id(p):  # a copy of a job under way (ADetailer's, after its passes)
             return
+        p.freefuse_of = id(p)
         adetailer.unlink()
         clear_previous_cell(p)  # X/Y/Z plot cells share one extra_generation_params dict
         try:
@@ -226,13 +227,14 @@ class FreeFuseScript(scripts.Script):
         if not state.jobs:  # FreeFuse changed nothing: the infotext must not say it ran
             for key in infotext_params(args):
                 p.extra_generation_params.pop(key, None)
-        masks = state.end_batch(len(kwargs.get("images", ())) or p.batch_size)
+        count = len(kwargs.get("images", ())) or p.batch_size
+        masks = state.end_batch(count)
         if masks is not None:
             coverage = coverage_percent(masks)
             p.extra_generation_params[COVERAGE_KEY] = json.dumps(
                 {name: [round(image[i], 1) for image in coverage] for i, name in enumerate(state.subject_names)}
             )
-            adetailer.link_job(p)
+            adetailer.link_job(p, count)
         else:
             p.extra_generation_params.pop(COVERAGE_KEY, None)
         if note := adetailer.adetailer_leaves_out(p, self.filename):

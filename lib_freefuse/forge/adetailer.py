@@ -29,15 +29,15 @@ ADETAILER_KEY = "FreeFuse ADetailer"  # the image's infotext: what each of its A
 ADETAILER_TITLE = "ADetailer"  # its script's title, in both forks
 SCRIPT_NAMES_OPTION = "ad_script_names"  # ADetailer's "Script names to apply to ADetailer"
 ONLY_SELECTED_OPTION = "ad_only_selected_scripts"  # ADetailer's "Apply only selected scripts to ADetailer" (True)
-TOKEN_PX = 16  # a FLUX image token covers 16x16 pixels (VAE 8x, 2x2 patches)
 
 
 class _Link:
-    """The FreeFuse job whose images ADetailer is redrawing, and what its passes decided for the current image."""
+    """The FreeFuse job whose batch ADetailer is redrawing, and what its passes decided for the current image."""
 
     def __init__(self) -> None:
         self.job: weakref.ref | None = None
-        self.image = -1  # index (in the job) of the image the passes below belong to
+        self.start = 0  # index in the job's RunState.image_masks() of the batch's first image
+        self.image = -1  # batch_index of the image the passes below belong to
         self.passes: list[str] = []
 
 
@@ -49,27 +49,22 @@ def is_adetailer_pass(p) -> bool:
     return bool(getattr(p, "_ad_inner", False))
 
 
-def link_job(p) -> None:
-    """After a FreeFuse batch made masks: ADetailer's passes over its images find them through this link."""
-    if _LINK.job is None or _LINK.job() is not p:
-        _LINK.image, _LINK.passes = -1, []
-    _LINK.job = weakref.ref(p)
+def link_job(p, images: int) -> None:
+    """After a FreeFuse batch of `images` images made masks: ADetailer's passes over them find them through this link
+    (the batch's images are the last of the job's RunState: Forge's img2img batch reuses one job for every file)."""
+    _LINK.job, _LINK.image, _LINK.passes = weakref.ref(p), -1, []
+    _LINK.start = len(p.freefuse_state.image_masks()) - images
 
 
 def unlink() -> None:
     """A new top-level job: passes from now on belong to it, not to a FreeFuse job before."""
-    _LINK.job, _LINK.image, _LINK.passes = None, -1, []
-
-
-def image_index(p) -> int:
-    """The index in the job of the image p's postprocess hooks handle now (ADetailer's get_i)."""
-    return int(getattr(p, "iteration", 0)) * int(getattr(p, "batch_size", 1)) + int(getattr(p, "batch_index", 0))
+    _LINK.job, _LINK.start, _LINK.image, _LINK.passes = None, 0, -1, []
 
 
 def forget_other_image(p) -> None:
     """In the job's postprocess_image: an ADETAILER_KEY written for another image of the batch is not this one's."""
     params = getattr(p, "extra_generation_params", None)
-    if isinstance(params, dict) and _LINK.image != image_index(p):
+    if isinstance(params, dict) and _LINK.image != getattr(p, "batch_index", 0):
         params.pop(ADETAILER_KEY, None)
 
 
@@ -79,17 +74,20 @@ def redraw_pass(p) -> None:
     state, args = getattr(job, "freefuse_state", None), getattr(job, "freefuse_args", None)
     if state is None or args is None:
         return  # FreeFuse was off for that image: ADetailer's pass stays as it is
-    index = image_index(job)
-    images = state.image_masks()
-    masks = images[index] if index < len(images) else None
+    at, images = _LINK.start + job.batch_index, state.image_masks()
+    masks = images[at] if 0 <= at < len(images) else None
+    index = int(job.iteration) * int(job.batch_size) + int(job.batch_index)  # the image's place in the job (get_i)
     region = _region(getattr(p, "image_mask", None))
     if masks is None or region is None:
         why = "FreeFuse made no masks for it" if masks is None else "the pass has no inpainting mask"
         _record(job, index, f"all ({why})")
         return
+    if getattr(job, "inpaint_full_res", False) and getattr(job, "image_mask", None) is not None:
+        _record(job, index, "all (the image's masks cover only the crop its inpainting redrew)")
+        return
     (h, w), (height, width) = masks.shape[-2:], region.shape
-    if abs(h * TOKEN_PX - height) > TOKEN_PX or abs(w * TOKEN_PX - width) > TOKEN_PX:
-        _record(job, index, f"all (FreeFuse's masks, {w}x{h} tokens, do not cover this {width}x{height} image)")
+    if abs(h * width / height - w) > 1:  # hires fix's reused masks are coarser than the image: the shape counts
+        _record(job, index, f"all (FreeFuse's masks, {w}x{h} tokens, do not fit this {width}x{height} image)")
         return
     names = state.subject_names
     owner = region_owner(masks.float().cpu(), region)
@@ -164,8 +162,8 @@ def _kept(owner: RegionOwner, keep: str | None, summary: str) -> str:
 
 def _record(job, index: int, decision: str) -> None:
     """Log one pass's decision and write the image's passes so far to its infotext."""
-    if _LINK.image != index:
-        _LINK.image, _LINK.passes = index, []
+    if _LINK.image != job.batch_index:
+        _LINK.image, _LINK.passes = job.batch_index, []
     _LINK.passes.append(decision)
     number = len(_LINK.passes)
     logger.info("FreeFuse: ADetailer pass %d over image %d keeps the LoRAs of %s", number, index + 1, decision)

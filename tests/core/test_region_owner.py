@@ -186,7 +186,7 @@ def test_each_pass_keeps_its_regions_owner_and_the_infotext_says_so(lora_files):
     masks[1] = masks[1].flip(0)  # image 2: subject 1 on the left
     job = fake_job(masks, "zorbo and quill <lora:quil:0.8>", batch_index=1)
     adetailer.unlink()
-    adetailer.link_job(job)
+    adetailer.link_job(job, len(job.freefuse_state.image_masks()))
     try:
         left, right = fake_pass(job.all_prompts[1], (2, 2, 29, 29)), fake_pass(job.all_prompts[1], (34, 2, 61, 29))
         for inner in (left, right):
@@ -208,15 +208,54 @@ def test_each_pass_keeps_its_regions_owner_and_the_infotext_says_so(lora_files):
         adetailer.unlink()
 
 
+def test_a_job_reused_for_several_batches_reads_the_masks_of_its_latest(lora_files):
+    """Forge's img2img batch runs one job object per file: its RunState holds every file's masks, the latest last."""
+    earlier, latest = halves()[None], halves()[None].flip(-1)  # the latest image: subject 1 on the left
+    job = fake_job(torch.cat([earlier, latest]), "zorbo and quill <lora:zorb:1> <lora:quil:1>")
+    job.batch_size, job.batch_index = 1, 0
+    adetailer.unlink()
+    adetailer.link_job(job, 1)
+    try:
+        inner = fake_pass(job.all_prompts[0], (2, 2, 29, 29))
+        adetailer.redraw_pass(inner)
+        assert inner.all_prompts == ["zorbo and quill <lora:quil:1>"]
+    finally:
+        adetailer.unlink()
+
+
 def test_a_tag_by_the_lora_alias_counts_as_the_subject(lora_files):
     masks = halves()[None]
     job = fake_job(masks, "zorbo and quill <lora:z:0.7> <lora:quil:1>")
     adetailer.unlink()
-    adetailer.link_job(job)
+    adetailer.link_job(job, len(job.freefuse_state.image_masks()))
     try:
         inner = fake_pass(job.all_prompts[0], (2, 2, 29, 29))
         adetailer.redraw_pass(inner)
         assert inner.all_prompts == ["zorbo and quill <lora:z:0.7>"]
+    finally:
+        adetailer.unlink()
+
+
+def test_masks_coarser_than_the_image_still_count_and_masks_of_another_shape_do_not(lora_files):
+    job = fake_job(halves(2, 2)[None], "zorbo and quill <lora:zorb:1> <lora:quil:1>")  # hires fix: pass 1's grid
+    adetailer.unlink()
+    adetailer.link_job(job, len(job.freefuse_state.image_masks()))
+    try:
+        inner = fake_pass(job.all_prompts[0], (70, 10, 120, 60), size=128)
+        adetailer.redraw_pass(inner)
+        assert inner.all_prompts == ["zorbo and quill <lora:quil:1>"]
+        job.freefuse_state.image_masks = lambda: [halves(2, 6)]  # a wide grid over a square image
+        other = fake_pass(job.all_prompts[0], (70, 10, 120, 60), size=128)
+        adetailer.redraw_pass(other)
+        assert other.all_prompts == [job.all_prompts[0]]
+        assert "2: all (FreeFuse's masks, 6x2 tokens, do not fit this 128x128 image)" in str(
+            job.extra_generation_params
+        )
+        job.inpaint_full_res, job.image_mask = True, object()  # an img2img "inpaint only masked" job
+        adetailer.redraw_pass(other)
+        assert "3: all (the image's masks cover only the crop its inpainting redrew)" in str(
+            job.extra_generation_params
+        )
     finally:
         adetailer.unlink()
 

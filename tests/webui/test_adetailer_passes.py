@@ -62,12 +62,16 @@ def adetailer_webui(tmp_path_factory):
         env.setenv("FREEFUSE_TEST_LORA_LOG", str(loads))
         with start_webui(
             tmp_path_factory,
-            extensions={name: checkout, "freefuse-test-adetailer-standin": STANDIN / "extension"},
+            extensions={name: checkout, "freefuse-test-lora-calls": STANDIN / "extension"},
             flags=("--ad-no-huggingface",),
             python_paths=(STANDIN,),
             prepare=prepare,
             record_timings=False,
         ) as server:
+            listed = {s["name"] for s in server.get("/sdapi/v1/script-info") if s["is_alwayson"]}
+            if "adetailer" not in listed:
+                errors = [line for line in server.log().splitlines() if "Error" in line or "adetailer" in line.lower()]
+                pytest.fail(f"ADetailer at {checkout} did not load in this Forge:\n" + "\n".join(errors[-12:]))
             server.detections, server.loads = detections, loads
             yield server
 

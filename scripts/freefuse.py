@@ -15,6 +15,7 @@ from lib_freefuse.args import (
     FreeFuseArgs,
     subject_help_lines,
 )
+from lib_freefuse.forge import adetailer
 from lib_freefuse.forge.job import coverage_percent
 from lib_freefuse.forge.processing import run_state, start_run
 from lib_freefuse.forge.ui_events import (
@@ -185,6 +186,13 @@ class FreeFuseScript(scripts.Script):
         return components
 
     def process(self, p, *values):
+        if adetailer.is_adetailer_pass(p):  # a region of an image FreeFuse made: only its owner's LoRA redraws it
+            adetailer.redraw_pass(p)
+            return
+        if getattr(p, "freefuse_of", id(p)) != id(p):  # a copy of a job under way (ADetailer's, after its passes)
+            return
+        p.freefuse_of = id(p)
+        adetailer.unlink()
         clear_previous_cell(p)  # X/Y/Z plot cells share one extra_generation_params dict
         try:
             args = xyz_args(args_from_values(values), p)  # with an X/Y/Z plot cell's values
@@ -219,17 +227,25 @@ class FreeFuseScript(scripts.Script):
         if not state.jobs:  # FreeFuse changed nothing: the infotext must not say it ran
             for key in infotext_params(args):
                 p.extra_generation_params.pop(key, None)
-        masks = state.end_batch(len(kwargs.get("images", ())) or p.batch_size)
+        count = len(kwargs.get("images", ())) or p.batch_size
+        masks = state.end_batch(count)
         if masks is not None:
             coverage = coverage_percent(masks)
             p.extra_generation_params[COVERAGE_KEY] = json.dumps(
                 {name: [round(image[i], 1) for image in coverage] for i, name in enumerate(state.subject_names)}
             )
+            adetailer.link_job(p, count)
         else:
             p.extra_generation_params.pop(COVERAGE_KEY, None)
+        if note := adetailer.adetailer_leaves_out(p, self.filename):
+            state.warn(note)
         failures = [job.failure for job in state.jobs if job.failure]
         if failures or state.warnings:
             p.extra_generation_params[WARNINGS_KEY] = "; ".join(dict.fromkeys([*failures, *state.warnings]))
+
+    def postprocess_image(self, p, pp, *values):
+        if getattr(p, "freefuse_args", None) is not None:
+            adetailer.forget_other_image(p)
 
     def postprocess(self, p, processed, *values):
         args = getattr(p, "freefuse_args", None)

@@ -339,9 +339,10 @@ class WebUI:
 # ----------------------------------------------------------------------------------------------------- fixture
 
 
-def _server_env(data_dir: Path, configs: str) -> dict:
+def _server_env(data_dir: Path, configs: str, python_paths: tuple[Path, ...] = ()) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("COMMANDLINE_ARGS", "PYTHONSTARTUP")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HOOK_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    paths = (str(HOOK_DIR), *map(str, python_paths), os.environ.get("PYTHONPATH", ""))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env.update(
         FREEFUSE_TEST_TINY_FLUX_CONFIGS=configs,
         FREEFUSE_TEST_WEBUI_ASSETS=str(data_dir / "webui-assets"),
@@ -410,6 +411,22 @@ def _wait_for_api(process: subprocess.Popen, url: str, log_path: Path, checkpoin
 
 @pytest.fixture(scope="session")
 def webui(tmp_path_factory):
+    with start_webui(tmp_path_factory) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def start_webui(
+    tmp_path_factory,
+    extensions: dict[str, Path] | None = None,
+    flags: tuple[str, ...] = (),
+    python_paths: tuple[Path, ...] = (),
+    prepare=None,
+    record_timings: bool = True,
+):
+    """A webui server as the module docstring says; the tier's own `webui` is the plain one. A test module may start
+    another (its own fixture) with more `extensions` ({folder name: path}, linked in), `flags`, `python_paths` (put
+    on the server's PYTHONPATH after webui_hook/), and `prepare(data_dir)` run before the server starts."""
     forge_root, why = find_forge()
     if forge_root is None:
         pytest.skip(why)
@@ -452,6 +469,10 @@ def webui(tmp_path_factory):
     (data_dir / "tmp").mkdir()  # Neo saves gallery images under <data dir>/tmp and does not create it
     (data_dir / "extensions" / EXTENSION_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
     (data_dir / "extensions" / TEST_EXTENSION_NAME).symlink_to(HERE / "webui_extension", target_is_directory=True)
+    for name, path in (extensions or {}).items():
+        (data_dir / "extensions" / name).symlink_to(path, target_is_directory=True)
+    if prepare is not None:
+        prepare(data_dir)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -460,6 +481,7 @@ def webui(tmp_path_factory):
         python,
         "launch.py",
         *server_flags(forge_root),
+        *flags,
         "--data-dir",
         str(data_dir),
         "--server-name",
@@ -474,7 +496,7 @@ def webui(tmp_path_factory):
         process = subprocess.Popen(
             command,
             cwd=forge_root,
-            env=_server_env(data_dir, manifest["configs"]),
+            env=_server_env(data_dir, manifest["configs"], python_paths),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -483,13 +505,15 @@ def webui(tmp_path_factory):
     try:
         forge_summary = _wait_for_api(process, url, log_path, manifest["checkpoint_name"])
         startup = time.monotonic() - started
-        TIMINGS.update(startup=startup, url=url, log=str(log_path), forge_summary=forge_summary)
+        if record_timings:
+            TIMINGS.update(startup=startup, url=url, log=str(log_path), forge_summary=forge_summary)
         print(f"\n[webui] Forge's webui up at {url} in {startup:.1f} s (log: {log_path})")
         yield WebUI(url, data_dir, log_path, manifest, startup, pid=process.pid, neo=is_neo(forge_root))
     finally:
         stopping = time.monotonic()
         _stop(process)
-        TIMINGS["stop"] = time.monotonic() - stopping
+        if record_timings:
+            TIMINGS["stop"] = time.monotonic() - stopping
 
 
 def pytest_terminal_summary(terminalreporter):

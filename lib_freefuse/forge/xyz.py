@@ -65,6 +65,7 @@ AXES: tuple[Axis, ...] = (
     Axis(f"{LABEL_PREFIX}modulation", "modulation", str, MODULATION_CHOICES),
     Axis(f"{LABEL_PREFIX}word-to-image attention", "cross_attention", str, CROSS_ATTENTION_CHOICES),
     Axis(f"{LABEL_PREFIX}LoRAs on text tokens", "text_loras", str, TEXT_LORA_CHOICES),
+    Axis(f"{LABEL_PREFIX}show masks", "show_masks", str, BOOL_CHOICES),  # True: the cell shows its mask overlay
     *_weight_axes(),
 )
 

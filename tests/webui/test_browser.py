@@ -318,22 +318,11 @@ def _assert_calm_accordion(page: Page) -> None:
     )
     assert len(placed) == 6 and all(below for _, below in placed), placed
     page.shot_element(f"#{FF}", "sections-open")
-    if page.js(f"return !!document.querySelector('#{TAB}_controlnet > .label-wrap')"):  # to compare, where built in
-        page.open_accordion(f"{TAB}_controlnet")
-        page.shot_element(f"#{TAB}_controlnet", "controlnet-for-comparison")
-        page.find(f"#{TAB}_controlnet > .label-wrap").click()
-        page.wait(lambda d: not page.accordion_open(f"{TAB}_controlnet"), "ControlNet's accordion to close")
 
 
-def test_fill_generate_see_masks_paste_back(webui, browser, tmp_path):
-    blocked = _forge_assets_blocked(webui.url)
-    if blocked:
-        pytest.fail(
-            f"{blocked}: Forge allows Gradio to serve only its --data-dir; the webui fixture must also pass "
-            "--gradio-allowed-path <Forge's root> (tests/webui/conftest.py), else Forge's page has no JavaScript"
-        )
-    # UI defaults that match the job, so Forge's own page-load update of the preset's fields (a Gradio load event,
-    # which can land after the page is shown) sets what the test sets; the test still sets them in the page.
+def _job_defaults(webui) -> None:
+    """UI defaults that match the job, so Forge's own page-load update of the preset's fields (a Gradio load event,
+    which can land after the page is shown) sets what the test sets; the test still sets them in the page."""
     webui.post(
         "/sdapi/v1/options",
         {
@@ -348,6 +337,28 @@ def test_fill_generate_see_masks_paste_back(webui, browser, tmp_path):
             "flux_t2i_scheduler": "Simple",
         },
     )
+
+
+def _job_settings(page: Page) -> None:
+    """txt2img's settings of the test's jobs, set in the page: Euler, Simple, 64x64, 6 steps, CFG 1, seed 1234."""
+    page.choose(f"{TAB}_sampling", "Euler")
+    page.choose(f"{TAB}_scheduler", "Simple")
+    page.number(f"{TAB}_width", 64)
+    page.number(f"{TAB}_height", 64)
+    page.number(f"{TAB}_steps", 6)
+    page.number(f"{TAB}_cfg_scale", 1)
+    page.number(f"{TAB}_seed", 1234)
+    page.set_prompt(PROMPT)
+
+
+def test_fill_generate_see_masks_paste_back(webui, browser, tmp_path):
+    blocked = _forge_assets_blocked(webui.url)
+    if blocked:
+        pytest.fail(
+            f"{blocked}: Forge allows Gradio to serve only its --data-dir; the webui fixture must also pass "
+            "--gradio-allowed-path <Forge's root> (tests/webui/conftest.py), else Forge's page has no JavaScript"
+        )
+    _job_defaults(webui)
     try:
         _drive(_run, browser, tmp_path, webui)
     finally:
@@ -386,14 +397,7 @@ def _run(page: Page, webui) -> None:
     page.wait(lambda d: "freefuse_save_overlays" in page.text("#settings_result"), "the settings to be applied")
     page.find("#tab_txt2img-button").click()
     saved_before = _saved_overlays(webui)
-    page.choose(f"{TAB}_sampling", "Euler")
-    page.choose(f"{TAB}_scheduler", "Simple")
-    page.number(f"{TAB}_width", 64)
-    page.number(f"{TAB}_height", 64)
-    page.number(f"{TAB}_steps", 6)
-    page.number(f"{TAB}_cfg_scale", 1)
-    page.number(f"{TAB}_seed", 1234)
-    page.set_prompt(PROMPT)
+    _job_settings(page)
 
     # 2. FreeFuse: open (= enable); its help shows every column, <lora:NAME:...> as written; the rows are numbered
     page.open_accordion(FF)
@@ -762,3 +766,82 @@ def _run_activation_words(page: Page, webui) -> None:
     page.js("document.querySelector('#freefuse-img2img-capture-resolved').scrollIntoView({block: 'center'})")
     page.shot("img2img-steps")
     page.mark("img2img steps")
+
+
+# ------------------------------------------------------------------------------------- X/Y/Z plot: masks in a cell
+
+XYZ_SCRIPT = f"{TAB}_script_container #script_list"  # "elem_id" for Page.choose: Forge gives both tabs this id
+XYZ = f"script_{TAB}_xyz_plot"  # Forge's Script.elem_id prefix of the X/Y/Z plot's components
+
+
+def test_xyz_show_masks_axis_shows_each_true_cells_overlay(webui, browser, tmp_path):
+    """Issue 15, point 8: the X/Y/Z plot with the axis "FreeFuse show masks" (False, True) and its sub images: the
+    True cell is the False cell's image with its mask overlay (same seed, same job)."""
+    if _forge_assets_blocked(webui.url):
+        pytest.fail("Forge's own script.js is refused by its webui (see test_fill_generate_see_masks_paste_back)")
+    _job_defaults(webui)
+    _drive(_run_xyz, browser, tmp_path, webui)
+
+
+def _run_xyz(page: Page, webui) -> None:
+    page.open_page(webui.url)
+    page.mark("page up")
+    _job_settings(page)
+    page.open_accordion(FF)
+    for row, (lora, words) in enumerate(BINDINGS):
+        page.type_into(f"#{FF}-words-{row} textarea", words)
+        page.choose(f"{FF}-lora-{row}", lora)
+    page.open_accordion(f"{FF}-timing")
+    page.number(f"{FF}-capture-block", 1)
+    # Script: X/Y/Z plot; X type: FreeFuse show masks; its values from the fill button (all choices: False, True)
+    page.choose(XYZ_SCRIPT, "X/Y/Z plot")
+    page.choose(f"{XYZ}_x_type", "FreeFuse show masks")
+    page.find(f"#{TAB}_script_container #xyz_grid_fill_x_tool_button").click()
+    page.wait(
+        lambda d: (
+            page.js(
+                f"return [...document.querySelectorAll('#{TAB}_script_container .token span')].map((s) => s.innerText)"
+            )[:2]
+            == ["False", "True"]
+        ),
+        "the X values False and True",
+    )
+    page.tick(f"{XYZ}_include_lone_images")
+    page.shot("xyz-set")
+    page.find(f"#{TAB}_generate").click()
+    page.wait(
+        lambda d: (
+            len(page.gallery_images()) >= 3
+            and page.js(f"return !document.querySelector('#{TAB}_interrupt').offsetParent")
+        ),
+        "the plot's grid and its two cells in the gallery",
+        GENERATE_TIMEOUT_S,
+    )
+    page.mark("plotted")
+    grid, image, overlay = page.gallery_images()
+    assert (image["w"], image["h"]) == (overlay["w"], overlay["h"]) == (64, 64) and grid["w"] >= 128, (grid, image)
+    differing = page.driver.execute_async_script(
+        """const pixels = (src) => new Promise((resolve) => {
+            const img = new Image();
+            img.onload = () => {
+                const canvas = document.createElement('canvas');
+                canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+                const context = canvas.getContext('2d');
+                context.drawImage(img, 0, 0);
+                resolve(context.getImageData(0, 0, canvas.width, canvas.height).data);
+            };
+            img.src = src;
+        });
+        const done = arguments[arguments.length - 1];
+        Promise.all([pixels(arguments[0]), pixels(arguments[1])]).then(([a, b]) => {
+            let n = 0;
+            for (let i = 0; i < a.length; i += 4) {
+                if (a[i] !== b[i] || a[i + 1] !== b[i + 1] || a[i + 2] !== b[i + 2]) n++;
+            }
+            done(n);
+        });""",
+        image["src"],
+        overlay["src"],
+    )
+    assert differing > 64 * 64 // 4, f"the True cell differs from the False cell in only {differing} pixels"
+    page.shot("xyz-plotted")

@@ -2,14 +2,17 @@
 // words, words without a LoRA), else the phrases that are not in the prompt; (b) while the FreeFuse accordion is
 // open, a click on a LoRA card puts that LoRA into the first subject row without one (its words come from its
 // metadata, or the hint asks for them); (c) the Lora tab's refresh also refreshes the rows' LoRA lists; (d) the
-// dropdowns' empty choice is not listed. Element ids match scripts/freefuse.py ui(): freefuse-{tab},
-// freefuse-{tab}-lora-{i}, freefuse-{tab}-words-{i}, freefuse-{tab}-reread-loras; this file adds
+// dropdowns' empty choice is not listed; (e) two subject rows show at first: "Add subject" shows one more, and a
+// row holding a LoRA or words always shows (pasted parameters, Fill from prompt, a card click). Element ids match
+// scripts/freefuse.py ui(): freefuse-{tab}, freefuse-{tab}-subject-{i}, freefuse-{tab}-lora-{i},
+// freefuse-{tab}-words-{i}, freefuse-{tab}-add-subject, freefuse-{tab}-reread-loras; this file adds
 // freefuse-{tab}-missing-{i}.
 (function() {
     "use strict";
 
     const TABS = ["txt2img", "img2img"];
     const ROWS = 4; // lib_freefuse.script_values.SUBJECT_ROWS
+    const FIRST_ROWS = 2; // rows shown before "Add subject"
     const W = "[\\p{L}\\p{N}_]"; // Python's \w on text
     // The prompt as Forge's T5 engine reads it, as lib_freefuse/activation.py _prompt_pieces builds it:
     const EXTRA_NETWORK = new RegExp("<" + W + "+:[^>]+>", "gu"); // modules/extra_networks.py re_extra_net
@@ -85,6 +88,36 @@
     }
 
     const lastSeen = {};
+    const added = {}; // per tab: how many rows "Add subject" asked for
+
+    /** Show the first rows, every row up to the last one holding something, and those "Add subject" asked for. */
+    function showRows(tab, words, loras) {
+        let count = Math.max(FIRST_ROWS, added[tab] || 0);
+        for (let i = 0; i < ROWS; i++) if (words[i].trim() || loras[i]) count = Math.max(count, i + 1);
+        for (let i = 0; i < ROWS; i++) {
+            const row = app().querySelector(`#freefuse-${tab}-subject-${i}`);
+            const display = i < count ? "" : "none";
+            if (row && row.style.display !== display) row.style.display = display;
+        }
+        const button = app().querySelector(`#freefuse-${tab}-add-subject`);
+        const display = count < ROWS ? "" : "none";
+        if (button && button.style.display !== display) button.style.display = display;
+        return count;
+    }
+
+    /** "Add subject": one more row, after those shown. */
+    function onAdd(event) {
+        const button = event.target.closest && event.target.closest("[id$='-add-subject']");
+        const tab = button && TABS.find((name) => button.id === `freefuse-${name}-add-subject`);
+        if (!tab) return;
+        const shown = [...Array(ROWS).keys()].filter((i) => {
+            const row = app().querySelector(`#freefuse-${tab}-subject-${i}`);
+            return row && row.style.display !== "none";
+        }).length;
+        added[tab] = Math.min(ROWS, Math.max(shown, FIRST_ROWS) + 1);
+        lastSeen[tab] = null;
+        refresh(tab);
+    }
 
     /** Update the tab's warnings when its prompt or a row's words changed since the last look. */
     function refresh(tab) {
@@ -98,9 +131,10 @@
             words.push(box ? box.value : "");
             loras.push(lora ? lora.value.trim() : "");
         }
-        const seen = JSON.stringify([prompt.value, words, loras]);
+        const seen = JSON.stringify([prompt.value, words, loras, added[tab] || 0]);
         if (lastSeen[tab] === seen) return;
         lastSeen[tab] = seen;
+        showRows(tab, words, loras);
         words.forEach((text, i) => {
             const element = warning(tab, i);
             if (!element) return;
@@ -177,6 +211,7 @@
         root.addEventListener("input", onInput);
         root.addEventListener("click", onClick);
         root.addEventListener("click", onRefresh);
+        root.addEventListener("click", onAdd);
         hideEmptyChoice();
         // Pasted parameters and server-side updates change values without input events: look again now and then.
         setInterval(() => TABS.forEach(refresh), 1000);

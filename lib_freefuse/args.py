@@ -215,12 +215,18 @@ class FreeFuseArgs:
 
 @dataclass(frozen=True)
 class FieldHelp:
-    """How the UI shows one key of the dict form: its label, a tooltip, and its choices if any."""
+    """How the UI shows one key of the dict form: its label, its help, and its choices with the labels shown for
+    them (the UI stores and sends the choices themselves, so the API and infotext keep the same values)."""
 
     key: str
     label: str
     help: str
     choices: tuple[str, ...] = ()
+    choice_labels: tuple[str, ...] = ()  # one per choice, in the same order
+
+    def shown_choices(self) -> list[tuple[str, str]]:
+        """(label shown, value stored) per choice, as Gradio's choices take them."""
+        return list(zip(self.choice_labels, self.choices, strict=True))
 
 
 FIELD_HELP: tuple[FieldHelp, ...] = (
@@ -230,121 +236,175 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
     ),
     FieldHelp(
         "capture_step",
-        "Capture step",
-        "1-based step whose attention makes the masks; automatic: 6 of 28, same share of any schedule.",
+        "Capture step (0 = auto)",
+        "The step whose attention makes the masks; auto: 6 of 28, the same share of any count.",
     ),
     FieldHelp(
         "capture_block",
         "Capture block",
-        "double_blocks index whose attention makes the masks (the paper: double_blocks.17).",
+        "Which FLUX double block is read (0-18); 17 suits FLUX.1-dev.",
     ),
     FieldHelp(
         "pre_mask",
-        "LoRAs before masks exist",
-        "joint: subject LoRAs act unmasked until the masks exist (the paper); off: not at all.",
+        "Before the masks exist, subject LoRAs act",
+        "Until the masks exist, the LoRAs act on the whole image, or wait.",
         PRE_MASK_CHOICES,
+        ("Whole image (default)", "Not at all"),
     ),
     FieldHelp(
         "restart",
-        "Restart after masks",
-        "Restart sampling from the first step once the masks exist (the authors' later code).",
+        "Start over once the masks exist",
+        "Sample again from the first step with the masks in place; costs the steps before the capture again.",
     ),
     FieldHelp(
         "modulation",
-        "LoRA modulation layers",
-        "per_token: masked per token; global: applied everywhere; off: subject LoRAs' modulation dropped.",
+        "Subject LoRAs' modulation layers",
+        "FLUX's modulation layers set a look for the whole image; masked, each subject keeps its own.",
         MODULATION_CHOICES,
+        ("Inside each mask (default)", "Whole image", "Left out"),
     ),
     FieldHelp(
         "slic_image",
-        "Image for superpixels",
-        "vae: VAE decode of the predicted image (exact); preview: Forge's fast latent preview.",
+        "Regions cut from",
+        "Decoded exactly, or Forge's fast preview (coarser).",
         SLIC_IMAGE_CHOICES,
+        ("Decoded image (default)", "Fast preview"),
     ),
-    FieldHelp("show_masks", "Show masks", "Add a coloured overlay of each image's subject masks to the output."),
+    FieldHelp("show_masks", "Show masks", "Add a coloured picture of each image's subject masks to the output."),
     FieldHelp(
         "hires_masks",
-        "Hires fix masks",
-        "reuse: pass-1 masks resized to pass 2; extract: find them again in pass 2.",
+        "Masks in the hires fix pass",
+        "Pass 2 reuses pass 1's masks, resized, or finds them again.",
         HIRES_MASKS_CHOICES,
+        ("Reuse pass 1's (default)", "Find them again"),
     ),
     FieldHelp(
         "text_loras",
-        "LoRAs on text tokens",
-        "all: every subject LoRA on the text except on other subjects' words (the authors' code); own_words: each "
-        "LoRA only on its own words; none: no subject LoRA on the text.",
+        "Subject LoRAs on the prompt's words",
+        "Once the masks exist: which subject LoRAs act on the prompt's own tokens.",
         TEXT_LORA_CHOICES,
+        ("All but on others' words (default)", "Own words only", "None"),
     ),
     FieldHelp(
-        "sink_filter", "Attention sink filter", "Drop the top attention values on the grid's edge (paper Eq. 6-7)."
+        "sink_filter",
+        "Ignore attention parked on the border",
+        "Drop the strongest attention values on the image's border, where the model parks attention that means "
+        "nothing; without it one LoRA can win almost everything.",
     ),
     FieldHelp(
         "sink_top_fraction",
-        "Sink top fraction",
-        "Share of image tokens per row checked as sinks: k = floor(N * fraction) (paper: 0.01).",
+        "Border check share",
+        "Top share checked (0.01: 1%).",
     ),
-    FieldHelp(
-        "edge_width", "Sink edge width", "Tokens from the grid border that count as the edge for the sink filter."
-    ),
+    FieldHelp("edge_width", "Border width", "Tokens from the edge that count as border."),
     FieldHelp(
         "self_attention",
-        "Self-attention refinement",
-        "Refine each map with the self-attention of its top tokens (paper Eq. 9-10).",
+        "Grow each mask over its whole subject",
+        "Spread each subject's map along the image's own attention from its strongest points, so it covers the "
+        "whole body; without it the masks reach into each other.",
     ),
     FieldHelp(
         "self_attention_top_fraction",
-        "Self-attention top fraction",
-        "Share of image tokens taken as each subject's top tokens (paper: 0.01).",
+        "Strongest points share",
+        "Share of the image taken as strongest points (0.01: 1%).",
     ),
     FieldHelp(
-        "superpixel_vote", "Superpixel vote", "One owner per SLIC superpixel of the predicted image (paper Eq. 11-13)."
+        "superpixel_vote",
+        "Snap the masks to image regions",
+        "Give each small region of the predicted image wholly to one subject, so the masks follow its edges and "
+        "have no holes.",
     ),
     FieldHelp(
         "n_segments",
-        "Superpixels",
-        "Number of SLIC superpixels; automatic: square root of the pixel count (the paper).",
+        "Regions (0 = auto)",
+        "How many regions; auto: the square root of the pixel count.",
     ),
-    FieldHelp("compactness", "Superpixel compactness", "SLIC compactness (the paper: 10)."),
-    FieldHelp("slic_max_side", "Superpixel image size", "SLIC runs on a copy downscaled to this long side, in pixels."),
-    FieldHelp("soft", "Soft masks", "Token masks as the share of each token's pixels instead of 0 or 1."),
+    FieldHelp("compactness", "Region compactness", "Higher: rounder; lower: closer to colours."),
+    FieldHelp("slic_max_side", "Region image size", "Cut from a copy at most this long (pixels)."),
+    FieldHelp("soft", "Soft mask edges", "Each token gets the share of its pixels that is inside the mask."),
     FieldHelp(
         "cross_attention",
-        "Word-to-image attention",
-        "text_queries: the words' queries over the image (paper Eq. 5); image_queries: the image's queries over "
-        "the words' keys (the authors' later code).",
+        "How words find their subject",
+        "Which way the attention between words and image is read.",
         CROSS_ATTENTION_CHOICES,
+        ("Words to image (default)", "Image to words"),
     ),
     FieldHelp(
         "contrastive",
-        "Contrastive seeds",
-        "The tokens whose self-attention makes a subject's map (paper Eq. 9): off: its top 1% (the paper); strongest: "
-        "where its words attend most beyond any other subject's; authors: the authors' later rule. Helps when one "
-        "subject's words also attend to the other subject.",
+        "Strongest points of a subject",
+        "Where each mask grows from; a contrast helps when words point at both subjects.",
         CONTRASTIVE_CHOICES,
+        ("Its own strongest (default)", "Beats each other subject", "Beats the others together"),
     ),
     FieldHelp(
         "background",
-        "Background",
-        "off: every superpixel goes to some subject (the paper); threshold: where no subject's score reaches the "
-        "threshold, no subject LoRA acts (background, unnamed objects).",
+        "Places no subject claims",
+        "Given to some subject, or kept free of subject LoRAs (background, unnamed objects).",
         BACKGROUND_CHOICES,
+        ("Go to some subject (default)", "Stay free"),
     ),
     FieldHelp(
         "background_threshold",
-        "Background threshold",
-        "With background 'threshold': a superpixel below this multiple of the even share 1/N in every subject's map "
-        "is background.",
+        "Free below",
+        "When they stay free: where no subject reaches this multiple of an even share.",
     ),
     FieldHelp(
         "fill_holes",
-        "Fill holes",
-        "Pieces of a mask smaller than this share of the image go to the mask around them (0: off, the paper).",
+        "Fill holes smaller than",
+        "Mask pieces below this share of the image join their surround (0: off).",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Section:
+    """A titled group of settings in the accordion: rows of keys of the dict form, and groups nested in it."""
+
+    key: str  # the element id's last part
+    title: str
+    rows: tuple[tuple[str, ...], ...] = ()
+    parts: tuple[Section, ...] = ()
+
+    def setting_keys(self) -> tuple[str, ...]:
+        """Every key of the section and of its parts, in screen order."""
+        own = tuple(key for row in self.rows for key in row)
+        return own + tuple(key for part in self.parts for key in part.setting_keys())
+
+
+# The accordion's layout, below the subject rows and "Show masks" (TOP_KEYS): every setting once; the sections closed.
+TOP_KEYS = ("show_masks",)
+SECTIONS: tuple[Section, ...] = (
+    Section(
+        "timing",
+        "When the masks are made",
+        (("capture_step", "capture_block"), ("hires_masks",), ("restart",)),
+    ),
+    Section("loras", "How the subject LoRAs act", (("pre_mask", "modulation"), ("text_loras",))),
+    Section(
+        "recipe",
+        "How the masks are found",
+        parts=(
+            Section(
+                "attention",
+                "Reading the attention",
+                (("sink_filter",), ("sink_top_fraction", "edge_width"), ("cross_attention",)),
+            ),
+            Section(
+                "growth", "Growing the masks", (("self_attention",), ("self_attention_top_fraction", "contrastive"))
+            ),
+            Section(
+                "regions",
+                "Image regions",
+                (("superpixel_vote", "soft"), ("n_segments", "compactness", "slic_max_side"), ("slic_image",)),
+            ),
+            Section("background", "Background and holes", (("background",), ("background_threshold", "fill_holes"))),
+        ),
     ),
 )
 
 SUBJECT_FIELD_HELP: tuple[FieldHelp, ...] = (
-    FieldHelp("lora", "LoRA", "The name used in <lora:NAME:...>."),
-    FieldHelp("words", "Activation words", "Words of this subject in the prompt; several phrases separated by commas."),
+    FieldHelp("lora", "LoRA", "its name, as in <lora:NAME:...>."),
+    FieldHelp("words", "Activation words", "the subject's words in the prompt; commas separate phrases."),
     FieldHelp(
         "weight",
         "Weight",
@@ -356,25 +416,30 @@ SUBJECT_FIELD_HELP: tuple[FieldHelp, ...] = (
 
 BUTTON_HELP: tuple[FieldHelp, ...] = (  # the subject rows' buttons, in the UI only
     FieldHelp(
+        "add",
+        "Add subject",
+        "show one more row (up to 4).",
+    ),
+    FieldHelp(
         "fill",
         "Fill from prompt",
-        "one row per <lora:NAME:weight> tag of the prompt; words already typed for a LoRA are kept",
+        "one row per <lora:NAME:weight> tag of the prompt; words already typed for a LoRA are kept.",
     ),
     FieldHelp(
         "fill_styles",
         "Also LoRAs without activation words (styles)",
-        "Fill from prompt leaves out LoRAs with no words in their metadata or the prompt, unless ticked",
+        "Fill from prompt leaves out LoRAs with no words in their metadata or the prompt, unless ticked.",
     ),
     FieldHelp(
         "refresh",
         "Refresh LoRA list",
-        "read the LoRA folder again for the rows' lists (the Lora tab's refresh does too)",
+        "reads the LoRA folder again for the rows' lists (the Lora tab's refresh does too).",
     ),
 )
 
 
 def subject_help_lines() -> list[str]:
-    """The help shown above the subject rows: what a row does, then each column and button, "Label: help"."""
+    """The help shown under the subject rows: what a row does, then each column and button, "Label: help"."""
     entries = (*SUBJECT_FIELD_HELP, *BUTTON_HELP)
     return [help_for("subjects").help, *(f"{entry.label}: {entry.help}" for entry in entries)]
 
@@ -390,8 +455,8 @@ def img2img_steps(steps: int, denoising: float, fix_steps: bool = False) -> int:
 
 
 def help_for(key: str) -> FieldHelp:
-    """The label and help of one key of the dict form."""
-    for entry in FIELD_HELP:
+    """The label and help of one key of the dict form, or of a button of the subject rows."""
+    for entry in (*FIELD_HELP, *BUTTON_HELP):
         if entry.key == key:
             return entry
     raise KeyError(key)
@@ -586,12 +651,15 @@ __all__ = [
     "MAX_CAPTURE_STEP",
     "MODULATION_CHOICES",
     "PRE_MASK_CHOICES",
+    "SECTIONS",
     "SLIC_IMAGE_CHOICES",
     "SUBJECT_FIELD_HELP",
     "TEXT_LORA_CHOICES",
+    "TOP_KEYS",
     "WEIGHT_LIMIT",
     "FieldHelp",
     "FreeFuseArgs",
+    "Section",
     "SubjectBinding",
     "help_for",
     "img2img_steps",

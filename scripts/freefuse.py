@@ -9,14 +9,15 @@ from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 from lib_freefuse.args import (
-    BUTTON_HELP,
-    FIELD_HELP,
     SUBJECT_FIELD_HELP,
-    FreeFuseArgs,
+    TOP_KEYS,
+    help_for,
     subject_help_lines,
 )
 from lib_freefuse.forge import adetailer
+from lib_freefuse.forge.accordion import sections, setting
 from lib_freefuse.forge.job import coverage_percent
+from lib_freefuse.forge.overlays import add_overlays, register_settings
 from lib_freefuse.forge.processing import run_state, start_run
 from lib_freefuse.forge.ui_events import (
     capture_text,
@@ -30,7 +31,6 @@ from lib_freefuse.forge.xyz import clear_previous_cell, register_axes, xyz_args
 from lib_freefuse.hosts import HostUnsupported, detect
 from lib_freefuse.infotext import COVERAGE_KEY, WARNINGS_KEY, args_from_params, infotext_params
 from lib_freefuse.log import configure, logger
-from lib_freefuse.overlay import mask_overlay
 from lib_freefuse.script_values import (
     SETTING_KEYS,
     SUBJECT_ROWS,
@@ -44,11 +44,10 @@ try:
     logger.info("FreeFuse: running in %s", detect().name)
 except HostUnsupported as unknown:  # each job says so again, in its infotext too, and is made without FreeFuse
     logger.warning("FreeFuse: %s", unknown)
-HELP = {entry.key: entry for entry in FIELD_HELP}
-DEFAULTS = FreeFuseArgs().to_dict()
-FILL, STYLES, REFRESH = (entry.label for entry in BUTTON_HELP)
+ADD, FILL, STYLES, REFRESH = (help_for(key).label for key in ("add", "fill", "fill_styles", "refresh"))
 register_axes()  # now: an API-only server builds the scripts' UI before any before_ui callback
 script_callbacks.on_before_ui(register_axes)  # and before the UI, if X/Y/Z plot loads later (idempotent)
+script_callbacks.on_ui_settings(register_settings)  # "Save a mask overlay beside each image" in Settings
 
 
 def _value(component):
@@ -69,22 +68,6 @@ def _paste(index: int):
         return None if args is None else values_from_args(args)[index]
 
     return value
-
-
-def _setting(key: str, elem_prefix: str):
-    """The widget of one setting, from the argument model's label, help and choices."""
-    entry, value, elem_id = HELP[key], DEFAULTS[key], f"{elem_prefix}-{key.replace('_', '-')}"
-    if entry.choices:
-        return gr.Radio(list(entry.choices), value=value, label=entry.label, info=entry.help, elem_id=elem_id)
-    if isinstance(value, bool):
-        return gr.Checkbox(value=value, label=entry.label, info=entry.help, elem_id=elem_id)
-    if key in ("capture_step", "n_segments"):
-        return gr.Number(
-            value=0, precision=0, minimum=0, label=f"{entry.label} (0 = automatic)", info=entry.help, elem_id=elem_id
-        )
-    if isinstance(value, int):
-        return gr.Number(value=value, precision=0, minimum=0, label=entry.label, info=entry.help, elem_id=elem_id)
-    return gr.Number(value=value, label=entry.label, info=entry.help, elem_id=elem_id)
 
 
 def _reject_job(p, message: str) -> None:
@@ -117,13 +100,9 @@ class FreeFuseScript(scripts.Script):
         prefix = f"freefuse-{'img2img' if is_img2img else 'txt2img'}"
         lora, words, weight = SUBJECT_FIELD_HELP
         with InputAccordion(False, label="FreeFuse", elem_id=prefix) as enabled:
-            first, *more = subject_help_lines()  # <lora:NAME:...> shown as written:
-            gr.Markdown(
-                "\n".join(literal(line) for line in [first, *(f"- {m}" for m in more)]), elem_id=f"{prefix}-help"
-            )
             rows = []
-            for index in range(SUBJECT_ROWS):
-                with gr.Row(elem_id=f"{prefix}-subject-{index}"):
+            for index in range(SUBJECT_ROWS):  # rows 3-4 show when filled or added (javascript/freefuse.js)
+                with gr.Row(elem_id=f"{prefix}-subject-{index}", elem_classes=["freefuse-subject"]):
                     rows.append(
                         gr.Dropdown(
                             # "" first: with an empty value, Gradio 4's dropdown shows and sends its first choice
@@ -140,38 +119,43 @@ class FreeFuseScript(scripts.Script):
                         gr.Textbox(
                             value="",
                             label=words.label,
-                            placeholder=words.help,
+                            placeholder="e.g. harry potter, the boy wizard",
+                            lines=1,
                             elem_id=f"{prefix}-words-{index}",
                             scale=3,
                         )
                     )
                     rows.append(
                         gr.Slider(
-                            -2.0,
-                            2.0,
-                            value=1.0,
-                            step=0.05,
-                            label=weight.label,
-                            elem_id=f"{prefix}-weight-{index}",
-                            scale=1,
+                            -2.0, 2.0, value=1.0, step=0.05, label=weight.label, elem_id=f"{prefix}-weight-{index}"
                         )
                     )
-            with gr.Row():
-                fill = gr.Button(FILL, size="sm", elem_id=f"{prefix}-fill-from-prompt")
-                styles = gr.Checkbox(False, label=STYLES, elem_id=f"{prefix}-fill-styles")
-                rescan = gr.Button(REFRESH, size="sm", elem_id=f"{prefix}-refresh-loras")
+            with gr.Row(elem_classes=["freefuse-buttons"]):
+                gr.Button(ADD, size="sm", scale=0, elem_id=f"{prefix}-add-subject")  # freefuse.js shows a row
+                fill = gr.Button(FILL, size="sm", scale=0, elem_id=f"{prefix}-fill-from-prompt")
+                rescan = gr.Button(REFRESH, size="sm", scale=0, elem_id=f"{prefix}-refresh-loras")
                 reread = gr.Button(visible=False, elem_id=f"{prefix}-reread-loras")  # after the Lora tab's refresh
-            with gr.Accordion("Advanced", open=False, elem_id=f"{prefix}-advanced"):
-                denoising = getattr(self, "denoising_slider", None) if is_img2img else None
-                line = capture_text(getattr(getattr(self, "steps_slider", None), "value", 20), 0, _value(denoising))
-                resolved = gr.Markdown(line, elem_id=f"{prefix}-capture-resolved")
-                settings = [_setting(key, prefix) for key in SETTING_KEYS]
+                styles = gr.Checkbox(False, label=STYLES, elem_id=f"{prefix}-fill-styles", min_width=260)
+            first, *more = subject_help_lines()  # one small paragraph, each label bold; <lora:NAME:...> as written
+            bold = [f"**{label}**:{text}" for label, text in (line.split(":", 1) for line in more)]
+            gr.Markdown(literal(" ".join([first, *bold])), elem_id=f"{prefix}-help", elem_classes=["freefuse-help"])
+            top = {key: setting(key, prefix) for key in TOP_KEYS}
+            denoising = getattr(self, "denoising_slider", None) if is_img2img else None
+            line = capture_text(getattr(getattr(self, "steps_slider", None), "value", 20), 0, _value(denoising))
+            resolved = []
+            widgets = sections(
+                prefix,
+                after={
+                    "capture_step": lambda: resolved.append(gr.Markdown(line, elem_id=f"{prefix}-capture-resolved"))
+                },
+            )
+        settings = [{**top, **widgets}[key] for key in SETTING_KEYS]  # the API's positional order, not the layout's
         steps = getattr(self, "steps_slider", None)
         capture = settings[SETTING_KEYS.index("capture_step")]
         if steps is not None:
             sources = [steps, capture] + ([denoising] if denoising is not None else [])
             for source in sources:
-                source.change(capture_text, inputs=sources, outputs=[resolved], show_progress=False)
+                source.change(capture_text, inputs=sources, outputs=resolved, show_progress=False)
         for index in range(SUBJECT_ROWS):
             lora_box, words_box = rows[3 * index], rows[3 * index + 1]
             lora_box.input(words_for_lora, inputs=[lora_box, words_box], outputs=[words_box], show_progress=False)
@@ -250,11 +234,5 @@ class FreeFuseScript(scripts.Script):
     def postprocess(self, p, processed, *values):
         args = getattr(p, "freefuse_args", None)
         state = getattr(p, "freefuse_state", None)
-        if args is None or not args.show_masks or state is None:
-            return
-        first = getattr(processed, "index_of_first_image", 0)  # a grid may come first
-        for offset, masks in enumerate(state.image_masks()):
-            index = first + offset
-            if masks is not None and index < len(processed.images):
-                processed.images.append(mask_overlay(processed.images[index], masks, state.subject_names))
-                processed.infotexts.append(processed.infotexts[index])
+        if args is not None and state is not None:
+            add_overlays(p, processed, args.show_masks, state)

@@ -10,11 +10,11 @@ import gradio as gr
 from modules import shared
 
 from ..activation import activation_words, lora_tags, rows_from_prompt, styles_left_out
-from ..args import BUTTON_HELP, FreeFuseArgs, img2img_steps
+from ..args import FreeFuseArgs, help_for, img2img_steps
 from ..log import logger
 from ..script_values import SUBJECT_ROWS
 
-STYLES = BUTTON_HELP[1].label
+STYLES = help_for("fill_styles").label
 
 
 def literal(text: str) -> str:

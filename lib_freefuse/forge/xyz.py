@@ -70,6 +70,7 @@ AXES: tuple[Axis, ...] = (
     Axis(f"{LABEL_PREFIX}background threshold", "background_threshold", float),
     Axis(f"{LABEL_PREFIX}fill holes", "fill_holes", float),
     Axis(f"{LABEL_PREFIX}superpixel image size", "slic_max_side", int),
+    Axis(f"{LABEL_PREFIX}show masks", "show_masks", str, BOOL_CHOICES),  # True: the cell shows its mask overlay
     *_weight_axes(),
 )
 

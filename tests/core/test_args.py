@@ -20,8 +20,10 @@ from lib_freefuse.args import (
     HIRES_MASKS_CHOICES,
     MODULATION_CHOICES,
     PRE_MASK_CHOICES,
+    SECTIONS,
     SLIC_IMAGE_CHOICES,
     SUBJECT_FIELD_HELP,
+    TOP_KEYS,
     FreeFuseArgs,
     SubjectBinding,
     help_for,
@@ -503,6 +505,46 @@ def test_choice_fields_show_their_choices():
         help_for("mask")
 
 
+def test_every_choice_is_shown_with_a_plain_label_and_stored_as_its_value():
+    for entry in FIELD_HELP:
+        assert len(entry.choice_labels) == len(entry.choices), entry.key
+        if entry.choices:
+            assert [value for _, value in entry.shown_choices()] == list(entry.choices)
+            assert len(set(entry.choice_labels)) == len(entry.choice_labels), entry.key
+            # the default's label says so, and no label is a stored code name such as per_token
+            default = FreeFuseArgs().to_dict()[entry.key]
+            assert entry.choice_labels[entry.choices.index(default)].endswith("(default)"), entry.key
+            assert not set(entry.choice_labels) & set(entry.choices), entry.key
+    assert help_for("modulation").shown_choices()[0] == ("Inside each mask (default)", "per_token")
+
+
+def _screen_text(entry) -> list[str]:
+    return [entry.label, entry.help, *entry.choice_labels]
+
+
+def test_the_accordion_shows_no_paper_jargon_or_code_names():
+    code_names = {c for entry in FIELD_HELP for c in entry.choices if "_" in c}
+    for entry in (*FIELD_HELP, *SUBJECT_FIELD_HELP, *BUTTON_HELP):
+        for text in _screen_text(entry):
+            for word in ("Eq.", "paper", "authors", "double_blocks", "SLIC", *code_names):
+                assert word not in text, (entry.key, word, text)
+
+
+def test_every_setting_is_laid_out_once_subject_rows_and_show_masks_first():
+    laid_out = TOP_KEYS + tuple(key for section in SECTIONS for key in section.setting_keys())
+    settings = tuple(key for key in FreeFuseArgs.field_names() if key not in ("enabled", "subjects"))
+    assert sorted(laid_out) == sorted(settings) and len(set(laid_out)) == len(laid_out)
+    assert TOP_KEYS == ("show_masks",)
+    assert [section.title for section in SECTIONS] == [
+        "When the masks are made",
+        "How the subject LoRAs act",
+        "How the masks are found",
+    ]
+    recipe = SECTIONS[-1]
+    assert recipe.rows == () and len(recipe.parts) == 4  # the mask recipe: groups nested in one closed section
+    assert all(len(row) <= 4 for section in SECTIONS for row in section.rows)
+
+
 # Isolation
 
 
@@ -664,3 +706,4 @@ def test_the_help_above_the_rows_names_every_column_and_button():
     lines = subject_help_lines()
     assert lines[0] == help_for("subjects").help
     assert [line.split(":")[0] for line in lines[1:]] == [e.label for e in (*SUBJECT_FIELD_HELP, *BUTTON_HELP)]
+    assert any(line.startswith("Add subject: show one more row") for line in lines)

@@ -70,7 +70,9 @@ function fakePage(prompt, rows) {
     rows.forEach(([lora, words], i) => {
         block(`freefuse-txt2img-lora-${i}`, lora);
         block(`freefuse-txt2img-words-${i}`, words);
+        blocks[`freefuse-txt2img-subject-${i}`] = element("");
     });
+    blocks["freefuse-txt2img-add-subject"] = element("");
     const root = {querySelector: (selector) => blocks[selector.replace(/^#/, "").replace(/ textarea$/, "")] || null};
     return {blocks, globals: {gradioApp: () => root, document: {createElement: () => element("")}}};
 }
@@ -94,4 +96,20 @@ test("addLora: the first row without a LoRA, once per LoRA", () => {
     const value = (i) => page.blocks[`freefuse-txt2img-lora-${i}`].box.value;
     assert.deepEqual([0, 1, 2, 3].map(value), ["harry", "daiyu", "", ""]);
     assert.deepEqual(page.blocks["freefuse-txt2img-lora-1"].box.events, ["input", "blur"]);
+});
+
+test("showRows: two rows, then every row up to the last one holding something; Add subject while rows are left", () => {
+    const shown = (page) => [0, 1, 2, 3].map((i) => page.blocks[`freefuse-txt2img-subject-${i}`].style.display !== "none");
+    const add = (page) => page.blocks["freefuse-txt2img-add-subject"].style.display !== "none";
+    let page = fakePage("", [["", ""], ["", ""], ["", ""], ["", ""]]);
+    load(page.globals).refresh("txt2img");
+    assert.deepEqual(shown(page), [true, true, false, false]);
+    assert.equal(add(page), true);
+    page = fakePage("", [["harry", ""], ["", ""], ["", "daiyu lin"], ["", ""]]);
+    load(page.globals).refresh("txt2img");
+    assert.deepEqual(shown(page), [true, true, true, false]);
+    page = fakePage("", [["", ""], ["", ""], ["", ""], ["c", ""]]);
+    load(page.globals).refresh("txt2img");
+    assert.deepEqual(shown(page), [true, true, true, true]);
+    assert.equal(add(page), false);
 });

@@ -102,6 +102,12 @@ class Page:
         self.driver.save_screenshot(str(path))
         return path
 
+    def shot_element(self, css: str, name: str) -> Path:
+        """A screenshot of one element, whole (the accordion as a user sees it)."""
+        path = self.shots / f"{len(list(self.shots.glob('*.png'))) + 1:02d}-{name}.png"
+        self.find(css).screenshot(str(path))
+        return path
+
     def wait(self, condition, message: str, timeout: float = UI_TIMEOUT_S):
         """condition(driver) -> truthy; on time-out, a failure that says what was awaited."""
         from selenium.common.exceptions import TimeoutException
@@ -233,6 +239,14 @@ class Page:
         """True when the page shows `text` anywhere (a pop-up's message, a help line)."""
         return bool(self.js("return document.body.innerText.includes(arguments[0])", text))
 
+    def shown_rows(self) -> list[bool]:
+        """Which of the four subject rows are shown (freefuse.js hides rows 3-4 until needed)."""
+        return self.js(f"return [0, 1, 2, 3].map((i) => !!document.getElementById('{FF}-subject-' + i)?.offsetParent);")
+
+    def rect(self, css: str) -> dict:
+        """The element's box on screen: top, bottom, left, right, height."""
+        return self.js("return document.querySelector(arguments[0]).getBoundingClientRect().toJSON();", css)
+
     def missing(self, row: int) -> str:
         """The text of freefuse.js's live warning under a row's words; "" when hidden or absent."""
         return self.js(
@@ -267,17 +281,48 @@ def _assert_accordion(page: Page, bindings, capture_block: str, show_masks: bool
     assert weights == ["1"] * 4, weights
     assert page.value(f"#{FF}-capture-block input[type=number]") == capture_block
     assert page.checked(f"#{FF}-show-masks input[type=checkbox]") == show_masks
+    assert page.shown_rows() == [True, True, False, False], page.shown_rows()  # two rows bound: rows 3-4 hidden
 
 
-def test_fill_generate_see_masks_paste_back(webui, browser, tmp_path):
-    blocked = _forge_assets_blocked(webui.url)
-    if blocked:
-        pytest.fail(
-            f"{blocked}: Forge allows Gradio to serve only its --data-dir; the webui fixture must also pass "
-            "--gradio-allowed-path <Forge's root> (tests/webui/conftest.py), else Forge's page has no JavaScript"
-        )
-    # UI defaults that match the job, so Forge's own page-load update of the preset's fields (a Gradio load event,
-    # which can land after the page is shown) sets what the test sets; the test still sets them in the page.
+SECTIONS = ("timing", "loras", "recipe")  # lib_freefuse.args.SECTIONS, closed at first
+JARGON = ("Eq.", "paper", "authors", "per_token", "own_words", "text_queries", "image_queries", "double_blocks")
+
+
+def _assert_calm_accordion(page: Page) -> None:
+    """Issue 15, point 6: two subject rows and "Add subject", then "Show masks", then three closed sections (the
+    mask recipe's groups nested in the last); plain labels and choices; each checkbox's description under it."""
+    assert page.shown_rows() == [True, True, False, False], page.shown_rows()
+    assert [page.text(f"#{FF}-lora-{i} [data-testid=block-info]").strip() for i in range(2)] == ["1. LoRA", "2. LoRA"]
+    assert page.find(f"#{FF}-add-subject").is_displayed()
+    assert not any(page.accordion_open(f"{FF}-{key}") for key in SECTIONS)
+    rows, show, first = page.rect(f"#{FF}-subject-1"), page.rect(f"#{FF}-show-masks"), page.rect(f"#{FF}-timing")
+    assert rows["bottom"] <= show["top"] and show["bottom"] <= first["top"], (rows, show, first)
+    height = page.rect(f"#{FF}")["height"]
+    assert height < 1000, f"the accordion is {height:.0f} px tall with its sections closed"
+    page.shot_element(f"#{FF}", "accordion-calm")
+    for key in SECTIONS:
+        page.open_accordion(f"{FF}-{key}")
+    shown = page.text(f"#{FF}")
+    assert [word for word in JARGON if word in shown] == [], shown
+    for part in ("attention", "growth", "regions", "background"):  # the mask recipe's groups
+        assert page.js(f"return !!document.querySelector('#{FF}-recipe #{FF}-{part}')"), part
+    assert page.options(f"{FF}-modulation")[0] == ["Inside each mask (default)", "Whole image", "Left out"]
+    assert page.value(f"#{FF}-modulation input") == "Inside each mask (default)"
+    # every checkbox's description sits under its own checkbox (Gradio puts it above, where it reads as the last's)
+    placed = page.js(
+        f"""return [...document.querySelectorAll('#{FF} .freefuse-check')].map((block) => {{
+            const label = block.querySelector('label').getBoundingClientRect();
+            const info = [...block.children].find((c) => c.tagName === 'DIV' && c.textContent.trim());
+            return [block.id, label.bottom <= info.getBoundingClientRect().top + 1];
+        }});"""
+    )
+    assert len(placed) == 6 and all(below for _, below in placed), placed
+    page.shot_element(f"#{FF}", "sections-open")
+
+
+def _job_defaults(webui) -> None:
+    """UI defaults that match the job, so Forge's own page-load update of the preset's fields (a Gradio load event,
+    which can land after the page is shown) sets what the test sets; the test still sets them in the page."""
     webui.post(
         "/sdapi/v1/options",
         {
@@ -292,7 +337,36 @@ def test_fill_generate_see_masks_paste_back(webui, browser, tmp_path):
             "flux_t2i_scheduler": "Simple",
         },
     )
-    _drive(_run, browser, tmp_path, webui)
+
+
+def _job_settings(page: Page) -> None:
+    """txt2img's settings of the test's jobs, set in the page: Euler, Simple, 64x64, 6 steps, CFG 1, seed 1234."""
+    page.choose(f"{TAB}_sampling", "Euler")
+    page.choose(f"{TAB}_scheduler", "Simple")
+    page.number(f"{TAB}_width", 64)
+    page.number(f"{TAB}_height", 64)
+    page.number(f"{TAB}_steps", 6)
+    page.number(f"{TAB}_cfg_scale", 1)
+    page.number(f"{TAB}_seed", 1234)
+    page.set_prompt(PROMPT)
+
+
+def test_fill_generate_see_masks_paste_back(webui, browser, tmp_path):
+    blocked = _forge_assets_blocked(webui.url)
+    if blocked:
+        pytest.fail(
+            f"{blocked}: Forge allows Gradio to serve only its --data-dir; the webui fixture must also pass "
+            "--gradio-allowed-path <Forge's root> (tests/webui/conftest.py), else Forge's page has no JavaScript"
+        )
+    _job_defaults(webui)
+    try:
+        _drive(_run, browser, tmp_path, webui)
+    finally:
+        webui.post("/sdapi/v1/options", {"freefuse_save_overlays": False})
+
+
+def _saved_overlays(webui) -> set[Path]:
+    return {path for path in webui.data_dir.rglob("*-freefuse-masks.png") if "extensions" not in path.parts}
 
 
 def _drive(steps, browser, tmp_path, webui) -> None:
@@ -313,17 +387,17 @@ def _drive(steps, browser, tmp_path, webui) -> None:
 
 
 def _run(page: Page, webui) -> None:
-    # 1. txt2img with the job's settings and the prompt
+    # 1. Settings > FreeFuse: save a mask overlay beside each image; then txt2img with the job's settings and prompt
     page.open_page(webui.url)
     page.mark("page up")
-    page.choose(f"{TAB}_sampling", "Euler")
-    page.choose(f"{TAB}_scheduler", "Simple")
-    page.number(f"{TAB}_width", 64)
-    page.number(f"{TAB}_height", 64)
-    page.number(f"{TAB}_steps", 6)
-    page.number(f"{TAB}_cfg_scale", 1)
-    page.number(f"{TAB}_seed", 1234)
-    page.set_prompt(PROMPT)
+    page.find("#tab_settings-button").click()
+    page.type_into("#settings_search input", "mask overlay")
+    page.tick("setting_freefuse_save_overlays")
+    page.find("#settings_submit").click()
+    page.wait(lambda d: "freefuse_save_overlays" in page.text("#settings_result"), "the settings to be applied")
+    page.find("#tab_txt2img-button").click()
+    saved_before = _saved_overlays(webui)
+    _job_settings(page)
 
     # 2. FreeFuse: open (= enable); its help shows every column, <lora:NAME:...> as written; the rows are numbered
     page.open_accordion(FF)
@@ -338,16 +412,23 @@ def _run(page: Page, webui) -> None:
     assert [page.text(f"#{FF}-lora-{i} [data-testid=block-info]").strip() for i in range(4)] == [
         f"{i}. LoRA" for i in (1, 2, 3, 4)
     ]
-    page.shot("help")
-    # bind the two LoRAs, capture block 1 (the tiny model has 2 double blocks), masks
+    # the calm accordion: two rows, "Show masks", then three closed sections; rows 3-4 come with "Add subject"
+    _assert_calm_accordion(page)
+    # bind the two LoRAs, masks (shown first), capture block 1 (the tiny model has 2 double blocks), a plain-language
+    # choice (stored as own_words), "Start over once the masks exist" off
     for row, (lora, words) in enumerate(BINDINGS):
         page.type_into(f"#{FF}-words-{row} textarea", words)  # words first: picking a LoRA fills only empty words
         page.choose(f"{FF}-lora-{row}", lora)
-    page.open_accordion(f"{FF}-advanced")
-    page.number(f"{FF}-capture-block", 1)
     page.tick(f"{FF}-show-masks")
+    page.open_accordion(f"{FF}-timing")
+    page.number(f"{FF}-capture-block", 1)
+    page.open_accordion(f"{FF}-loras")
+    page.choose(f"{FF}-text-loras", "Own words only")
     _assert_accordion(page, BINDINGS, "1", True)
-    # a half-filled third row (a LoRA, no words yet): its hint says so, and it must not cost the job
+    # a half-filled third row (a LoRA, no words yet), added with "Add subject": its hint says so, and it must not
+    # cost the job
+    page.find(f"#{FF}-add-subject").click()
+    page.wait(lambda d: page.shown_rows() == [True, True, True, False], "Add subject to show row 3")
     page.type_into(f"#{FF}-lora-2 input", "c_new")
     page.wait(lambda d: page.missing(2) == NO_WORDS, f"#{FF}-missing-2 to say the row has no words")
     assert page.missing(0) == page.missing(1) == "", "a hint under a complete row"
@@ -382,6 +463,7 @@ def _run(page: Page, webui) -> None:
         'FreeFuse: "tiny_lora_a: cat; tiny_lora_b: dog"',  # the bindings as one readable line
         "FreeFuse capture block: 1",
         "FreeFuse show masks: True",
+        "FreeFuse text loras: own_words",  # the stored value of the plain label "Own words only"
         "FreeFuse coverage:",
         # the half-filled row, numbered as on screen, is the job's one warning
         'FreeFuse warnings: "row 3 (c_new): no activation words: it acts as an ordinary LoRA"',
@@ -398,6 +480,9 @@ def _run(page: Page, webui) -> None:
         "the gallery to preview the mask overlay",
     )
     page.shot("mask-overlay")
+    saved = _saved_overlays(webui) - saved_before  # beside the saved image, with its seed in the name
+    assert [path.name.split("-", 1)[1] for path in saved] == ["1234-freefuse-masks.png"], saved
+    assert any(path.name.endswith("-1234.png") for path in next(iter(saved)).parent.iterdir())  # the image
 
     # 4. freefuse.js: a bound phrase missing from the prompt is shown live, and goes once the prompt has it
     assert page.missing(0) == page.missing(1) == "", "a warning although every phrase is in the prompt"
@@ -427,7 +512,8 @@ def _run(page: Page, webui) -> None:
     )
     page.wait_value(f"#{TAB}_steps input[type=number]", "6")
     page.wait_value(f"#{FF}-capture-block input[type=number]", "1")
-    page.open_accordion(f"{FF}-advanced")
+    page.wait_value(f"#{FF}-text-loras input", "Own words only")  # the pasted own_words, shown by its label
+    page.open_accordion(f"{FF}-timing")
     _assert_accordion(page, BINDINGS, "1", True)
     if webui.neo:  # this Neo release leaves the pasted text in the prompt box (classic replaces it with the prompt)
         assert page.value(f"#{TAB}_prompt textarea").startswith(PROMPT + "\nSteps: 6")
@@ -541,8 +627,8 @@ def _run_lora_cards(page: Page, webui) -> None:
         generation_tab()
         page.open_accordion(FF)
         page.wait(
-            lambda d: "tiny_lora_new" in page.options(f"{FF}-lora-3")[0],
-            f"#{FF}-lora-3's list to offer tiny_lora_new after the Lora tab's refresh",
+            lambda d: "tiny_lora_new" in page.options(f"{FF}-lora-1")[0],
+            f"#{FF}-lora-1's list to offer tiny_lora_new after the Lora tab's refresh",
         )
         page.shot("refreshed-by-lora-tab")
     finally:
@@ -655,10 +741,12 @@ def _run_activation_words(page: Page, webui) -> None:
     added = webui.data_dir / "models" / "Lora" / "tiny_lora_c.safetensors"
     added.write_bytes((webui.data_dir / "models" / "Lora" / "tiny_lora_a.safetensors").read_bytes())
     try:
-        assert "tiny_lora_c" not in page.options(f"{FF}-lora-3")[0]
+        page.find(f"#{FF}-add-subject").click()  # rows 1-2 are bound: a third row, empty
+        page.wait(lambda d: page.shown_rows() == [True, True, True, False], "Add subject to show row 3")
+        assert "tiny_lora_c" not in page.options(f"{FF}-lora-2")[0]
         page.find(f"#{FF}-refresh-loras").click()
-        page.wait(lambda d: "tiny_lora_c" in page.options(f"{FF}-lora-3")[0], "tiny_lora_c in the refreshed list")
-        shown, hidden = page.options(f"{FF}-lora-3")
+        page.wait(lambda d: "tiny_lora_c" in page.options(f"{FF}-lora-2")[0], "tiny_lora_c in the refreshed list")
+        shown, hidden = page.options(f"{FF}-lora-2")
         assert "" not in shown and hidden == [""] and {"tiny_lora_a", "tiny_lora_b"} <= set(shown), (shown, hidden)
         page.shot("refreshed")
     finally:
@@ -669,7 +757,7 @@ def _run_activation_words(page: Page, webui) -> None:
     # 6. img2img: the capture-step line counts the steps the denoising strength runs (20 steps at 0.5: 11)
     page.find("#tab_img2img-button").click()
     page.open_accordion("freefuse-img2img")
-    page.open_accordion("freefuse-img2img-advanced")
+    page.open_accordion("freefuse-img2img-timing")
     page.number("img2img_steps", 20)
     page.number("img2img_denoising_strength", 0.5)
     step = FreeFuseArgs().resolved_capture_step(11)
@@ -678,3 +766,82 @@ def _run_activation_words(page: Page, webui) -> None:
     page.js("document.querySelector('#freefuse-img2img-capture-resolved').scrollIntoView({block: 'center'})")
     page.shot("img2img-steps")
     page.mark("img2img steps")
+
+
+# ------------------------------------------------------------------------------------- X/Y/Z plot: masks in a cell
+
+XYZ_SCRIPT = f"{TAB}_script_container #script_list"  # "elem_id" for Page.choose: Forge gives both tabs this id
+XYZ = f"script_{TAB}_xyz_plot"  # Forge's Script.elem_id prefix of the X/Y/Z plot's components
+
+
+def test_xyz_show_masks_axis_shows_each_true_cells_overlay(webui, browser, tmp_path):
+    """Issue 15, point 8: the X/Y/Z plot with the axis "FreeFuse show masks" (False, True) and its sub images: the
+    True cell is the False cell's image with its mask overlay (same seed, same job)."""
+    if _forge_assets_blocked(webui.url):
+        pytest.fail("Forge's own script.js is refused by its webui (see test_fill_generate_see_masks_paste_back)")
+    _job_defaults(webui)
+    _drive(_run_xyz, browser, tmp_path, webui)
+
+
+def _run_xyz(page: Page, webui) -> None:
+    page.open_page(webui.url)
+    page.mark("page up")
+    _job_settings(page)
+    page.open_accordion(FF)
+    for row, (lora, words) in enumerate(BINDINGS):
+        page.type_into(f"#{FF}-words-{row} textarea", words)
+        page.choose(f"{FF}-lora-{row}", lora)
+    page.open_accordion(f"{FF}-timing")
+    page.number(f"{FF}-capture-block", 1)
+    # Script: X/Y/Z plot; X type: FreeFuse show masks; its values from the fill button (all choices: False, True)
+    page.choose(XYZ_SCRIPT, "X/Y/Z plot")
+    page.choose(f"{XYZ}_x_type", "FreeFuse show masks")
+    page.find(f"#{TAB}_script_container #xyz_grid_fill_x_tool_button").click()
+    page.wait(
+        lambda d: (
+            page.js(
+                f"return [...document.querySelectorAll('#{TAB}_script_container .token span')].map((s) => s.innerText)"
+            )[:2]
+            == ["False", "True"]
+        ),
+        "the X values False and True",
+    )
+    page.tick(f"{XYZ}_include_lone_images")
+    page.shot("xyz-set")
+    page.find(f"#{TAB}_generate").click()
+    page.wait(
+        lambda d: (
+            len(page.gallery_images()) >= 3
+            and page.js(f"return !document.querySelector('#{TAB}_interrupt').offsetParent")
+        ),
+        "the plot's grid and its two cells in the gallery",
+        GENERATE_TIMEOUT_S,
+    )
+    page.mark("plotted")
+    grid, image, overlay = page.gallery_images()
+    assert (image["w"], image["h"]) == (overlay["w"], overlay["h"]) == (64, 64) and grid["w"] >= 128, (grid, image)
+    differing = page.driver.execute_async_script(
+        """const pixels = (src) => new Promise((resolve) => {
+            const img = new Image();
+            img.onload = () => {
+                const canvas = document.createElement('canvas');
+                canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+                const context = canvas.getContext('2d');
+                context.drawImage(img, 0, 0);
+                resolve(context.getImageData(0, 0, canvas.width, canvas.height).data);
+            };
+            img.src = src;
+        });
+        const done = arguments[arguments.length - 1];
+        Promise.all([pixels(arguments[0]), pixels(arguments[1])]).then(([a, b]) => {
+            let n = 0;
+            for (let i = 0; i < a.length; i += 4) {
+                if (a[i] !== b[i] || a[i + 1] !== b[i + 1] || a[i + 2] !== b[i + 2]) n++;
+            }
+            done(n);
+        });""",
+        image["src"],
+        overlay["src"],
+    )
+    assert differing > 64 * 64 // 4, f"the True cell differs from the False cell in only {differing} pixels"
+    page.shot("xyz-plotted")

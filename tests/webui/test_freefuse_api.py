@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -203,3 +204,45 @@ def test_options_beyond_the_paper_run_change_the_image_and_are_recorded(webui, s
     ((key, value),) = settings.items()
     assert f"FreeFuse {key.replace('_', ' ')}: {value}" in result.infotext, result.infotext
     assert result.images[0].pixels != paper.images[0].pixels
+
+
+def _rgb(image) -> bytes:
+    """The RGB bytes of a decoded PNG (classic Forge can hide the parameters in a saved file's alpha channel)."""
+    if image.channels == 3:
+        return image.pixels
+    return bytes(b for i, b in enumerate(image.pixels) if i % image.channels < 3)
+
+
+def _saved(webui, pattern: str) -> set[Path]:
+    return {path for path in webui.data_dir.rglob(pattern) if "extensions" not in path.parts}
+
+
+def test_the_setting_saves_each_mask_overlay_beside_its_image(webui):
+    """Settings > FreeFuse > "Save a mask overlay beside each image": a job that saves its images saves each
+    overlay too, with the host's file name and -freefuse-masks (also with Show masks off); a job that saves no
+    images saves no overlay."""
+    before_overlays, before_images = _saved(webui, "*-freefuse-masks.png"), _saved(webui, "*.png")
+    webui.post("/sdapi/v1/options", {"freefuse_save_overlays": True})
+    try:
+        webui.txt2img(tagged(webui), steps=6, seed=91, alwayson_scripts=freefuse(webui))  # saves nothing
+        assert _saved(webui, "*-freefuse-masks.png") == before_overlays
+        result = webui.txt2img(
+            tagged(webui), steps=6, seed=91, batch_size=2, save_images=True, alwayson_scripts=freefuse(webui)
+        )
+    finally:
+        webui.post("/sdapi/v1/options", {"freefuse_save_overlays": False})
+    assert len(result.images) == 3  # the batch's grid and two images; Show masks off: no overlay in the output
+    overlays = sorted(_saved(webui, "*-freefuse-masks.png") - before_overlays)
+    assert len(overlays) == 2 and overlays[0].parent == overlays[1].parent, overlays
+    images = sorted(path for path in _saved(webui, "*.png") - before_images - set(overlays))
+    images = [path for path in images if path.parent == overlays[0].parent]  # beside them (the grid goes elsewhere)
+    assert len(images) == 2, images
+    shown = webui.txt2img(
+        tagged(webui), steps=6, seed=91, batch_size=2, alwayson_scripts=freefuse(webui, show_masks=True)
+    )
+    decode = type(shown.images[0]).decode  # tests/webui/conftest.py PngImage
+    saved = [decode(path.read_bytes()) for path in overlays]
+    assert [path.name.split("-")[1] for path in overlays] == [path.stem.split("-")[1] for path in images]  # seeds
+    assert len(shown.images) == 4  # two images, their overlays (no grid: the job saves nothing)
+    assert [_rgb(image) for image in saved] == [_rgb(image) for image in shown.images[2:]]
+    assert all("FreeFuse coverage" in image.text.get("parameters", "") for image in saved)

@@ -24,6 +24,7 @@ MORE = (
     "background threshold",
     "fill holes",
     "superpixel image size",
+    "show masks",
     "subject LoRA weight",
 )
 FREEFUSE_AXES = [f"FreeFuse {name}" for name in (*SETTINGS, *MORE, *(f"subject {i} LoRA weight" for i in range(1, 5)))]
@@ -111,3 +112,21 @@ def test_a_cell_keeps_no_freefuse_infotext_of_the_cell_before(webui):
     horse, cat = result.info["infotexts"][1:]
     assert "FreeFuse warnings" in horse and "FreeFuse warnings" not in cat
     assert "FreeFuse coverage" in cat
+
+
+def test_a_show_masks_axis_puts_each_true_cells_mask_overlay_in_the_grid(webui):
+    """X: FreeFuse show masks False, True: the first cell is the image, the second its mask overlay, the overlay a
+    job with "Show masks" adds after the same image (same seed and settings)."""
+    args = plot_args(webui, ("FreeFuse show masks", ["False", "True"]))
+    result = webui.txt2img(
+        tagged(webui), steps=6, seed=77, script_name=XYZ, script_args=args, alwayson_scripts=freefuse(webui)
+    )
+    assert len(result.images) == 3
+    grid, image, overlay = result.images
+    assert grid.width >= 2 * image.width
+    assert (overlay.width, overlay.height) == (image.width, image.height) == (64, 64)
+    assert overlay.pixels != image.pixels
+    alone = webui.txt2img(tagged(webui), steps=6, seed=77, alwayson_scripts=freefuse(webui, show_masks=True))
+    assert len(alone.images) == 2
+    assert alone.images[0].pixels == image.pixels and alone.images[1].pixels == overlay.pixels
+    assert "FreeFuse show masks: True" in result.info["infotexts"][2]

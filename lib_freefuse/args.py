@@ -102,7 +102,7 @@ class FreeFuseArgs:
     enabled: bool = False
     subjects: tuple[SubjectBinding, ...] = ()
     capture_step: int | None = None  # 1-based; None: default_capture_step(steps)
-    capture_block: int = 17  # index into FLUX's double_blocks
+    capture_block: int = 17  # FLUX.1: index into double_blocks; other families: this default = theirs (families/)
     pre_mask: str = "joint"  # subject LoRAs before masks exist: "joint" (unmasked, as the paper) or "off"
     restart: bool = False  # restart sampling once the masks exist, as the authors' later code
     modulation: str = "per_token"  # subject LoRAs' modulation deltas: "per_token", "global" or "off"
@@ -236,7 +236,8 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
     FieldHelp(
         "capture_block",
         "Capture block",
-        "double_blocks index whose attention makes the masks (the paper: double_blocks.17).",
+        "block whose attention makes the masks. FLUX.1: double_blocks index (the paper: 17). SDXL: 17 means its "
+        "default (the middle block's last transformer); other values index its transformer blocks in order.",
     ),
     FieldHelp(
         "pre_mask",

@@ -88,6 +88,9 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
     if reason := host.missing(unet):
         state.warn(f"{reason} ({host.name}): FreeFuse does nothing for it")
         return None
+    if not hasattr(p.sd_model, family.text_engine):  # an SDXL refiner: CLIP-G alone, which SDXL's engine is not
+        state.warn(f"the {family.name} model has no {family.text_engine} to find the words in: FreeFuse does nothing")
+        return None
     is_hr = bool(getattr(p, "is_hr_pass", False))
     prompts = list(p.hr_prompts if is_hr else p.prompts)
     rows = _distinct_rows(args.subjects, state)

@@ -155,8 +155,15 @@ def _capture_site(args: FreeFuseArgs, family: Family, model, state: RunState) ->
     if family is not FLUX1 and block == FreeFuseArgs.capture_block:
         return family.default_capture_site(model)
     if block >= len(sites):
-        what = f"double_blocks.{block}" if family is FLUX1 else f"{block} ({family.name} has {len(sites)} sites)"
-        state.warn(f"capture block {what} does not exist (the model has {len(sites)}): using the last")
+        if family is FLUX1:
+            state.warn(
+                f"capture block double_blocks.{block} does not exist (the model has {len(sites)}): using the last"
+            )
+        else:
+            state.warn(
+                f"capture block {block} does not exist (the {family.name} model has {len(sites)} transformer blocks): "
+                "using the last"
+            )
         block = len(sites) - 1
     return block
 

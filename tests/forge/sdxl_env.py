@@ -5,6 +5,10 @@ block (several deep), linear proj_in/proj_out, ADM embedding of the pooled text 
 
 from __future__ import annotations
 
+import sys
+import types
+from types import SimpleNamespace
+
 import torch
 
 SDXL_CONFIG = dict(
@@ -88,3 +92,30 @@ def sample(forge, unet, *, batch: int = 1, cfg_scale: float = 1.0, uncond_chunks
     return forge.sample(
         unet, batch=batch, cfg_scale=cfg_scale, cond=conditions(batch), uncond=uncond, channels=4, **kwargs
     )
+
+
+def clip_engine(forge_root):
+    """The host's ClassicTextProcessingEngine with SDXL's CLIP-L tokenizer (as backend/diffusion_engine/sdxl.py
+    builds it), without its text encoder: only tokenize_line and its helpers run. `modules.shared` (the webui's
+    settings, read only when an engine is constructed) is stubbed while the module is imported."""
+    from transformers import CLIPTokenizer
+
+    stubbed = "modules.shared" not in sys.modules
+    if stubbed:
+        sys.modules["modules.shared"] = types.SimpleNamespace(opts=SimpleNamespace(emphasis="Original"))
+    try:
+        from backend.text_processing import classic_engine, emphasis
+        from backend.text_processing.textual_inversion import EmbeddingDatabase
+    finally:
+        if stubbed:
+            sys.modules.pop("modules.shared", None)
+    folder = forge_root / "backend/huggingface/stabilityai/stable-diffusion-xl-base-1.0/tokenizer"
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    engine = object.__new__(classic_engine.ClassicTextProcessingEngine)
+    engine.tokenizer = tokenizer
+    engine.embeddings = EmbeddingDatabase(tokenizer, 768)
+    engine.emphasis = emphasis.EmphasisOriginal()
+    engine.chunk_length = 75
+    engine.id_start, engine.id_end = tokenizer.bos_token_id, tokenizer.eos_token_id
+    engine.comma_token = tokenizer.get_vocab().get(",</w>")
+    return engine

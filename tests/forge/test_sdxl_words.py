@@ -4,41 +4,17 @@ that the SDXL context concatenates."""
 
 from __future__ import annotations
 
-import sys
-import types
 from types import SimpleNamespace
 
 import pytest
+import sdxl_env
 
 from lib_freefuse.forge.processing import RunState, _words_in_all_chunks
 
 
 @pytest.fixture(scope="module")
 def engine(forge, forge_root):
-    """The host's ClassicTextProcessingEngine with SDXL's CLIP-L tokenizer (as backend/diffusion_engine/sdxl.py
-    builds it), without its text encoder: only tokenize_line and its helpers run. `modules.shared` (the webui's
-    settings, read only when an engine is constructed) is stubbed while the module is imported."""
-    from transformers import CLIPTokenizer
-
-    stubbed = "modules.shared" not in sys.modules
-    if stubbed:
-        sys.modules["modules.shared"] = types.SimpleNamespace(opts=SimpleNamespace(emphasis="Original"))
-    try:
-        from backend.text_processing import classic_engine, emphasis
-        from backend.text_processing.textual_inversion import EmbeddingDatabase
-    finally:
-        if stubbed:
-            sys.modules.pop("modules.shared", None)
-    folder = forge_root / "backend/huggingface/stabilityai/stable-diffusion-xl-base-1.0/tokenizer"
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder))
-    engine = object.__new__(classic_engine.ClassicTextProcessingEngine)
-    engine.tokenizer = tokenizer
-    engine.embeddings = EmbeddingDatabase(tokenizer, 768)
-    engine.emphasis = emphasis.EmphasisOriginal()
-    engine.chunk_length = 75
-    engine.id_start, engine.id_end = tokenizer.bos_token_id, tokenizer.eos_token_id
-    engine.comma_token = tokenizer.get_vocab().get(",</w>")
-    return engine
+    return sdxl_env.clip_engine(forge_root)
 
 
 def positions(engine, prompt: str, words: list[str]) -> tuple[list, int, RunState]:

@@ -221,6 +221,15 @@ class FreeFuseJob:
             masks = call.cache[key] = self._call_masks(stream, call)
         return "per_token", masks
 
+    def call_cached(self, key, make: Callable[[], object]):
+        """make(), computed once per model call for `key` (a layer patch's work that every layer would repeat)."""
+        call = self._call
+        if call is None:
+            return make()
+        if key not in call.cache:
+            call.cache[key] = make()
+        return call.cache[key]
+
     def spatial_masks(self, x: torch.Tensor) -> torch.Tensor | None:
         """(B|1, L, h, w) masks for a convolution's output feature map x (B, C, h, w) (SDXL), or None when the
         subject LoRAs must not act now. Image masks apply to every chunk of the call (cond and uncond alike)."""

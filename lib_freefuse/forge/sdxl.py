@@ -211,24 +211,38 @@ class MaskedCrossAttention:
         return out * text.to(like).permute(2, 0, 1)[..., None]
 
     def _routed(self, attend, q, k, v, dk, dv, image: torch.Tensor) -> torch.Tensor:
-        """Each image token's attention over the keys and values of its mask row: (B, N, C)."""
+        """Each image token's attention over the keys and values of its mask row: (B, N, C). The rows and the
+        tokens of each are found once per call and token count (cached by the job), not once per layer."""
         heads = self.attention.heads
         batch = q.shape[0]
-        if image.shape[0] == 1:
-            rows, inverse = torch.unique(image[0], dim=0, return_inverse=True)
-            if rows.shape[0] == 1:  # one row for every token and image (unmasked, or masks not split): batched
+        shared = image.shape[0] == 1 or all(torch.equal(image[0], image[b]) for b in range(1, image.shape[0]))
+        if shared:  # every image of the batch has the same mask rows (cond and uncond of one image): batched
+            # the job gives every layer of one call and token count the same image masks: their routes are computed once
+            rows, groups = self.job.call_cached(("routes", image.shape[1]), lambda: _routes(image[0]))
+            if rows.shape[0] > MAX_ROUTES:
+                return torch.cat(
+                    [
+                        self._blended(attend, q[b : b + 1], k[b], v[b], dk[:, b], dv[:, b], image[0])
+                        for b in range(batch)
+                    ]
+                )
+            if rows.shape[0] == 1:  # one row for every token (unmasked, or masks not split)
                 weight = rows[0][:, None, None, None]
                 return attend(q, k + (weight * dk).sum(0), v + (weight * dv).sum(0), heads, None)
-        image = image.expand(batch, -1, -1)
-        out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
+            out = torch.empty(batch, q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
+            for row, tokens in zip(rows, groups, strict=True):
+                weight = row[:, None, None, None]
+                k_r, v_r = k + (weight * dk).sum(0), v + (weight * dv).sum(0)  # (B, T, C)
+                out[:, tokens] = attend(q[:, tokens], k_r, v_r, heads, None)
+            return out
+        out = torch.empty(batch, q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
         for b in range(batch):
-            rows, inverse = torch.unique(image[b], dim=0, return_inverse=True)
+            rows, groups = _routes(image[b])
             if rows.shape[0] > MAX_ROUTES:  # soft masks: blend the outputs of no subject and of each one alone
                 out[b] = self._blended(attend, q[b : b + 1], k[b], v[b], dk[:, b], dv[:, b], image[b])
                 continue
-            for r in range(rows.shape[0]):
-                tokens = (inverse == r).nonzero().squeeze(1)
-                weight = rows[r][:, None, None]
+            for row, tokens in zip(rows, groups, strict=True):
+                weight = row[:, None, None]
                 k_r = k[b] + (weight * dk[:, b]).sum(0)
                 v_r = v[b] + (weight * dv[:, b]).sum(0)
                 out[b, tokens] = attend(q[b : b + 1, tokens], k_r[None], v_r[None], heads, None)[0]
@@ -242,6 +256,12 @@ class MaskedCrossAttention:
             alone = attend(q, (k + dk[subject])[None], (v + dv[subject])[None], heads, None)[0]
             out = out + alone * image[:, subject : subject + 1]
         return out
+
+
+def _routes(rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The distinct rows of (N, L) masks and, for each, the indices of the tokens that have it."""
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    return distinct, [(inverse == r).nonzero().squeeze(1) for r in range(distinct.shape[0])]
 
 
 def _delta_output(delta: SubjectWeightDelta, x: torch.Tensor, cache: dict) -> torch.Tensor:

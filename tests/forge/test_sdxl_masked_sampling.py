@@ -25,6 +25,7 @@ TOKEN_LAYERS = {  # kohya (ldm-style) name -> (out, in)
     "input_blocks_3_1_transformer_blocks_0_attn2_to_k": (64, 48),
     "input_blocks_3_1_transformer_blocks_0_attn2_to_v": (64, 48),
     "middle_block_1_transformer_blocks_1_attn2_to_k": (64, 48),
+    "middle_block_1_transformer_blocks_1_attn2_to_v": (64, 48),
     "middle_block_1_transformer_blocks_1_attn2_to_out_0": (64, 64),
     "middle_block_1_transformer_blocks_0_ff_net_0_proj": (512, 64),
     "output_blocks_2_1_transformer_blocks_0_attn2_to_v": (64, 48),
@@ -244,3 +245,62 @@ def test_no_state_is_left_after_a_freefuse_job(forge, sdxl_unet):
     after = sdxl_env.sample(forge, merged, steps=3, cfg_scale=3.0, latent_hw=LATENT, seed=4)
     assert torch.equal(after, before)
     assert merged.object_patches == {}
+
+
+def test_cross_attention_routing_equals_a_token_by_token_recomputation(forge, sdxl_unet):
+    """The masked attn2 of a block whose to_k/to_v both LoRAs change, in a CFG call (uncond, cond) of one image with
+    three kinds of token (subject A, subject B, neither): each token's output equals softmax(q_n k_n^T) v_n with
+    k_n = k + sum_l m[n, l] * dk_l (dk_l zeroed on the other subject's words in the cond text), then to_out."""
+    sds = {"xa.safetensors": lora_sd(1), "xb.safetensors": lora_sd(2)}
+    masks = torch.zeros(1, 2, *LATENT)
+    masks[0, 0, :, :10] = 1
+    masks[0, 1, :, 20:] = 1
+    words = {"word_positions": (((1, 2), (5,)),)}
+    merged = with_loras(forge, sdxl_unet, sds)
+    unet, job = freefuse_unet(forge, merged, list(sds), masks, **words)
+    name = f"{BLOCK}.1.attn2"
+    patch = unet.object_patches[f"diffusion_model.{name}.forward"]
+    attn2 = sdxl_unet.model.diffusion_model.middle_block[1].transformer_blocks[1].attn2
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 48, 64, generator=g)  # the middle block's 6x8 tokens, uncond then cond
+    context = torch.randn(2, 77, 48, generator=g)
+    job.begin_call(torch.zeros(2, 4, *LATENT), torch.tensor([5.0, 5.0]), [1, 0], 77)
+    with torch.no_grad():
+        got = patch(x, context=context)
+        params = dict(merged.model.named_parameters())
+        deltas = {
+            part: [
+                d
+                for n in sds
+                for d in subject_deltas(forge.merged_patches(merged, str(forge.lora_dir() / n)), params.get, None)[0]
+                if d.module == f"{name}.{part}"
+            ]
+            for part in ("to_k", "to_v")
+        }
+        text = torch.ones(2, 77, 2)
+        text[1, [1, 2], 1] = 0  # cond: subject B's change off A's words, A's off B's
+        text[1, 5, 0] = 0
+        image = torch.nn.functional.interpolate(masks, size=(6, 8), mode="nearest-exact").flatten(2).transpose(1, 2)
+        heads, dim = attn2.heads, 64 // attn2.heads
+        q = attn2.to_q(x)
+        expected = torch.empty_like(q)
+        for b in range(2):
+            k0, v0 = attn2.to_k(context[b]), attn2.to_v(context[b])
+            dk = [
+                d.scale * (context[b] @ d.down.T @ d.up.T) * text[b, :, i : i + 1] for i, d in enumerate(deltas["to_k"])
+            ]
+            dv = [
+                d.scale * (context[b] @ d.down.T @ d.up.T) * text[b, :, i : i + 1] for i, d in enumerate(deltas["to_v"])
+            ]
+            for n in range(48):
+                k_n = k0 + sum(image[0, n, i] * dk[i] for i in range(2))
+                v_n = v0 + sum(image[0, n, i] * dv[i] for i in range(2))
+                for h in range(heads):
+                    cols = slice(h * dim, (h + 1) * dim)
+                    weights = torch.softmax(q[b, n, cols] @ k_n[:, cols].T / dim**0.5, dim=-1)
+                    expected[b, n, cols] = weights @ v_n[:, cols]
+        expected = attn2.to_out(expected)
+    assert job.failure is None
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    plain = attn2(x, context=context)
+    assert (got - plain).abs().max() > 1e-3

@@ -18,7 +18,11 @@ def sdxl_job(webui, freefuse: dict | None = None, **overrides):
         negative_prompt="blurry",
         cfg_scale=5.0,
         steps=4,
-        override_settings={"sd_model_checkpoint": webui.manifest["sdxl"]["checkpoint_name"]},
+        # classic Forge loads an SDXL live-preview model from the network unless live previews are off
+        override_settings={
+            "sd_model_checkpoint": webui.manifest["sdxl"]["checkpoint_name"],
+            "live_previews_enable": False,
+        },
         **scripts,
         **overrides,
     )

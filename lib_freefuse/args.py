@@ -102,7 +102,7 @@ class FreeFuseArgs:
     enabled: bool = False
     subjects: tuple[SubjectBinding, ...] = ()
     capture_step: int | None = None  # 1-based; None: default_capture_step(steps)
-    capture_block: int = 17  # index into FLUX's double_blocks
+    capture_block: int = 17  # FLUX.1: index into double_blocks; other families: this default = theirs (families/)
     pre_mask: str = "joint"  # subject LoRAs before masks exist: "joint" (unmasked, as the paper) or "off"
     restart: bool = False  # restart sampling once the masks exist, as the authors' later code
     modulation: str = "per_token"  # subject LoRAs' modulation deltas: "per_token", "global" or "off"
@@ -242,7 +242,8 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
     FieldHelp(
         "capture_block",
         "Capture block",
-        "Which FLUX double block is read (0-18); 17 suits FLUX.1-dev.",
+        "Which block is read. FLUX.1: a double block, 0-18 (17 suits FLUX.1-dev). SDXL: 17 means its default block "
+        "(the middle block's last transformer); other values count its transformer blocks in order.",
     ),
     FieldHelp(
         "pre_mask",

@@ -6,7 +6,7 @@ gradio.
 
 from .config import BACKGROUND_CHOICES, CONTRASTIVE_CHOICES, CROSS_ATTENTION_CHOICES, MaskConfig
 from .lora import StackedLoRA, masked_lora_delta
-from .masks import extract_masks
+from .masks import extract_cross_masks, extract_masks
 from .prompt import SubjectTokens, find_subject_tokens, split_phrases
 from .schedule import default_capture_step
 from .superpixel import pixel_masks_to_tokens
@@ -22,6 +22,7 @@ __all__ = [
     "SubjectTokens",
     "call_token_masks",
     "default_capture_step",
+    "extract_cross_masks",
     "extract_masks",
     "find_subject_tokens",
     "masked_lora_delta",

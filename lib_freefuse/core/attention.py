@@ -124,3 +124,28 @@ def contrastive_scores(maps: torch.Tensor, rule: str) -> torch.Tensor:
     is_first = torch.arange(n_subjects, device=maps.device)[:, None] == top2.indices[0][None, :]
     strongest_other = torch.where(is_first, top2.values[1][None, :], top2.values[0][None, :])
     return maps - strongest_other
+
+
+def cross_attention_columns(
+    image_q: torch.Tensor, text_k: torch.Tensor, columns: Sequence[int], chunk_bytes: int = CHUNK_BYTES
+) -> torch.Tensor:
+    """Eq. 5 for a cross-attention (SDXL's attn2, where text tokens are keys only): the model's own attention
+    probabilities A = mean_h softmax_text(Q_img K_txt^T / sqrt(D)), read for the given text columns and each
+    normalised over the image tokens, so that a column is a distribution over the N image tokens as a row of
+    Eq. 5 is: cross[r, n] = A[n, t_r] / sum_n' A[n', t_r].
+
+    image_q: (H, N, D) queries of the image tokens, text_k: (H, T, D) keys of the text tokens -> (R, N) float32.
+    The softmax runs over all T text tokens (what the model computes); chunks of image rows bound the memory.
+    """
+    heads, n_image, dim = image_q.shape
+    columns = list(columns)
+    scale = 1.0 / math.sqrt(dim)
+    out = torch.zeros(len(columns), n_image, dtype=torch.float32, device=image_q.device)
+    keys = text_k.float()  # (H, T, D): small
+    row_chunk = max(1, min(n_image, chunk_bytes // max(1, heads * text_k.shape[1] * 4)))
+    index = torch.tensor(columns, device=image_q.device, dtype=torch.long)
+    for r0 in range(0, n_image, row_chunk):
+        q_chunk = image_q[:, r0 : r0 + row_chunk].float() * scale  # (H, r, D)
+        probs = torch.bmm(q_chunk, keys.transpose(1, 2)).softmax(dim=-1)  # (H, r, T): softmax over the text
+        out[:, r0 : r0 + row_chunk] = probs.mean(dim=0).index_select(-1, index).T  # (R, r)
+    return out.div_(out.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny))

@@ -7,10 +7,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .attention import (
     attention_sinks,
     contrastive_scores,
+    cross_attention_columns,
     edge_tokens,
     filter_attention_sinks,
     mean_attention_rows,
@@ -29,7 +31,14 @@ from .superpixel import (
     vote_superpixels,
 )
 
-__all__ = ["BACKGROUND_SCALE", "background_score_map", "extract_masks", "subject_score_maps"]
+__all__ = [
+    "BACKGROUND_SCALE",
+    "background_score_map",
+    "cross_score_maps",
+    "extract_cross_masks",
+    "extract_masks",
+    "subject_score_maps",
+]
 
 # Background "tokens": the factor of the background map in the vote. Planted background scene (tests/core): mean IoU
 # 0.94 at 2, 0.95 at 3 to 6; scenes without background unchanged at any of them.
@@ -63,14 +72,56 @@ def extract_masks(
     background = None
     if background_rows:
         background = background_score_map(q, k, background_rows, grid_hw, config, n_text=n_text).view(h, w)
+    return _masks_from_maps(maps, image, config, background).to(device=q.device, dtype=torch.float32)
+
+
+def extract_cross_masks(
+    image_q: torch.Tensor,
+    text_k: torch.Tensor,
+    self_q: torch.Tensor,
+    self_k: torch.Tensor,
+    subject_tokens: Sequence[Sequence[int]],
+    grid_hw: tuple[int, int],
+    image: np.ndarray | torch.Tensor | None = None,
+    config: MaskConfig = MaskConfig(),
+    out_hw: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Subject masks of one image from a cross-attention block, where text tokens are keys only (SDXL's UNet).
+
+    image_q: (H, N, D) the cross-attention's queries of the image tokens; text_k: (H, T, D) its keys of the text
+    tokens (Eq. 5 from the model's probabilities, cross_score_maps); self_q, self_k: (H', N, D') the image
+    self-attention's q and k of the same block (Eq. 9-10). subject_tokens: text positions per subject, in [0, T).
+    grid_hw: (h, w), h*w = N, row-major. image: predicted x0 (H_px, W_px, 3), for the vote (Eq. 11-13).
+    out_hw: the grid of the returned masks (default grid_hw): the vote's superpixel masks are pooled to it, token
+    owners without the vote are enlarged (nearest). Returns (L, *out_hw) float32 in [0, 1], disjoint.
+    """
+    groups = _check_cross_inputs(image_q, text_k, self_q, self_k, subject_tokens, grid_hw, image, config)
+    if config.background == "tokens":
+        raise ValueError("config: background 'tokens' is not available for cross-attention masks")
+    h, w = grid_hw
+    maps = cross_score_maps(image_q, text_k, self_q, self_k, groups, grid_hw, config).view(-1, h, w)
+    return _masks_from_maps(maps, image, config, None, out_hw).to(device=image_q.device, dtype=torch.float32)
+
+
+def _masks_from_maps(
+    maps: torch.Tensor,
+    image,
+    config: MaskConfig,
+    background: torch.Tensor | None,
+    out_hw: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Eq. 11-13 (or the token-wise argmax without the vote) for (L, h, w) score maps -> (L, *out_hw) masks."""
+    grid_hw = tuple(maps.shape[-2:])
+    out_hw = tuple(out_hw or grid_hw)
     threshold = config.background_threshold if config.background == "threshold" else None
     if config.superpixel_vote:
-        masks = _vote_masks(maps, _as_image(image), grid_hw, config, background, threshold)
-    else:
-        # Without voting each token goes to the subject with the largest score: the paper's "holes".
-        owner = _filled(token_owners(maps, background, threshold), config)
-        masks = owner_to_pixel_masks(owner, maps.shape[0])
-    return masks.to(device=q.device, dtype=torch.float32)
+        return _vote_masks(maps, _as_image(image), grid_hw, config, background, threshold, out_hw)
+    # Without voting each token goes to the subject with the largest score: the paper's "holes".
+    owner = _filled(token_owners(maps, background, threshold), config)
+    masks = owner_to_pixel_masks(owner, maps.shape[0])
+    if out_hw != grid_hw:
+        masks = F.interpolate(masks[None], size=out_hw, mode="nearest-exact")[0]
+    return masks
 
 
 def subject_score_maps(
@@ -84,8 +135,43 @@ def subject_score_maps(
 ) -> torch.Tensor:
     """Eq. 5-10 for validated input: per-subject score over the image tokens, (L, h*w) float32."""
     used_rows = sorted({i for group in groups for i in group})
-    row_of = {token: r for r, token in enumerate(used_rows)}
     cross, sinks = _filtered_cross_rows(q, k, used_rows, grid_hw, config, n_text)  # Eq. 5-7: (R, N)
+    return _refined_maps(cross, sinks, used_rows, groups, q[:, n_text:], k[:, n_text:], config)
+
+
+def cross_score_maps(
+    image_q: torch.Tensor,
+    text_k: torch.Tensor,
+    self_q: torch.Tensor,
+    self_k: torch.Tensor,
+    groups: Sequence[Sequence[int]],
+    grid_hw: tuple[int, int],
+    config: MaskConfig,
+) -> torch.Tensor:
+    """Eq. 5-10 from a cross-attention block (validated input): per-subject score over the image tokens, (L, N).
+
+    Eq. 5 is read from the cross-attention's probabilities (cross_attention_columns), or with "image_queries" as
+    softmax over the image of k_t q_img^T; Eq. 9-10 from the same block's image self-attention (self_q, self_k)."""
+    used_rows = sorted({i for group in groups for i in group})
+    if config.cross_attention == "image_queries":
+        cross = mean_attention_rows(text_k[:, used_rows], image_q)  # (R, N): softmax over the image tokens
+    else:
+        cross = cross_attention_columns(image_q, text_k, used_rows)  # (R, N): the model's probabilities
+    cross, sinks = _sink_filtered(cross, grid_hw, config)  # Eq. 6-7
+    return _refined_maps(cross, sinks, used_rows, groups, self_q, self_k, config)
+
+
+def _refined_maps(
+    cross: torch.Tensor,
+    sinks: torch.Tensor | None,
+    used_rows: list[int],
+    groups: Sequence[Sequence[int]],
+    q_img: torch.Tensor,
+    k_img: torch.Tensor,
+    config: MaskConfig,
+) -> torch.Tensor:
+    """Eq. 8-10: the subjects' mean rows of `cross` (R, N), refined by the image self-attention q_img, k_img."""
+    row_of = {token: r for r, token in enumerate(used_rows)}
     maps = subject_maps(cross, [[row_of[t] for t in group] for group in groups])  # Eq. 8: (L, N)
     if config.self_attention:
         seed_scores = None
@@ -94,7 +180,6 @@ def subject_score_maps(
             if sinks is not None:
                 # A sink dropped from one subject's row but not from another's would have the largest contrast of all.
                 seed_scores = seed_scores.masked_fill(sinks.any(dim=0), -math.inf)
-        q_img, k_img = q[:, n_text:], k[:, n_text:]
         maps = self_attention_maps(q_img, k_img, maps, config.self_attention_top_fraction, seed_scores)  # Eq. 9-10
     return maps
 
@@ -130,6 +215,13 @@ def _filtered_cross_rows(
         cross = mean_attention_rows(k[:, rows], q[:, n_text:])
     else:
         cross = mean_attention_rows(q[:, rows], k[:, n_text:])  # Eq. 5: (R, N), the given rows only
+    return _sink_filtered(cross, grid_hw, config)
+
+
+def _sink_filtered(
+    cross: torch.Tensor, grid_hw: tuple[int, int], config: MaskConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eq. 6-7 on (R, N) rows over the image tokens, when the sink filter is on: (filtered rows, sinks or None)."""
     if not config.sink_filter:
         return cross, None
     edge = edge_tokens(grid_hw, config.edge_width, device=cross.device)
@@ -144,15 +236,17 @@ def _vote_masks(
     config: MaskConfig,
     background: torch.Tensor | None = None,
     threshold: float | None = None,
+    out_hw: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Eq. 11-13 on a copy of x0 whose every token is an s x s pixel block, then back to tokens."""
+    """Eq. 11-13 on a copy of x0 whose every token is an s x s pixel block, then pooled to the out_hw grid."""
     h, w = grid_hw
     s = slic_scale(grid_hw, tuple(image.shape[:2]), config.slic_max_side)
     small = resize_image(image, (h * s, w * s))
     n_segments = config.n_segments or round(math.sqrt(image.shape[0] * image.shape[1]))
     segments = slic_segments(small, min(n_segments, small.shape[0] * small.shape[1]), config.compactness)
     owner = _filled(vote_superpixels(maps, segments, background, threshold), config)
-    return pixel_masks_to_tokens(owner_to_pixel_masks(owner, maps.shape[0]), grid_hw, soft=config.soft)
+    pixel_masks = owner_to_pixel_masks(owner, maps.shape[0])
+    return pixel_masks_to_tokens(pixel_masks, tuple(out_hw or grid_hw), soft=config.soft)
 
 
 def _filled(owner: torch.Tensor, config: MaskConfig) -> torch.Tensor:
@@ -199,6 +293,35 @@ def _check_inputs(q, k, subject_tokens, grid_hw, image, config) -> tuple[int, li
     if config.superpixel_vote:
         _check_image(image, grid_hw)
     return n_text, groups
+
+
+def _check_cross_inputs(image_q, text_k, self_q, self_k, subject_tokens, grid_hw, image, config) -> list[list[int]]:
+    """Validate extract_cross_masks' arguments; return the token groups as lists of ints."""
+    if not isinstance(config, MaskConfig):
+        raise ValueError(f"config: expected a MaskConfig, got {type(config).__name__}")
+    for name, t in (("image_q", image_q), ("text_k", text_k), ("self_q", self_q), ("self_k", self_k)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 3 or not t.is_floating_point():
+            raise ValueError(f"{name}: expected a float tensor of shape (heads, tokens, head_dim), got {_describe(t)}")
+        if t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
+            raise ValueError(f"{name}: contains NaN or infinite values")
+    if text_k.shape[0] != image_q.shape[0] or text_k.shape[2] != image_q.shape[2]:
+        raise ValueError(f"text_k: shape {tuple(text_k.shape)} has other heads or head size than image_q's")
+    if self_q.shape != self_k.shape or self_q.shape[1] != image_q.shape[1]:
+        raise ValueError(
+            f"self_q, self_k: shapes {tuple(self_q.shape)}, {tuple(self_k.shape)} must be equal and have "
+            f"image_q's {image_q.shape[1]} tokens"
+        )
+    if (
+        not isinstance(grid_hw, Sequence)
+        or len(grid_hw) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid_hw)
+        or grid_hw[0] * grid_hw[1] != image_q.shape[1]
+    ):
+        raise ValueError(f"grid_hw: expected (h, w) with h*w = {image_q.shape[1]} image tokens, got {grid_hw!r}")
+    groups = _check_subject_tokens(subject_tokens, text_k.shape[1])
+    if config.superpixel_vote:
+        _check_image(image, grid_hw)
+    return groups
 
 
 def _check_background_tokens(background_tokens, n_text: int, config: MaskConfig) -> list[int]:

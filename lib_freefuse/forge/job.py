@@ -6,15 +6,15 @@ script or in a module global. Knows nothing of Forge: the host adapter feeds it 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ..core import MaskConfig, call_token_masks, extract_masks, text_token_masks
+from ..core import MaskConfig, call_token_masks, extract_cross_masks, extract_masks, text_token_masks
 from ..core.steps import StepCounter
+from ..families import FLUX1, Family
 from ..log import logger
 
 PRE_MASK_MODES = ("joint", "off")
@@ -62,23 +62,44 @@ class _Call:
     grid_hw: tuple[int, int]
     text_tokens: int
     reference_tokens: int = 0  # reference-image tokens after the generated image's (FLUX.1 Kontext)
+    grids: dict = field(default_factory=dict)  # image tokens -> (h, w): every grid of the family's layers
     cache: dict = field(default_factory=dict)
+
+    def grid_of(self, tokens: int) -> tuple[int, int]:
+        """The (h, w) grid of a layer with `tokens` image tokens; the mask grid when no layer grid has as many."""
+        return self.grids.get(tokens, self.grid_hw)
+
+
+@dataclass(frozen=True)
+class _CrossCapture:
+    """A cross-attention block's capture (SDXL): (B_img, H, N, D) image queries, (B_img, H, T, D) text keys, and
+    the same block's self-attention q, k (B_img, H', N, D'), on the grid_hw of its N tokens."""
+
+    image_q: torch.Tensor
+    text_k: torch.Tensor
+    self_q: torch.Tensor
+    self_k: torch.Tensor
+    grid_hw: tuple[int, int]
 
 
 class FreeFuseJob:
     """Per-run state, fed by the host's model wrapper (`begin_call`/`end_call`) and the block patch
     (`capturing`/`store_attention`), asked by the layer patches (`masks_for`, `modulation_masks`)."""
 
-    def __init__(self, plan: JobPlan, decode: Callable[[torch.Tensor], torch.Tensor], schedule=None):
-        """decode: denoised latents (B, C, H, W) -> RGB images (B, H_px, W_px, 3) in [0, 1], for SLIC."""
+    def __init__(
+        self, plan: JobPlan, decode: Callable[[torch.Tensor], torch.Tensor], schedule=None, family: Family = FLUX1
+    ):
+        """decode: denoised latents (B, C, H, W) -> RGB images (B, H_px, W_px, 3) in [0, 1], for SLIC. family: the
+        model's (its grids; FLUX.1 by default)."""
         self.plan = plan
+        self.family = family
         self.decode = decode
         self.steps = StepCounter(schedule)
         self.masks: torch.Tensor | None = plan.initial_masks  # (B_img, L, h, w)
         self.failure: str | None = None
         self.capture_count = 0
         self._call: _Call | None = None
-        self._captured: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._captured: tuple[torch.Tensor, torch.Tensor] | _CrossCapture | None = None
 
     # -- the model wrapper's side -------------------------------------------------------------------------------
     def begin_call(
@@ -93,11 +114,13 @@ class FreeFuseJob:
         number of reference-image tokens that follow the image's (Kontext: the masks cover the generated image only;
         reference tokens get every subject LoRA, as in a merged run, and stay out of the captured attention)."""
         step = self.steps.step_of(float(sigma.reshape(-1)[0]))
-        grid = (math.ceil(x.shape[-2] / 2), math.ceil(x.shape[-1] / 2))  # FLUX's 2x2 patches, padded
+        latent = (int(x.shape[-2]), int(x.shape[-1]))
+        grid = self.family.mask_grid(latent)  # FLUX: its 2x2 patches, padded; SDXL: the latent itself
+        grids = {h * w: (h, w) for h, w in reversed(self.family.token_grids(latent))}  # the finest wins a tie
         chunks = list(cond_or_uncond) or [0]
         if x.shape[0] != len(chunks) * self.plan.n_images:
             self.fail(f"a model call has batch {x.shape[0]}, expected {len(chunks)} x {self.plan.n_images} images")
-        self._call = _Call(step, chunks, grid, text_tokens, reference_tokens)
+        self._call = _Call(step, chunks, grid, text_tokens, reference_tokens, grids)
 
     def end_call(self, denoised: torch.Tensor) -> None:
         """After the call: if attention was captured in it, make the masks from it and the predicted x0."""
@@ -148,6 +171,19 @@ class FreeFuseJob:
         self._captured = tuple(self._cond_rows(t, call)[:, :, :keep].detach() for t in (q, k))
         self.capture_count += 1
 
+    def store_cross_attention(
+        self, image_q: torch.Tensor, text_k: torch.Tensor, self_q: torch.Tensor, self_k: torch.Tensor
+    ) -> None:
+        """A cross-attention block's capture (SDXL): image_q (B, H, N, D) and text_k (B, H, T, D) of its
+        cross-attention, self_q and self_k (B, H', N, D') of its self-attention; the conditional rows are kept."""
+        call = self._call
+        kept = [self._cond_rows(t, call).detach() for t in (image_q, text_k, self_q, self_k)]
+        grid = call.grid_of(int(image_q.shape[2]))
+        if grid[0] * grid[1] != image_q.shape[2]:
+            raise ValueError(f"the capture block's {image_q.shape[2]} image tokens form no grid of this latent")
+        self._captured = _CrossCapture(*kept, grid_hw=grid)
+        self.capture_count += 1
+
     # -- the layer patches' side --------------------------------------------------------------------------------
     def masks_for(self, stream: str, x: torch.Tensor) -> torch.Tensor | None:
         """(B|1, T, L) masks for a layer of `stream` ("image", "text", "joint") whose input is x (B, T, d), or
@@ -157,9 +193,10 @@ class FreeFuseJob:
             return None
         if self.masks is None or self.failure:
             return self._unmasked(x) if self.plan.pre_mask == "joint" or self.failure else None
-        masks = call.cache.get(stream)
+        key = (stream, int(x.shape[1]))
+        masks = call.cache.get(key)
         if masks is None:
-            masks = call.cache[stream] = self._call_masks(stream, call)
+            masks = call.cache[key] = self._call_masks(stream, call, int(x.shape[1]))
         if masks.shape[1] != x.shape[1]:
             self.fail(f"a {stream} layer saw {x.shape[1]} tokens, the masks have {masks.shape[1]}")
             return self._unmasked(x)
@@ -178,10 +215,37 @@ class FreeFuseJob:
             return "none", None
         if mode == "global":
             return "global", None
-        masks = call.cache.get(stream)
+        key = (stream, None)
+        masks = call.cache.get(key)
         if masks is None:
-            masks = call.cache[stream] = self._call_masks(stream, call)
+            masks = call.cache[key] = self._call_masks(stream, call)
         return "per_token", masks
+
+    def call_cached(self, key, make: Callable[[], object]):
+        """make(), computed once per model call for `key` (a layer patch's work that every layer would repeat)."""
+        call = self._call
+        if call is None:
+            return make()
+        if key not in call.cache:
+            call.cache[key] = make()
+        return call.cache[key]
+
+    def spatial_masks(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(B|1, L, h, w) masks for a convolution's output feature map x (B, C, h, w) (SDXL), or None when the
+        subject LoRAs must not act now. Image masks apply to every chunk of the call (cond and uncond alike)."""
+        call = self._call
+        if call is None:
+            return None
+        if self.masks is None or self.failure:
+            if self.plan.pre_mask == "joint" or self.failure:
+                return x.new_ones(1, self.plan.n_subjects, 1, 1)
+            return None
+        hw = (int(x.shape[-2]), int(x.shape[-1]))
+        key = ("spatial", hw)
+        masks = call.cache.get(key)
+        if masks is None:
+            masks = call.cache[key] = torch.cat([self._masks_at(hw)] * len(call.cond_or_uncond))
+        return masks
 
     def vector_masks(self, x: torch.Tensor) -> torch.Tensor | None:
         """Masks for a layer with one value per image (time, guidance, pooled-text embedders): such a layer cannot
@@ -218,8 +282,9 @@ class FreeFuseJob:
         chunk = call.cond_or_uncond.index(0)
         return batch[chunk * n : (chunk + 1) * n]
 
-    def _call_masks(self, stream: str, call: _Call) -> torch.Tensor:
-        image = self._masks_at(call.grid_hw).flatten(2).transpose(1, 2)  # (B_img, N, L)
+    def _call_masks(self, stream: str, call: _Call, tokens: int | None = None) -> torch.Tensor:
+        grid = call.grid_hw if tokens is None else call.grid_of(tokens - call.reference_tokens)
+        image = self._masks_at(grid).flatten(2).transpose(1, 2)  # (B_img, N, L)
         if call.reference_tokens:  # every subject on the reference image's tokens, as merged LoRAs would act
             image = torch.cat([image, image.new_ones(image.shape[0], call.reference_tokens, image.shape[2])], 1)
         text = torch.stack(
@@ -239,12 +304,21 @@ class FreeFuseJob:
         return masks
 
     def _make_masks(self, captured, denoised: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-        q, k = captured
-        images = self.decode(denoised) if self.plan.mask_config.superpixel_vote else [None] * q.shape[0]
-        masks = [
-            extract_masks(q[b], k[b], list(self.plan.word_positions[b]), grid_hw, images[b], self.plan.mask_config)
-            for b in range(q.shape[0])
-        ]
+        """Masks (B_img, L, *grid_hw): from a joint (q, k) capture (FLUX) or a cross-attention capture (SDXL)."""
+        config = self.plan.mask_config
+        images = self.decode(denoised) if config.superpixel_vote else [None] * denoised.shape[0]
+        words = [list(w) for w in self.plan.word_positions]
+        if isinstance(captured, _CrossCapture):
+            c = captured
+            masks = [
+                extract_cross_masks(
+                    c.image_q[b], c.text_k[b], c.self_q[b], c.self_k[b], words[b], c.grid_hw, images[b], config, grid_hw
+                )
+                for b in range(c.image_q.shape[0])
+            ]
+        else:
+            q, k = captured
+            masks = [extract_masks(q[b], k[b], words[b], grid_hw, images[b], config) for b in range(q.shape[0])]
         result = torch.stack(masks)  # (B_img, L, h, w)
         logger.info("FreeFuse: masks made at step %d, coverage %s", self.plan.capture_step + 1, self._summary(result))
         return result

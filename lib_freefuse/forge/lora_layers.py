@@ -32,12 +32,14 @@ _NOTE_MODULES = 8  # modules named per note before "and N more"
 
 @dataclass(frozen=True, eq=False)
 class SubjectWeightDelta:
-    """One subject LoRA's change to one Linear weight (and bias) of the FLUX model.
+    """One subject LoRA's change to one Linear or Conv2d weight (and bias) of the diffusion model.
 
     module: path under `diffusion_model`, e.g. "double_blocks.0.img_attn.qkv". rows: (start, length) of the output
     features it changes (Forge's offset (0, start, length), e.g. to_k into the fused qkv), None = all d_out rows.
     Low-rank (plain LoRA): down (r, d_in), up (rows, r), scale = strength * alpha / rank; r may be 0 for a change of
     the bias only. Dense (every other kind): dense (rows, d_in) with the scale folded in, scale 1. bias: (rows,).
+    A convolution's (`conv`): down (r, C_in, kh, kw) with up (C_out, r) (a kernel, then 1x1), or dense
+    (C_out, C_in, kh, kw); rows None.
     """
 
     module: str
@@ -52,10 +54,13 @@ class SubjectWeightDelta:
         low_rank = self.down is not None and self.up is not None
         if low_rank == (self.dense is not None) or (self.down is None) != (self.up is None):
             raise ValueError(f"{self.module}: give either down and up (low-rank) or dense, not both or neither")
-        if low_rank and (self.down.ndim != 2 or self.up.ndim != 2 or self.up.shape[1] != self.down.shape[0]):
+        if low_rank and (self.down.ndim not in (2, 4) or self.up.ndim != 2 or self.up.shape[1] != self.down.shape[0]):
             raise ValueError(f"{self.module}: up {tuple(self.up.shape)} and down {tuple(self.down.shape)} don't chain")
-        if self.dense is not None and self.dense.ndim != 2:
-            raise ValueError(f"{self.module}: dense must be (rows, d_in), got {tuple(self.dense.shape)}")
+        if self.dense is not None and self.dense.ndim not in (2, 4):
+            raise ValueError(
+                f"{self.module}: dense must be (rows, d_in) or a kernel (C_out, C_in, kh, kw), got "
+                f"{tuple(self.dense.shape)}"
+            )
         if self.rows is not None and (len(self.rows) != 2 or self.rows[1] != self.width or self.rows[0] < 0):
             raise ValueError(f"{self.module}: rows {self.rows} don't match the delta's {self.width} output features")
         if self.bias is not None and tuple(self.bias.shape) != (self.width,):
@@ -65,6 +70,11 @@ class SubjectWeightDelta:
     def low_rank(self) -> bool:
         """True for a plain LoRA kept as scale * up @ down."""
         return self.dense is None
+
+    @property
+    def conv(self) -> bool:
+        """True for a convolution's change (a 4-D kernel)."""
+        return (self.down if self.dense is None else self.dense).ndim == 4
 
     @property
     def width(self) -> int:
@@ -77,8 +87,10 @@ class SubjectWeightDelta:
         return (self.down if self.dense is None else self.dense).shape[1]
 
     def weight(self) -> torch.Tensor:
-        """The (rows, d_in) weight change it stands for: scale * up @ down, or dense."""
-        return self.dense if self.dense is not None else self.scale * (self.up @ self.down)
+        """The (rows, d_in) weight change it stands for (a kernel for a convolution): scale * up @ down, or dense."""
+        if self.dense is not None:
+            return self.dense
+        return (self.scale * (self.up @ self.down.flatten(1))).reshape(self.up.shape[0], *self.down.shape[1:])
 
 
 def subject_deltas(
@@ -291,7 +303,7 @@ def _dense_delta(
 ) -> SubjectWeightDelta | None:
     """One dense delta for entries merged together by the host, narrowed to their common rows."""
     change = _merged_change(key, entries, base_weight, merge)
-    if change.ndim != 2:
+    if change.ndim not in (2, 4):
         notes.setdefault(f"{_dense_reason(entries)} on a non-Linear weight: left out", []).append(module)
         return None
     rows = _common_rows(entries)

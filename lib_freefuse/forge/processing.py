@@ -15,9 +15,10 @@ import torch
 
 from ..args import FreeFuseArgs
 from ..core import find_subject_tokens
+from ..families import FLUX1, Family, detect, unsupported
 from ..hosts import Host, HostUnsupported, SubjectPatches, for_unet
 from ..log import logger
-from .host import flux_model, patch_unet
+from .host import diffusion_model, patch_unet
 from .job import FreeFuseJob, JobPlan
 from .lora_layers import subject_deltas
 
@@ -74,8 +75,10 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
     state = run_state(p)
     unet = p.sd_model.forge_objects.unet
     unet = getattr(unet, "freefuse_base", unet)  # never patch a patched clone twice
-    if flux_model(unet) is None:
-        state.warn("the model is not FLUX: FreeFuse does nothing for it")
+    model = diffusion_model(unet)
+    family = detect(model)
+    if family is None:
+        state.warn(f"{unsupported(model)}: FreeFuse does nothing for it")
         return None
     try:
         host = for_unet(unet)
@@ -85,10 +88,13 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
     if reason := host.missing(unet):
         state.warn(f"{reason} ({host.name}): FreeFuse does nothing for it")
         return None
+    if not hasattr(p.sd_model, family.text_engine):  # an SDXL refiner: CLIP-G alone, which SDXL's engine is not
+        state.warn(f"the {family.name} model has no {family.text_engine} to find the words in: FreeFuse does nothing")
+        return None
     is_hr = bool(getattr(p, "is_hr_pass", False))
     prompts = list(p.hr_prompts if is_hr else p.prompts)
     rows = _distinct_rows(args.subjects, state)
-    words, text_length = _subject_words(p, prompts, rows, state)
+    words, text_length = _subject_words(p, prompts, rows, state, family)
     subjects = [s for s in rows if s.lora in words]
     loras = _subject_loras(unet, host, subjects, state)
     subjects = [s for s in subjects if s.lora in loras]
@@ -120,28 +126,46 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
         initial_masks=previous,
         restart=args.restart,
     )
-    job = FreeFuseJob(plan, _decoder(p, args.slic_image))
+    job = FreeFuseJob(plan, _decoder(p, args.slic_image), family=family)
     _record_schedule(p, job)
     if args.restart:
         _restart_with_masks(p, job)
-    blocks = len(flux_model(unet).double_blocks)
-    block = args.capture_block
-    if block >= blocks:
-        state.warn(f"capture block double_blocks.{block} does not exist (the model has {blocks}): using the last")
-        block = blocks - 1
-    patched = patch_unet(unet, job, deltas, block, merged, host)
+    sites = family.capture_sites(model)
+    block = _capture_site(args, family, model, state)
+    patched = patch_unet(unet, job, deltas, block, merged, host, family)
     patched.freefuse_base = unet
     p.sd_model.forge_objects.unet = patched
     state.jobs.append(job)
     logger.info(
-        "FreeFuse: %d subjects (%s), capture at step %d of %d in double_blocks.%d",
+        "FreeFuse: %d subjects (%s), capture at step %d of %d in %s",
         len(subjects),
         ", ".join(s.lora for s in subjects),
         capture,
         steps,
-        block,
+        sites[block],
     )
     return job
+
+
+def _capture_site(args: FreeFuseArgs, family: Family, model, state: RunState) -> int:
+    """Index of the capture site: the setting's block on FLUX.1 (the last one where the model has fewer); on
+    another family the setting's default means the family's default site, another value indexes its sites."""
+    sites = family.capture_sites(model)
+    block = args.capture_block
+    if family is not FLUX1 and block == FreeFuseArgs.capture_block:
+        return family.default_capture_site(model)
+    if block >= len(sites):
+        if family is FLUX1:
+            state.warn(
+                f"capture block double_blocks.{block} does not exist (the model has {len(sites)}): using the last"
+            )
+        else:
+            state.warn(
+                f"capture block {block} does not exist (the {family.name} model has {len(sites)} transformer blocks): "
+                "using the last"
+            )
+        block = len(sites) - 1
+    return block
 
 
 def _distinct_rows(subjects, state: RunState) -> list:
@@ -158,12 +182,15 @@ def _distinct_rows(subjects, state: RunState) -> list:
     return list(first.values())
 
 
-def _subject_words(p, prompts: list[str], subjects, state: RunState) -> tuple[dict, int]:
+def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Family = FLUX1) -> tuple[dict, int]:
     """({lora: [positions per image]} for subjects whose words occur in every prompt, the tokenised length).
 
-    prompts: one per image of the batch (they may differ). Only the text before a prompt's first BREAK counts:
-    Forge's FLUX conditions on that first T5 chunk alone."""
-    engine = p.sd_model.text_processing_engine_t5
+    prompts: one per image of the batch (they may differ). The family's text engine tokenises them as the host
+    does (emphasis and BREAK included). FLUX.1: only the text before a prompt's first BREAK counts (Forge's FLUX
+    conditions on that first T5 chunk alone). SDXL: every 77-token CLIP chunk, positions counted across them."""
+    engine = getattr(p.sd_model, family.text_engine)
+    if not family.first_chunk_only:
+        return _words_in_all_chunks(engine, prompts, subjects, state)
     words = [s.words for s in subjects]
     found: dict = {}
     lengths = []
@@ -188,6 +215,33 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState) -> tuple[di
             )
             state.warn(
                 f"the words of {subject.lora} ({', '.join(missing)}) {where}: {subject.lora} acts as an ordinary LoRA"
+            )
+            continue
+        for r in results:
+            if r.missing:
+                state.warn(f"{subject.lora}: '{', '.join(r.missing)}' not in the prompt; using its other words")
+        found[subject.lora] = [r.positions for r in results]
+    return found, max(lengths)
+
+
+def _words_in_all_chunks(engine, prompts: list[str], subjects, state: RunState) -> tuple[dict, int]:
+    """_subject_words for a model that reads every chunk of the prompt (SDXL's CLIP: 77 tokens each, BOS and EOS
+    included, concatenated in the context)."""
+    words = [s.words for s in subjects]
+    per_image, lengths = [], []
+    for prompt in prompts:
+        chunks, _ = engine.tokenize_line(prompt)
+        tokens = [token for chunk in chunks for token in chunk.tokens]
+        lengths.append(len(tokens))
+        per_image.append(find_subject_tokens(engine.tokenizer.convert_ids_to_tokens(tokens), words))
+    found: dict = {}
+    for index, subject in enumerate(subjects):
+        results = [image[index] for image in per_image]
+        if not all(r.found for r in results):
+            missing = sorted({m for r in results for m in r.missing})
+            state.warn(
+                f"the words of {subject.lora} ({', '.join(missing)}) are not in the prompt: "
+                f"{subject.lora} acts as an ordinary LoRA"
             )
             continue
         for r in results:

@@ -27,8 +27,9 @@ class PatchEntry:
     """One LoRA patch of one model parameter, read out of the host's own entry.
 
     kind: "lora", "loha", "lokr", "glora", "diff", "set", "nested" or the host's name of another kind.
-    low_rank: (up (rows, r), down (r, d_in), alpha or None) for a plain 2-D LoRA without mid, DoRA or reshape;
-    None for anything that needs the host's merge. offset: (dim, start, length) into the parameter, or None.
+    low_rank: (up (rows, r), down (r, d_in), alpha or None) for a plain 2-D LoRA without mid, DoRA or reshape, or
+    (up (C_out, r), down (r, C_in, kh, kw), alpha) for a plain convolution LoRA (LoCon: a kernel, then 1x1); None
+    for anything that needs the host's merge. offset: (dim, start, length) into the parameter, or None.
     raw: the host's own entry, handed back to the host's merge function unchanged.
     """
 
@@ -71,6 +72,8 @@ def read_entry(raw) -> PatchEntry:
     low_rank = None
     if kind == "lora" and not (dora or mid or reshaped) and data[0].ndim == 2 and data[1].ndim == 2:
         low_rank = (data[0], data[1], data[2])
+    elif kind == "lora" and not (dora or mid or reshaped) and _conv_factors(data[0], data[1]):
+        low_rank = (data[0].flatten(1), data[1], data[2])  # up (C_out, r, 1, 1) -> (C_out, r); down stays a kernel
     return PatchEntry(
         strength=float(strength),
         kind=kind,
@@ -81,6 +84,18 @@ def read_entry(raw) -> PatchEntry:
         dora=dora,
         mid=mid,
         raw=raw,
+    )
+
+
+def _conv_factors(up, down) -> bool:
+    """Whether (up, down) are a convolution LoRA's: up (C_out, r, 1, 1), down (r, C_in, kh, kw)."""
+    return (
+        isinstance(up, torch.Tensor)
+        and isinstance(down, torch.Tensor)
+        and up.ndim == 4
+        and down.ndim == 4
+        and tuple(up.shape[2:]) == (1, 1)
+        and up.shape[1] == down.shape[0]
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_freefuse.forge.host import _per_token
+from lib_freefuse.forge.flux1 import _per_token
 
 pytestmark = pytest.mark.core
 

@@ -297,11 +297,13 @@ def sample(
     on_sigmas=None,
     device: str | torch.device | None = None,
     timings: dict | None = None,
+    channels: int = 16,
 ):
     """Forge's sampling path for one job: sampling_prepare, a k-diffusion sampler over a CFG denoiser that calls
     sampling_function_inner (as the webui's CFGDenoiser does for FLUX), sampling_cleanup.
 
-    device: where the noise and the sigmas live (the model's load device, e.g. "cuda"; default CPU). timings: a dict
+    channels: the latent's (FLUX 16, SDXL 4). device: where the noise and the sigmas live (the model's load device,
+    e.g. "cuda"; default CPU). timings: a dict
     to which the seconds of "prepare" (model load, LoRA merge), "sample" (the sampler loop) and "cleanup" are added
     (also when the sampler raises), the GPU synchronised at each boundary."""
     from backend.sampling.sampling_function import sampling_cleanup, sampling_function_inner, sampling_prepare
@@ -321,7 +323,7 @@ def sample(
     sigmas = simple_sigmas(unet, steps)
     if on_sigmas is not None:
         on_sigmas(sigmas)
-    noise = torch.randn(batch, 16, *latent_hw, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(batch, channels, *latent_hw, generator=torch.Generator().manual_seed(seed))
     if device is not None:
         noise, sigmas = noise.to(device), sigmas.to(device)
     x = unet.model.predictor.noise_scaling(sigmas[0], noise, torch.zeros_like(noise))

@@ -9,6 +9,9 @@ patches them in memory, never on disk:
   reads the shapes off the state dict instead, and points the guess at the tiny pipeline configs (CLIP-L, T5, VAE
   and the tokenizers) in $FREEFUSE_TEST_TINY_FLUX_CONFIGS instead of Forge's backend/huggingface/. A real FLUX
   checkpoint is left exactly as Forge guesses it.
+  The same wrapper gives a tiny SDXL checkpoint (tiny_sdxl.py) the SDXL guess with its own UNet config and the
+  tiny SDXL pipeline configs in $FREEFUSE_TEST_TINY_SDXL_CONFIGS (huggingface_guess matches SDXL at its real sizes
+  only); a real SDXL checkpoint is left exactly as Forge guesses it.
 - `modules.launch_utils.repo_dir`: with --skip-prepare-environment Forge never clones
   repositories/stable-diffusion-webui-assets, and the UI's static mount of it raises at start-up. When that folder
   is missing, the empty folder $FREEFUSE_TEST_WEBUI_ASSETS stands in.
@@ -92,10 +95,39 @@ def fit_tiny_flux(result, state_dict):
     return True
 
 
+SDXL_CONFIGS_ENV = "FREEFUSE_TEST_TINY_SDXL_CONFIGS"
+SDXL_TEST_KEY = "label_emb.0.0.weight"  # SDXL's ADM embedding
+SDXL_CONTEXTS = (2048, 1280)  # SDXL base and refiner: left to huggingface_guess as it is
+
+
+def tiny_sdxl_guess(state_dict):
+    """huggingface_guess matches SDXL only at its real sizes (context 2048, ADM 2816, 320 channels). For an SDXL-
+    shaped checkpoint of another context width, the guess is SDXL with the UNet config read off the tensors
+    (huggingface_guess's own detect_unet_config), pointed at the tiny pipeline configs in
+    $FREEFUSE_TEST_TINY_SDXL_CONFIGS. None for any other checkpoint."""
+    configs = os.environ.get(SDXL_CONFIGS_ENV)
+    prefix = "model.diffusion_model."
+    to_k = next((k for k in state_dict if k.startswith(prefix) and k.endswith("attn2.to_k.weight")), None)
+    if not configs or prefix + SDXL_TEST_KEY not in state_dict or to_k is None:
+        return None
+    if state_dict[to_k].shape[1] in SDXL_CONTEXTS:
+        return None
+    from huggingface_guess import detection, model_list
+
+    result = model_list.SDXL(detection.detect_unet_config(state_dict, prefix))
+    result.unet_key_prefix = [prefix]
+    result.huggingface_repo = os.path.abspath(configs)
+    print(f"[freefuse-test] tiny SDXL: {result.unet_config} with configs from {result.huggingface_repo}")
+    return result
+
+
 def patch_huggingface_guess(module):
     original = module.guess
 
     def guess(state_dict):
+        tiny = tiny_sdxl_guess(state_dict)
+        if tiny is not None:
+            return tiny
         result = original(state_dict)
         fit_tiny_flux(result, state_dict)
         return result

@@ -1,0 +1,26 @@
+"""The model families FreeFuse knows, one module each behind `Family` (base.py), told apart by structure.
+
+A new family is one module here and one line in KNOWN (README "Model families" lists those not done yet)."""
+
+from __future__ import annotations
+
+from .base import Family, LayerRole
+from .flux1 import Flux1
+from .sdxl import SDXL
+
+__all__ = ["FLUX1", "KNOWN", "SDXL_FAMILY", "Family", "LayerRole", "detect", "unsupported"]
+
+FLUX1 = Flux1()
+SDXL_FAMILY = SDXL()
+KNOWN: tuple[Family, ...] = (FLUX1, SDXL_FAMILY)
+
+
+def detect(model) -> Family | None:
+    """The family of `model` (the host's diffusion model), or None when FreeFuse knows none for it."""
+    return next((family for family in KNOWN if family.matches(model)), None)
+
+
+def unsupported(model) -> str:
+    """One phrase naming a model FreeFuse does not support, and those it does."""
+    kind = type(model).__name__ if model is not None else "no diffusion model"
+    return f"the model ({kind}) is none of {', '.join(f.name for f in KNOWN)}"

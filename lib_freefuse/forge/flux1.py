@@ -1,0 +1,150 @@
+"""FLUX.1 in Forge (both hosts share backend/nn/flux.py's layout): the capture block, masked layers, per-token
+modulation. `install` puts them on a clone; lib_freefuse/families/flux1.py says which layer sees which tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from ..families import FLUX1
+from ..hosts import Host
+from .job import FreeFuseJob
+from .lora_layers import MaskedLinearPatch, SubjectWeightDelta
+from .patching import SubjectDeltas, stream_masks, unpatched
+
+
+def install(clone, model, job: FreeFuseJob, subject_deltas: SubjectDeltas, capture_block: int, host: Host) -> None:
+    """The capture block's patch and every masked layer of the subject LoRAs, as object patches on `clone`."""
+    if not 0 <= capture_block < len(model.double_blocks):
+        raise ValueError(f"capture_block: {capture_block} is not one of the model's {len(model.double_blocks)} blocks")
+    block = f"diffusion_model.double_blocks.{capture_block}.forward"
+    clone.add_object_patch(block, CaptureBlock(unpatched(clone, block), job))
+    for module, deltas in subject_deltas.items():
+        role = FLUX1.layer_role(module)
+        if role.modulation:
+            lin_forward = unpatched(clone, f"diffusion_model.{module}.forward")
+            modulation = clone.get_model_object(f"diffusion_model.{role.parent}")
+            pack = partial(host.modulation_output, modulation)
+            patch = PerTokenModulation(lin_forward, modulation.multiplier, deltas, job, role.stream, pack)
+            clone.add_object_patch(f"diffusion_model.{role.parent}.forward", patch)
+        else:
+            name = f"diffusion_model.{module}.forward"
+            source = job.vector_masks if role.stream == "vector" else stream_masks(job, role.stream)
+            patch = MaskedLinearPatch(unpatched(clone, name), deltas, source, on_error=job.layer_failed)
+            clone.add_object_patch(name, patch)
+
+
+class CaptureBlock:
+    """Forward of the capture block: during the capture call, hands q and k (after QK-norm and RoPE) to the job.
+    Takes whatever the host's block takes (classic: img, txt, vec, pe; Neo adds attn_mask, transformer_options)."""
+
+    def __init__(self, original_forward, job: FreeFuseJob):
+        self.original_forward = original_forward
+        self.job = job
+
+    def __call__(self, *args, **kwargs):
+        if not self.job.capturing:
+            return self.original_forward(*args, **kwargs)
+        with _capturing_attention(self.job.store_attention, self.job.capture_failed):
+            return self.original_forward(*args, **kwargs)
+
+
+@contextmanager
+def _capturing_attention(store: Callable[[torch.Tensor, torch.Tensor], None], on_error: Callable[[Exception], None]):
+    """Swap backend.nn.flux.attention (looked up at call time, once per block) for one that also stores q, k.
+    Both hosts hand it q and k after QK-norm and before RoPE and apply RoPE inside with the module's `apply_rope`.
+    A failure to store goes to on_error; the block's attention is computed as usual either way."""
+    import backend.nn.flux as flux
+
+    original = flux.attention
+
+    def attention(q, k, v, pe, *args, **kwargs):
+        try:
+            store(*flux.apply_rope(q, k, pe))  # (B, H, L_txt + N_img, D), as the block's attention sees them
+        except Exception as error:  # reported once by the job; this image is made without masks
+            on_error(error)
+        return original(q, k, v, pe, *args, **kwargs)
+
+    flux.attention = attention
+    try:
+        yield
+    finally:
+        flux.attention = original
+
+
+class PerTokenModulation:
+    """Forward of a FLUX Modulation whose `lin` a subject LoRA touches: the base shift/scale/gate chunks plus each
+    subject's modulation delta where its mask is, so the chunks become (B, T, D) instead of (B, 1, D) and broadcast
+    in the block as before (ALGORITHM.md stage 2, modulation layers)."""
+
+    def __init__(self, lin_forward, multiplier: int, deltas, job: FreeFuseJob, stream: str, pack=tuple):
+        """pack(chunks) -> what the host's Modulation.forward returns (Host.modulation_output)."""
+        self.lin_forward = lin_forward
+        self.multiplier = multiplier
+        self.deltas = list(deltas)
+        self.job = job
+        self.stream = stream
+        self.pack = pack
+        self._cast: dict = {}
+
+    def __call__(self, vec: torch.Tensor):
+        if vec.ndim == 3:  # Neo's blocks may pass (B, 1, D)
+            vec = vec[:, 0]
+        hidden = F.silu(vec)
+        base = self.lin_forward(hidden)  # (B, M*D), with every non-subject LoRA merged as the host does
+        try:
+            return self.pack(self._with_subjects(hidden, base))
+        except Exception as error:  # reported once by the job; the block gets the base modulation
+            self.job.layer_failed(error)
+            return self.pack(base[:, None, :].chunk(self.multiplier, dim=-1))
+
+    def _with_subjects(self, hidden: torch.Tensor, base: torch.Tensor):
+        mode, masks = self.job.modulation_masks(self.stream)
+        if mode == "none":
+            out = base[:, None, :]
+        else:
+            per_subject = self.subject_outputs(hidden, base.shape[-1])  # (B, L, M*D)
+            if mode == "global":
+                out = (base + per_subject.sum(dim=1))[:, None, :]
+            else:
+                out = _per_token(base, per_subject, masks.to(per_subject))  # (B, T, M*D)
+        return out.chunk(self.multiplier, dim=-1)
+
+    def subject_outputs(self, hidden: torch.Tensor, width: int) -> torch.Tensor:
+        """Each subject's delta of the lin output: (B, L, M*D)."""
+        out = hidden.new_zeros(hidden.shape[0], self.job.plan.n_subjects, width)
+        for subject, delta in self.deltas:
+            rows = slice(None) if delta.rows is None else slice(delta.rows[0], delta.rows[0] + delta.rows[1])
+            out[:, subject, rows] += _delta_output(delta, hidden, self._cast)
+        return out
+
+
+def _per_token(base: torch.Tensor, per_subject: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """base (B, W) + masks (B|1, T, L) @ per_subject (B, L, W) -> (B, T, W).
+
+    Hard masks (0/1, at most one subject per token) give each token one of L + 1 rows, base + subject l's delta or
+    base alone, so the rows are computed once and copied per token; soft masks take the weighted sum.
+    """
+    batch, n_subjects = per_subject.shape[0], per_subject.shape[1]
+    owned = masks.sum(dim=-1)  # (B|1, T)
+    if not (bool(((masks == 0) | (masks == 1)).all()) and bool((owned <= 1).all())):
+        return torch.baddbmm(base[:, None, :], masks, per_subject)
+    owner = torch.where(owned > 0, masks.argmax(dim=-1), n_subjects).expand(batch, -1)  # (B, T), L = nobody
+    rows = torch.cat([base[:, None, :] + per_subject, base[:, None, :]], dim=1)  # (B, L + 1, W)
+    offsets = torch.arange(batch, device=owner.device)[:, None] * (n_subjects + 1)
+    return rows.flatten(0, 1).index_select(0, (owner + offsets).flatten()).view(batch, owner.shape[1], -1)
+
+
+def _delta_output(delta: SubjectWeightDelta, x: torch.Tensor, cache: dict) -> torch.Tensor:
+    """x (B, d_in) -> (B, rows): the weight change's contribution, in x's dtype/device."""
+    key = (id(delta), x.dtype, x.device)
+    if key not in cache:
+        cast = lambda t: None if t is None else t.to(device=x.device, dtype=x.dtype)  # noqa: E731
+        cache[key] = (cast(delta.down), cast(delta.up), cast(delta.dense), cast(delta.bias))
+    down, up, dense, bias = cache[key]
+    out = (x @ down.T @ up.T) * delta.scale if dense is None else x @ dense.T
+    return out if bias is None else out + bias

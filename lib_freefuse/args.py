@@ -236,8 +236,8 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
     FieldHelp(
         "capture_block",
         "Capture block",
-        "block whose attention makes the masks. FLUX.1: double_blocks index (the paper: 17). SDXL: 17 means its "
-        "default (the middle block's last transformer); other values index its transformer blocks in order.",
+        "block whose attention makes the masks. FLUX.1 and Chroma: double_blocks index (the paper: 17). SDXL: 17 "
+        "means its default (the middle block's last transformer); other values index its transformer blocks in order.",
     ),
     FieldHelp(
         "pre_mask",

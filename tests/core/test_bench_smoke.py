@@ -25,6 +25,7 @@ TIERS = {
     "bench_extract_masks.py": "core",
     "bench_masked_lora.py": "core",
     "bench_forge_generation.py": "forge",
+    "bench_forge_chroma.py": "forge",
 }
 
 # The line bench_common.ratio_line prints for each headline ratio.

@@ -5,19 +5,22 @@ A new family is one module here and one line in KNOWN (README "Model families" l
 from __future__ import annotations
 
 from .base import Family, LayerRole
+from .chroma import Chroma
 from .flux1 import Flux1
 from .sdxl import SDXL
 
-__all__ = ["FLUX1", "KNOWN", "SDXL_FAMILY", "Family", "LayerRole", "detect", "unsupported"]
+__all__ = ["CHROMA", "FLUX1", "KNOWN", "SDXL_FAMILY", "Family", "LayerRole", "detect", "unsupported"]
 
 FLUX1 = Flux1()
 SDXL_FAMILY = SDXL()
-KNOWN: tuple[Family, ...] = (FLUX1, SDXL_FAMILY)
+CHROMA = Chroma()
+KNOWN: tuple[Family, ...] = (FLUX1, SDXL_FAMILY, CHROMA)
+_MOST_SPECIFIC_FIRST = (CHROMA, *(f for f in KNOWN if f is not CHROMA))  # Chroma also has FLUX.1's blocks
 
 
 def detect(model) -> Family | None:
     """The family of `model` (the host's diffusion model), or None when FreeFuse knows none for it."""
-    return next((family for family in KNOWN if family.matches(model)), None)
+    return next((family for family in _MOST_SPECIFIC_FIRST if family.matches(model)), None)
 
 
 def unsupported(model) -> str:

@@ -186,8 +186,9 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Fam
     """({lora: [positions per image]} for subjects whose words occur in every prompt, the tokenised length).
 
     prompts: one per image of the batch (they may differ). The family's text engine tokenises them as the host
-    does (emphasis and BREAK included). FLUX.1: only the text before a prompt's first BREAK counts (Forge's FLUX
-    conditions on that first T5 chunk alone). SDXL: every 77-token CLIP chunk, positions counted across them."""
+    does (emphasis and BREAK included). FLUX.1 and Chroma: only the text before a prompt's first BREAK counts (Forge
+    conditions them on that first T5 chunk alone, padded to the longest chunk). SDXL: every 77-token CLIP chunk,
+    positions counted across them."""
     engine = getattr(p.sd_model, family.text_engine)
     if not family.first_chunk_only:
         return _words_in_all_chunks(engine, prompts, subjects, state)
@@ -198,7 +199,7 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Fam
     after_break = set()
     for prompt in prompts:
         chunks, _ = engine.tokenize_line(prompt)
-        lengths.append(len(chunks[0].tokens))
+        lengths.append(max(len(c.tokens) for c in chunks))  # the engine pads the first chunk to the longest
         per_image.append(find_subject_tokens(engine.tokenizer.convert_ids_to_tokens(chunks[0].tokens), words))
         if len(chunks) > 1:
             later = [token for chunk in chunks[1:] for token in chunk.tokens]
@@ -209,7 +210,7 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Fam
         if not all(r.found for r in results):
             missing = sorted({m for r in results for m in r.missing})
             where = (
-                "come only after BREAK, and Forge's FLUX uses the text before the first BREAK"
+                f"come only after BREAK, and Forge's {family.name} uses the text before the first BREAK"
                 if index in after_break
                 else "are not in the prompt"
             )

@@ -27,6 +27,7 @@ TIERS = {
     "bench_slic_size.py": "core",
     "bench_forge_generation.py": "forge",
     "bench_forge_sdxl.py": "forge",  # tests/forge/test_forge_sdxl_bench_smoke.py
+    "bench_forge_chroma.py": "forge",
 }
 
 # The line bench_common.ratio_line prints for each headline ratio.

@@ -1,0 +1,219 @@
+"""Time of a whole Chroma generation through Forge Neo's own Chroma transformer, UnetPatcher and sampling, with two
+subject LoRAs: merged by Neo as usual (a), against FreeFuse as the extension runs it (b).
+
+Run from the repository root with Neo's Python (classic Forge has no Chroma):
+
+    FORGE_DIR=/work/neo /work/neo-venv/bin/python bench/bench_forge_chroma.py            # scaled Chroma, CPU
+    FORGE_DIR=/work/neo /work/neo-venv/bin/python bench/bench_forge_chroma.py --smoke    # checks that it runs
+
+Model: Neo's IntegratedChromaTransformer2DModel, scaled: hidden 768 (Chroma's 3072 / 4) with heads of 128 as Chroma,
+4 double and 8 single blocks (Chroma: 19 and 38), the global modulation MLP 2 layers of 256 (Chroma: 5 of 5120),
+a 32x32 latent (256 px; 16x16 image tokens), a prompt of 128 T5 tokens of width 256 and a negative prompt of 64
+(brought to 128 by repetition, one batch), float32, Euler, 6 steps, CFG 4. Two LoRAs: rank 16 on every Linear of
+the double and single blocks, in kohya format, loaded as Neo's LoRA extension does. (b) reads them through the host
+adapter, takes them out of the merge, captures the last double block at the default step, makes masks (superpixel
+vote on a cheap decode of x0) and applies the masked deltas in rank space. Every case runs once untimed, then
+rounds run (a) and (b) back to back, the order reversed every other round; the figure is (b)/(a) of setup +
+sampler per round, median [min - max]. Goal <= 1.10x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from bench_common import REPO, ratio_line, spread
+
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # forge_locator
+sys.path.insert(0, str(REPO / "tests" / "forge"))  # forge_env
+
+import forge_env
+from forge_locator import find_forge
+
+from lib_freefuse.core import MaskConfig, default_capture_step
+from lib_freefuse.families import CHROMA
+from lib_freefuse.forge.host import patch_unet
+from lib_freefuse.forge.job import FreeFuseJob, JobPlan, coverage_percent
+from lib_freefuse.forge.lora_layers import subject_deltas
+from lib_freefuse.hosts import for_unet
+
+SCALED = dict(hidden=768, heads=6, depth=(4, 8), mlp=256, latent=32, tokens=(128, 64), context=256, steps=6)
+SMOKE = dict(hidden=128, heads=2, depth=(2, 2), mlp=64, latent=16, tokens=(16, 8), context=32, steps=3)
+WORDS = ((2, 3), (7, 8))
+A, B = "(a) merged", "(b) FreeFuse"
+
+
+def chroma_config(size: dict) -> dict:
+    """Chroma's constructor arguments at a scaled size (Neo's backend/nn/chroma.py ChromaParams)."""
+    head = size["hidden"] // size["heads"]
+    first = head // 8
+    return dict(
+        in_channels=64,
+        out_channels=64,
+        context_in_dim=size["context"],
+        hidden_size=size["hidden"],
+        mlp_ratio=4.0,
+        num_heads=size["heads"],
+        depth=size["depth"][0],
+        depth_single_blocks=size["depth"][1],
+        axes_dim=[first, (head - first) // 2, head - first - (head - first) // 2],
+        theta=10000,
+        patch_size=2,
+        qkv_bias=True,
+        in_dim=64,
+        out_dim=size["hidden"],
+        hidden_dim=size["mlp"],
+        n_layers=2,
+        txt_ids_dims=[],
+        vec_in_dim=None,
+    )
+
+
+def make_model(config: dict, seed: int):
+    from backend import memory_management
+    from backend.nn.chroma import IntegratedChromaTransformer2DModel
+    from backend.operations import using_forge_operations
+    from backend.state_dict import load_state_dict
+
+    torch.manual_seed(seed)
+    state_dict = IntegratedChromaTransformer2DModel(**config).state_dict()
+    with using_forge_operations(device=memory_management.cpu, dtype=torch.float32, manual_cast_enabled=False):
+        model = IntegratedChromaTransformer2DModel(**config)
+    load_state_dict(model, state_dict)
+    model.config = {**config, "image_model": "chroma"}
+    model.storage_dtype = model.computation_dtype = torch.float32
+    model.load_device = memory_management.get_torch_device()
+    model.initial_device = memory_management.cpu
+    model.offload_device = memory_management.unet_offload_device()
+    return model
+
+
+def make_patcher(model):
+    from backend.modules.k_prediction import PredictionDiscreteFlow
+    from backend.patcher.unet import UnetPatcher
+    from huggingface_guess import model_list
+
+    config = model_list.Chroma(dict(model.config))
+    return UnetPatcher.from_model(
+        model=model, diffusers_scheduler=None, k_predictor=PredictionDiscreteFlow(config), config=config
+    )
+
+
+def kohya_lora(model, seed: int, rank: int = 16) -> dict[str, torch.Tensor]:
+    """Rank-16 LoRA on every Linear of the double and single blocks."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, module in model.named_modules():
+        if not name.startswith(("double_blocks.", "single_blocks.")) or not hasattr(module, "in_features"):
+            continue
+        stem = "lora_unet_" + name.replace(".", "_")
+        sd[f"{stem}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=g) / module.in_features**0.5
+        sd[f"{stem}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=g) * (0.5 / rank) ** 0.5
+        sd[f"{stem}.alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+def conditions(tokens: int, context: int, seed: int):
+    """T5 states alone, as Neo's Chroma engine gives them."""
+    from backend.sampling.condition import compile_conditions
+
+    g = torch.Generator().manual_seed(seed)
+    return compile_conditions(torch.randn(1, tokens, context, generator=g))
+
+
+class Bench:
+    def __init__(self, size: dict, seed: int):
+        self.size = size
+        self.config = chroma_config(size)
+        model = make_model(self.config, seed)
+        self.unet = make_patcher(model)
+        sds = {f"chroma_subject_{i}.safetensors": kohya_lora(model, 100 + i) for i in range(2)}
+        self.lora_keys = len(sds["chroma_subject_0.safetensors"]) // 3
+        self.merged, self.files, unmatched = forge_env.with_loras(self.unet, sds, 1.0)
+        if unmatched:
+            raise SystemExit(f"{len(unmatched)} LoRA keys matched no model key, e.g. {sorted(unmatched)[:3]}")
+        self.host = for_unet(self.merged)
+        prompt, negative = size["tokens"]
+        self.cond, self.uncond = conditions(prompt, size["context"], 1), conditions(negative, size["context"], 2)
+        self.jobs: list[FreeFuseJob] = []
+
+    def run(self, case: str, timings: dict) -> torch.Tensor:
+        unet = self.merged
+        if case == B:
+            started = time.perf_counter()
+            unet = self.freefuse()
+            timings["setup"] = timings.get("setup", 0.0) + time.perf_counter() - started
+        kwargs = dict(steps=self.size["steps"], cfg_scale=4.0, cond=self.cond, uncond=self.uncond)
+        return forge_env.sample(unet, latent_hw=(self.size["latent"],) * 2, timings=timings, **kwargs)
+
+    def freefuse(self):
+        """What processing.start_run does once the words and LoRAs are known."""
+        base = self.host.base_weight(self.merged)
+        deltas: dict[str, list] = {}
+        merged = []
+        for index, path in enumerate(self.files):
+            patches = self.host.merged_lora(self.merged, path)
+            merged.append(patches)
+            for delta in subject_deltas(patches, base, self.host.merge)[0]:
+                deltas.setdefault(delta.module, []).append((index, delta))
+        plan = JobPlan(
+            word_positions=(WORDS,),
+            text_length=self.size["tokens"][0],
+            capture_step=default_capture_step(self.size["steps"]) - 1,
+            mask_config=MaskConfig(),
+        )
+        job = FreeFuseJob(plan, decode=forge_env.decode, family=CHROMA)
+        self.jobs.append(job)
+        model = self.merged.model.diffusion_model
+        return patch_unet(self.merged, job, deltas, CHROMA.default_capture_site(model), merged, self.host)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--smoke", action="store_true", help="seconds on a CPU: checks that it runs")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, --smoke 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    root, why = find_forge()
+    if root is None:
+        raise SystemExit(why)
+    forge_env.setup(root)
+    if forge_env.HOST != "neo":
+        raise SystemExit("classic Forge has no Chroma: run this with Forge Neo (FORGE_DIR)")
+    size = SMOKE if args.smoke else SCALED
+    rounds = args.repeats or (2 if args.smoke else 5)
+    bench = Bench(size, args.seed)
+    c = bench.config
+    print(f"host: {forge_env.HOST}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print(
+        f"model: Chroma, hidden {c['hidden_size']}, {c['depth']} double + {c['depth_single_blocks']} single blocks, "
+        f"latent {size['latent']}x{size['latent']}, prompt {size['tokens'][0]} and negative {size['tokens'][1]} "
+        f"T5 tokens x {size['context']}, {size['steps']} steps, CFG 4; LoRA keys per subject {bench.lora_keys}"
+    )
+    outputs = {case: bench.run(case, {}) for case in (A, B)}
+    job = bench.jobs[-1]
+    coverage = coverage_percent(job.masks)[0] if job.masks is not None else None
+    print(
+        f"{B}: finite {bool(torch.isfinite(outputs[B]).all())}, failure {job.failure}, captures {job.capture_count}, "
+        f"mask coverage {coverage}"
+    )
+    if job.failure is not None or job.capture_count != 1 or job.masks is None:
+        raise SystemExit(1)
+    times: dict[str, list[float]] = {A: [], B: []}
+    for r in range(rounds):
+        for case in (A, B) if r % 2 == 0 else (B, A):
+            timings: dict = {}
+            bench.run(case, timings)
+            times[case].append(timings.get("setup", 0.0) + timings["sample"])
+    ratios = [b / a for a, b in zip(times[A], times[B], strict=True)]
+    for case in (A, B):
+        print(f"{case}: setup + sampler {sorted(times[case])[len(times[case]) // 2]:.2f} s (median of {rounds})")
+    print(f"{B} / {A}: {spread(ratios)}")
+    print(ratio_line("(b) FreeFuse / (a) merged, setup + sampler", ratios))
+
+
+if __name__ == "__main__":
+    main()

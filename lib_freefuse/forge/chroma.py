@@ -5,12 +5,12 @@ so the capture and the block layers are FLUX.1's; the global modulation MLP's la
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import torch
 
 from ..families import CHROMA
 from ..hosts import Host
+from .flux1 import CaptureBlock  # Chroma's double blocks are FLUX.1's: the same capture
 from .job import FreeFuseJob
 from .lora_layers import MaskedLinearPatch
 from .patching import SubjectDeltas, stream_masks, unpatched
@@ -40,52 +40,3 @@ def vector_masks(job: FreeFuseJob) -> Callable[[torch.Tensor], torch.Tensor | No
         return masks.expand(1, x.shape[1], masks.shape[-1])
 
     return source
-
-
-class CaptureBlock:
-    """Forward of the capture double block: during the capture call, hands q and k (after QK-norm and RoPE) to the
-    job. Neo's Chroma passes img, txt, vec (the block's slices of the global modulation), pe, attn_mask and
-    transformer_options by name."""
-
-    def __init__(self, original_forward, job: FreeFuseJob):
-        self.original_forward = original_forward
-        self.job = job
-
-    def __call__(self, *args, **kwargs):
-        if not self.job.capturing:
-            return self.original_forward(*args, **kwargs)
-        with _capturing_attention(self.job.store_attention, self.job.capture_failed):
-            return self.original_forward(*args, **kwargs)
-
-
-@contextmanager
-def _capturing_attention(store: Callable[[torch.Tensor, torch.Tensor], None], on_error: Callable[[Exception], None]):
-    """Swap backend.nn.flux.attention (the blocks look it up at call time) for one that also stores q, k with RoPE
-    applied, as the attention sees them. An attention mask (Neo's Chroma passes none: its engine gives no mask)
-    that hides keys from the softmax, which FreeFuse's maps read in full, makes the capture refused (on_error)
-    rather than read wrongly; the block's attention is computed as usual either way."""
-    import backend.nn.flux as flux
-
-    original = flux.attention
-
-    def attention(q, k, v, pe, mask=None, *args, **kwargs):
-        try:
-            if _hides_keys(mask):
-                raise ValueError(f"the capture block's attention hides keys (a mask {tuple(mask.shape)})")
-            store(*flux.apply_rope(q, k, pe))  # (B, H, L_txt + N_img, D)
-        except Exception as error:  # reported once by the job; this image is made without masks
-            on_error(error)
-        return original(q, k, v, pe, mask, *args, **kwargs)
-
-    flux.attention = attention
-    try:
-        yield
-    finally:
-        flux.attention = original
-
-
-def _hides_keys(mask: torch.Tensor | None) -> bool:
-    """Whether an attention mask (boolean: False hides; additive: negative hides) hides any key."""
-    if mask is None:
-        return False
-    return bool((~mask).any()) if mask.dtype == torch.bool else bool((mask < 0).any())

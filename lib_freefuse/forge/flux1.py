@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..families import FLUX1
 from ..hosts import Host
 from .job import FreeFuseJob
-from .lora_layers import MaskedLinearPatch, SubjectWeightDelta
+from .lora_layers import MaskedLinearPatch, delta_output
 from .patching import SubjectDeltas, stream_masks, unpatched
 
 
@@ -57,13 +57,18 @@ class CaptureBlock:
 def _capturing_attention(store: Callable[[torch.Tensor, torch.Tensor], None], on_error: Callable[[Exception], None]):
     """Swap backend.nn.flux.attention (looked up at call time, once per block) for one that also stores q, k.
     Both hosts hand it q and k after QK-norm and before RoPE and apply RoPE inside with the module's `apply_rope`.
-    A failure to store goes to on_error; the block's attention is computed as usual either way."""
+    A failure to store goes to on_error; the block's attention is computed as usual either way. An attention mask
+    (Neo's 5th argument, `mask`; Neo's FLUX.1 and Chroma pass none today) that hides keys from the softmax, which
+    FreeFuse's maps read in full, makes the capture refused (on_error) rather than read wrongly."""
     import backend.nn.flux as flux
 
     original = flux.attention
 
     def attention(q, k, v, pe, *args, **kwargs):
+        mask = args[0] if args else kwargs.get("mask")
         try:
+            if _hides_keys(mask):
+                raise ValueError(f"the capture block's attention hides keys (a mask {tuple(mask.shape)})")
             store(*flux.apply_rope(q, k, pe))  # (B, H, L_txt + N_img, D), as the block's attention sees them
         except Exception as error:  # reported once by the job; this image is made without masks
             on_error(error)
@@ -74,6 +79,13 @@ def _capturing_attention(store: Callable[[torch.Tensor, torch.Tensor], None], on
         yield
     finally:
         flux.attention = original
+
+
+def _hides_keys(mask: torch.Tensor | None) -> bool:
+    """Whether an attention mask (boolean: False hides; additive: negative hides) hides any key."""
+    if mask is None:
+        return False
+    return bool((~mask).any()) if mask.dtype == torch.bool else bool((mask < 0).any())
 
 
 class PerTokenModulation:
@@ -119,7 +131,7 @@ class PerTokenModulation:
         out = hidden.new_zeros(hidden.shape[0], self.job.plan.n_subjects, width)
         for subject, delta in self.deltas:
             rows = slice(None) if delta.rows is None else slice(delta.rows[0], delta.rows[0] + delta.rows[1])
-            out[:, subject, rows] += _delta_output(delta, hidden, self._cast)
+            out[:, subject, rows] += delta_output(delta, hidden, self._cast)
         return out
 
 
@@ -137,14 +149,3 @@ def _per_token(base: torch.Tensor, per_subject: torch.Tensor, masks: torch.Tenso
     rows = torch.cat([base[:, None, :] + per_subject, base[:, None, :]], dim=1)  # (B, L + 1, W)
     offsets = torch.arange(batch, device=owner.device)[:, None] * (n_subjects + 1)
     return rows.flatten(0, 1).index_select(0, (owner + offsets).flatten()).view(batch, owner.shape[1], -1)
-
-
-def _delta_output(delta: SubjectWeightDelta, x: torch.Tensor, cache: dict) -> torch.Tensor:
-    """x (B, d_in) -> (B, rows): the weight change's contribution, in x's dtype/device."""
-    key = (id(delta), x.dtype, x.device)
-    if key not in cache:
-        cast = lambda t: None if t is None else t.to(device=x.device, dtype=x.dtype)  # noqa: E731
-        cache[key] = (cast(delta.down), cast(delta.up), cast(delta.dense), cast(delta.bias))
-    down, up, dense, bias = cache[key]
-    out = (x @ down.T @ up.T) * delta.scale if dense is None else x @ dense.T
-    return out if bias is None else out + bias

@@ -18,7 +18,7 @@ import torch
 from ..core.lora import StackedLoRA
 from ..hosts.base import PatchEntry
 
-__all__ = ["MaskedLinearPatch", "SubjectWeightDelta", "subject_deltas"]
+__all__ = ["MaskedLinearPatch", "SubjectWeightDelta", "delta_output", "subject_deltas"]
 
 MODEL_PREFIX = "diffusion_model."  # Forge's parameter keys: "diffusion_model.<module>.weight"
 MaskSource = Callable[[torch.Tensor], "torch.Tensor | None"]
@@ -91,6 +91,18 @@ class SubjectWeightDelta:
         if self.dense is not None:
             return self.dense
         return (self.scale * (self.up @ self.down.flatten(1))).reshape(self.up.shape[0], *self.down.shape[1:])
+
+
+def delta_output(delta: SubjectWeightDelta, x: torch.Tensor, cache: dict) -> torch.Tensor:
+    """x (..., d_in) -> (..., width): the weight change applied to x (no mask), in x's dtype/device; the factors
+    cast once per dtype/device into `cache` (the caller's)."""
+    key = (id(delta), x.dtype, x.device)
+    if key not in cache:
+        cast = lambda t: None if t is None else t.to(device=x.device, dtype=x.dtype)  # noqa: E731
+        cache[key] = (cast(delta.down), cast(delta.up), cast(delta.dense), cast(delta.bias))
+    down, up, dense, bias = cache[key]
+    out = (x @ down.T @ up.T) * delta.scale if dense is None else x @ dense.T
+    return out if bias is None else out + bias
 
 
 def subject_deltas(

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..families import SDXL_FAMILY
 from ..hosts import Host
 from .job import FreeFuseJob
-from .lora_layers import MaskedLinearPatch, SubjectWeightDelta
+from .lora_layers import MaskedLinearPatch, SubjectWeightDelta, delta_output
 from .patching import SubjectDeltas, stream_masks, unpatched
 
 MAX_ROUTES = 16  # distinct mask rows per image that the cross-attention routes exactly; softer masks are blended
@@ -207,7 +207,7 @@ class MaskedCrossAttention:
         n_subjects = self.job.plan.n_subjects
         out = like.new_zeros(n_subjects, *like.shape)
         for subject, delta in deltas:
-            out[subject] += _delta_output(delta, source.to(like.dtype), self._cast)
+            out[subject] += delta_output(delta, source.to(like.dtype), self._cast)
         return out * text.to(like).permute(2, 0, 1)[..., None]
 
     def _routed(self, attend, q, k, v, dk, dv, image: torch.Tensor) -> torch.Tensor:
@@ -262,14 +262,3 @@ def _routes(rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The distinct rows of (N, L) masks and, for each, the indices of the tokens that have it."""
     distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
     return distinct, [(inverse == r).nonzero().squeeze(1) for r in range(distinct.shape[0])]
-
-
-def _delta_output(delta: SubjectWeightDelta, x: torch.Tensor, cache: dict) -> torch.Tensor:
-    """x (..., d_in) -> (..., width): a Linear's weight change applied to x, in x's dtype/device."""
-    key = (id(delta), x.dtype, x.device)
-    if key not in cache:
-        cast = lambda t: None if t is None else t.to(device=x.device, dtype=x.dtype)  # noqa: E731
-        cache[key] = (cast(delta.down), cast(delta.up), cast(delta.dense), cast(delta.bias))
-    down, up, dense, bias = cache[key]
-    out = (x @ down.T @ up.T) * delta.scale if dense is None else x @ dense.T
-    return out if bias is None else out + bias

@@ -16,7 +16,7 @@ from test_host import _scale, manual_rope
 from lib_freefuse.args import FreeFuseArgs
 from lib_freefuse.core import MaskConfig
 from lib_freefuse.families import CHROMA, FLUX1, detect
-from lib_freefuse.forge import chroma as forge_chroma
+from lib_freefuse.forge import flux1 as forge_flux1
 from lib_freefuse.forge.host import diffusion_model, patch_unet
 from lib_freefuse.forge.job import FreeFuseJob, JobPlan
 from lib_freefuse.forge.lora_layers import subject_deltas
@@ -233,7 +233,7 @@ def test_a_mask_that_hides_keys_refuses_the_capture_and_attention_is_unchanged(f
     for mask, stores in ((None, 1), (torch.ones(1, 1, 6, 6, dtype=torch.bool), 1), (hides, 0)):
         stored, errors = [], []
         expected = flux.attention(q, k, v, pe=pe, mask=mask)
-        with forge_chroma._capturing_attention(lambda a, b, into=stored: into.append(a), errors.append):
+        with forge_flux1._capturing_attention(lambda a, b, into=stored: into.append(a), errors.append):
             got = flux.attention(q, k, v, pe=pe, mask=mask)
         torch.testing.assert_close(got, expected)
         assert len(stored) == stores and len(errors) == 1 - stores

@@ -18,7 +18,7 @@ from lib_freefuse.forge import adetailer
 from lib_freefuse.forge.accordion import sections, setting
 from lib_freefuse.forge.job import coverage_percent
 from lib_freefuse.forge.overlays import add_overlays, register_settings
-from lib_freefuse.forge.processing import run_state, start_run
+from lib_freefuse.forge.processing import begin_job, run_state, start_run
 from lib_freefuse.forge.ui_events import (
     capture_text,
     fill_from_prompt,
@@ -173,9 +173,8 @@ class FreeFuseScript(scripts.Script):
         if adetailer.is_adetailer_pass(p):  # a region of an image FreeFuse made: only its owner's LoRA redraws it
             adetailer.redraw_pass(p)
             return
-        if getattr(p, "freefuse_of", id(p)) != id(p):  # a copy of a job under way (ADetailer's, after its passes)
+        if not begin_job(p):  # a copy of a job under way (ADetailer's, after its passes)
             return
-        p.freefuse_of = id(p)
         adetailer.unlink()
         clear_previous_cell(p)  # X/Y/Z plot cells share one extra_generation_params dict
         try:

@@ -61,6 +61,18 @@ class RunState:
         return None
 
 
+def begin_job(p) -> bool:
+    """In the script's process(): whether FreeFuse sets up this job. True for a new job, and for the same job object
+    run again (Forge's img2img batch runs one per input file), whose state starts afresh so that each file's overlays,
+    coverage and warnings are its own; False for a copy of a job under way (ADetailer runs the scripts' process() on
+    one after its passes), which must leave that job's state alone."""
+    if getattr(p, "freefuse_of", id(p)) != id(p):
+        return False
+    p.freefuse_of = id(p)
+    p.freefuse_state = None
+    return True
+
+
 def run_state(p) -> RunState:
     """The job's RunState, kept on p (per job, never on the script)."""
     state = getattr(p, "freefuse_state", None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,3 +33,15 @@ def ratio_line(label: str, ratios: Sequence[float]) -> str:
         f"ratio {label}: median {statistics.median(ratios):.3f}x, min {min(ratios):.3f}x, max {max(ratios):.3f}x "
         f"over {len(ratios)} rounds"
     )
+
+
+def interleaved_rounds(run: Callable[[str, dict], object], cases: Sequence[str], rounds: int) -> dict[str, list[dict]]:
+    """Every round runs each case once, the order reversed every other round; run(case, timings) fills its timings
+    dict. Returns, per case, the timings of each of its runs in round order."""
+    timed: dict[str, list[dict]] = {case: [] for case in cases}
+    for r in range(rounds):
+        for case in cases if r % 2 == 0 else cases[::-1]:
+            timings: dict = {}
+            run(case, timings)
+            timed[case].append(timings)
+    return timed

@@ -24,7 +24,7 @@ import sys
 import time
 
 import torch
-from bench_common import REPO, ratio_line, spread
+from bench_common import REPO, interleaved_rounds, ratio_line, spread
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # forge_locator
@@ -202,12 +202,8 @@ def main() -> None:
     )
     if job.failure is not None or job.capture_count != 1 or job.masks is None:
         raise SystemExit(1)
-    times: dict[str, list[float]] = {A: [], B: []}
-    for r in range(rounds):
-        for case in (A, B) if r % 2 == 0 else (B, A):
-            timings: dict = {}
-            bench.run(case, timings)
-            times[case].append(timings.get("setup", 0.0) + timings["sample"])
+    timed = interleaved_rounds(bench.run, (A, B), rounds)
+    times = {case: [t.get("setup", 0.0) + t["sample"] for t in runs] for case, runs in timed.items()}
     ratios = [b / a for a, b in zip(times[A], times[B], strict=True)]
     for case in (A, B):
         print(f"{case}: setup + sampler {sorted(times[case])[len(times[case]) // 2]:.2f} s (median of {rounds})")

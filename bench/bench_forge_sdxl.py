@@ -29,13 +29,14 @@ import sys
 import time
 
 import torch
-from bench_common import REPO, ratio_line, spread
+from bench_common import REPO, interleaved_rounds, ratio_line, spread
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # forge_locator
 sys.path.insert(0, str(REPO / "tests" / "forge"))  # forge_env, sdxl_env
 
 import forge_env
+import sdxl_env
 from forge_locator import find_forge
 
 from lib_freefuse.core import MaskConfig, default_capture_step
@@ -73,21 +74,10 @@ def unet_config(size: dict) -> dict:
 
 
 def make_model(config: dict, seed: int):
-    from backend import memory_management
     from backend.nn.unet import IntegratedUNet2DConditionModel
-    from backend.operations import using_forge_operations
-    from backend.state_dict import load_state_dict
 
     torch.manual_seed(seed)
-    state_dict = IntegratedUNet2DConditionModel(**config).state_dict()
-    with using_forge_operations(device=memory_management.cpu, dtype=torch.float32):
-        model = IntegratedUNet2DConditionModel(**config)
-    load_state_dict(model, state_dict)
-    model.storage_dtype = model.computation_dtype = torch.float32
-    model.load_device = memory_management.get_torch_device()
-    model.initial_device = memory_management.cpu
-    model.offload_device = memory_management.unet_offload_device()
-    return model
+    return sdxl_env.load_unet(config, IntegratedUNet2DConditionModel(**config).state_dict())
 
 
 def make_patcher(model, config: dict):
@@ -214,14 +204,9 @@ def main() -> None:
     )
     if job.failure is not None or job.capture_count != 1 or job.masks is None:
         raise SystemExit(1)
-    times: dict[str, list[float]] = {A: [], B: []}
-    cpu: dict[str, list[float]] = {A: [], B: []}
-    for r in range(rounds):
-        for case in (A, B) if r % 2 == 0 else (B, A):
-            timings: dict = {}
-            bench.run(case, timings)
-            times[case].append(timings.get("setup", 0.0) + timings["sample"])
-            cpu[case].append(timings.get("setup cpu", 0.0) + timings["sample cpu"])
+    timed = interleaved_rounds(bench.run, (A, B), rounds)
+    times = {case: [t.get("setup", 0.0) + t["sample"] for t in runs] for case, runs in timed.items()}
+    cpu = {case: [t.get("setup cpu", 0.0) + t["sample cpu"] for t in runs] for case, runs in timed.items()}
     ratios = [b / a for a, b in zip(times[A], times[B], strict=True)]
     cpu_ratios = [b / a for a, b in zip(cpu[A], cpu[B], strict=True)]
     for case in (A, B):

@@ -33,10 +33,7 @@ TEXT_TOKENS = 77
 def make_tiny_sdxl(forge, seed: int = 0):
     """Forge's IntegratedUNet2DConditionModel in SDXL's layout, random weights (non-zero biases, output layers
     included), loaded as backend/loader.py loads a checkpoint (ForgeOperations, then a state dict)."""
-    from backend import memory_management
     from backend.nn.unet import IntegratedUNet2DConditionModel
-    from backend.operations import using_forge_operations
-    from backend.state_dict import load_state_dict
 
     torch.manual_seed(seed)
     reference = IntegratedUNet2DConditionModel(**SDXL_CONFIG)
@@ -46,9 +43,19 @@ def make_tiny_sdxl(forge, seed: int = 0):
                 parameter.copy_(0.02 * torch.randn_like(parameter))
             elif parameter.ndim >= 2 and float(parameter.abs().max()) == 0:  # zero-initialised output layers
                 parameter.copy_(torch.randn_like(parameter) / parameter[0].numel() ** 0.5)
-    state_dict = reference.state_dict()
+    return load_unet(SDXL_CONFIG, reference.state_dict())
+
+
+def load_unet(config: dict, state_dict: dict):
+    """An IntegratedUNet2DConditionModel of `config` built with ForgeOperations and loaded from `state_dict`, as
+    backend/loader.py loads a checkpoint (float32, on the CPU, the host's load/offload devices)."""
+    from backend import memory_management
+    from backend.nn.unet import IntegratedUNet2DConditionModel
+    from backend.operations import using_forge_operations
+    from backend.state_dict import load_state_dict
+
     with using_forge_operations(device=memory_management.cpu, dtype=torch.float32):
-        model = IntegratedUNet2DConditionModel(**SDXL_CONFIG)
+        model = IntegratedUNet2DConditionModel(**config)
     load_state_dict(model, state_dict)
     model.storage_dtype = model.computation_dtype = torch.float32
     model.load_device = memory_management.get_torch_device()

@@ -123,7 +123,9 @@ class PerTokenModulation:
             if mode == "global":
                 out = (base + per_subject.sum(dim=1))[:, None, :]
             else:
-                out = _per_token(base, per_subject, masks.to(per_subject))  # (B, T, M*D)
+                # Whether the masks are hard is checked once per model call and stream, not in every layer.
+                owner = self.job.call_cached(("token owner", self.stream), lambda: token_owner(masks))
+                out = _per_token(base, per_subject, masks.to(per_subject), owner)  # (B, T, M*D)
         return out.chunk(self.multiplier, dim=-1)
 
     def subject_outputs(self, hidden: torch.Tensor, width: int) -> torch.Tensor:
@@ -135,17 +137,29 @@ class PerTokenModulation:
         return out
 
 
-def _per_token(base: torch.Tensor, per_subject: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def token_owner(masks: torch.Tensor) -> torch.Tensor | None:
+    """(B|1, T, L) masks -> (B|1, T) the subject owning each token (L = nobody) when the masks are hard (0/1, at most
+    one subject per token); None for soft or overlapping masks."""
+    owned = masks.sum(dim=-1)  # (B|1, T)
+    if not (bool(((masks == 0) | (masks == 1)).all()) and bool((owned <= 1).all())):
+        return None
+    return torch.where(owned > 0, masks.argmax(dim=-1), masks.shape[-1])
+
+
+def _per_token(
+    base: torch.Tensor, per_subject: torch.Tensor, masks: torch.Tensor, owner: torch.Tensor | None = None
+) -> torch.Tensor:
     """base (B, W) + masks (B|1, T, L) @ per_subject (B, L, W) -> (B, T, W).
 
     Hard masks (0/1, at most one subject per token) give each token one of L + 1 rows, base + subject l's delta or
-    base alone, so the rows are computed once and copied per token; soft masks take the weighted sum.
+    base alone, so the rows are computed once and copied per token; soft masks take the weighted sum. owner:
+    token_owner(masks) when the caller has it already.
     """
-    batch, n_subjects = per_subject.shape[0], per_subject.shape[1]
-    owned = masks.sum(dim=-1)  # (B|1, T)
-    if not (bool(((masks == 0) | (masks == 1)).all()) and bool((owned <= 1).all())):
+    owner = token_owner(masks) if owner is None else owner
+    if owner is None:
         return torch.baddbmm(base[:, None, :], masks, per_subject)
-    owner = torch.where(owned > 0, masks.argmax(dim=-1), n_subjects).expand(batch, -1)  # (B, T), L = nobody
+    batch, n_subjects = per_subject.shape[0], per_subject.shape[1]
+    owner = owner.to(base.device).expand(batch, -1)  # (B, T), L = nobody
     rows = torch.cat([base[:, None, :] + per_subject, base[:, None, :]], dim=1)  # (B, L + 1, W)
     offsets = torch.arange(batch, device=owner.device)[:, None] * (n_subjects + 1)
     return rows.flatten(0, 1).index_select(0, (owner + offsets).flatten()).view(batch, owner.shape[1], -1)

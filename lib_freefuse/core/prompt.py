@@ -1,19 +1,21 @@
 """Where each subject's activation words sit in a tokenised prompt (the I_l of paper Eq. 8).
 
 Works on the tokenizer's own pieces, so it needs no tokenizer: SentencePiece pieces (T5, "\u2581" marks a
-word start) and CLIP BPE pieces ("</w>" marks a word end) are both read. The pieces are joined back into
-text with each piece's character span kept; phrases are found in that text, case-insensitively and on
+word start) and CLIP BPE pieces ("</w>" marks a word end) are both read; byte-level BPE pieces (Qwen, GPT-2: bytes
+written as characters, "\u0120" a space) are turned into their text first by `byte_level_text`. The pieces are
+joined back into text with each piece's character span kept; phrases are found in that text, case-insensitively and on
 word boundaries, and every token that overlaps a match is taken. That makes a match independent of how
 the tokenizer happened to split a word in context, and of emphasis syntax the host may leave in.
 """
 
 from __future__ import annotations
 
+import codecs
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-__all__ = ["SubjectTokens", "find_subject_tokens", "split_phrases"]
+__all__ = ["SubjectTokens", "byte_level_text", "find_subject_tokens", "split_phrases"]
 
 _SPECIAL_PIECE = re.compile(r"^<[^<>\s]+>$")  # </s>, <pad>, <unk>, <|endoftext|>: boundaries, not text
 
@@ -102,3 +104,31 @@ def _spaced(char: str) -> bool:
         return False
     code = ord(char)
     return not (0x2E80 <= code <= 0x9FFF or 0xF900 <= code <= 0xFAFF or 0xAC00 <= code <= 0xD7AF)
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2 byte-level BPE's character for each byte, inverted: printable Latin-1 bytes stand for themselves, the
+    other 68 bytes (controls, space, ...) for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(0x100 + i): b for i, b in enumerate(others)}
+
+
+_BYTES = _byte_alphabet()
+
+
+def byte_level_text(pieces: Sequence[str], special: Collection[str] = ()) -> list[str]:
+    """Byte-level BPE pieces -> the text each adds, for find_subject_tokens: ["a", "\u0120cat"] -> ["a", " cat"].
+
+    A character split over several pieces belongs to the piece that completes it (the others add ""). Pieces in
+    `special` (the tokenizer's added tokens: <|im_start|>, <|endoftext|>, ...) are kept as they are: boundaries.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = []
+    for piece in pieces:
+        if piece in special or any(char not in _BYTES for char in piece):
+            decoder.reset()
+            out.append(piece)
+        else:
+            out.append(decoder.decode(bytes(_BYTES[char] for char in piece)))
+    return out

@@ -7,15 +7,18 @@ from __future__ import annotations
 from .base import Family, LayerRole
 from .chroma import Chroma
 from .flux1 import Flux1
+from .flux2 import Flux2Klein
 from .sdxl import SDXL
 
-__all__ = ["CHROMA", "FLUX1", "KNOWN", "SDXL_FAMILY", "Family", "LayerRole", "detect", "unsupported"]
+__all__ = ["CHROMA", "FLUX1", "FLUX2_KLEIN", "KNOWN", "SDXL_FAMILY", "Family", "LayerRole", "detect", "unsupported"]
 
 FLUX1 = Flux1()
 SDXL_FAMILY = SDXL()
 CHROMA = Chroma()
-KNOWN: tuple[Family, ...] = (FLUX1, SDXL_FAMILY, CHROMA)
-_MOST_SPECIFIC_FIRST = (CHROMA, *(f for f in KNOWN if f is not CHROMA))  # Chroma also has FLUX.1's blocks
+FLUX2_KLEIN = Flux2Klein()
+KNOWN: tuple[Family, ...] = (FLUX1, SDXL_FAMILY, CHROMA, FLUX2_KLEIN)
+_FLUX1_SHAPED = (CHROMA, FLUX2_KLEIN)  # they have FLUX.1's blocks too: asked before FLUX.1
+_MOST_SPECIFIC_FIRST = (*_FLUX1_SHAPED, *(f for f in KNOWN if f not in _FLUX1_SHAPED))
 
 
 def detect(model) -> Family | None:

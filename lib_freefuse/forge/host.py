@@ -11,19 +11,20 @@ tokens) of the family (lib_freefuse/families) and its patches here (flux1.py, sd
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
 from ..families import FLUX1, Family, detect
 from ..hosts import Host, SubjectPatches, for_unet
-from . import chroma, flux1, sdxl
+from . import chroma, flux1, flux2, sdxl
 from .flux1 import CaptureBlock, PerTokenModulation
 from .job import FreeFuseJob
 from .patching import SubjectDeltas
 
 __all__ = ["CaptureBlock", "ModelCallTracker", "PerTokenModulation", "flux_model", "layer_stream", "patch_unet"]
 
-_INSTALL = {"FLUX.1": flux1.install, "SDXL": sdxl.install, "Chroma": chroma.install}
+_INSTALL = {"FLUX.1": flux1.install, "SDXL": sdxl.install, "Chroma": chroma.install, "FLUX.2 Klein": flux2.install}
 
 
 def diffusion_model(unet) -> torch.nn.Module | None:
@@ -69,7 +70,9 @@ def patch_unet(
         host.take_out(clone, merged)
     _INSTALL[family.name](clone, model, job, subject_deltas, capture_block, host)
     previous = clone.model_options.get("model_function_wrapper")
-    clone.set_model_unet_function_wrapper(ModelCallTracker(job, previous, host.reference_tokens))
+    patch_size = getattr(model, "patch_size", 2)  # FLUX.1: 2x2 patches; FLUX.2 Klein: 1x1
+    references = partial(host.reference_tokens, patch_size=patch_size)
+    clone.set_model_unet_function_wrapper(ModelCallTracker(job, previous, references))
     return clone
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -18,9 +19,12 @@ from ..core import find_subject_tokens
 from ..families import FLUX1, Family, detect, unsupported
 from ..hosts import Host, HostUnsupported, SubjectPatches, for_unet
 from ..log import logger
+from . import flux2
 from .host import diffusion_model, patch_unet
 from .job import FreeFuseJob, JobPlan
 from .lora_layers import subject_deltas
+
+_CONTEXT_PIECES = {"FLUX.2 Klein": flux2.context_pieces}  # families whose text engine is not chunked as CLIP/T5
 
 
 @dataclass
@@ -200,8 +204,10 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Fam
     prompts: one per image of the batch (they may differ). The family's text engine tokenises them as the host
     does (emphasis and BREAK included). FLUX.1 and Chroma: only the text before a prompt's first BREAK counts (Forge
     conditions them on that first T5 chunk alone, padded to the longest chunk). SDXL: every 77-token CLIP chunk,
-    positions counted across them."""
+    positions counted across them. FLUX.2 Klein: the one chunk of Neo's Klein engine (flux2.context_pieces)."""
     engine = getattr(p.sd_model, family.text_engine)
+    if family.name in _CONTEXT_PIECES:  # one chunk of its own kind (FLUX.2 Klein: a chat template, byte-level BPE)
+        return _words_in_all_chunks(engine, prompts, subjects, state, partial(_CONTEXT_PIECES[family.name], engine))
     if not family.first_chunk_only:
         return _words_in_all_chunks(engine, prompts, subjects, state)
     words = [s.words for s in subjects]
@@ -237,16 +243,17 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Fam
     return found, max(lengths)
 
 
-def _words_in_all_chunks(engine, prompts: list[str], subjects, state: RunState) -> tuple[dict, int]:
+def _words_in_all_chunks(engine, prompts: list[str], subjects, state: RunState, context=None) -> tuple[dict, int]:
     """_subject_words for a model that reads every chunk of the prompt (SDXL's CLIP: 77 tokens each, BOS and EOS
-    included, concatenated in the context)."""
+    included, concatenated in the context). context(prompt) -> the context's token pieces (default: the chunks'
+    tokens as the engine's tokenizer names them; FLUX.2 Klein: flux2.context_pieces)."""
     words = [s.words for s in subjects]
+    context = context or partial(_chunk_pieces, engine)
     per_image, lengths = [], []
     for prompt in prompts:
-        chunks, _ = engine.tokenize_line(prompt)
-        tokens = [token for chunk in chunks for token in chunk.tokens]
-        lengths.append(len(tokens))
-        per_image.append(find_subject_tokens(engine.tokenizer.convert_ids_to_tokens(tokens), words))
+        pieces = context(prompt)
+        lengths.append(len(pieces))
+        per_image.append(find_subject_tokens(pieces, words))
     found: dict = {}
     for index, subject in enumerate(subjects):
         results = [image[index] for image in per_image]
@@ -262,6 +269,12 @@ def _words_in_all_chunks(engine, prompts: list[str], subjects, state: RunState) 
                 state.warn(f"{subject.lora}: '{', '.join(r.missing)}' not in the prompt; using its other words")
         found[subject.lora] = [r.positions for r in results]
     return found, max(lengths)
+
+
+def _chunk_pieces(engine, prompt: str) -> list[str]:
+    """Every chunk's tokens of `prompt`, concatenated, as the engine's tokenizer names them."""
+    chunks, _ = engine.tokenize_line(prompt)
+    return engine.tokenizer.convert_ids_to_tokens([token for chunk in chunks for token in chunk.tokens])
 
 
 def _subject_loras(unet, host: Host, subjects, state: RunState) -> dict[str, SubjectPatches]:

@@ -4,21 +4,18 @@ there."""
 
 from __future__ import annotations
 
-import sys
-import types
 from types import SimpleNamespace
 
 import klein_env
 import pytest
 import torch
-from test_chroma import SpyJob, _rows, manual_qk
+from test_chroma import _rows, capture_with_inputs, manual_qk
+from test_host import manual_rope
 
 from lib_freefuse.args import FreeFuseArgs
 from lib_freefuse.core import MaskConfig
 from lib_freefuse.families import CHROMA, FLUX1, FLUX2_KLEIN, detect
-from lib_freefuse.forge.host import diffusion_model, patch_unet
-from lib_freefuse.forge.job import FreeFuseJob, JobPlan
-from lib_freefuse.forge.lora_layers import subject_deltas
+from lib_freefuse.forge.host import diffusion_model
 from lib_freefuse.forge.processing import RunState, _subject_words, start_run
 
 H, MLP = 256, 768  # hidden size, the MLP's width (ratio 3; its first layer is twice as wide: SwiGLU)
@@ -71,29 +68,8 @@ def with_loras(forge, unet, sds: dict[str, dict], strength: float = 0.9):
 
 
 def freefuse_unet(forge, merged_unet, names, masks: torch.Tensor | None, modulation="per_token", **plan_fields):
-    """A FreeFuse clone of a patcher with the subject LoRAs merged: they come out of the merge and act masked, with
-    the given (B_img, L, h, w) masks from the first step (no words: text tokens get every LoRA)."""
-    params = dict(merged_unet.model.named_parameters())
-    host = forge.host_adapter()
-    deltas: dict[str, list] = {}
-    merged = []
-    for index, name in enumerate(names):
-        patches = forge.merged_patches(merged_unet, str(forge.lora_dir() / name))
-        merged.append(patches)
-        found, _ = subject_deltas(patches, lambda k: params[k], host.merge)
-        for delta in found:
-            deltas.setdefault(delta.module, []).append((index, delta))
-    images = 1 if masks is None else masks.shape[0]
-    fields = {
-        "word_positions": tuple(((),) * len(names) for _ in range(images)),
-        "text_length": 8,
-        "capture_step": 10**6,
-        "modulation": modulation,
-        "initial_masks": masks,
-        **plan_fields,
-    }
-    job = FreeFuseJob(JobPlan(**fields), decode=None, family=FLUX2_KLEIN)
-    return patch_unet(merged_unet, job, deltas, capture_block=0, merged=merged), job
+    """forge_env.freefuse_unet for Klein."""
+    return forge.freefuse_unet(merged_unet, names, masks, FLUX2_KLEIN, modulation=modulation, **plan_fields)
 
 
 def test_klein_is_detected_by_its_structure_and_flux_and_chroma_stay_theirs(forge, klein_unet):
@@ -160,25 +136,6 @@ def test_zero_masks_equal_no_lora(forge, klein_unet):
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
 
 
-def klein_rope(x, grid_hw, text_tokens, axes_dim, theta=2000):
-    """FLUX.2's RoPE from first principles: 4 axes; text ids (0, 0, 0, i), image ids (0, row, col, 0)."""
-    h, w = grid_hw
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    zeros = torch.zeros_like(rows)
-    text = torch.zeros(text_tokens, 4)
-    text[:, 3] = torch.arange(text_tokens)
-    ids = torch.cat([text, torch.stack([zeros, rows, cols, zeros], -1).reshape(-1, 4)])
-    angles = torch.cat(
-        [
-            ids[:, i, None].double() / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-            for i, d in enumerate(axes_dim)
-        ],
-        -1,
-    )
-    pairs = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2).contiguous())
-    return torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)).flatten(-2).to(x.dtype)
-
-
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 def test_captured_qk_equal_the_blocks_own(forge, klein_unet, cfg_scale):
     """q, k handed to the job = a recomputation from the block's weights (no biases), the shared modulation's slices
@@ -186,21 +143,14 @@ def test_captured_qk_equal_the_blocks_own(forge, klein_unet, cfg_scale):
     repeated to the negative prompt's 8 in the batched call."""
 
     model = diffusion_model(klein_unet)
-    block_index, inputs = 1, []
-    recorder = klein_unet.clone()
-    name = f"diffusion_model.double_blocks.{block_index}.forward"
-    original = recorder.get_model_object(name)
+    block_index = 1
 
-    def record(*args, **kwargs):
-        inputs.append((kwargs["img"].clone(), kwargs["txt"].clone(), kwargs["vec"], kwargs.get("attn_mask")))
-        return original(*args, **kwargs)
+    def run(unet):
+        klein_env.sample(
+            forge, unet, steps=3, batch=2, cfg_scale=cfg_scale, latent_hw=(5, 6), tokens=4, uncond_tokens=8
+        )
 
-    recorder.add_object_patch(name, record)
-    words = (((1, 2), (3,)), ((0,), (2,)))  # two images
-    plan = JobPlan(word_positions=words, text_length=4, capture_step=1, mask_config=MaskConfig(superpixel_vote=False))
-    job = SpyJob(plan, decode=None, family=FLUX2_KLEIN)
-    unet = patch_unet(recorder, job, {}, capture_block=block_index)
-    klein_env.sample(forge, unet, steps=3, batch=2, cfg_scale=cfg_scale, latent_hw=(5, 6), tokens=4, uncond_tokens=8)
+    job, inputs = capture_with_inputs(klein_unet, block_index, FLUX2_KLEIN, run)
 
     assert len(job.stored) == 1 and job.failure is None and job.masks.shape == (2, 2, 5, 6)
     q, k = job.stored[0]
@@ -213,8 +163,8 @@ def test_captured_qk_equal_the_blocks_own(forge, klein_unet, cfg_scale):
     with torch.no_grad():
         mq, mk = manual_qk(model.double_blocks[block_index], img[cond], txt[cond], vec, heads=2)
     axes = klein_env.KLEIN_CONFIG["axes_dim"]
-    torch.testing.assert_close(q, klein_rope(mq, (5, 6), text, axes), atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(k, klein_rope(mk, (5, 6), text, axes), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(q, manual_rope(mq, (5, 6), text, axes, theta=2000, text_axis=3), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(k, manual_rope(mk, (5, 6), text, axes, theta=2000, text_axis=3), atol=2e-5, rtol=1e-4)
 
 
 def test_reference_image_tokens_get_every_subject_and_stay_out_of_the_masks(forge, klein_unet):
@@ -336,13 +286,7 @@ def test_a_klein_job_is_patched_makes_masks_and_leaves_nothing(forge, klein_unet
     extension's name lookup (`networks`) stands in. 4 steps (Klein's preset): masks from step 1, used in 2-4."""
     sds = {"xa.safetensors": lora_sd(1), "xb.safetensors": lora_sd(2)}
     merged, paths, _ = forge.with_loras(klein_unet, sds, 0.8)
-    networks = types.ModuleType("networks")
-    networks.available_network_aliases = {
-        "xa": SimpleNamespace(filename=paths[0]),
-        "xb": SimpleNamespace(filename=paths[1]),
-    }
-    networks.available_networks = {}
-    monkeypatch.setitem(sys.modules, "networks", networks)
+    forge.stand_in_networks(monkeypatch, {"xa": paths[0], "xb": paths[1]})
     prompt = "zorbo the knight and (quill the wizard:1.2) in a hall"
     p = SimpleNamespace(
         sd_model=SimpleNamespace(forge_objects=SimpleNamespace(unet=merged), text_processing_engine_gemma=engine),

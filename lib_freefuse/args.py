@@ -243,7 +243,8 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
         "capture_block",
         "Capture block",
         "Which block is read. FLUX.1 and Chroma: a double block, 0-18 (17 suits FLUX.1-dev). SDXL: 17 means its "
-        "default block (the middle block's last transformer); other values count its transformer blocks in order.",
+        "default block (the middle block's last transformer); other values count its transformer blocks in order. "
+        "FLUX.2 Klein: 17 means its second-to-last double block; other values index its double blocks.",
     ),
     FieldHelp(
         "pre_mask",

@@ -88,6 +88,51 @@ def test_klein_is_detected_by_its_structure_and_flux_and_chroma_stay_theirs(forg
     assert FLUX2_KLEIN.layer_role("final_layer.adaLN_modulation.1").stream == "vector"
 
 
+SIZES = ("hidden_size", "num_heads", "depth", "depth_single_blocks", "context_in_dim")
+EMBEDDERS = {"time_in.in_layer", "time_in.out_layer", "final_layer.adaLN_modulation.1"}  # one value per image
+
+
+@pytest.mark.parametrize(("size", "site"), [("4B", "double_blocks.3"), ("9B", "double_blocks.6")])
+def test_real_klein_shapes_through_neos_detection(forge, forge_root, size, site):
+    """Klein 4B/9B at their real shapes (meta tensors, from Neo's pipeline configs) go through Neo's own detection:
+    Flux2K4B/K9B with the flags the tiny test model has; the model Neo builds from that config is FLUX.2 Klein to
+    FreeFuse, with its default site, and every Linear layer has a token role but the embedders."""
+    if forge.HOST != "neo":
+        pytest.skip(NO_NEO)
+    import json
+
+    from backend.nn.flux import IntegratedFluxTransformer2DModel
+    from huggingface_guess import detection, model_list
+
+    path = f"backend/huggingface/black-forest-labs/FLUX.2-klein-{size}/transformer/config.json"
+    hf = json.loads((forge_root / path).read_text())
+    real = klein_env.klein_config(
+        hidden_size=128 * hf["num_attention_heads"],
+        num_heads=hf["num_attention_heads"],
+        depth=hf["num_layers"],
+        depth_single_blocks=hf["num_single_layers"],
+        context_in_dim=hf["joint_attention_dim"],
+    )
+    constructor = {k: v for k, v in real.items() if k != "image_model"}
+    with torch.device("meta"):
+        checkpoint = IntegratedFluxTransformer2DModel(**constructor).state_dict()
+    state_dict = {f"model.diffusion_model.{k}": v for k, v in checkpoint.items()}
+    guess = detection.model_config_from_unet(state_dict, detection.unet_prefix_from_state_dict(state_dict))
+    assert type(guess) is getattr(model_list, f"Flux2K{size}")
+    detected = dict(guess.unet_config)
+    flags = {k: v for k, v in klein_env.KLEIN_CONFIG.items() if k not in SIZES}
+    assert {k: detected[k] for k in flags} == flags  # the tiny model is Klein but for its sizes
+    with torch.device("meta"):
+        model = IntegratedFluxTransformer2DModel(**{k: v for k, v in detected.items() if k != "image_model"})
+    assert detect(model) is FLUX2_KLEIN
+    assert FLUX2_KLEIN.capture_sites(model)[FLUX2_KLEIN.default_capture_site(model)] == site
+    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    vectors = {name for name in linears if FLUX2_KLEIN.layer_role(name).stream == "vector"}
+    assert vectors == EMBEDDERS
+    # embedders and txt_in/img_in, 8 per double block, 2 per single block, the final layer's 2, 3 shared modulations
+    assert len(linears) == 4 + 8 * hf["num_layers"] + 2 * hf["num_single_layers"] + 2 + 3
+
+
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 @pytest.mark.parametrize("modulation", ["per_token", "global"])
 def test_all_ones_masks_equal_neos_merged_loras(forge, klein_unet, cfg_scale, modulation):

@@ -109,8 +109,7 @@ def build_state_dict(forge_root: Path, configs: Path, seed: int = 0) -> dict:
         _randomize(module, seed * 100 + index)
     state_dict = {"model.diffusion_model." + k: v for k, v in transformer.state_dict().items()}
     state_dict |= {"vae." + k: v for k, v in vae.state_dict().items()}
-    text = {k: v for k, v in qwen3.state_dict().items() if not k.startswith("llm_adapter.")}  # Anima's, unused
-    state_dict |= {"text_encoders.qwen3_4b.transformer." + k: v for k, v in text.items()}
+    state_dict |= {"text_encoders.qwen3_4b.transformer." + k: v for k, v in qwen3.state_dict().items()}
     state_dict = {k: v.detach().to(torch.float32).contiguous() for k, v in state_dict.items()}
     for key in ("vae.decoder.conv_out.weight", "vae.decoder.conv_out.bias"):
         state_dict[key] = state_dict[key] * 0.1  # keeps the decoded image off the [-1, 1] clamp

@@ -11,7 +11,12 @@ patches them in memory, never on disk:
   checkpoint is left exactly as Forge guesses it.
   The same wrapper gives a tiny SDXL checkpoint (tiny_sdxl.py) the SDXL guess with its own UNet config and the
   tiny SDXL pipeline configs in $FREEFUSE_TEST_TINY_SDXL_CONFIGS (huggingface_guess matches SDXL at its real sizes
-  only); a real SDXL checkpoint is left exactly as Forge guesses it.
+  only); a real SDXL checkpoint is left exactly as Forge guesses it. On Neo, a tiny FLUX.2 checkpoint
+  (tiny_klein.py) gets the Klein 4B guess with huggingface_guess's own config read off its tensors and the tiny
+  Klein pipeline configs in $FREEFUSE_TEST_TINY_KLEIN_CONFIGS (Neo matches Klein at hidden 3072/4096 only).
+- `backend.nn.llm.llama` (Neo, with $FREEFUSE_TEST_TINY_KLEIN_CONFIGS set): Neo builds a Qwen3 text encoder of an
+  unknown width with its Qwen3-0.6B class, which asserts the checkpoint's config against its own fixed one; that
+  fixed config becomes the tiny Klein text encoder's, without the class's Anima adapter (`fit_qwen3`).
 - `modules.launch_utils.repo_dir`: with --skip-prepare-environment Forge never clones
   repositories/stable-diffusion-webui-assets, and the UI's static mount of it raises at start-up. When that folder
   is missing, the empty folder $FREEFUSE_TEST_WEBUI_ASSETS stands in.
@@ -158,6 +163,12 @@ def fit_qwen3(module, config: dict) -> None:
     )
     tiny.head_dim = config.get("head_dim", base.head_dim)
     module.Qwen3_06BConfig = tiny
+    import torch
+
+    class NoAdapter(torch.nn.Module):
+        """Anima's LLM adapter on the 0.6B class (fixed 1024-wide, 32128-token): Klein's engine never calls it."""
+
+    module.LLMAdapter = NoAdapter
 
 
 def patch_llama(module):

@@ -4,7 +4,7 @@ on each (lib_freefuse/families/flux2.py says which layer sees which tokens)."""
 
 from __future__ import annotations
 
-from ..core import byte_level_text
+from ..core.prompt import byte_level_pieces
 from ..families import FLUX2_KLEIN
 from ..hosts import Host
 from . import flux1
@@ -25,6 +25,5 @@ def context_pieces(engine, prompt: str) -> list[str]:
     emphasis piece in Qwen3's chat template, then <|endoftext|> up to 512 tokens), the byte-level pieces as text, the
     template's role words ("user", "assistant" after each <|im_start|>) made boundaries."""
     chunks = engine.tokenize_line(prompt)  # Neo's Klein engine returns the chunks alone, always one
-    tokenizer = engine.tokenizer
-    pieces = byte_level_text(tokenizer.convert_ids_to_tokens(chunks[0].tokens), set(tokenizer.get_added_vocab()))
+    pieces = byte_level_pieces(engine.tokenizer.convert_ids_to_tokens(chunks[0].tokens))  # <|...|>, <think>: kept
     return [ROLE if i and pieces[i - 1] == "<|im_start|>" else piece for i, piece in enumerate(pieces)]

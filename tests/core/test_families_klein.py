@@ -1,11 +1,10 @@
 """FLUX.2 Klein's family description without a host: told from FLUX.1 and Chroma by structure, its layers' roles,
-its grid and default site; byte-level BPE pieces read as text (its Qwen3 tokenizer's)."""
+its grid and default site."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from lib_freefuse.core import byte_level_text, find_subject_tokens
 from lib_freefuse.families import CHROMA, FLUX1, FLUX2_KLEIN, KNOWN, detect, unsupported
 
 
@@ -46,24 +45,3 @@ def test_klein_default_site_is_the_second_to_last_double_block_and_its_grid_the_
         assert FLUX2_KLEIN.capture_sites(model)[FLUX2_KLEIN.default_capture_site(model)] == site
     assert FLUX2_KLEIN.mask_grid((64, 48)) == (64, 48)  # 1x1 patches
     assert FLUX2_KLEIN.text_engine == "text_processing_engine_gemma"
-
-
-def test_byte_level_pieces_read_as_text():
-    """GPT-2/Qwen byte-level pieces: "\u0120" is a space, "\u010a" a newline; a character of several bytes split over
-    pieces belongs to the one that completes it; added tokens are kept as boundaries."""
-    pieces = [
-        "<|im_start|>",
-        "user",
-        "\u010a",
-        "A",
-        "\u0120caf\u00c3\u00a9",
-        ",",
-        "\u0120\u00e6\u013f",
-        "\u00b1",
-        "<|im_end|>",
-    ]
-    text = byte_level_text(pieces, special={"<|im_start|>", "<|im_end|>"})
-    assert text == ["<|im_start|>", "user", "\n", "A", " café", ",", " ", "東", "<|im_end|>"]
-    (cafe, east) = find_subject_tokens(text, ["café", "東"])
-    assert cafe.positions == (4,) and east.positions == (7,)  # the piece that completes it
-    assert byte_level_text(["\u00c3"]) == [""]  # an unfinished character adds nothing

@@ -18,9 +18,13 @@ from ..core import find_subject_tokens
 from ..families import FLUX1, Family, detect, unsupported
 from ..hosts import Host, HostUnsupported, SubjectPatches, for_unet
 from ..log import logger
+from . import qwen_image
 from .host import diffusion_model, patch_unet
 from .job import FreeFuseJob, JobPlan
 from .lora_layers import subject_deltas
+
+_REFUSALS = {"Qwen-Image": qwen_image.refusal}  # family -> p -> why FreeFuse cannot run this job, or None
+_CONTEXT_PIECES = {"Qwen-Image": qwen_image.context_pieces}  # family -> (engine, prompt) -> the context's pieces
 
 
 @dataclass
@@ -102,6 +106,9 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
         return None
     if not hasattr(p.sd_model, family.text_engine):  # an SDXL refiner: CLIP-G alone, which SDXL's engine is not
         state.warn(f"the {family.name} model has no {family.text_engine} to find the words in: FreeFuse does nothing")
+        return None
+    if (refuse := _REFUSALS.get(family.name)) and (reason := refuse(p)):
+        state.warn(f"{reason}: FreeFuse does nothing for this job")
         return None
     is_hr = bool(getattr(p, "is_hr_pass", False))
     prompts = list(p.hr_prompts if is_hr else p.prompts)
@@ -202,6 +209,9 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Fam
     conditions them on that first T5 chunk alone, padded to the longest chunk). SDXL: every 77-token CLIP chunk,
     positions counted across them."""
     engine = getattr(p.sd_model, family.text_engine)
+    if family.name in _CONTEXT_PIECES:
+        pieces = _CONTEXT_PIECES[family.name]
+        return _words_in_all_chunks(engine, prompts, subjects, state, lambda prompt: pieces(engine, prompt))
     if not family.first_chunk_only:
         return _words_in_all_chunks(engine, prompts, subjects, state)
     words = [s.words for s in subjects]
@@ -237,16 +247,16 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Fam
     return found, max(lengths)
 
 
-def _words_in_all_chunks(engine, prompts: list[str], subjects, state: RunState) -> tuple[dict, int]:
+def _words_in_all_chunks(engine, prompts: list[str], subjects, state: RunState, context=None) -> tuple[dict, int]:
     """_subject_words for a model that reads every chunk of the prompt (SDXL's CLIP: 77 tokens each, BOS and EOS
-    included, concatenated in the context)."""
+    included, concatenated in the context). context: prompt -> the context's pieces, when the family's engine
+    makes its context otherwise (Qwen-Image: _CONTEXT_PIECES)."""
     words = [s.words for s in subjects]
     per_image, lengths = [], []
     for prompt in prompts:
-        chunks, _ = engine.tokenize_line(prompt)
-        tokens = [token for chunk in chunks for token in chunk.tokens]
-        lengths.append(len(tokens))
-        per_image.append(find_subject_tokens(engine.tokenizer.convert_ids_to_tokens(tokens), words))
+        pieces = _chunk_pieces(engine, prompt) if context is None else context(prompt)
+        lengths.append(len(pieces))
+        per_image.append(find_subject_tokens(pieces, words))
     found: dict = {}
     for index, subject in enumerate(subjects):
         results = [image[index] for image in per_image]
@@ -262,6 +272,12 @@ def _words_in_all_chunks(engine, prompts: list[str], subjects, state: RunState) 
                 state.warn(f"{subject.lora}: '{', '.join(r.missing)}' not in the prompt; using its other words")
         found[subject.lora] = [r.positions for r in results]
     return found, max(lengths)
+
+
+def _chunk_pieces(engine, prompt: str) -> list[str]:
+    """The pieces of every chunk of an engine's tokenize_line, in order."""
+    chunks, _ = engine.tokenize_line(prompt)
+    return engine.tokenizer.convert_ids_to_tokens([token for chunk in chunks for token in chunk.tokens])
 
 
 def _subject_loras(unet, host: Host, subjects, state: RunState) -> dict[str, SubjectPatches]:

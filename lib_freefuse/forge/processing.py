@@ -341,15 +341,19 @@ def _steps_in_run(p, is_hr: bool) -> int:
 
 
 def _decoder(p, source: str):
-    """x0 latents (B, C, H, W) -> (B, H_px, W_px, 3) RGB in [0, 1] for SLIC: the VAE, or Forge's cheap preview."""
+    """x0 latents (B, C, H, W), or Neo's (B, C, 1, H, W) for its Wan-VAE models (Qwen-Image) -> (B, H_px, W_px, 3)
+    RGB in [0, 1] for SLIC: the VAE, or Forge's cheap preview (one image per call: it reads the batch's first)."""
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         if source == "preview":
             from modules import sd_samplers_common
 
-            images = sd_samplers_common.samples_to_images_tensor(latents, approximation=2)
+            preview = sd_samplers_common.samples_to_images_tensor
+            images = torch.cat([preview(latents[i : i + 1], approximation=2) for i in range(latents.shape[0])])
         else:
             images = p.sd_model.decode_first_stage(latents)
+        if images.ndim == 5:  # Neo's Wan-VAE decode: (B, T = 1, 3, H, W), squeezed as Neo's processing does
+            images = images.squeeze(1)
         return ((images.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
     return decode

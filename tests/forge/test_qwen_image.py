@@ -426,3 +426,22 @@ def test_an_edit_job_with_reference_images_is_refused_with_one_warning(forge, qw
         "Qwen-Image with reference images (Edit) puts their vision tokens into the text context: "
         "FreeFuse does nothing for this job"
     ]
+
+
+def test_the_slic_decoder_takes_neos_5d_latents(forge):
+    """Neo's Qwen-Image decode_first_stage takes the (B, 16, 1, H, W) latent and gives (B, 1, 3, H_px, W_px) (its
+    engine's decode, movedim(-1, 2)); the SLIC image is (B, H_px, W_px, 3) in [0, 1]."""
+    from lib_freefuse.forge.processing import _decoder
+
+    if forge.HOST != "neo":
+        pytest.skip(NOT_ON_CLASSIC)
+    seen = []
+
+    def decode_first_stage(x):
+        seen.append(tuple(x.shape))
+        return torch.linspace(-1, 1, 2 * 3 * 8 * 8).reshape(2, 1, 3, 8, 8)
+
+    p = SimpleNamespace(sd_model=SimpleNamespace(decode_first_stage=decode_first_stage))
+    images = _decoder(p, "vae")(torch.zeros(2, 16, 1, 1, 1))
+    assert seen == [(2, 16, 1, 1, 1)] and images.shape == (2, 8, 8, 3)
+    assert float(images.min()) == 0.0 and float(images.max()) == 1.0

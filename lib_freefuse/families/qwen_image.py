@@ -39,13 +39,13 @@ class QwenImage(Family):
 
     @staticmethod
     def matches(model) -> bool:
-        """Neo's QwenImageTransformer2DModel: `transformer_blocks` with separate image/text projections per block
-        (attn.to_q and attn.add_q_proj), the text RMS-norm `txt_norm` (Neo's own detection keys on it)."""
+        """Neo's QwenImageTransformer2DModel (or its Nunchaku subclass, which the host adapter then refuses):
+        `transformer_blocks` with a modulation per stream (img_mod, txt_mod) and an attention, and the text
+        RMS-norm `txt_norm` (Neo's own detection keys on it)."""
         blocks = getattr(model, "transformer_blocks", None)
         if model is None or not hasattr(model, "txt_norm") or not blocks:
             return False
-        attn = getattr(blocks[0], "attn", None)
-        return hasattr(attn, "to_q") and hasattr(attn, "add_q_proj") and hasattr(blocks[0], "img_mod")
+        return all(hasattr(blocks[0], name) for name in ("img_mod", "txt_mod", "attn"))
 
     def layer_role(self, module: str) -> LayerRole:
         for pattern, stream in _STREAMS:

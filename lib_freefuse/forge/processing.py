@@ -207,7 +207,8 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Fam
     prompts: one per image of the batch (they may differ). The family's text engine tokenises them as the host
     does (emphasis and BREAK included). FLUX.1 and Chroma: only the text before a prompt's first BREAK counts (Forge
     conditions them on that first T5 chunk alone, padded to the longest chunk). SDXL: every 77-token CLIP chunk,
-    positions counted across them."""
+    positions counted across them. Qwen-Image: the context its engine keeps after the chat template's leading tokens
+    (forge/qwen_image.context_pieces)."""
     engine = getattr(p.sd_model, family.text_engine)
     if family.name in _CONTEXT_PIECES:
         pieces = _CONTEXT_PIECES[family.name]

@@ -112,14 +112,15 @@ def _kept_positions(engine, tokens: list[int]) -> list[int]:
 def _prompt_positions(tokenizer, tokens: list[int]) -> set[int]:
     """Positions of the prompt's own text: between each `<|im_start|>user\\n` and the `<|im_end|>` after it."""
     start, user, newline, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "user", "\u010a", "<|im_end|>"])
-    inside, position, i = set(), None, 0
+    inside: set[int] = set()
+    in_prompt, i = False, 0
     while i < len(tokens):
-        if position is None and tokens[i : i + 3] == [start, user, newline]:
-            position = i = i + 3
+        if not in_prompt and tokens[i : i + 3] == [start, user, newline]:
+            in_prompt, i = True, i + 3
             continue
-        if position is not None and tokens[i] == end:
-            position = None
-        elif position is not None:
+        if in_prompt and tokens[i] == end:
+            in_prompt = False
+        elif in_prompt:
             inside.add(i)
         i += 1
     return inside

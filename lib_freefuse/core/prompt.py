@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["SubjectTokens", "find_subject_tokens", "split_phrases"]
+__all__ = ["SubjectTokens", "byte_level_pieces", "find_subject_tokens", "split_phrases"]
 
 _SPECIAL_PIECE = re.compile(r"^<[^<>\s]+>$")  # </s>, <pad>, <unk>, <|endoftext|>: boundaries, not text
 
@@ -60,13 +60,21 @@ def find_subject_tokens(pieces: Sequence[str], subject_words: Sequence[str]) -> 
                 i
                 for match in _phrase_pattern(phrase).finditer(text)
                 for i, (start, end) in enumerate(spans)
-                if start < match.end() and match.start() < end
+                if _overlaps(start, end, match.start(), match.end())
             ]
             positions.update(hits)
             if not hits:
                 missing.append(phrase)
         results.append(SubjectTokens(words=words, positions=tuple(sorted(positions)), missing=tuple(missing)))
     return results
+
+
+def _overlaps(start: int, end: int, match_start: int, match_end: int) -> bool:
+    """Whether a piece's span overlaps a match; an empty span (a piece holding the later bytes of the character
+    before it, byte_level_pieces) belongs to that character, so it counts when that character is in the match."""
+    if start == end:
+        return match_start < start <= match_end
+    return start < match_end and match_start < end
 
 
 def _join_pieces(pieces: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -102,3 +110,46 @@ def _spaced(char: str) -> bool:
         return False
     code = ord(char)
     return not (0x2E80 <= code <= 0x9FFF or 0xF900 <= code <= 0xFAFF or 0xAC00 <= code <= 0xD7AF)
+
+
+def byte_level_pieces(pieces: Sequence[str]) -> list[str]:
+    """GPT-2-style byte-level BPE pieces (Qwen: "\u0120cat" for " cat", a CJK character split over pieces) -> text
+    pieces whose concatenation is the UTF-8 text, each character given to the piece holding its first byte (a
+    piece holding only later bytes of a character becomes ""). Special pieces (<|im_start|>) are kept as they are."""
+    table = _byte_table()
+    out: list[str] = []
+    run: list[tuple[int, int]] = []  # (piece index, byte) of the current run of ordinary pieces
+
+    def flush():
+        data = bytes(b for _, b in run)
+        i = 0
+        while i < len(data):
+            size = _utf8_size(data[i])
+            char = data[i : i + size].decode("utf-8", errors="replace")
+            out[run[i][0]] += char if len(char) == 1 else "\ufffd"
+            i += size if len(char) == 1 else 1
+        run.clear()
+
+    for index, piece in enumerate(pieces):
+        out.append("")
+        if _SPECIAL_PIECE.match(piece) or any(c not in table for c in piece):
+            flush()
+            out[index] = piece
+        else:
+            run.extend((index, table[c]) for c in piece)
+    flush()
+    return out
+
+
+def _byte_table() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode, inverted: the printable character standing for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars = {b: b for b in printable}
+    for extra, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = 256 + extra
+    return {chr(c): b for b, c in chars.items()}
+
+
+def _utf8_size(lead: int) -> int:
+    """Bytes of the UTF-8 character whose first byte is `lead` (1 for a stray continuation byte)."""
+    return 4 if lead >= 0xF0 else 3 if lead >= 0xE0 else 2 if lead >= 0xC0 else 1

@@ -498,7 +498,8 @@ XYZ = f"script_{TAB}_xyz_plot"  # Forge's Script.elem_id prefix of the X/Y/Z plo
 
 def test_xyz_show_masks_axis_shows_each_true_cells_overlay(webui, browser, tmp_path):
     """Issue 15, point 8: the X/Y/Z plot with the axis "FreeFuse show masks" (False, True) and its sub images: the
-    True cell is the False cell's image with its mask overlay (same seed, same job)."""
+    True cell is the False cell's image with its mask overlay (same seed, same job). First, a choice axis's fill
+    button lists the accordion's plain labels (test_xyz.py: the cells record the stored values)."""
     if forge_assets_blocked(webui.url):
         pytest.fail("Forge's own script.js is refused by its webui (see test_fill_generate_see_masks_paste_back)")
     job_defaults(webui)
@@ -516,19 +517,23 @@ def _run_xyz(page: Page, webui) -> None:
     page.open_accordion(f"{FF}-timing")
     page.number(f"{FF}-capture-block", 1)
 
-    # Script: X/Y/Z plot; X type: FreeFuse show masks; its values from the fill button (all choices: False, True)
+    def x_values() -> list[str]:
+        return page.js(
+            f"return [...document.querySelectorAll('#{TAB}_script_container .token span')].map((s) => s.innerText)"
+        )
+
+    # Script: X/Y/Z plot. A choice axis's fill button gives the plain labels the accordion shows
     page.choose(XYZ_SCRIPT, "X/Y/Z plot")
+    page.choose(f"{XYZ}_x_type", "FreeFuse LoRAs on text tokens")
+    page.find(f"#{TAB}_script_container #xyz_grid_fill_x_tool_button").click()
+    labels = ["All but on others' words (default)", "Own words only", "None"]
+    page.wait(lambda d: x_values()[:3] == labels, f"the X values {labels} (they read {x_values()})")
+    page.js(f"document.querySelector('#{TAB}_script_container').scrollIntoView({{block: 'center'}})")
+    page.shot("xyz-labels")
+    # X type: FreeFuse show masks; its values from the fill button (all choices: False, True)
     page.choose(f"{XYZ}_x_type", "FreeFuse show masks")
     page.find(f"#{TAB}_script_container #xyz_grid_fill_x_tool_button").click()
-    page.wait(
-        lambda d: (
-            page.js(
-                f"return [...document.querySelectorAll('#{TAB}_script_container .token span')].map((s) => s.innerText)"
-            )[:2]
-            == ["False", "True"]
-        ),
-        "the X values False and True",
-    )
+    page.wait(lambda d: x_values()[:3] == ["False", "True"], f"the X values False and True (they read {x_values()})")
     page.tick(f"{XYZ}_include_lone_images")
     page.shot("xyz-set")
     page.find(f"#{TAB}_generate").click()

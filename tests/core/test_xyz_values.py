@@ -99,7 +99,7 @@ def test_every_setting_axis_sets_a_key_of_the_argument_model():
         ("modulation", "Whole image", "global"),  # the label the dropdown shows: its stored value
         ("LoRAs on text tokens", "Own words only", "own_words"),
         ("LoRAs on text tokens", "None", "none"),
-        ("background", "Stay free", "threshold"),
+        ("background", "Go to some subject (default)", "off"),
         ("word-to-image attention", "Image_Queries", "image_queries"),
         ("contrastive seeds", "Strongest", "strongest"),
         ("background", "threshold", "threshold"),

@@ -1,8 +1,9 @@
 """Where each subject's activation words sit in a tokenised prompt (the I_l of paper Eq. 8).
 
 Works on the tokenizer's own pieces, so it needs no tokenizer: SentencePiece pieces (T5, "\u2581" marks a
-word start) and CLIP BPE pieces ("</w>" marks a word end) are both read. The pieces are joined back into
-text with each piece's character span kept; phrases are found in that text, case-insensitively and on
+word start) and CLIP BPE pieces ("</w>" marks a word end) are both read; byte-level BPE pieces (GPT-2, Qwen: each
+byte a printable character, "\u0120" a space) are made text first by `byte_level_pieces`. The pieces are joined
+back into text with each piece's character span kept; phrases are found in that text, case-insensitively and on
 word boundaries, and every token that overlaps a match is taken. That makes a match independent of how
 the tokenizer happened to split a word in context, and of emphasis syntax the host may leave in.
 """
@@ -13,7 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["SubjectTokens", "find_subject_tokens", "split_phrases"]
+__all__ = ["SubjectTokens", "byte_level_pieces", "find_subject_tokens", "split_phrases"]
 
 _SPECIAL_PIECE = re.compile(r"^<[^<>\s]+>$")  # </s>, <pad>, <unk>, <|endoftext|>: boundaries, not text
 
@@ -102,3 +103,44 @@ def _spaced(char: str) -> bool:
         return False
     code = ord(char)
     return not (0x2E80 <= code <= 0x9FFF or 0xF900 <= code <= 0xFAFF or 0xAC00 <= code <= 0xD7AF)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character that stands for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1)]
+    printable += range(ord("\u00ae"), ord("\u00ff") + 1)
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+def byte_level_pieces(pieces: Sequence[str]) -> list[str]:
+    """Byte-level BPE pieces (GPT-2, Qwen: "\u0120cat" for " cat") -> the text each piece adds, one per piece.
+
+    A character whose UTF-8 bytes span several pieces counts for the piece that completes it (the others give "");
+    special pieces (<|im_start|>) come back as they are, a boundary for find_subject_tokens.
+    """
+    out = []
+    pending = b""
+    for piece in pieces:
+        if not isinstance(piece, str):
+            raise ValueError(f"pieces: expected token strings, got {type(piece).__name__}")
+        if _SPECIAL_PIECE.match(piece):
+            out.append(piece)
+            pending = b""
+            continue
+        pending += b"".join(bytes([_BYTE_DECODER[c]]) if c in _BYTE_DECODER else c.encode("utf-8") for c in piece)
+        try:
+            out.append(pending.decode("utf-8"))
+            pending = b""
+        except UnicodeDecodeError:
+            out.append("")  # an incomplete character: its last piece carries it
+    return out

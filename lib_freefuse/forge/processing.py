@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..args import FreeFuseArgs
-from ..core import find_subject_tokens
+from ..core import byte_level_pieces, find_subject_tokens
 from ..families import FLUX1, Family, detect, unsupported
 from ..hosts import Host, HostUnsupported, SubjectPatches, for_unet
 from ..log import logger
@@ -203,19 +203,19 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Fam
     positions counted across them."""
     engine = getattr(p.sd_model, family.text_engine)
     if not family.first_chunk_only:
-        return _words_in_all_chunks(engine, prompts, subjects, state)
+        return _words_in_all_chunks(engine, prompts, subjects, state, family)
     words = [s.words for s in subjects]
     found: dict = {}
     lengths = []
     per_image = []
     after_break = set()
     for prompt in prompts:
-        chunks, _ = engine.tokenize_line(prompt)
+        chunks = _chunks(engine, prompt)
         lengths.append(max(len(c.tokens) for c in chunks))  # the engine pads the first chunk to the longest
-        per_image.append(find_subject_tokens(engine.tokenizer.convert_ids_to_tokens(chunks[0].tokens), words))
+        per_image.append(find_subject_tokens(_pieces(engine, chunks[0].tokens, family), words))
         if len(chunks) > 1:
             later = [token for chunk in chunks[1:] for token in chunk.tokens]
-            later_found = find_subject_tokens(engine.tokenizer.convert_ids_to_tokens(later), words)
+            later_found = find_subject_tokens(_pieces(engine, later, family), words)
             after_break.update(i for i, r in enumerate(later_found) if r.found and not per_image[-1][i].found)
     for index, subject in enumerate(subjects):
         results = [image[index] for image in per_image]
@@ -237,16 +237,15 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Fam
     return found, max(lengths)
 
 
-def _words_in_all_chunks(engine, prompts: list[str], subjects, state: RunState) -> tuple[dict, int]:
+def _words_in_all_chunks(engine, prompts: list[str], subjects, state: RunState, family: Family) -> tuple[dict, int]:
     """_subject_words for a model that reads every chunk of the prompt (SDXL's CLIP: 77 tokens each, BOS and EOS
-    included, concatenated in the context)."""
+    included, concatenated in the context; Z-Image's Qwen3: one chunk, the chat template included)."""
     words = [s.words for s in subjects]
     per_image, lengths = [], []
     for prompt in prompts:
-        chunks, _ = engine.tokenize_line(prompt)
-        tokens = [token for chunk in chunks for token in chunk.tokens]
+        tokens = [token for chunk in _chunks(engine, prompt) for token in chunk.tokens]
         lengths.append(len(tokens))
-        per_image.append(find_subject_tokens(engine.tokenizer.convert_ids_to_tokens(tokens), words))
+        per_image.append(find_subject_tokens(_pieces(engine, tokens, family), words))
     found: dict = {}
     for index, subject in enumerate(subjects):
         results = [image[index] for image in per_image]
@@ -262,6 +261,19 @@ def _words_in_all_chunks(engine, prompts: list[str], subjects, state: RunState) 
                 state.warn(f"{subject.lora}: '{', '.join(r.missing)}' not in the prompt; using its other words")
         found[subject.lora] = [r.positions for r in results]
     return found, max(lengths)
+
+
+def _chunks(engine, prompt: str) -> list:
+    """The engine's chunks of one prompt: CLIP and T5 engines return (chunks, token count), Neo's Qwen3 engine the
+    chunks alone."""
+    result = engine.tokenize_line(prompt)
+    return result[0] if isinstance(result, tuple) else result
+
+
+def _pieces(engine, tokens: list[int], family: Family) -> list[str]:
+    """The tokenizer's pieces of `tokens`, as text where the family's tokenizer is byte-level BPE (Qwen's)."""
+    pieces = engine.tokenizer.convert_ids_to_tokens(tokens)
+    return byte_level_pieces(pieces) if family.byte_level_tokens else pieces
 
 
 def _subject_loras(unet, host: Host, subjects, state: RunState) -> dict[str, SubjectPatches]:

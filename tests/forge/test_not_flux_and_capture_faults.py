@@ -13,7 +13,9 @@ from lib_freefuse.args import FreeFuseArgs
 from lib_freefuse.forge.host import patch_unet
 from lib_freefuse.forge.processing import start_run
 
-NOT_FLUX = "the model (IntegratedUNet2DConditionModel) is none of FLUX.1, SDXL, Chroma: FreeFuse does nothing for it"
+NOT_FLUX = (
+    "the model (IntegratedUNet2DConditionModel) is none of FLUX.1, SDXL, Chroma, Z-Image: FreeFuse does nothing for it"
+)
 SD_CONFIG = dict(  # Forge's SD1.5 UNet layout (IntegratedUNet2DConditionModel), tiny
     in_channels=4,
     model_channels=32,

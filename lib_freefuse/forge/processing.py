@@ -237,7 +237,9 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Fam
     return found, max(lengths)
 
 
-def _words_in_all_chunks(engine, prompts: list[str], subjects, state: RunState, family: Family) -> tuple[dict, int]:
+def _words_in_all_chunks(
+    engine, prompts: list[str], subjects, state: RunState, family: Family = FLUX1
+) -> tuple[dict, int]:
     """_subject_words for a model that reads every chunk of the prompt (SDXL's CLIP: 77 tokens each, BOS and EOS
     included, concatenated in the context; Z-Image's Qwen3: one chunk, the chat template included)."""
     words = [s.words for s in subjects]

@@ -140,6 +140,23 @@ def test_all_ones_masks_equal_neos_merged_loras(forge, zimage_unet, cfg_scale):
     assert (expected - plain).abs().max() > 1e-2  # the LoRAs do change the image
 
 
+def test_a_checkpoint_without_pad_tokens_works_alike(forge, zimage_unet):
+    """A Z-Image checkpoint without cap_pad_token gets no pad_tokens_multiple from Neo's detection: no pad tokens,
+    and all-ones masks still give Neo's merged image (CFG 3, a negative prompt of another length)."""
+    unet = zimage_env.make_zimage_patcher(zimage_env.make_tiny_zimage(pad_tokens_multiple=None))
+    try:
+        sds = {"np_a.safetensors": lora_sd(11, JOINT, TEXT, IMAGE), "np_b.safetensors": lora_sd(12, JOINT, IMAGE)}
+        merged = with_loras(forge, unet, sds)
+        run = dict(steps=3, cfg_scale=3.0, latent_hw=LATENT, tokens=8, uncond_tokens=5)
+        expected = zimage_env.sample(forge, merged, **run)
+        patched, job = freefuse_unet(forge, merged, list(sds), torch.ones(1, 2, *GRID))
+        got = zimage_env.sample(forge, patched, **run)
+        assert job.failure is None and not hasattr(diffusion_model(unet), "x_pad_token")
+        torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+    finally:
+        forge.unload(unet)
+
+
 def test_adaln_deltas_follow_the_vector_rule(forge, zimage_unet):
     """Each block's adaLN modulation and the timestep embedder give one vector per image: with modulation "global"
     their deltas act on the whole image (all-ones masks = Neo's merge); with "per_token" they stop once masks exist

@@ -38,9 +38,9 @@ PRE_MASK_CHOICES = ("joint", "off")
 MODULATION_CHOICES = ("per_token", "global", "off")
 SLIC_IMAGE_CHOICES = ("vae", "preview")
 HIRES_MASKS_CHOICES = ("reuse", "extract")
-# MaskConfig's background "tokens" needs the host to name the background tokens (end-of-text, a background phrase);
-# the Forge integration does not yet, so the argument model offers the two modes that need nothing from the host.
-BACKGROUND_CHOICES = ("off", "threshold")
+# MaskConfig's background "tokens": the host names the prompt's end-of-text token (families with one: FLUX.1,
+# Chroma); a background phrase of the user's is not offered yet.
+BACKGROUND_CHOICES = ("off", "threshold", "tokens")
 WEIGHT_LIMIT = 10.0
 MAX_CAPTURE_STEP = 10_000  # bounds that no real run reaches, so that pasted junk stays out of logs and infotext
 MAX_CAPTURE_BLOCK = 999
@@ -341,14 +341,19 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
     FieldHelp(
         "background",
         "Places no subject claims",
-        "Given to some subject, or kept free of subject LoRAs (background, unnamed objects).",
+        "Given to some subject, or kept free of subject LoRAs (background, unnamed objects): where no subject "
+        "scores high, or where the end of the prompt looks.",
         BACKGROUND_CHOICES,
-        ("Go to some subject (default)", "Stay free"),
+        (
+            "Go to some subject (default)",
+            "Stay free where no subject scores high",
+            "Stay free where the prompt's end looks",
+        ),
     ),
     FieldHelp(
         "background_threshold",
         "Free below",
-        "When they stay free: where no subject reaches this multiple of an even share.",
+        "Where no subject scores high: below this multiple of an even share.",
     ),
     FieldHelp(
         "fill_holes",

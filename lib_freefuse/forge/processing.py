@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -127,16 +127,21 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
     if note := args.capture_step_note(steps):
         state.warn(note)
     previous = state.masks if is_hr and args.hires_masks == "reuse" else None
+    background = _background_positions(p, prompts, family, args, state)
+    mask_config = args.mask
+    if args.mask.background == "tokens" and not background:
+        mask_config = replace(args.mask, background="threshold")
     plan = JobPlan(
         word_positions=tuple(tuple(words[s.lora][b] for s in subjects) for b in range(len(prompts))),
         text_length=text_length,
         capture_step=capture - 1,
-        mask_config=args.mask,
+        mask_config=mask_config,
         pre_mask=args.pre_mask,
         modulation=args.modulation,
         text_loras=args.text_loras,
         initial_masks=previous,
         restart=args.restart,
+        background_positions=background,
     )
     job = FreeFuseJob(plan, _decoder(p, args.slic_image), family=family)
     _record_schedule(p, job)
@@ -178,6 +183,26 @@ def _capture_site(args: FreeFuseArgs, family: Family, model, state: RunState) ->
             )
         block = len(sites) - 1
     return block
+
+
+def _background_positions(p, prompts: list[str], family: Family, args: FreeFuseArgs, state: RunState) -> tuple:
+    """[image] -> (position of the end-of-text token,) in its prompt's context, for the background "tokens"; () when
+    that setting is off, or (with a warning; the job uses "threshold" instead) when the family has no such token."""
+    if args.mask.background != "tokens":
+        return ()
+    engine = getattr(p.sd_model, family.text_engine)
+    end = getattr(engine, "id_end", None)
+    if not family.end_of_text or end is None:
+        state.warn(
+            f"the {family.name} model's context has no end-of-text token to find the background with: "
+            "places where no subject scores high stay free instead"
+        )
+        return ()
+    positions = []
+    for prompt in prompts:
+        chunks = _chunks(engine, prompt)
+        positions.append((chunks[0].tokens.index(end),))  # every T5 chunk ends its pieces with it
+    return tuple(positions)
 
 
 def _distinct_rows(subjects, state: RunState) -> list:

@@ -99,6 +99,7 @@ def test_every_setting_axis_sets_a_key_of_the_argument_model():
         ("word-to-image attention", "Image_Queries", "image_queries"),
         ("contrastive seeds", "Strongest", "strongest"),
         ("background", "threshold", "threshold"),
+        ("background", "Tokens", "tokens"),
         ("background threshold", 0.75, 0.75),
         ("fill holes", 0.01, 0.01),
         ("superpixel image size", 512, 512),

@@ -415,9 +415,9 @@ def test_words_after_break_are_found(engine):
 # -- the webui hook's path --------------------------------------------------------------------------------------------
 
 
-def test_a_z_image_job_is_patched_makes_masks_and_leaves_nothing(forge, zimage_unet, engine, monkeypatch):
-    """processing.start_run with Neo's patcher, LoRA loader and merge and Z-Image's Qwen3 engine; only the LoRA
-    extension's name lookup (`networks`) stands in. Turbo-like: 8 steps, CFG 1, the capture at step 2."""
+def z_image_job(forge, zimage_unet, engine, monkeypatch, prompt: str, **settings):
+    """A webui job's p for start_run on the tiny Z-Image with two merged LoRAs (xa, xb) and Neo's Qwen3 engine; only
+    the LoRA extension's name lookup (`networks`) stands in. Returns (p, args, merged patcher)."""
     sds = {"xa.safetensors": lora_sd(9, JOINT, IMAGE), "xb.safetensors": lora_sd(10, JOINT, TEXT)}
     merged, paths, _ = forge.with_loras(zimage_unet, sds, 0.8)
     networks = types.ModuleType("networks")
@@ -427,14 +427,21 @@ def test_a_z_image_job_is_patched_makes_masks_and_leaves_nothing(forge, zimage_u
     }
     networks.available_networks = {}
     monkeypatch.setitem(sys.modules, "networks", networks)
-    prompt = "zorbo the knight and (quill the wizard:1.2) in a hall"
     p = SimpleNamespace(
         sd_model=SimpleNamespace(forge_objects=SimpleNamespace(unet=merged), text_processing_engine_gemma=engine),
         prompts=[prompt],
         steps=8,
     )
     subjects = [{"lora": "xa", "words": "zorbo the knight"}, {"lora": "xb", "words": "quill the wizard"}]
-    args = FreeFuseArgs.from_dict({"enabled": True, "subjects": subjects, "superpixel_vote": False})
+    args = FreeFuseArgs.from_dict({"enabled": True, "subjects": subjects, "superpixel_vote": False, **settings})
+    return p, args, merged
+
+
+def test_a_z_image_job_is_patched_makes_masks_and_leaves_nothing(forge, zimage_unet, engine, monkeypatch):
+    """processing.start_run with Neo's patcher, LoRA loader and merge and Z-Image's Qwen3 engine. Turbo-like: 8 steps,
+    CFG 1, the capture at step 2."""
+    prompt = "zorbo the knight and (quill the wizard:1.2) in a hall"
+    p, args, merged = z_image_job(forge, zimage_unet, engine, monkeypatch, prompt)
     tokens = len(engine.tokenize_line(prompt)[0].tokens)
     run = dict(steps=8, latent_hw=LATENT, tokens=tokens, seed=2)
     before = zimage_env.sample(forge, merged, **run)
@@ -449,3 +456,16 @@ def test_a_z_image_job_is_patched_makes_masks_and_leaves_nothing(forge, zimage_u
     assert not torch.allclose(out, before, atol=1e-4)  # the masks changed the image
     assert torch.equal(zimage_env.sample(forge, merged, **run), before)
     assert math.isclose(float(job.masks.sum(1).max()), 1.0)  # disjoint masks
+
+
+def test_background_tokens_say_z_image_has_no_end_of_text_token(forge, zimage_unet, engine, monkeypatch):
+    """Neo's Qwen3 engine names no end-of-text token (`id_end`): background "tokens" is named in one warning and the
+    job uses "threshold"."""
+    prompt = "zorbo the knight and quill the wizard in a hall"
+    p, args, _ = z_image_job(forge, zimage_unet, engine, monkeypatch, prompt, background="tokens")
+    job = start_run(p, args, torch.zeros(1, 16, *LATENT))
+    assert job is not None and job.plan.mask_config.background == "threshold" and job.plan.background_positions == ()
+    assert p.freefuse_state.warnings == [
+        "the Z-Image model's context has no end-of-text token to find the background with: places where no subject "
+        "scores high stay free instead"
+    ]

@@ -192,8 +192,13 @@ def test_problems_are_named_and_the_image_is_made(webui, settings, warning):
 
 @pytest.mark.parametrize(
     "settings",
-    [{"cross_attention": "image_queries"}, {"text_loras": "own_words"}, {"text_loras": "none"}],
-    ids=["image-queries", "text-own-words", "text-none"],
+    [
+        {"cross_attention": "image_queries"},
+        {"text_loras": "own_words"},
+        {"text_loras": "none"},
+        {"background": "tokens"},
+    ],
+    ids=["image-queries", "text-own-words", "text-none", "background-end-of-text"],
 )
 def test_options_beyond_the_paper_run_change_the_image_and_are_recorded(webui, settings):
     """Each option beyond the paper is accepted by the API, makes masks, changes the image against the paper's

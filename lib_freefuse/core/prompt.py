@@ -1,9 +1,8 @@
 """Where each subject's activation words sit in a tokenised prompt (the I_l of paper Eq. 8).
 
 Works on the tokenizer's own pieces, so it needs no tokenizer: SentencePiece pieces (T5, "\u2581" marks a
-word start) and CLIP BPE pieces ("</w>" marks a word end) are both read; byte-level BPE pieces (GPT-2, Qwen: each
-byte a printable character, "\u0120" a space) are made text first by `byte_level_pieces`. The pieces are joined
-back into text with each piece's character span kept; phrases are found in that text, case-insensitively and on
+word start) and CLIP BPE pieces ("</w>" marks a word end) are both read. The pieces are joined back into
+text with each piece's character span kept; phrases are found in that text, case-insensitively and on
 word boundaries, and every token that overlaps a match is taken. That makes a match independent of how
 the tokenizer happened to split a word in context, and of emphasis syntax the host may leave in.
 """
@@ -61,13 +60,21 @@ def find_subject_tokens(pieces: Sequence[str], subject_words: Sequence[str]) -> 
                 i
                 for match in _phrase_pattern(phrase).finditer(text)
                 for i, (start, end) in enumerate(spans)
-                if start < match.end() and match.start() < end
+                if _overlaps(start, end, match.start(), match.end())
             ]
             positions.update(hits)
             if not hits:
                 missing.append(phrase)
         results.append(SubjectTokens(words=words, positions=tuple(sorted(positions)), missing=tuple(missing)))
     return results
+
+
+def _overlaps(start: int, end: int, match_start: int, match_end: int) -> bool:
+    """Whether a piece's span overlaps a match; an empty span (a piece holding the later bytes of the character
+    before it, byte_level_pieces) belongs to that character, so it counts when that character is in the match."""
+    if start == end:
+        return match_start < start <= match_end
+    return start < match_end and match_start < end
 
 
 def _join_pieces(pieces: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -105,42 +112,44 @@ def _spaced(char: str) -> bool:
     return not (0x2E80 <= code <= 0x9FFF or 0xF900 <= code <= 0xFAFF or 0xAC00 <= code <= 0xD7AF)
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, inverted: the printable character that stands for each byte -> the byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1)]
-    printable += range(ord("\u00ae"), ord("\u00ff") + 1)
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[chr(byte)] = byte
-        else:
-            chars[chr(256 + extra)] = byte
-            extra += 1
-    return chars
-
-
-_BYTE_DECODER = _byte_decoder()
-
-
 def byte_level_pieces(pieces: Sequence[str]) -> list[str]:
-    """Byte-level BPE pieces (GPT-2, Qwen: "\u0120cat" for " cat") -> the text each piece adds, one per piece.
+    """GPT-2-style byte-level BPE pieces (Qwen: "\u0120cat" for " cat", a CJK character split over pieces) -> text
+    pieces whose concatenation is the UTF-8 text, each character given to the piece holding its first byte (a
+    piece holding only later bytes of a character becomes ""). Special pieces (<|im_start|>) are kept as they are."""
+    table = _byte_table()
+    out: list[str] = []
+    run: list[tuple[int, int]] = []  # (piece index, byte) of the current run of ordinary pieces
 
-    A character whose UTF-8 bytes span several pieces counts for the piece that completes it (the others give "");
-    special pieces (<|im_start|>) come back as they are, a boundary for find_subject_tokens.
-    """
-    out = []
-    pending = b""
-    for piece in pieces:
-        if not isinstance(piece, str):
-            raise ValueError(f"pieces: expected token strings, got {type(piece).__name__}")
-        if _SPECIAL_PIECE.match(piece):
-            out.append(piece)
-            pending = b""
-            continue
-        pending += b"".join(bytes([_BYTE_DECODER[c]]) if c in _BYTE_DECODER else c.encode("utf-8") for c in piece)
-        try:
-            out.append(pending.decode("utf-8"))
-            pending = b""
-        except UnicodeDecodeError:
-            out.append("")  # an incomplete character: its last piece carries it
+    def flush():
+        data = bytes(b for _, b in run)
+        i = 0
+        while i < len(data):
+            size = _utf8_size(data[i])
+            char = data[i : i + size].decode("utf-8", errors="replace")
+            out[run[i][0]] += char if len(char) == 1 else "\ufffd"
+            i += size if len(char) == 1 else 1
+        run.clear()
+
+    for index, piece in enumerate(pieces):
+        out.append("")
+        if _SPECIAL_PIECE.match(piece) or any(c not in table for c in piece):
+            flush()
+            out[index] = piece
+        else:
+            run.extend((index, table[c]) for c in piece)
+    flush()
     return out
+
+
+def _byte_table() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode, inverted: the printable character standing for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars = {b: b for b in printable}
+    for extra, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = 256 + extra
+    return {chr(c): b for b, c in chars.items()}
+
+
+def _utf8_size(lead: int) -> int:
+    """Bytes of the UTF-8 character whose first byte is `lead` (1 for a stray continuation byte)."""
+    return 4 if lead >= 0xF0 else 3 if lead >= 0xE0 else 2 if lead >= 0xC0 else 1

@@ -41,7 +41,6 @@ class Family:
     first_chunk_only: bool = False  # whether the model conditions on the text before the first BREAK only
     end_of_text: bool = False  # whether the context holds the engine's end-of-text token (`id_end`) after the prompt,
     # whose attention gives the background class (MaskConfig background "tokens")
-    byte_level_tokens: bool = False  # whether the engine's pieces are byte-level BPE (GPT-2, Qwen) to be decoded
     default_reason: str = ""  # why the default capture site is the one it is (README, logs)
 
     @staticmethod

@@ -15,7 +15,8 @@ else (`*.adaLN_modulation.*`, `t_embedder.mlp.*`). Pad tokens: caption pads get 
 (the chat template's closing newline, nobody's word); image pads get each subject's share of the image.
 
 Text: Neo's Qwen3 engine wraps each prompt (each emphasis fragment) in Qwen's chat template and pads nothing; the
-context is one chunk of byte-level BPE tokens (BREAK is no chunk boundary there)."""
+context is one chunk of byte-level BPE tokens (BREAK is no chunk boundary there); forge/zimage.context_pieces reads
+it."""
 
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ class ZImage(Family):
     attention = "joint"
     text_engine = "text_processing_engine_gemma"  # Neo's ZImage engine keeps its Qwen3 engine under this name
     first_chunk_only = False  # Neo's Qwen3 engine makes one chunk of the whole prompt
-    byte_level_tokens = True
     default_reason = (
         "the authors' FreeFuse Z-Image pipeline reads its masks at layers.18 of 30 (the last layer where the model has "
         "fewer); not measured with Z-Image weights here (none)"

@@ -14,13 +14,20 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..args import FreeFuseArgs
-from ..core import byte_level_pieces, find_subject_tokens
+from ..core import find_subject_tokens
 from ..families import FLUX1, Family, detect, unsupported
 from ..hosts import Host, HostUnsupported, SubjectPatches, for_unet
 from ..log import logger
+from . import qwen_image, zimage
 from .host import diffusion_model, patch_unet
 from .job import FreeFuseJob, JobPlan
 from .lora_layers import subject_deltas
+
+_REFUSALS = {"Qwen-Image": qwen_image.refusal}  # family -> p -> why FreeFuse cannot run this job, or None
+_CONTEXT_PIECES = {
+    "Qwen-Image": qwen_image.context_pieces,
+    "Z-Image": zimage.context_pieces,
+}  # family -> (engine, prompt) -> the context's pieces
 
 
 @dataclass
@@ -102,6 +109,9 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
         return None
     if not hasattr(p.sd_model, family.text_engine):  # an SDXL refiner: CLIP-G alone, which SDXL's engine is not
         state.warn(f"the {family.name} model has no {family.text_engine} to find the words in: FreeFuse does nothing")
+        return None
+    if (refuse := _REFUSALS.get(family.name)) and (reason := refuse(p)):
+        state.warn(f"{reason}: FreeFuse does nothing for this job")
         return None
     is_hr = bool(getattr(p, "is_hr_pass", False))
     prompts = list(p.hr_prompts if is_hr else p.prompts)
@@ -200,7 +210,7 @@ def _background_positions(p, prompts: list[str], family: Family, args: FreeFuseA
         return ()
     positions = []
     for prompt in prompts:
-        chunks = _chunks(engine, prompt)
+        chunks, _ = engine.tokenize_line(prompt)
         positions.append((chunks[0].tokens.index(end),))  # every T5 chunk ends its pieces with it
     return tuple(positions)
 
@@ -225,22 +235,27 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Fam
     prompts: one per image of the batch (they may differ). The family's text engine tokenises them as the host
     does (emphasis and BREAK included). FLUX.1 and Chroma: only the text before a prompt's first BREAK counts (Forge
     conditions them on that first T5 chunk alone, padded to the longest chunk). SDXL: every 77-token CLIP chunk,
-    positions counted across them."""
+    positions counted across them. Qwen-Image: the context its engine keeps after the chat template's leading tokens
+    (forge/qwen_image.context_pieces); Z-Image: its Qwen3 engine's one chunk, the template included
+    (forge/zimage.context_pieces)."""
     engine = getattr(p.sd_model, family.text_engine)
+    if family.name in _CONTEXT_PIECES:
+        pieces = _CONTEXT_PIECES[family.name]
+        return _words_in_all_chunks(engine, prompts, subjects, state, lambda prompt: pieces(engine, prompt))
     if not family.first_chunk_only:
-        return _words_in_all_chunks(engine, prompts, subjects, state, family)
+        return _words_in_all_chunks(engine, prompts, subjects, state)
     words = [s.words for s in subjects]
     found: dict = {}
     lengths = []
     per_image = []
     after_break = set()
     for prompt in prompts:
-        chunks = _chunks(engine, prompt)
+        chunks, _ = engine.tokenize_line(prompt)
         lengths.append(max(len(c.tokens) for c in chunks))  # the engine pads the first chunk to the longest
-        per_image.append(find_subject_tokens(_pieces(engine, chunks[0].tokens, family), words))
+        per_image.append(find_subject_tokens(engine.tokenizer.convert_ids_to_tokens(chunks[0].tokens), words))
         if len(chunks) > 1:
             later = [token for chunk in chunks[1:] for token in chunk.tokens]
-            later_found = find_subject_tokens(_pieces(engine, later, family), words)
+            later_found = find_subject_tokens(engine.tokenizer.convert_ids_to_tokens(later), words)
             after_break.update(i for i, r in enumerate(later_found) if r.found and not per_image[-1][i].found)
     for index, subject in enumerate(subjects):
         results = [image[index] for image in per_image]
@@ -262,17 +277,16 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Fam
     return found, max(lengths)
 
 
-def _words_in_all_chunks(
-    engine, prompts: list[str], subjects, state: RunState, family: Family = FLUX1
-) -> tuple[dict, int]:
+def _words_in_all_chunks(engine, prompts: list[str], subjects, state: RunState, context=None) -> tuple[dict, int]:
     """_subject_words for a model that reads every chunk of the prompt (SDXL's CLIP: 77 tokens each, BOS and EOS
-    included, concatenated in the context; Z-Image's Qwen3: one chunk, the chat template included)."""
+    included, concatenated in the context). context: prompt -> the context's pieces, when the family's engine
+    makes its context otherwise (Qwen-Image: _CONTEXT_PIECES)."""
     words = [s.words for s in subjects]
     per_image, lengths = [], []
     for prompt in prompts:
-        tokens = [token for chunk in _chunks(engine, prompt) for token in chunk.tokens]
-        lengths.append(len(tokens))
-        per_image.append(find_subject_tokens(_pieces(engine, tokens, family), words))
+        pieces = _chunk_pieces(engine, prompt) if context is None else context(prompt)
+        lengths.append(len(pieces))
+        per_image.append(find_subject_tokens(pieces, words))
     found: dict = {}
     for index, subject in enumerate(subjects):
         results = [image[index] for image in per_image]
@@ -290,17 +304,10 @@ def _words_in_all_chunks(
     return found, max(lengths)
 
 
-def _chunks(engine, prompt: str) -> list:
-    """The engine's chunks of one prompt: CLIP and T5 engines return (chunks, token count), Neo's Qwen3 engine the
-    chunks alone."""
-    result = engine.tokenize_line(prompt)
-    return result[0] if isinstance(result, tuple) else result
-
-
-def _pieces(engine, tokens: list[int], family: Family) -> list[str]:
-    """The tokenizer's pieces of `tokens`, as text where the family's tokenizer is byte-level BPE (Qwen's)."""
-    pieces = engine.tokenizer.convert_ids_to_tokens(tokens)
-    return byte_level_pieces(pieces) if family.byte_level_tokens else pieces
+def _chunk_pieces(engine, prompt: str) -> list[str]:
+    """The pieces of every chunk of an engine's tokenize_line, in order."""
+    chunks, _ = engine.tokenize_line(prompt)
+    return engine.tokenizer.convert_ids_to_tokens([token for chunk in chunks for token in chunk.tokens])
 
 
 def _subject_loras(unet, host: Host, subjects, state: RunState) -> dict[str, SubjectPatches]:
@@ -364,15 +371,19 @@ def _steps_in_run(p, is_hr: bool) -> int:
 
 
 def _decoder(p, source: str):
-    """x0 latents (B, C, H, W) -> (B, H_px, W_px, 3) RGB in [0, 1] for SLIC: the VAE, or Forge's cheap preview."""
+    """x0 latents (B, C, H, W), or Neo's (B, C, 1, H, W) for its Wan-VAE models (Qwen-Image) -> (B, H_px, W_px, 3)
+    RGB in [0, 1] for SLIC: the VAE, or Forge's cheap preview (one image per call: it reads the batch's first)."""
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         if source == "preview":
             from modules import sd_samplers_common
 
-            images = sd_samplers_common.samples_to_images_tensor(latents, approximation=2)
+            preview = sd_samplers_common.samples_to_images_tensor
+            images = torch.cat([preview(latents[i : i + 1], approximation=2) for i in range(latents.shape[0])])
         else:
             images = p.sd_model.decode_first_stage(latents)
+        if images.ndim == 5:  # Neo's Wan-VAE decode: (B, T = 1, 3, H, W), squeezed as Neo's processing does
+            images = images.squeeze(1)
         return ((images.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
     return decode

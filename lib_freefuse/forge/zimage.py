@@ -1,6 +1,6 @@
 """Z-Image in Forge Neo (backend/nn/lumina.py's NextDiT): the token layout of each model call, the capture layer,
-and masks for layers whose tokens carry pad tokens. `install` puts them on a clone; lib_freefuse/families/zimage.py
-says which layer sees which tokens."""
+masks for layers whose tokens carry pad tokens, and the context's pieces for the word search. `install` puts the
+patches on a clone; lib_freefuse/families/zimage.py says which layer sees which tokens."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.prompt import byte_level_pieces
 from ..families import Z_IMAGE
 from ..hosts import Host
 from .flux1 import _hides_keys
 from .job import FreeFuseJob
 from .lora_layers import MaskedLinearPatch
 from .patching import SubjectDeltas, unpatched
+from .qwen_image import OUTSIDE_PROMPT, _prompt_positions
 
 
 def install(clone, model, job: FreeFuseJob, subject_deltas: SubjectDeltas, capture_block: int, host: Host) -> None:
@@ -163,3 +165,16 @@ class PaddedMasks:
             return masks
         pad = masks[:, -1:] if stream == "text" else masks.mean(dim=1, keepdim=True)
         return torch.cat([masks, pad.expand(-1, padded - count, -1)], dim=1)
+
+
+def context_pieces(engine, prompt: str) -> list[str]:
+    """The pieces of the context Neo's Z-Image conditions on for `prompt`, one per token: the prompt's own text as
+    text, the chat template around it (and around each emphasis part: Neo's Qwen3 engine templates each on its own)
+    as boundaries no word can match. The engine makes one chunk, keeps every token and pads nothing."""
+    chunks = engine.tokenize_line(prompt)  # Neo's Qwen3 engine returns the chunks alone
+    if len(chunks) != 1:
+        raise ValueError(f"the Qwen3 engine made {len(chunks)} chunks, Z-Image's engine makes one")
+    tokens = chunks[0].tokens
+    inside = _prompt_positions(engine.tokenizer, tokens)
+    pieces = byte_level_pieces(engine.tokenizer.convert_ids_to_tokens(tokens))
+    return [pieces[i] if i in inside else OUTSIDE_PROMPT for i in range(len(tokens))]

@@ -56,4 +56,4 @@ def test_z_image_default_capture_site_is_the_authors_layer():
     small = next_dit(layers=3)
     assert Z_IMAGE.capture_sites(small)[Z_IMAGE.default_capture_site(small)] == "layers.2"
     assert Z_IMAGE.mask_grid((128, 97)) == (64, 49)  # NextDiT pads the latent to its 2x2 patches
-    assert Z_IMAGE.byte_level_tokens and not Z_IMAGE.first_chunk_only
+    assert not Z_IMAGE.first_chunk_only and not Z_IMAGE.end_of_text

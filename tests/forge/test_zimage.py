@@ -381,8 +381,9 @@ def decoded(engine, prompt: str, rows) -> str:
 
 
 def test_words_index_the_chat_templated_qwen3_context(engine):
-    """The context is Qwen's chat template around the prompt (no padding); words are found in its byte-level
-    pieces, CJK and accented words included, and emphasis (each fragment templated on its own) keeps them found."""
+    """The context is Qwen's chat template around the prompt (no padding); words are found in the prompt's own
+    byte-level pieces, CJK and accented words included, never in the template's, and emphasis (each fragment
+    templated on its own) keeps them found."""
     prompt = "zorbo the knight and quill the wizard beside 一只猫 in a café"
     (knight, wizard, cat, cafe), length, state = positions(
         engine, prompt, ["zorbo the knight", "quill", "一只猫", "café"]
@@ -400,6 +401,8 @@ def test_words_index_the_chat_templated_qwen3_context(engine):
     assert length == context_length(engine, weighted) and not state.warnings
     assert decoded(engine, weighted, knight).strip() == "zorbo the knight"
     assert decoded(engine, weighted, wizard).strip() == "quill"
+    (user,), _, state = positions(engine, prompt, ["user"])  # the template's "user" is no word of the prompt
+    assert user is None and state.warnings[0].startswith("the words of s0 (user) are not in the prompt")
 
 
 def test_words_after_break_are_found(engine):

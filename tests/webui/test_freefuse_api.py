@@ -94,6 +94,16 @@ def test_variants_give_images_with_masks(webui, overrides):
     assert "FreeFuse warnings" not in result.infotext, result.infotext
 
 
+def test_a_batch_with_the_preview_slic_image_gets_masks_for_each_image(webui):
+    """The cheap latent preview (slic_image "preview") decodes only a batch's first latent on Neo: FreeFuse asks it
+    once per image, so both images of a batch of two get their masks."""
+    settings = freefuse(webui, show_masks=True, slic_image="preview")
+    result = webui.txt2img(tagged(webui), steps=6, batch_size=2, alwayson_scripts=settings)
+    assert len(result.images) == 4  # each image and its overlay
+    assert "FreeFuse coverage" in result.infotext
+    assert "FreeFuse warnings" not in result.infotext, result.infotext
+
+
 def test_invalid_arguments_are_rejected_before_sampling(webui):
     payload = webui.txt2img_payload(tagged(webui), alwayson_scripts=freefuse(webui, capture_stepp=3))
     with pytest.raises(AssertionError, match="capture_stepp"):

@@ -242,9 +242,9 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
     FieldHelp(
         "capture_block",
         "Capture block",
-        "Which block is read. FLUX.1 and Chroma: a double block, 0-18 (17 suits FLUX.1-dev). SDXL, Qwen-Image: 17 "
-        "means the family's default block (SDXL: the middle block's last transformer; Qwen-Image: block 36 of 60); "
-        "other values count its transformer blocks in order.",
+        "Which block is read. FLUX.1 and Chroma: a double block, 0-18 (17 suits FLUX.1-dev). SDXL, Qwen-Image, "
+        "Z-Image: 17 means the family's default block (SDXL: the middle block's last transformer; Qwen-Image: block "
+        "36 of 60; Z-Image: layers.18 of 30); other values count its transformer blocks in order.",
     ),
     FieldHelp(
         "pre_mask",

@@ -7,7 +7,7 @@ gradio.
 from .config import BACKGROUND_CHOICES, CONTRASTIVE_CHOICES, CROSS_ATTENTION_CHOICES, MaskConfig
 from .lora import StackedLoRA, masked_lora_delta
 from .masks import extract_cross_masks, extract_masks
-from .prompt import SubjectTokens, find_subject_tokens, split_phrases
+from .prompt import SubjectTokens, byte_level_pieces, find_subject_tokens, split_phrases
 from .schedule import default_capture_step
 from .superpixel import pixel_masks_to_tokens
 from .token_masks import TEXT_LORA_CHOICES, call_token_masks, text_token_masks
@@ -20,6 +20,7 @@ __all__ = [
     "MaskConfig",
     "StackedLoRA",
     "SubjectTokens",
+    "byte_level_pieces",
     "call_token_masks",
     "default_capture_step",
     "extract_cross_masks",

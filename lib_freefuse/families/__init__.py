@@ -9,14 +9,27 @@ from .chroma import Chroma
 from .flux1 import Flux1
 from .qwen_image import QwenImage
 from .sdxl import SDXL
+from .zimage import ZImage
 
-__all__ = ["CHROMA", "FLUX1", "KNOWN", "QWEN_IMAGE", "SDXL_FAMILY", "Family", "LayerRole", "detect", "unsupported"]
+__all__ = [
+    "CHROMA",
+    "FLUX1",
+    "KNOWN",
+    "QWEN_IMAGE",
+    "SDXL_FAMILY",
+    "Z_IMAGE",
+    "Family",
+    "LayerRole",
+    "detect",
+    "unsupported",
+]
 
 FLUX1 = Flux1()
 SDXL_FAMILY = SDXL()
 CHROMA = Chroma()
 QWEN_IMAGE = QwenImage()
-KNOWN: tuple[Family, ...] = (FLUX1, SDXL_FAMILY, CHROMA, QWEN_IMAGE)
+Z_IMAGE = ZImage()
+KNOWN: tuple[Family, ...] = (FLUX1, SDXL_FAMILY, CHROMA, QWEN_IMAGE, Z_IMAGE)
 _MOST_SPECIFIC_FIRST = (CHROMA, *(f for f in KNOWN if f is not CHROMA))  # Chroma also has FLUX.1's blocks
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ..families import FLUX1, Family, detect
 from ..hosts import Host, SubjectPatches, for_unet
-from . import chroma, flux1, qwen_image, sdxl
+from . import chroma, flux1, qwen_image, sdxl, zimage
 from .flux1 import CaptureBlock, PerTokenModulation
 from .job import FreeFuseJob
 from .patching import SubjectDeltas
@@ -28,6 +28,7 @@ _INSTALL = {
     "SDXL": sdxl.install,
     "Chroma": chroma.install,
     "Qwen-Image": qwen_image.install,
+    "Z-Image": zimage.install,
 }
 
 

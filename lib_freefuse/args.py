@@ -38,9 +38,9 @@ PRE_MASK_CHOICES = ("joint", "off")
 MODULATION_CHOICES = ("per_token", "global", "off")
 SLIC_IMAGE_CHOICES = ("vae", "preview")
 HIRES_MASKS_CHOICES = ("reuse", "extract")
-# MaskConfig's background "tokens" needs the host to name the background tokens (end-of-text, a background phrase);
-# the Forge integration does not yet, so the argument model offers the two modes that need nothing from the host.
-BACKGROUND_CHOICES = ("off", "threshold")
+# MaskConfig's background "tokens": the host names the prompt's end-of-text token (families with one: FLUX.1,
+# Chroma); a background phrase of the user's is not offered yet.
+BACKGROUND_CHOICES = ("off", "threshold", "tokens")
 WEIGHT_LIMIT = 10.0
 MAX_CAPTURE_STEP = 10_000  # bounds that no real run reaches, so that pasted junk stays out of logs and infotext
 MAX_CAPTURE_BLOCK = 999
@@ -242,9 +242,10 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
     FieldHelp(
         "capture_block",
         "Capture block",
-        "Which block is read. FLUX.1 and Chroma: a double block, 0-18 (17 suits FLUX.1-dev). SDXL: 17 means its "
-        "default block (the middle block's last transformer); other values count its transformer blocks in order. "
-        "FLUX.2 Klein: 17 means its second-to-last double block; other values index its double blocks.",
+        "Which block is read. FLUX.1 and Chroma: a double block, 0-18 (17 suits FLUX.1-dev). SDXL, Qwen-Image, "
+        "Z-Image: 17 means the family's default block (SDXL: the middle block's last transformer; Qwen-Image: block "
+        "36 of 60; Z-Image: layers.18 of 30); other values count its transformer blocks in order. FLUX.2 Klein: 17 "
+        "means its second-to-last double block; other values index its double blocks.",
     ),
     FieldHelp(
         "pre_mask",
@@ -341,14 +342,19 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
     FieldHelp(
         "background",
         "Places no subject claims",
-        "Given to some subject, or kept free of subject LoRAs (background, unnamed objects).",
+        "Given to some subject, or kept free of subject LoRAs (background, unnamed objects): where no subject "
+        "scores high, or where the end of the prompt looks.",
         BACKGROUND_CHOICES,
-        ("Go to some subject (default)", "Stay free"),
+        (
+            "Go to some subject (default)",
+            "Stay free where no subject scores high",
+            "Stay free where the prompt's end looks",
+        ),
     ),
     FieldHelp(
         "background_threshold",
         "Free below",
-        "When they stay free: where no subject reaches this multiple of an even share.",
+        "Where no subject scores high: below this multiple of an even share.",
     ),
     FieldHelp(
         "fill_holes",

@@ -39,6 +39,8 @@ class Family:
     attention: str = "joint"  # "joint": text and image q/k in one sequence; "cross": image queries, text keys
     text_engine: str = ""  # the webui model's attribute whose tokenizer indexes the context (its chunks)
     first_chunk_only: bool = False  # whether the model conditions on the text before the first BREAK only
+    end_of_text: bool = False  # whether the context holds the engine's end-of-text token (`id_end`) after the prompt,
+    # whose attention gives the background class (MaskConfig background "tokens")
     default_reason: str = ""  # why the default capture site is the one it is (README, logs)
 
     @staticmethod

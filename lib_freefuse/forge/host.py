@@ -17,14 +17,21 @@ import torch
 
 from ..families import FLUX1, Family, detect
 from ..hosts import Host, SubjectPatches, for_unet
-from . import chroma, flux1, flux2, sdxl
+from . import chroma, flux1, flux2, qwen_image, sdxl, zimage
 from .flux1 import CaptureBlock, PerTokenModulation
 from .job import FreeFuseJob
 from .patching import SubjectDeltas
 
 __all__ = ["CaptureBlock", "ModelCallTracker", "PerTokenModulation", "flux_model", "layer_stream", "patch_unet"]
 
-_INSTALL = {"FLUX.1": flux1.install, "SDXL": sdxl.install, "Chroma": chroma.install, "FLUX.2 Klein": flux2.install}
+_INSTALL = {
+    "FLUX.1": flux1.install,
+    "SDXL": sdxl.install,
+    "Chroma": chroma.install,
+    "FLUX.2 Klein": flux2.install,
+    "Qwen-Image": qwen_image.install,
+    "Z-Image": zimage.install,
+}
 
 
 def diffusion_model(unet) -> torch.nn.Module | None:

@@ -34,6 +34,8 @@ class JobPlan:
     text_loras: str = "all"  # subject LoRAs on text tokens once masks exist: "all", "own_words" or "none"
     initial_masks: torch.Tensor | None = None  # (B_img, L, h, w) from an earlier pass: used from the first step
     restart: bool = False  # once the masks exist, sample again from the first step with them (authors' later code)
+    background_positions: tuple[tuple[int, ...], ...] = ()  # [image] -> text positions of the background class
+    # (its end-of-text token), read when mask_config.background is "tokens"
 
     @property
     def n_images(self) -> int:
@@ -318,7 +320,11 @@ class FreeFuseJob:
             ]
         else:
             q, k = captured
-            masks = [extract_masks(q[b], k[b], words[b], grid_hw, images[b], config) for b in range(q.shape[0])]
+            background = self.plan.background_positions if config.background == "tokens" else [()] * q.shape[0]
+            masks = [
+                extract_masks(q[b], k[b], words[b], grid_hw, images[b], config, background[b])
+                for b in range(q.shape[0])
+            ]
         result = torch.stack(masks)  # (B_img, L, h, w)
         logger.info("FreeFuse: masks made at step %d, coverage %s", self.plan.capture_step + 1, self._summary(result))
         return result

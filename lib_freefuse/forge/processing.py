@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -19,12 +18,17 @@ from ..core import find_subject_tokens
 from ..families import FLUX1, Family, detect, unsupported
 from ..hosts import Host, HostUnsupported, SubjectPatches, for_unet
 from ..log import logger
-from . import flux2
+from . import flux2, qwen_image, zimage
 from .host import diffusion_model, patch_unet
 from .job import FreeFuseJob, JobPlan
 from .lora_layers import subject_deltas
 
-_CONTEXT_PIECES = {"FLUX.2 Klein": flux2.context_pieces}  # families whose text engine is not chunked as CLIP/T5
+_REFUSALS = {"Qwen-Image": qwen_image.refusal}  # family -> p -> why FreeFuse cannot run this job, or None
+_CONTEXT_PIECES = {
+    "FLUX.2 Klein": flux2.context_pieces,
+    "Qwen-Image": qwen_image.context_pieces,
+    "Z-Image": zimage.context_pieces,
+}  # family -> (engine, prompt) -> the context's pieces
 
 
 @dataclass
@@ -107,6 +111,9 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
     if not hasattr(p.sd_model, family.text_engine):  # an SDXL refiner: CLIP-G alone, which SDXL's engine is not
         state.warn(f"the {family.name} model has no {family.text_engine} to find the words in: FreeFuse does nothing")
         return None
+    if (refuse := _REFUSALS.get(family.name)) and (reason := refuse(p)):
+        state.warn(f"{reason}: FreeFuse does nothing for this job")
+        return None
     is_hr = bool(getattr(p, "is_hr_pass", False))
     prompts = list(p.hr_prompts if is_hr else p.prompts)
     rows = _distinct_rows(args.subjects, state)
@@ -131,16 +138,21 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
     if note := args.capture_step_note(steps):
         state.warn(note)
     previous = state.masks if is_hr and args.hires_masks == "reuse" else None
+    background = _background_positions(p, prompts, family, args, state)
+    mask_config = args.mask
+    if args.mask.background == "tokens" and not background:
+        mask_config = replace(args.mask, background="threshold")
     plan = JobPlan(
         word_positions=tuple(tuple(words[s.lora][b] for s in subjects) for b in range(len(prompts))),
         text_length=text_length,
         capture_step=capture - 1,
-        mask_config=args.mask,
+        mask_config=mask_config,
         pre_mask=args.pre_mask,
         modulation=args.modulation,
         text_loras=args.text_loras,
         initial_masks=previous,
         restart=args.restart,
+        background_positions=background,
     )
     job = FreeFuseJob(plan, _decoder(p, args.slic_image), family=family)
     _record_schedule(p, job)
@@ -184,6 +196,26 @@ def _capture_site(args: FreeFuseArgs, family: Family, model, state: RunState) ->
     return block
 
 
+def _background_positions(p, prompts: list[str], family: Family, args: FreeFuseArgs, state: RunState) -> tuple:
+    """[image] -> (position of the end-of-text token,) in its prompt's context, for the background "tokens"; () when
+    that setting is off, or (with a warning; the job uses "threshold" instead) when the family has no such token."""
+    if args.mask.background != "tokens":
+        return ()
+    engine = getattr(p.sd_model, family.text_engine)
+    end = getattr(engine, "id_end", None)
+    if not family.end_of_text or end is None:
+        state.warn(
+            f"the {family.name} model's context has no end-of-text token to find the background with: "
+            "places where no subject scores high stay free instead"
+        )
+        return ()
+    positions = []
+    for prompt in prompts:
+        chunks, _ = engine.tokenize_line(prompt)
+        positions.append((chunks[0].tokens.index(end),))  # every T5 chunk ends its pieces with it
+    return tuple(positions)
+
+
 def _distinct_rows(subjects, state: RunState) -> list:
     """The rows that bind distinct LoRAs: a LoRA bound again by a later row is named, and its first row kept."""
     first: dict[str, object] = {}
@@ -204,10 +236,14 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Fam
     prompts: one per image of the batch (they may differ). The family's text engine tokenises them as the host
     does (emphasis and BREAK included). FLUX.1 and Chroma: only the text before a prompt's first BREAK counts (Forge
     conditions them on that first T5 chunk alone, padded to the longest chunk). SDXL: every 77-token CLIP chunk,
-    positions counted across them. FLUX.2 Klein: the one chunk of Neo's Klein engine (flux2.context_pieces)."""
+    positions counted across them. Qwen-Image: the context its engine keeps after the chat template's leading tokens
+    (forge/qwen_image.context_pieces); Z-Image: its Qwen3 engine's one chunk, the template included
+    (forge/zimage.context_pieces); FLUX.2 Klein: its Qwen3 engine's one chunk, the template included, role words
+    kept out (forge/flux2.context_pieces)."""
     engine = getattr(p.sd_model, family.text_engine)
-    if family.name in _CONTEXT_PIECES:  # one chunk of its own kind (FLUX.2 Klein: a chat template, byte-level BPE)
-        return _words_in_all_chunks(engine, prompts, subjects, state, partial(_CONTEXT_PIECES[family.name], engine))
+    if family.name in _CONTEXT_PIECES:
+        pieces = _CONTEXT_PIECES[family.name]
+        return _words_in_all_chunks(engine, prompts, subjects, state, lambda prompt: pieces(engine, prompt))
     if not family.first_chunk_only:
         return _words_in_all_chunks(engine, prompts, subjects, state)
     words = [s.words for s in subjects]
@@ -245,13 +281,12 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Fam
 
 def _words_in_all_chunks(engine, prompts: list[str], subjects, state: RunState, context=None) -> tuple[dict, int]:
     """_subject_words for a model that reads every chunk of the prompt (SDXL's CLIP: 77 tokens each, BOS and EOS
-    included, concatenated in the context). context(prompt) -> the context's token pieces (default: the chunks'
-    tokens as the engine's tokenizer names them; FLUX.2 Klein: flux2.context_pieces)."""
+    included, concatenated in the context). context: prompt -> the context's pieces, when the family's engine
+    makes its context otherwise (Qwen-Image: _CONTEXT_PIECES)."""
     words = [s.words for s in subjects]
-    context = context or partial(_chunk_pieces, engine)
     per_image, lengths = [], []
     for prompt in prompts:
-        pieces = context(prompt)
+        pieces = _chunk_pieces(engine, prompt) if context is None else context(prompt)
         lengths.append(len(pieces))
         per_image.append(find_subject_tokens(pieces, words))
     found: dict = {}
@@ -272,7 +307,7 @@ def _words_in_all_chunks(engine, prompts: list[str], subjects, state: RunState, 
 
 
 def _chunk_pieces(engine, prompt: str) -> list[str]:
-    """Every chunk's tokens of `prompt`, concatenated, as the engine's tokenizer names them."""
+    """The pieces of every chunk of an engine's tokenize_line, in order."""
     chunks, _ = engine.tokenize_line(prompt)
     return engine.tokenizer.convert_ids_to_tokens([token for chunk in chunks for token in chunk.tokens])
 
@@ -338,15 +373,19 @@ def _steps_in_run(p, is_hr: bool) -> int:
 
 
 def _decoder(p, source: str):
-    """x0 latents (B, C, H, W) -> (B, H_px, W_px, 3) RGB in [0, 1] for SLIC: the VAE, or Forge's cheap preview."""
+    """x0 latents (B, C, H, W), or Neo's (B, C, 1, H, W) for its Wan-VAE models (Qwen-Image) -> (B, H_px, W_px, 3)
+    RGB in [0, 1] for SLIC: the VAE, or Forge's cheap preview (one image per call: it reads the batch's first)."""
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         if source == "preview":
             from modules import sd_samplers_common
 
-            images = sd_samplers_common.samples_to_images_tensor(latents, approximation=2)
+            preview = sd_samplers_common.samples_to_images_tensor
+            images = torch.cat([preview(latents[i : i + 1], approximation=2) for i in range(latents.shape[0])])
         else:
             images = p.sd_model.decode_first_stage(latents)
+        if images.ndim == 5:  # Neo's Wan-VAE decode: (B, T = 1, 3, H, W), squeezed as Neo's processing does
+            images = images.squeeze(1)
         return ((images.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
     return decode

@@ -7,6 +7,10 @@ subject LoRA weights, in `p.freefuse_xyz_weights` ({subject index, or ALL_SUBJEC
 `clear_previous_cell(p)`: the cells share one `extra_generation_params` dict (a shallow copy), so a cell would
 otherwise keep the "FreeFuse ..." infotext entries of the cell before (FreeFuse off, no warnings, a default).
 
+An axis over a setting's choices lists the accordion's plain labels (FIELD_HELP's `choice_labels`: Forge's page then
+gives the labels picked, and its grid records them); a cell turns a label into its stored value, so the cell's
+infotext and the API keep the stored values, and a stored value given as it is (CSV mode, the API) still counts.
+
 Only `register_axes` touches Forge (modules.scripts, found at call time); everything else is plain Python.
 """
 
@@ -17,8 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..args import BACKGROUND_CHOICES, MODULATION_CHOICES, PRE_MASK_CHOICES, FreeFuseArgs, SubjectBinding
-from ..core import CONTRASTIVE_CHOICES, CROSS_ATTENTION_CHOICES, TEXT_LORA_CHOICES
+from ..args import FreeFuseArgs, SubjectBinding, help_for
 from ..log import logger
 from ..script_values import SUBJECT_ROWS
 
@@ -41,8 +44,26 @@ class Axis:
     label: str
     key: str  # a FreeFuseArgs key, or WEIGHT
     type: type  # int and float axes take Forge's ranges ("1-4", "0.5-1 (+0.25)", "1-10 [4]")
-    choices: tuple[str, ...] = ()  # shown as a dropdown; Forge then reads the values from the dropdown
+    choices: tuple[str, ...] = ()  # the values: a dropdown in Forge's page, which then gives the values picked
     subject: int = ALL_SUBJECTS  # WEIGHT axes: the 0-based subject whose weight is set, or ALL_SUBJECTS
+    choice_labels: tuple[str, ...] = ()  # the plain words the dropdown shows for `choices` (the accordion's)
+
+    @property
+    def shown_choices(self) -> tuple[str, ...]:
+        """What the dropdown lists: the plain labels where the setting has them, else the values."""
+        return self.choice_labels or self.choices
+
+    def stored(self, value: Any) -> Any:
+        """The stored value of a shown label ("Whole image" -> "global"); any other value as it is."""
+        if isinstance(value, str) and value in self.choice_labels:
+            return self.choices[self.choice_labels.index(value)]
+        return value
+
+
+def _choice_axis(name: str, key: str) -> Axis:
+    """An axis over a setting's choices, shown by the accordion's plain labels (lib_freefuse.args.FIELD_HELP)."""
+    field = help_for(key)
+    return Axis(f"{LABEL_PREFIX}{name}", key, str, field.choices, choice_labels=field.choice_labels)
 
 
 def _weight_axes() -> tuple[Axis, ...]:
@@ -60,13 +81,13 @@ AXES: tuple[Axis, ...] = (
     Axis(f"{LABEL_PREFIX}sink filter", "sink_filter", str, BOOL_CHOICES),
     Axis(f"{LABEL_PREFIX}self-attention", "self_attention", str, BOOL_CHOICES),
     Axis(f"{LABEL_PREFIX}superpixel vote", "superpixel_vote", str, BOOL_CHOICES),
-    Axis(f"{LABEL_PREFIX}pre-mask LoRA mode", "pre_mask", str, PRE_MASK_CHOICES),
+    _choice_axis("pre-mask LoRA mode", "pre_mask"),
     Axis(f"{LABEL_PREFIX}restart", "restart", str, BOOL_CHOICES),
-    Axis(f"{LABEL_PREFIX}modulation", "modulation", str, MODULATION_CHOICES),
-    Axis(f"{LABEL_PREFIX}word-to-image attention", "cross_attention", str, CROSS_ATTENTION_CHOICES),
-    Axis(f"{LABEL_PREFIX}LoRAs on text tokens", "text_loras", str, TEXT_LORA_CHOICES),
-    Axis(f"{LABEL_PREFIX}contrastive seeds", "contrastive", str, CONTRASTIVE_CHOICES),
-    Axis(f"{LABEL_PREFIX}background", "background", str, BACKGROUND_CHOICES),
+    _choice_axis("modulation", "modulation"),
+    _choice_axis("word-to-image attention", "cross_attention"),
+    _choice_axis("LoRAs on text tokens", "text_loras"),
+    _choice_axis("contrastive seeds", "contrastive"),
+    _choice_axis("background", "background"),
     Axis(f"{LABEL_PREFIX}background threshold", "background_threshold", float),
     Axis(f"{LABEL_PREFIX}fill holes", "fill_holes", float),
     Axis(f"{LABEL_PREFIX}superpixel image size", "slic_max_side", int),
@@ -88,7 +109,7 @@ def parse_value(axis: Axis, value: Any) -> Any:
             raise ValueError(f"{field}{str(error).removeprefix('weight')}") from None
     if axis.key in AUTO_ZERO and value == 0 and not isinstance(value, bool):
         return None
-    return _PROBE.updated({axis.key: value}).to_dict()[axis.key]
+    return _PROBE.updated({axis.key: axis.stored(value)}).to_dict()[axis.key]
 
 
 def format_value(axis: Axis, value: Any) -> str:
@@ -186,7 +207,7 @@ def find_xyz_grid(scripts_data: Sequence[Any]) -> Any | None:
 
 def axis_option(xyz_grid: Any, axis: Axis) -> Any:
     """Forge's AxisOption for one axis."""
-    choices: Callable[[], list[str]] | None = (lambda: list(axis.choices)) if axis.choices else None
+    choices: Callable[[], list[str]] | None = (lambda: list(axis.shown_choices)) if axis.choices else None
     return xyz_grid.AxisOption(
         axis.label,
         axis.type,

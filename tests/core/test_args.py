@@ -289,13 +289,13 @@ def test_options_beyond_the_paper_parse_and_default_to_the_paper():
     assert (defaults.contrastive, defaults.background, defaults.fill_holes) == ("off", "off", 0.0)
 
 
-def test_background_from_tokens_is_core_only_until_a_host_names_the_tokens():
-    """MaskConfig knows background "tokens", but no host passes the end-of-text position yet: the arguments refuse it
-    (from a dict and built directly), so a job never fails inside the mask extraction for want of it."""
-    message = rejects("^background: expected one of ", background="tokens")
-    assert "'off', 'threshold'" in message
-    with pytest.raises(ValueError, match="^background: "):
-        FreeFuseArgs(mask=MaskConfig(background="tokens"))
+def test_background_from_tokens_is_offered_and_unknown_modes_are_named():
+    """Background "tokens" (the end-of-text token's attention, named by the host) parses from the dict form and
+    built directly; a mode nobody offers is refused with the list of those that are."""
+    assert parse(background=" Tokens").mask.background == "tokens"
+    assert FreeFuseArgs(mask=MaskConfig(background="tokens")).mask.background == "tokens"
+    message = rejects("^background: expected one of ", background="phrase")
+    assert "'off', 'threshold', 'tokens'" in message
 
 
 # Choices

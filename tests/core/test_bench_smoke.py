@@ -29,6 +29,8 @@ TIERS = {
     "bench_forge_sdxl.py": "forge",  # tests/forge/test_forge_sdxl_bench_smoke.py
     "bench_forge_chroma.py": "forge",
     "bench_forge_flux2.py": "forge",  # tests/forge/test_forge_flux2_bench_smoke.py
+    "bench_forge_qwen_image.py": "forge",  # tests/forge/test_forge_qwen_image_bench_smoke.py
+    "bench_forge_zimage.py": "forge",  # tests/forge/test_forge_zimage_bench_smoke.py
 }
 
 # The line bench_common.ratio_line prints for each headline ratio.

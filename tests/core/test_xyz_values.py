@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lib_freefuse.args import FreeFuseArgs
+from lib_freefuse.args import FreeFuseArgs, help_for
 from lib_freefuse.forge.xyz import (
     ALL_SUBJECTS,
     AXES,
@@ -96,9 +96,14 @@ def test_every_setting_axis_sets_a_key_of_the_argument_model():
         ("sink filter", " FALSE ", False),
         ("pre-mask LoRA mode", "Joint", "joint"),
         ("modulation", "per_token", "per_token"),
+        ("modulation", "Whole image", "global"),  # the label the dropdown shows: its stored value
+        ("LoRAs on text tokens", "Own words only", "own_words"),
+        ("LoRAs on text tokens", "None", "none"),
+        ("background", "Go to some subject (default)", "off"),
         ("word-to-image attention", "Image_Queries", "image_queries"),
         ("contrastive seeds", "Strongest", "strongest"),
         ("background", "threshold", "threshold"),
+        ("background", "Tokens", "tokens"),
         ("background threshold", 0.75, 0.75),
         ("fill holes", 0.01, 0.01),
         ("superpixel image size", 512, 512),
@@ -133,12 +138,28 @@ def test_invalid_values_are_refused_before_the_grid_naming_axis_and_field(label,
 
 
 def test_choice_axes_offer_their_choices_and_every_choice_is_valid():
-    assert axis("enabled").choices == ("False", "True")
+    assert axis("enabled").choices == axis("enabled").shown_choices == ("False", "True")
     assert axis("pre-mask LoRA mode").choices == ("joint", "off")
     assert axis("modulation").choices == ("per_token", "global", "off")
     for a in AXES:
         confirm_values(a, a.choices)
+        confirm_values(a, a.shown_choices)
         assert (a.type is str) == bool(a.choices)
+
+
+def test_choice_axes_show_the_accordions_plain_labels_and_set_the_stored_values():
+    """The dropdown lists what the accordion shows (lib_freefuse.args.FIELD_HELP); each label sets its value."""
+    for a in AXES:
+        if a.key in ("enabled", "restart", "show_masks", "sink_filter", "self_attention", "superpixel_vote"):
+            assert a.choice_labels == () and a.shown_choices == a.choices == ("False", "True")
+            continue
+        if not a.choices:
+            continue
+        field = help_for(a.key)
+        assert a.shown_choices == field.choice_labels and a.choices == field.choices, a.label
+        assert [parse_value(a, label) for label in a.shown_choices] == list(field.choices), a.label
+        assert [parse_value(a, value) for value in a.choices] == list(field.choices), a.label  # API, old grids
+    assert axis("modulation").shown_choices == ("Inside each mask (default)", "Whole image", "Left out")
 
 
 def test_legend_values():
@@ -232,6 +253,12 @@ def test_registered_options_apply_format_confirm_and_offer_choices():
     step, restart = options["FreeFuse capture step"], options["FreeFuse restart"]
     assert step.type is int and step.choices is None
     assert restart.type is str and restart.choices() == ["False", "True"]
+    texts = options["FreeFuse LoRAs on text tokens"]
+    assert texts.choices() == ["All but on others' words (default)", "Own words only", "None"]
+    labelled = SimpleNamespace()
+    texts.apply(labelled, "Own words only", texts.choices())
+    assert getattr(labelled, OVERRIDES_ATTR) == {"text_loras": "own_words"}
+    assert texts.format_value(labelled, texts, "Own words only") == "FreeFuse LoRAs on text tokens: Own words only"
     cell = SimpleNamespace()
     step.apply(cell, 2, [1, 2])
     restart.apply(cell, "True", ["False", "True"])

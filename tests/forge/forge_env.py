@@ -422,3 +422,27 @@ def decode(latents: torch.Tensor, upscale: int = 8) -> torch.Tensor:
     if upscale > 1:
         rgb = rgb.repeat_interleave(upscale, dim=2).repeat_interleave(upscale, dim=3)
     return rgb.permute(0, 2, 3, 1).contiguous()
+
+
+def flux_t5_engine(forge_root: Path):
+    """The host's T5TextProcessingEngine as its backend/diffusion_engine/flux.py builds it (classic: emphasis
+    "Original", padded to 256; Neo: its defaults), with FLUX.1-schnell's T5 tokenizer and no text encoder: only
+    tokenize_line runs. `modules.shared` (classic imports its `opts` with the module; Neo reads it when an engine is
+    built) is a stand-in while the engine is imported and built."""
+    from transformers import T5TokenizerFast
+
+    stubbed = "modules.shared" not in sys.modules
+    if stubbed:
+        sys.modules["modules.shared"] = types.SimpleNamespace(opts=types.SimpleNamespace(emphasis="Original"))
+    try:
+        from backend.text_processing.t5_engine import T5TextProcessingEngine
+
+        folder = forge_root / "backend/huggingface/black-forest-labs/FLUX.1-schnell/tokenizer_2"
+        tokenizer = T5TokenizerFast.from_pretrained(str(folder))
+        encoder = types.SimpleNamespace(transformer=None)
+        if is_neo(forge_root):
+            return T5TextProcessingEngine(text_encoder=encoder, tokenizer=tokenizer)
+        return T5TextProcessingEngine(text_encoder=encoder, tokenizer=tokenizer, emphasis_name="Original")
+    finally:
+        if stubbed:
+            sys.modules.pop("modules.shared", None)

@@ -242,8 +242,12 @@ class WebUI:
     @property
     def checkpoint_title(self) -> str:
         """The tiny checkpoint as the host's checkpoint list titles it (what its UI's dropdown holds)."""
-        titles = [m["title"] for m in self.get("/sdapi/v1/sd-models") if m["model_name"] == self.checkpoint]
-        assert titles, f"the host lists no {self.checkpoint}"
+        return self.model_title(self.checkpoint)
+
+    def model_title(self, name: str) -> str:
+        """A checkpoint (by model name) as the host's checkpoint list titles it."""
+        titles = [m["title"] for m in self.get("/sdapi/v1/sd-models") if m["model_name"] == name]
+        assert titles, f"the host lists no {name}"
         return titles[0]
 
     @property
@@ -419,6 +423,15 @@ def _wait_for_api(process: subprocess.Popen, url: str, log_path: Path, checkpoin
 def webui(tmp_path_factory):
     with start_webui(tmp_path_factory) as server:
         yield server
+
+
+@pytest.fixture
+def browser():
+    """Headless Chromium with a fresh profile (browser_page.py; a test module that uses it skips on its MISSING)."""
+    from browser_page import chromium
+
+    with chromium() as driver:
+        yield driver
 
 
 @contextlib.contextmanager

@@ -3,272 +3,30 @@ generate, see the mask overlay and the row's warning, see the live hints, paste 
 accordion restored; LoRA cards, activation words, "Fill from prompt", the LoRA list's refresh, the help, img2img's
 capture-step line.
 
-Needs Debian's `chromium` and `chromium-driver` (/usr/bin/chromium, /usr/bin/chromedriver; FREEFUSE_CHROMIUM and
-FREEFUSE_CHROMEDRIVER override the paths) and `selenium` in the test process; skips with the reason otherwise.
-Screenshots go to pytest's tmp_path (their paths are printed; run with -s to see them).
+The browser and its `Page` helper are browser_page.py's (what it needs: Debian's chromium and chromium-driver, and
+selenium in the test process; skips with the reason otherwise). Screenshots go to pytest's tmp_path (their paths are
+printed; run with -s to see them).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+from browser_page import FF, GENERATE_TIMEOUT_S, MISSING, TAB, Page, drive, forge_assets_blocked, job_defaults, visible
 
 from lib_freefuse.args import FreeFuseArgs
 
-CHROMIUM = os.environ.get("FREEFUSE_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("FREEFUSE_CHROMEDRIVER", "/usr/bin/chromedriver")
-CHROMIUM_FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1400,2000",
-)
-UI_TIMEOUT_S = 60.0  # a page load or a UI round trip on a slow, shared CPU
-GENERATE_TIMEOUT_S = 600.0  # the first job also loads the tiny model
-TAB = "txt2img"
-FF = f"freefuse-{TAB}"
 BINDINGS = (("tiny_lora_a", "cat"), ("tiny_lora_b", "dog"))
 PROMPT = "a photo of a cat and a dog in a garden <lora:tiny_lora_a:0.8> <lora:tiny_lora_b:0.8>"
 # javascript/freefuse.js's hints under a half-filled row
 NO_WORDS = "No activation words: this row acts as an ordinary LoRA until you type its subject's words"
 NO_LORA = "No LoRA: these words bind nothing until you pick one"
 
-
-def _browser_missing() -> str:
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed in the test process (pip install selenium)"
-    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
-        if not os.access(path, os.X_OK):
-            return f"no {path} (apt-get install -y chromium chromium-driver: {package})"
-    return ""
-
-
-MISSING = _browser_missing()
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=MISSING)  # before the webui fixture starts a server
-
-
-@pytest.fixture
-def browser():
-    """Headless Chromium with a fresh profile."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.TemporaryDirectory(prefix="freefuse-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile.name}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        profile.cleanup()
-
-
-class Page:
-    """Forge's page in the browser: Gradio 4 components by elem_id, explicit waits, numbered screenshots."""
-
-    def __init__(self, driver, shots: Path):
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.ui import WebDriverWait
-
-        self.driver, self.shots, self.By, self.Wait = driver, shots, By, WebDriverWait
-        self.started = time.monotonic()
-        self.marks: list[tuple[str, float]] = []
-
-    # -------------------------------------------------------------------------------------------- plumbing
-
-    def mark(self, what: str) -> None:
-        self.marks.append((what, time.monotonic() - self.started))
-
-    def shot(self, name: str) -> Path:
-        path = self.shots / f"{len(list(self.shots.glob('*.png'))) + 1:02d}-{name}.png"
-        self.driver.save_screenshot(str(path))
-        return path
-
-    def shot_element(self, css: str, name: str) -> Path:
-        """A screenshot of one element, whole (the accordion as a user sees it)."""
-        path = self.shots / f"{len(list(self.shots.glob('*.png'))) + 1:02d}-{name}.png"
-        self.find(css).screenshot(str(path))
-        return path
-
-    def wait(self, condition, message: str, timeout: float = UI_TIMEOUT_S):
-        """condition(driver) -> truthy; on time-out, a failure that says what was awaited."""
-        from selenium.common.exceptions import TimeoutException
-
-        try:
-            return self.Wait(self.driver, timeout, poll_frequency=0.2).until(condition)
-        except TimeoutException:
-            path = self.shot("timeout")
-            pytest.fail(f"waited {timeout:.0f} s for {message} (screenshot: {path})")
-
-    def find(self, css: str):
-        return self.wait(lambda d: _visible(d.find_elements(self.By.CSS_SELECTOR, css)), f"a visible {css}")
-
-    def js(self, script: str, *args):
-        return self.driver.execute_script(script, *args)
-
-    def value(self, css: str) -> str:
-        return self.js("const e = document.querySelector(arguments[0]); return e ? String(e.value) : null;", css)
-
-    def checked(self, css: str) -> bool:
-        return bool(self.js("const e = document.querySelector(arguments[0]); return !!(e && e.checked);", css))
-
-    def wait_value(self, css: str, expected: str, timeout: float = UI_TIMEOUT_S) -> None:
-        self.wait(lambda d: self.value(css) == expected, f"{css} to read {expected!r} (it reads {self.value(css)!r})")
-
-    # ------------------------------------------------------------------------------------------ components
-
-    def open_page(self, url: str) -> None:
-        self.driver.get(url)
-        self.find(f"#{TAB}_prompt textarea")
-        # inputAccordion.js (onUiLoaded) adds the accordion's visible checkbox; freefuse.js defines window.FreeFuse
-        self.wait(
-            lambda d: self.js(f"return !!(window.FreeFuse && document.getElementById('{FF}-visible-checkbox'))"),
-            "Forge's onUiLoaded scripts (inputAccordion.js, freefuse.js)",
-        )
-
-    def type_into(self, css: str, text: str) -> None:
-        """Replace the text of an input/textarea as a user does: select all, type, leave the field (Tab)."""
-        from selenium.webdriver.common.keys import Keys
-
-        box = self.find(css)
-        box.click()
-        box.send_keys(Keys.CONTROL, "a")
-        box.send_keys(Keys.BACKSPACE)
-        box.send_keys(str(text), Keys.TAB)
-        self.wait_value(css, str(text))
-
-    def number(self, elem_id: str, value) -> None:
-        """A gr.Slider's or gr.Number's number box."""
-        self.type_into(f"#{elem_id} input[type=number]", value)
-
-    def choose(self, elem_id: str, option: str) -> None:
-        """Pick an option of a Gradio 4 dropdown from its list (typing filters it; a click picks)."""
-        css = f"#{elem_id} input"
-        box = self.find(css)
-        if box.get_attribute("value") == option:
-            return
-        box.click()
-        item = self.find(f'#{elem_id} ul.options li[aria-label="{option}"]')
-        self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", item)
-        item.click()
-        self.wait_value(css, option)
-
-    def accordion_open(self, elem_id: str) -> bool:
-        return bool(self.js(f"return document.querySelector('#{elem_id} > .label-wrap').classList.contains('open')"))
-
-    def open_accordion(self, elem_id: str) -> None:
-        if not self.accordion_open(elem_id):
-            self.find(f"#{elem_id} > .label-wrap").click()
-        self.wait(lambda d: self.accordion_open(elem_id), f"#{elem_id} to open")
-
-    def tick(self, elem_id: str, on: bool = True) -> None:
-        css = f"#{elem_id} input[type=checkbox]"
-        if self.checked(css) != on:
-            self.find(css).click()
-        self.wait(lambda d: self.checked(css) == on, f"{css} to be {'ticked' if on else 'clear'}")
-
-    def set_prompt(self, text: str) -> None:
-        """Paste `text` into the prompt box (as Ctrl+V would: one input event)."""
-        css = f"#{TAB}_prompt textarea"
-        box = self.find(css)
-        self.js(
-            "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input', {bubbles: true}));",
-            box,
-            text,
-        )
-        self.wait_value(css, text)
-
-    def gallery_images(self) -> list[dict]:
-        """The gallery's images that have loaded, once each (Gradio 4 renders a thumbnail strip and a grid of them):
-        natural size and source."""
-        return self.js(
-            f"""const seen = new Map();
-            for (const img of document.querySelectorAll('#{TAB}_gallery .thumbnail-item img')) {{
-                if (img.complete && img.naturalWidth > 0 && !seen.has(img.src))
-                    seen.set(img.src, {{w: img.naturalWidth, h: img.naturalHeight, src: img.src}});
-            }}
-            return [...seen.values()];"""
-        )
-
-    def infotext(self) -> str:
-        return self.js(f"const e = document.querySelector('#html_info_{TAB}'); return e ? e.innerText.trim() : '';")
-
-    def text(self, css: str) -> str:
-        """The text of an element as shown (innerText), "" when absent."""
-        return self.js("const e = document.querySelector(arguments[0]); return e ? e.innerText : '';", css)
-
-    def options(self, elem_id: str) -> tuple[list[str], list[str]]:
-        """Open a dropdown's list: (the choices it shows, those it hides); closed again with Escape."""
-        from selenium.webdriver.common.keys import Keys
-
-        box = self.find(f"#{elem_id} input")
-        self.js("arguments[0].blur()", box)  # Gradio opens the list on focus: a box still focused would not open
-        box.click()
-        self.wait(
-            lambda d: self.js(f"return document.querySelectorAll('#{elem_id} ul.options li').length > 0"), "a list"
-        )
-        shown, hidden = self.js(
-            f"""const shown = [], hidden = [];
-            for (const li of document.querySelectorAll('#{elem_id} ul.options li'))
-                (li.offsetParent ? shown : hidden).push(li.getAttribute('aria-label'));
-            return [shown, hidden];"""
-        )
-        box.send_keys(Keys.ESCAPE)
-        self.js("arguments[0].blur()", box)
-        return shown, hidden
-
-    def page_says(self, text: str) -> bool:
-        """True when the page shows `text` anywhere (a pop-up's message, a help line)."""
-        return bool(self.js("return document.body.innerText.includes(arguments[0])", text))
-
-    def shown_rows(self) -> list[bool]:
-        """Which of the four subject rows are shown (freefuse.js hides rows 3-4 until needed)."""
-        return self.js(f"return [0, 1, 2, 3].map((i) => !!document.getElementById('{FF}-subject-' + i)?.offsetParent);")
-
-    def rect(self, css: str) -> dict:
-        """The element's box on screen: top, bottom, left, right, height."""
-        return self.js("return document.querySelector(arguments[0]).getBoundingClientRect().toJSON();", css)
-
-    def missing(self, row: int) -> str:
-        """The text of freefuse.js's live warning under a row's words; "" when hidden or absent."""
-        return self.js(
-            "const e = document.getElementById(arguments[0]); return e && !e.hidden ? e.textContent : '';",
-            f"{FF}-missing-{row}",
-        )
-
-
-def _forge_assets_blocked(url: str) -> str:
-    """Forge's page loads its own script.js, javascript/*.js and style.css as /file=<path under Forge>. Gradio 4
-    serves only allowed paths, and Forge allows only its --data-dir by default: with the fixture's temporary data
-    dir, every Forge script is refused (403) and the page has no onUiLoaded, no input accordions, no paste."""
-    try:
-        with urllib.request.urlopen(url + "/file=script.js", timeout=30):
-            return ""
-    except urllib.error.HTTPError as error:
-        return f"Forge's own script.js is refused by its webui: HTTP {error.code}"
-
-
-def _visible(elements):
-    shown = [e for e in elements if e.is_displayed()]
-    return shown[0] if shown else False
 
 
 def _assert_accordion(page: Page, bindings, capture_block: str, show_masks: bool) -> None:
@@ -320,25 +78,6 @@ def _assert_calm_accordion(page: Page) -> None:
     page.shot_element(f"#{FF}", "sections-open")
 
 
-def _job_defaults(webui) -> None:
-    """UI defaults that match the job, so Forge's own page-load update of the preset's fields (a Gradio load event,
-    which can land after the page is shown) sets what the test sets; the test still sets them in the page."""
-    webui.post(
-        "/sdapi/v1/options",
-        {
-            "sd_model_checkpoint": webui.checkpoint_title,
-            # Neo: each UI preset remembers its own checkpoint (classic has no such option, and refuses it)
-            **({"forge_checkpoint_flux": webui.checkpoint_title} if webui.neo else {}),
-            "forge_preset": "flux",
-            "flux_t2i_width": 64,
-            "flux_t2i_height": 64,
-            "flux_t2i_cfg": 1,
-            "flux_t2i_sampler": "Euler",  # "Euler a" gives NaN on the random tiny FLUX
-            "flux_t2i_scheduler": "Simple",
-        },
-    )
-
-
 def _job_settings(page: Page) -> None:
     """txt2img's settings of the test's jobs, set in the page: Euler, Simple, 64x64, 6 steps, CFG 1, seed 1234."""
     page.choose(f"{TAB}_sampling", "Euler")
@@ -352,38 +91,21 @@ def _job_settings(page: Page) -> None:
 
 
 def test_fill_generate_see_masks_paste_back(webui, browser, tmp_path):
-    blocked = _forge_assets_blocked(webui.url)
+    blocked = forge_assets_blocked(webui.url)
     if blocked:
         pytest.fail(
             f"{blocked}: Forge allows Gradio to serve only its --data-dir; the webui fixture must also pass "
             "--gradio-allowed-path <Forge's root> (tests/webui/conftest.py), else Forge's page has no JavaScript"
         )
-    _job_defaults(webui)
+    job_defaults(webui)
     try:
-        _drive(_run, browser, tmp_path, webui)
+        drive(_run, browser, tmp_path, webui)
     finally:
         webui.post("/sdapi/v1/options", {"freefuse_save_overlays": False})
 
 
 def _saved_overlays(webui) -> set[Path]:
     return {path for path in webui.data_dir.rglob("*-freefuse-masks.png") if "extensions" not in path.parts}
-
-
-def _drive(steps, browser, tmp_path, webui) -> None:
-    """Run `steps(page, webui)` with screenshots under tmp_path; on failure, one more screenshot and the server log."""
-    shots = tmp_path / "screenshots"
-    shots.mkdir()
-    page = Page(browser, shots)
-    try:
-        steps(page, webui)
-    except BaseException:
-        print(f"\n[browser] failed; screenshot: {page.shot('failure')}\n{webui.log_tail(30)}")
-        raise
-    finally:
-        print(f"\n[browser] screenshots in {shots}:")
-        for path in sorted(shots.glob("*.png")):
-            print(f"[browser]   {path}")
-        print("[browser] " + ", ".join(f"{what} at {at:.1f} s" for what, at in page.marks))
 
 
 def _run(page: Page, webui) -> None:
@@ -537,9 +259,9 @@ def _lora_tag(name: str) -> re.Pattern:
 def test_lora_card_click_fills_next_empty_row(webui, browser, tmp_path):
     """freefuse.js: while the accordion is open, a click on a LoRA card of the Lora tab puts that LoRA into the first
     row without one (Forge still adds the card's tag to the prompt); while it is closed, a click leaves the rows."""
-    if _forge_assets_blocked(webui.url):
+    if forge_assets_blocked(webui.url):
         pytest.fail("Forge's own script.js is refused by its webui (see test_fill_generate_see_masks_paste_back)")
-    _drive(_run_lora_cards, browser, tmp_path, webui)
+    drive(_run_lora_cards, browser, tmp_path, webui)
 
 
 def _run_lora_cards(page: Page, webui) -> None:
@@ -550,7 +272,7 @@ def _run_lora_cards(page: Page, webui) -> None:
 
     def generation_tab() -> None:
         page.wait(  # gr.Tab("Generation") has an id but no elem_id: its button is found by its text
-            lambda d: _visible(d.find_elements(page.By.XPATH, GENERATION_TAB_BUTTON)), "the Generation tab's button"
+            lambda d: visible(d.find_elements(page.By.XPATH, GENERATION_TAB_BUTTON)), "the Generation tab's button"
         ).click()
         page.find(f"#{FF} > .label-wrap")
 
@@ -649,7 +371,7 @@ FILL_PROMPT = "a cat and a dog <lora:tiny_lora_b:0.7> <lora:tiny_lora_a:0.9>"
 def test_activation_words_fill_rows(webui, browser, tmp_path):
     """scripts/freefuse.py: picking a LoRA in a row with empty words fills them from the `<lora>.json` beside the
     file ("activation text"); "Fill from prompt" makes one row per <lora:NAME:w> tag, with those words and w."""
-    if _forge_assets_blocked(webui.url):
+    if forge_assets_blocked(webui.url):
         pytest.fail("Forge's own script.js is refused by its webui (see test_fill_generate_see_masks_paste_back)")
     lora_dir = webui.data_dir / "models" / "Lora"
     written = []
@@ -659,7 +381,7 @@ def test_activation_words_fill_rows(webui, browser, tmp_path):
             assert not path.exists(), f"{path} exists already"
             written.append(path)
             path.write_text(json.dumps(metadata), encoding="utf-8")
-        _drive(_run_activation_words, browser, tmp_path, webui)
+        drive(_run_activation_words, browser, tmp_path, webui)
     finally:
         for path in written:
             path.unlink(missing_ok=True)
@@ -776,11 +498,12 @@ XYZ = f"script_{TAB}_xyz_plot"  # Forge's Script.elem_id prefix of the X/Y/Z plo
 
 def test_xyz_show_masks_axis_shows_each_true_cells_overlay(webui, browser, tmp_path):
     """Issue 15, point 8: the X/Y/Z plot with the axis "FreeFuse show masks" (False, True) and its sub images: the
-    True cell is the False cell's image with its mask overlay (same seed, same job)."""
-    if _forge_assets_blocked(webui.url):
+    True cell is the False cell's image with its mask overlay (same seed, same job). First, a choice axis's fill
+    button lists the accordion's plain labels (test_xyz.py: the cells record the stored values)."""
+    if forge_assets_blocked(webui.url):
         pytest.fail("Forge's own script.js is refused by its webui (see test_fill_generate_see_masks_paste_back)")
-    _job_defaults(webui)
-    _drive(_run_xyz, browser, tmp_path, webui)
+    job_defaults(webui)
+    drive(_run_xyz, browser, tmp_path, webui)
 
 
 def _run_xyz(page: Page, webui) -> None:
@@ -793,19 +516,24 @@ def _run_xyz(page: Page, webui) -> None:
         page.choose(f"{FF}-lora-{row}", lora)
     page.open_accordion(f"{FF}-timing")
     page.number(f"{FF}-capture-block", 1)
-    # Script: X/Y/Z plot; X type: FreeFuse show masks; its values from the fill button (all choices: False, True)
+
+    def x_values() -> list[str]:
+        return page.js(
+            f"return [...document.querySelectorAll('#{TAB}_script_container .token span')].map((s) => s.innerText)"
+        )
+
+    # Script: X/Y/Z plot. A choice axis's fill button gives the plain labels the accordion shows
     page.choose(XYZ_SCRIPT, "X/Y/Z plot")
+    page.choose(f"{XYZ}_x_type", "FreeFuse LoRAs on text tokens")
+    page.find(f"#{TAB}_script_container #xyz_grid_fill_x_tool_button").click()
+    labels = ["All but on others' words (default)", "Own words only", "None"]
+    page.wait(lambda d: x_values()[:3] == labels, f"the X values {labels} (they read {x_values()})")
+    page.js(f"document.querySelector('#{TAB}_script_container').scrollIntoView({{block: 'center'}})")
+    page.shot("xyz-labels")
+    # X type: FreeFuse show masks; its values from the fill button (all choices: False, True)
     page.choose(f"{XYZ}_x_type", "FreeFuse show masks")
     page.find(f"#{TAB}_script_container #xyz_grid_fill_x_tool_button").click()
-    page.wait(
-        lambda d: (
-            page.js(
-                f"return [...document.querySelectorAll('#{TAB}_script_container .token span')].map((s) => s.innerText)"
-            )[:2]
-            == ["False", "True"]
-        ),
-        "the X values False and True",
-    )
+    page.wait(lambda d: x_values()[:3] == ["False", "True"], f"the X values False and True (they read {x_values()})")
     page.tick(f"{XYZ}_include_lone_images")
     page.shot("xyz-set")
     page.find(f"#{TAB}_generate").click()

@@ -94,6 +94,16 @@ def test_variants_give_images_with_masks(webui, overrides):
     assert "FreeFuse warnings" not in result.infotext, result.infotext
 
 
+def test_a_batch_with_the_preview_slic_image_gets_masks_for_each_image(webui):
+    """The cheap latent preview (slic_image "preview") decodes only a batch's first latent on Neo: FreeFuse asks it
+    once per image, so both images of a batch of two get their masks."""
+    settings = freefuse(webui, show_masks=True, slic_image="preview")
+    result = webui.txt2img(tagged(webui), steps=6, batch_size=2, alwayson_scripts=settings)
+    assert len(result.images) == 4  # each image and its overlay
+    assert "FreeFuse coverage" in result.infotext
+    assert "FreeFuse warnings" not in result.infotext, result.infotext
+
+
 def test_invalid_arguments_are_rejected_before_sampling(webui):
     payload = webui.txt2img_payload(tagged(webui), alwayson_scripts=freefuse(webui, capture_stepp=3))
     with pytest.raises(AssertionError, match="capture_stepp"):
@@ -192,8 +202,13 @@ def test_problems_are_named_and_the_image_is_made(webui, settings, warning):
 
 @pytest.mark.parametrize(
     "settings",
-    [{"cross_attention": "image_queries"}, {"text_loras": "own_words"}, {"text_loras": "none"}],
-    ids=["image-queries", "text-own-words", "text-none"],
+    [
+        {"cross_attention": "image_queries"},
+        {"text_loras": "own_words"},
+        {"text_loras": "none"},
+        {"background": "tokens"},
+    ],
+    ids=["image-queries", "text-own-words", "text-none", "background-end-of-text"],
 )
 def test_options_beyond_the_paper_run_change_the_image_and_are_recorded(webui, settings):
     """Each option beyond the paper is accepted by the API, makes masks, changes the image against the paper's

@@ -1,0 +1,177 @@
+"""Time of a whole Z-Image (Turbo) generation through Forge Neo's own NextDiT, UnetPatcher and sampling, with two
+subject LoRAs: merged by Neo as usual (a), against FreeFuse as the extension runs it (b).
+
+Run from the repository root with Neo's Python (classic Forge has no Z-Image):
+
+    FORGE_DIR=/work/neo /work/neo-venv/bin/python bench/bench_forge_zimage.py            # scaled Z-Image, CPU
+    FORGE_DIR=/work/neo /work/neo-venv/bin/python bench/bench_forge_zimage.py --smoke    # checks that it runs
+
+Model: Neo's NextDiT with Z-Image's modulation, scaled: dim 768 (Z-Image's 3840 / 5) with heads of 128 and RoPE axes
+32/48/48 as Z-Image, 6 joint layers (Z-Image: 30) and 2 + 2 refiners (as Z-Image), caption features 256 wide (Qwen3
+4B: 2560), pad tokens to a multiple of 32, a 36x36 latent (288 px; 18x18 = 324 image tokens, padded to 352), a prompt
+of 100 Qwen3 tokens (padded to 128), float32, Euler, 8 steps at CFG 1 as Turbo runs. Two LoRAs: rank 16 on every
+attention and feed-forward Linear of the joint layers and refiners, in kohya format, loaded as Neo's LoRA extension
+does. (b) reads them through the host adapter, takes them out of the merge, captures the default layer (the last of
+6) at the default step (2 of 8), makes masks (superpixel vote on a cheap decode of x0) and applies the masked deltas
+in rank space. Every case runs once untimed, then rounds run (a) and (b) back to back, the order reversed every other
+round; the figure is (b)/(a) of setup + sampler per round, median [min - max]. Goal <= 1.10x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from bench_common import REPO, interleaved_rounds, ratio_line, spread
+
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # forge_locator
+sys.path.insert(0, str(REPO / "tests" / "forge"))  # forge_env, zimage_env
+
+import forge_env
+import zimage_env
+from forge_locator import find_forge
+
+from lib_freefuse.core import MaskConfig, default_capture_step
+from lib_freefuse.families import Z_IMAGE
+from lib_freefuse.forge.host import patch_unet
+from lib_freefuse.forge.job import FreeFuseJob, JobPlan, coverage_percent
+from lib_freefuse.forge.lora_layers import subject_deltas
+from lib_freefuse.hosts import for_unet
+
+SCALED = dict(dim=768, heads=6, axes=[32, 48, 48], layers=6, refiners=2, latent=36, tokens=100, context=256, steps=8)
+SMOKE = dict(dim=256, heads=4, axes=[16, 24, 24], layers=2, refiners=1, latent=16, tokens=16, context=64, steps=3)
+WORDS = ((5, 6), (11, 12))
+A, B = "(a) merged", "(b) FreeFuse"
+
+
+def zimage_config(size: dict) -> dict:
+    """NextDiT's constructor arguments for Z-Image at a scaled size (huggingface_guess's Z-Image config)."""
+    return {
+        **zimage_env.ZIMAGE_CONFIG,
+        "dim": size["dim"],
+        "n_heads": size["heads"],
+        "n_kv_heads": size["heads"],
+        "axes_dims": size["axes"],
+        "n_layers": size["layers"],
+        "n_refiner_layers": size["refiners"],
+        "cap_feat_dim": size["context"],
+        "multiple_of": 256,
+    }
+
+
+def kohya_lora(model, seed: int, rank: int = 16) -> dict[str, torch.Tensor]:
+    """Rank-16 LoRA on every attention and feed-forward Linear of the joint layers and refiners."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, module in model.named_modules():
+        if not name.startswith(("layers.", "noise_refiner.", "context_refiner.")) or "adaLN" in name:
+            continue
+        if not hasattr(module, "in_features"):
+            continue
+        stem = "lora_unet_" + name.replace(".", "_")
+        sd[f"{stem}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=g) / module.in_features**0.5
+        sd[f"{stem}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=g) * (0.5 / rank) ** 0.5
+        sd[f"{stem}.alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+def conditions(tokens: int, context: int, seed: int):
+    """Qwen3 states alone, as Neo's Z-Image engine gives them."""
+    from backend.sampling.condition import compile_conditions
+
+    g = torch.Generator().manual_seed(seed)
+    return compile_conditions(torch.randn(1, tokens, context, generator=g))
+
+
+class Bench:
+    def __init__(self, size: dict, seed: int):
+        self.size = size
+        self.config = zimage_config(size)
+        model = zimage_env.make_tiny_zimage(seed, **self.config)
+        self.unet = zimage_env.make_zimage_patcher(model)
+        sds = {f"zimage_subject_{i}.safetensors": kohya_lora(model, 100 + i) for i in range(2)}
+        self.lora_keys = len(sds["zimage_subject_0.safetensors"]) // 3
+        self.merged, self.files, unmatched = forge_env.with_loras(self.unet, sds, 1.0)
+        if unmatched:
+            raise SystemExit(f"{len(unmatched)} LoRA keys matched no model key, e.g. {sorted(unmatched)[:3]}")
+        self.host = for_unet(self.merged)
+        self.cond = conditions(size["tokens"], size["context"], 1)
+        self.uncond = conditions(size["tokens"], size["context"], 2)  # unused at CFG 1
+        self.jobs: list[FreeFuseJob] = []
+
+    def run(self, case: str, timings: dict) -> torch.Tensor:
+        unet = self.merged
+        if case == B:
+            started = time.perf_counter()
+            unet = self.freefuse()
+            timings["setup"] = timings.get("setup", 0.0) + time.perf_counter() - started
+        kwargs = dict(steps=self.size["steps"], cfg_scale=1.0, cond=self.cond, uncond=self.uncond)
+        return forge_env.sample(unet, latent_hw=(self.size["latent"],) * 2, timings=timings, **kwargs)
+
+    def freefuse(self):
+        """What processing.start_run does once the words and LoRAs are known."""
+        base = self.host.base_weight(self.merged)
+        deltas: dict[str, list] = {}
+        merged = []
+        for index, path in enumerate(self.files):
+            patches = self.host.merged_lora(self.merged, path)
+            merged.append(patches)
+            for delta in subject_deltas(patches, base, self.host.merge)[0]:
+                deltas.setdefault(delta.module, []).append((index, delta))
+        plan = JobPlan(
+            word_positions=(WORDS,),
+            text_length=self.size["tokens"],
+            capture_step=default_capture_step(self.size["steps"]) - 1,
+            mask_config=MaskConfig(),
+        )
+        job = FreeFuseJob(plan, decode=forge_env.decode, family=Z_IMAGE)
+        self.jobs.append(job)
+        model = self.merged.model.diffusion_model
+        return patch_unet(self.merged, job, deltas, Z_IMAGE.default_capture_site(model), merged, self.host)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--smoke", action="store_true", help="seconds on a CPU: checks that it runs")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, --smoke 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    root, why = find_forge()
+    if root is None:
+        raise SystemExit(why)
+    forge_env.setup(root)
+    if forge_env.HOST != "neo":
+        raise SystemExit("classic Forge has no Z-Image: run this with Forge Neo (FORGE_DIR)")
+    size = SMOKE if args.smoke else SCALED
+    rounds = args.repeats or (2 if args.smoke else 5)
+    bench = Bench(size, args.seed)
+    c = bench.config
+    print(f"host: {forge_env.HOST}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print(
+        f"model: Z-Image, dim {c['dim']}, {c['n_layers']} joint layers + {c['n_refiner_layers']} + "
+        f"{c['n_refiner_layers']} refiners, latent {size['latent']}x{size['latent']}, prompt {size['tokens']} Qwen3 "
+        f"tokens x {size['context']}, {size['steps']} steps, CFG 1; LoRA keys per subject {bench.lora_keys}"
+    )
+    outputs = {case: bench.run(case, {}) for case in (A, B)}
+    job = bench.jobs[-1]
+    coverage = coverage_percent(job.masks)[0] if job.masks is not None else None
+    print(
+        f"{B}: finite {bool(torch.isfinite(outputs[B]).all())}, failure {job.failure}, captures {job.capture_count}, "
+        f"mask coverage {coverage}"
+    )
+    if job.failure is not None or job.capture_count != 1 or job.masks is None:
+        raise SystemExit(1)
+    timed = interleaved_rounds(bench.run, (A, B), rounds)
+    times = {case: [t.get("setup", 0.0) + t["sample"] for t in runs] for case, runs in timed.items()}
+    ratios = [b / a for a, b in zip(times[A], times[B], strict=True)]
+    for case in (A, B):
+        print(f"{case}: setup + sampler {sorted(times[case])[len(times[case]) // 2]:.2f} s (median of {rounds})")
+    print(f"{B} / {A}: {spread(ratios)}")
+    print(ratio_line("(b) FreeFuse / (a) merged, setup + sampler", ratios))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Background "tokens" through the webui hook's path (processing.start_run, tier "forge"): the host's own T5 engine
+names the end-of-text token whose attention is the background class, and a family without one (SDXL's
+cross-attention) says so and keeps the background free by the threshold instead. Only the LoRA extension's name
+lookup (`networks`) is a stand-in."""
+
+from __future__ import annotations
+
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import sdxl_env
+import torch
+from test_masked_sampling import GRID, LATENT, lora_sd
+from test_sdxl_masked_sampling import LATENT as SDXL_LATENT
+from test_sdxl_start_run import sdxl_job
+
+from lib_freefuse.args import FreeFuseArgs
+from lib_freefuse.forge import job as job_module
+from lib_freefuse.forge.processing import start_run
+
+PROMPT = "zorbo the knight and (quill the wizard:1.2) in a hall"
+SUBJECTS = [{"lora": "fa", "words": "zorbo the knight"}, {"lora": "fb", "words": "quill the wizard"}]
+
+
+def flux_job(forge, forge_root, unet, monkeypatch, prompts, **settings):
+    """A webui job's `p` for the tiny FLUX with two tagged LoRAs merged by the host, and FreeFuse's arguments."""
+    sds = {"fa.safetensors": lora_sd(1, image_only=True), "fb.safetensors": lora_sd(2, image_only=True)}
+    merged, paths, _ = forge.with_loras(unet, sds, 0.8)
+    networks = types.ModuleType("networks")
+    networks.available_network_aliases = {
+        "fa": SimpleNamespace(filename=paths[0]),
+        "fb": SimpleNamespace(filename=paths[1]),
+    }
+    networks.available_networks = {}
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    engine = forge.flux_t5_engine(forge_root)
+    model = SimpleNamespace(forge_objects=SimpleNamespace(unet=merged), text_processing_engine_t5=engine)
+    p = SimpleNamespace(sd_model=model, prompts=prompts, steps=4)
+    settings = {"enabled": True, "subjects": SUBJECTS, "superpixel_vote": False, "capture_block": 2, **settings}
+    args = FreeFuseArgs.from_dict(settings)
+    return p, args, merged, engine
+
+
+def test_a_flux_job_reads_the_background_from_each_prompts_end_of_text_token(forge, forge_root, tiny_unet, monkeypatch):
+    prompts = [PROMPT, PROMPT + ", under a starry sky at night"]
+    p, args, _, engine = flux_job(forge, forge_root, tiny_unet, monkeypatch, prompts, background="tokens")
+    seen = []
+    real = job_module.extract_masks
+
+    def recording(q, k, words, grid_hw, image, config, background_tokens=()):
+        seen.append((config.background, tuple(background_tokens)))
+        return real(q, k, words, grid_hw, image, config, background_tokens)
+
+    monkeypatch.setattr(job_module, "extract_masks", recording)
+    job = start_run(p, args, torch.zeros(2, 16, *LATENT))
+    assert job is not None and p.freefuse_state.warnings == []
+    # </s> right after each prompt's pieces, counted by the tokenizer itself on the text without the emphasis
+    # "(...:1.2)", which the engine parses away
+    plain = PROMPT.replace("(", "").replace(":1.2)", "")
+    texts = (plain, plain + prompts[1][len(PROMPT) :])
+    ends = [len(engine.tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
+    assert job.plan.background_positions == ((ends[0],), (ends[1],))
+    assert ends[1] > ends[0] and job.plan.mask_config.background == "tokens"
+    tokens = job.plan.text_length
+    cond = forge.conditions(2, tokens)
+    out = forge.sample(p.sd_model.forge_objects.unet, steps=4, batch=2, cond=cond, latent_hw=LATENT)
+    assert torch.isfinite(out).all() and job.failure is None and job.capture_count == 1
+    assert seen == [("tokens", (ends[0],)), ("tokens", (ends[1],))]
+    assert tuple(job.masks.shape) == (2, 2, *GRID)
+
+
+def test_background_tokens_off_by_default_names_no_token(forge, forge_root, tiny_unet, monkeypatch):
+    p, args, _, _ = flux_job(forge, forge_root, tiny_unet, monkeypatch, [PROMPT])
+    job = start_run(p, args, torch.zeros(1, 16, *LATENT))
+    assert job is not None and job.plan.background_positions == () and job.plan.mask_config.background == "off"
+
+
+def test_sdxl_has_no_end_of_text_background_and_says_so(forge, forge_root, monkeypatch):
+    unet = sdxl_env.make_sdxl_patcher(forge, sdxl_env.make_tiny_sdxl(forge))
+    try:
+        p, args, _ = sdxl_job(forge, forge_root, unet, monkeypatch, background="tokens")
+        job = start_run(p, args, torch.zeros(1, 4, *SDXL_LATENT))
+        assert job is not None
+        (warning,) = p.freefuse_state.warnings
+        assert "SDXL" in warning and "end-of-text" in warning and "stay free instead" in warning
+        assert job.plan.mask_config.background == "threshold" and job.plan.background_positions == ()
+    finally:
+        forge.unload(unet)
+
+
+@pytest.mark.parametrize("background", ["off", "threshold"])
+def test_the_other_background_settings_pass_unchanged(forge, forge_root, tiny_unet, monkeypatch, background):
+    p, args, _, _ = flux_job(forge, forge_root, tiny_unet, monkeypatch, [PROMPT], background=background)
+    job = start_run(p, args, torch.zeros(1, 16, *LATENT))
+    assert job.plan.mask_config.background == background and job.plan.background_positions == ()

@@ -345,6 +345,32 @@ class WebUI:
 # ----------------------------------------------------------------------------------------------------- fixture
 
 
+def _write_tiny(python: str, name: str, forge_root: Path, models: Path, data_dir: Path) -> dict:
+    """Run tiny_sdxl.py or tiny_klein.py (`name`) with Forge's Python: checkpoint models/Stable-diffusion/<name>,
+    its LoRAs and pipeline configs; its JSON manifest."""
+    made = subprocess.run(
+        [
+            python,
+            str(HERE / f"{name}.py"),
+            "--forge",
+            str(forge_root),
+            "--checkpoint",
+            str(models / "Stable-diffusion" / f"{name}.safetensors"),
+            "--lora-dir",
+            str(models / "Lora"),
+            "--configs",
+            str(data_dir / "tiny-configs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ""},
+    )
+    if made.returncode != 0:
+        pytest.fail(f"{name}.py failed ({made.returncode}):\n{made.stdout[-3000:]}\n{made.stderr[-3000:]}")
+    return json.loads(made.stdout.strip().splitlines()[-1])
+
+
 def _server_env(
     data_dir: Path, configs: str, sdxl_configs: str, python_paths: tuple[Path, ...] = (), klein_configs: str = ""
 ) -> dict:
@@ -480,49 +506,9 @@ def start_webui(
     if made.returncode != 0:
         pytest.fail(f"tiny_models.py failed ({made.returncode}):\n{made.stdout[-3000:]}\n{made.stderr[-3000:]}")
     manifest = json.loads(made.stdout.strip().splitlines()[-1])
-    made = subprocess.run(
-        [
-            python,
-            str(HERE / "tiny_sdxl.py"),
-            "--forge",
-            str(forge_root),
-            "--checkpoint",
-            str(models / "Stable-diffusion" / "tiny_sdxl.safetensors"),
-            "--lora-dir",
-            str(models / "Lora"),
-            "--configs",
-            str(data_dir / "tiny-configs"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ""},
-    )
-    if made.returncode != 0:
-        pytest.fail(f"tiny_sdxl.py failed ({made.returncode}):\n{made.stdout[-3000:]}\n{made.stderr[-3000:]}")
-    manifest["sdxl"] = json.loads(made.stdout.strip().splitlines()[-1])
+    manifest["sdxl"] = _write_tiny(python, "tiny_sdxl", forge_root, models, data_dir)
     if is_neo(forge_root):  # classic Forge has no FLUX.2
-        made = subprocess.run(
-            [
-                python,
-                str(HERE / "tiny_klein.py"),
-                "--forge",
-                str(forge_root),
-                "--checkpoint",
-                str(models / "Stable-diffusion" / "tiny_klein.safetensors"),
-                "--lora-dir",
-                str(models / "Lora"),
-                "--configs",
-                str(data_dir / "tiny-configs"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ""},
-        )
-        if made.returncode != 0:
-            pytest.fail(f"tiny_klein.py failed ({made.returncode}):\n{made.stdout[-3000:]}\n{made.stderr[-3000:]}")
-        manifest["klein"] = json.loads(made.stdout.strip().splitlines()[-1])
+        manifest["klein"] = _write_tiny(python, "tiny_klein", forge_root, models, data_dir)
     # the trained toy world (it shares the tiny CLIP/T5/VAE configs) for tests/webui/test_toyworld_quality.py
     for source, folder in TOY_WORLD_FILES:
         shutil.copyfile(source, models / folder / source.name)

@@ -25,7 +25,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "forge"))  # klein_env: the forge tier's tiny Klein config
 
+import klein_env  # noqa: E402
 from tiny_models import _randomize, setup_forge  # noqa: E402
 
 FORGE_PIPELINE = Path("backend", "huggingface", "black-forest-labs", "FLUX.2-klein-4B")
@@ -35,28 +37,13 @@ QWEN3 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=28, num_att
 QWEN3["head_dim"] = 16
 VAE = dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1)
 H = 256
-TRANSFORMER = dict(  # huggingface_guess's FLUX.2 flags (tests/forge/klein_env.py), tiny
-    in_channels=128,
-    out_channels=128,
-    vec_in_dim=None,
-    context_in_dim=3 * QWEN3["hidden_size"],
-    hidden_size=H,
-    mlp_ratio=3.0,
-    num_heads=2,
-    depth=2,
-    depth_single_blocks=2,
-    axes_dim=[32, 32, 32, 32],
-    theta=2000,
-    patch_size=1,
-    qkv_bias=False,
-    guidance_embed=False,
-    txt_ids_dims=[3],
-    global_modulation=True,
-    mlp_silu_act=True,
-    ops_bias=False,
-    default_ref_method="index",
-    ref_index_scale=10.0,
-)
+TRANSFORMER = {  # huggingface_guess's FLUX.2 flags as the forge tier's tiny Klein has them, at this size
+    k: v
+    for k, v in klein_env.klein_config(
+        hidden_size=H, depth=2, depth_single_blocks=2, context_in_dim=3 * QWEN3["hidden_size"]
+    ).items()
+    if k != "image_model"
+}
 LORA_TARGETS = (  # (module path, out, in)
     ("double_blocks.0.img_attn.qkv", 3 * H, H),
     ("double_blocks.1.img_mlp.0", 6 * H, H),

@@ -125,13 +125,24 @@ def conditions(tokens: int, context: int, seed: int):
 
 
 class Bench:
+    """Chroma's case runner; bench_forge_flux2.py's subclasses it (family, model, latent channels)."""
+
+    family = CHROMA
+    channels = 16  # latent channels
+    cfg = 4.0
+
+    def make_unet(self, size: dict, seed: int):
+        """(constructor arguments, the model's UnetPatcher) at `size`."""
+        config = chroma_config(size)
+        return config, make_patcher(make_model(config, seed))
+
     def __init__(self, size: dict, seed: int):
         self.size = size
-        self.config = chroma_config(size)
-        model = make_model(self.config, seed)
-        self.unet = make_patcher(model)
-        sds = {f"chroma_subject_{i}.safetensors": kohya_lora(model, 100 + i) for i in range(2)}
-        self.lora_keys = len(sds["chroma_subject_0.safetensors"]) // 3
+        self.config, self.unet = self.make_unet(size, seed)
+        model = self.unet.model.diffusion_model
+        tag = self.family.name.split()[-1].lower()
+        sds = {f"{tag}_subject_{i}.safetensors": kohya_lora(model, 100 + i) for i in range(2)}
+        self.lora_keys = len(sds[f"{tag}_subject_0.safetensors"]) // 3
         self.merged, self.files, unmatched = forge_env.with_loras(self.unet, sds, 1.0)
         if unmatched:
             raise SystemExit(f"{len(unmatched)} LoRA keys matched no model key, e.g. {sorted(unmatched)[:3]}")
@@ -146,8 +157,9 @@ class Bench:
             started = time.perf_counter()
             unet = self.freefuse()
             timings["setup"] = timings.get("setup", 0.0) + time.perf_counter() - started
-        kwargs = dict(steps=self.size["steps"], cfg_scale=4.0, cond=self.cond, uncond=self.uncond)
-        return forge_env.sample(unet, latent_hw=(self.size["latent"],) * 2, timings=timings, **kwargs)
+        kwargs = dict(steps=self.size["steps"], cfg_scale=self.cfg, cond=self.cond, uncond=self.uncond)
+        latent_hw = (self.size["latent"],) * 2
+        return forge_env.sample(unet, latent_hw=latent_hw, timings=timings, channels=self.channels, **kwargs)
 
     def freefuse(self):
         """What processing.start_run does once the words and LoRAs are known."""
@@ -165,13 +177,14 @@ class Bench:
             capture_step=default_capture_step(self.size["steps"]) - 1,
             mask_config=MaskConfig(),
         )
-        job = FreeFuseJob(plan, decode=forge_env.decode, family=CHROMA)
+        job = FreeFuseJob(plan, decode=forge_env.decode, family=self.family)
         self.jobs.append(job)
         model = self.merged.model.diffusion_model
-        return patch_unet(self.merged, job, deltas, CHROMA.default_capture_site(model), merged, self.host)
+        return patch_unet(self.merged, job, deltas, self.family.default_capture_site(model), merged, self.host)
 
 
-def main() -> None:
+def main(bench_class=Bench, sizes=None, text="T5") -> None:
+    """Run the bench of bench_class (Chroma's, or a subclass) at its SCALED or --smoke size (sizes: both)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--smoke", action="store_true", help="seconds on a CPU: checks that it runs")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, --smoke 2)")
@@ -181,17 +194,20 @@ def main() -> None:
     if root is None:
         raise SystemExit(why)
     forge_env.setup(root)
+    name = bench_class.family.name
     if forge_env.HOST != "neo":
-        raise SystemExit("classic Forge has no Chroma: run this with Forge Neo (FORGE_DIR)")
-    size = SMOKE if args.smoke else SCALED
+        raise SystemExit(f"classic Forge has no {name}: run this with Forge Neo (FORGE_DIR)")
+    smoke, scaled = sizes or (SMOKE, SCALED)
+    size = smoke if args.smoke else scaled
     rounds = args.repeats or (2 if args.smoke else 5)
-    bench = Bench(size, args.seed)
+    bench = bench_class(size, args.seed)
     c = bench.config
     print(f"host: {forge_env.HOST}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     print(
-        f"model: Chroma, hidden {c['hidden_size']}, {c['depth']} double + {c['depth_single_blocks']} single blocks, "
+        f"model: {name}, hidden {c['hidden_size']}, {c['depth']} double + {c['depth_single_blocks']} single blocks, "
         f"latent {size['latent']}x{size['latent']}, prompt {size['tokens'][0]} and negative {size['tokens'][1]} "
-        f"T5 tokens x {size['context']}, {size['steps']} steps, CFG 4; LoRA keys per subject {bench.lora_keys}"
+        f"{text} tokens x {size['context']}, {size['steps']} steps, CFG {bench.cfg:g}; "
+        f"LoRA keys per subject {bench.lora_keys}"
     )
     outputs = {case: bench.run(case, {}) for case in (A, B)}
     job = bench.jobs[-1]

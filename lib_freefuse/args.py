@@ -244,7 +244,8 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
         "Capture block",
         "Which block is read. FLUX.1 and Chroma: a double block, 0-18 (17 suits FLUX.1-dev). SDXL, Qwen-Image, "
         "Z-Image: 17 means the family's default block (SDXL: the middle block's last transformer; Qwen-Image: block "
-        "36 of 60; Z-Image: layers.18 of 30); other values count its transformer blocks in order.",
+        "36 of 60; Z-Image: layers.18 of 30); other values count its transformer blocks in order. FLUX.2 Klein: 17 "
+        "means its second-to-last double block; other values index its double blocks.",
     ),
     FieldHelp(
         "pre_mask",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from .base import Family, LayerRole
 from .chroma import Chroma
 from .flux1 import Flux1
+from .flux2 import Flux2Klein
 from .qwen_image import QwenImage
 from .sdxl import SDXL
 from .zimage import ZImage
@@ -14,6 +15,7 @@ from .zimage import ZImage
 __all__ = [
     "CHROMA",
     "FLUX1",
+    "FLUX2_KLEIN",
     "KNOWN",
     "QWEN_IMAGE",
     "SDXL_FAMILY",
@@ -27,10 +29,12 @@ __all__ = [
 FLUX1 = Flux1()
 SDXL_FAMILY = SDXL()
 CHROMA = Chroma()
+FLUX2_KLEIN = Flux2Klein()
 QWEN_IMAGE = QwenImage()
 Z_IMAGE = ZImage()
-KNOWN: tuple[Family, ...] = (FLUX1, SDXL_FAMILY, CHROMA, QWEN_IMAGE, Z_IMAGE)
-_MOST_SPECIFIC_FIRST = (CHROMA, *(f for f in KNOWN if f is not CHROMA))  # Chroma also has FLUX.1's blocks
+KNOWN: tuple[Family, ...] = (FLUX1, SDXL_FAMILY, CHROMA, FLUX2_KLEIN, QWEN_IMAGE, Z_IMAGE)
+_FLUX1_SHAPED = (CHROMA, FLUX2_KLEIN)  # they have FLUX.1's blocks too: asked before FLUX.1
+_MOST_SPECIFIC_FIRST = (*_FLUX1_SHAPED, *(f for f in KNOWN if f not in _FLUX1_SHAPED))
 
 
 def detect(model) -> Family | None:

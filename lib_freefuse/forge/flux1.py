@@ -10,21 +10,30 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ..families import FLUX1
+from ..families import FLUX1, Family
 from ..hosts import Host
 from .job import FreeFuseJob
 from .lora_layers import MaskedLinearPatch, delta_output
 from .patching import SubjectDeltas, stream_masks, unpatched
 
 
-def install(clone, model, job: FreeFuseJob, subject_deltas: SubjectDeltas, capture_block: int, host: Host) -> None:
-    """The capture block's patch and every masked layer of the subject LoRAs, as object patches on `clone`."""
+def install(
+    clone,
+    model,
+    job: FreeFuseJob,
+    subject_deltas: SubjectDeltas,
+    capture_block: int,
+    host: Host,
+    family: Family = FLUX1,
+) -> None:
+    """The capture block's patch and every masked layer of the subject LoRAs, as object patches on `clone`.
+    family: whose layer roles (FLUX.1's, or FLUX.2 Klein's: the same blocks, modulation at the model's level)."""
     if not 0 <= capture_block < len(model.double_blocks):
         raise ValueError(f"capture_block: {capture_block} is not one of the model's {len(model.double_blocks)} blocks")
     block = f"diffusion_model.double_blocks.{capture_block}.forward"
     clone.add_object_patch(block, CaptureBlock(unpatched(clone, block), job))
     for module, deltas in subject_deltas.items():
-        role = FLUX1.layer_role(module)
+        role = family.layer_role(module)
         if role.modulation:
             lin_forward = unpatched(clone, f"diffusion_model.{module}.forward")
             modulation = clone.get_model_object(f"diffusion_model.{role.parent}")

@@ -11,12 +11,13 @@ tokens) of the family (lib_freefuse/families) and its patches here (flux1.py, sd
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
 from ..families import FLUX1, Family, detect
 from ..hosts import Host, SubjectPatches, for_unet
-from . import chroma, flux1, qwen_image, sdxl, zimage
+from . import chroma, flux1, flux2, qwen_image, sdxl, zimage
 from .flux1 import CaptureBlock, PerTokenModulation
 from .job import FreeFuseJob
 from .patching import SubjectDeltas
@@ -27,6 +28,7 @@ _INSTALL = {
     "FLUX.1": flux1.install,
     "SDXL": sdxl.install,
     "Chroma": chroma.install,
+    "FLUX.2 Klein": flux2.install,
     "Qwen-Image": qwen_image.install,
     "Z-Image": zimage.install,
 }
@@ -75,7 +77,9 @@ def patch_unet(
         host.take_out(clone, merged)
     _INSTALL[family.name](clone, model, job, subject_deltas, capture_block, host)
     previous = clone.model_options.get("model_function_wrapper")
-    clone.set_model_unet_function_wrapper(ModelCallTracker(job, previous, host.reference_tokens))
+    patch_size = getattr(model, "patch_size", 2)  # FLUX.1: 2x2 patches; FLUX.2 Klein: 1x1
+    references = partial(host.reference_tokens, patch_size=patch_size)
+    clone.set_model_unet_function_wrapper(ModelCallTracker(job, previous, references))
     return clone
 
 

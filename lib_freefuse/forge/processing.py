@@ -18,13 +18,14 @@ from ..core import find_subject_tokens
 from ..families import FLUX1, Family, detect, unsupported
 from ..hosts import Host, HostUnsupported, SubjectPatches, for_unet
 from ..log import logger
-from . import qwen_image, zimage
+from . import flux2, qwen_image, zimage
 from .host import diffusion_model, patch_unet
 from .job import FreeFuseJob, JobPlan
 from .lora_layers import subject_deltas
 
 _REFUSALS = {"Qwen-Image": qwen_image.refusal}  # family -> p -> why FreeFuse cannot run this job, or None
 _CONTEXT_PIECES = {
+    "FLUX.2 Klein": flux2.context_pieces,
     "Qwen-Image": qwen_image.context_pieces,
     "Z-Image": zimage.context_pieces,
 }  # family -> (engine, prompt) -> the context's pieces
@@ -237,7 +238,8 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Fam
     conditions them on that first T5 chunk alone, padded to the longest chunk). SDXL: every 77-token CLIP chunk,
     positions counted across them. Qwen-Image: the context its engine keeps after the chat template's leading tokens
     (forge/qwen_image.context_pieces); Z-Image: its Qwen3 engine's one chunk, the template included
-    (forge/zimage.context_pieces)."""
+    (forge/zimage.context_pieces); FLUX.2 Klein: its Qwen3 engine's one chunk, the template included, role words
+    kept out (forge/flux2.context_pieces)."""
     engine = getattr(p.sd_model, family.text_engine)
     if family.name in _CONTEXT_PIECES:
         pieces = _CONTEXT_PIECES[family.name]

@@ -152,8 +152,9 @@ class Host(ABC):
     def modulation_output(self, modulation, chunks: Sequence[torch.Tensor]):
         """What the host's FLUX `Modulation.forward` returns, made of its `multiplier` chunks (B, T, D)."""
 
-    def reference_tokens(self, conditioning: dict) -> int:
-        """Reference-image tokens the host's FLUX appends after the image's in this model call (Kontext); none."""
+    def reference_tokens(self, conditioning: dict, patch_size: int = 2) -> int:
+        """Reference-image tokens the host's FLUX (patches of patch_size) appends after the image's in this model
+        call (Kontext); none."""
         return 0
 
     def merge(self, entries: Sequence[PatchEntry], weight: torch.Tensor, key: str) -> torch.Tensor:

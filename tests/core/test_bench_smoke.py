@@ -28,6 +28,7 @@ TIERS = {
     "bench_forge_generation.py": "forge",
     "bench_forge_sdxl.py": "forge",  # tests/forge/test_forge_sdxl_bench_smoke.py
     "bench_forge_chroma.py": "forge",
+    "bench_forge_flux2.py": "forge",  # tests/forge/test_forge_flux2_bench_smoke.py
     "bench_forge_qwen_image.py": "forge",  # tests/forge/test_forge_qwen_image_bench_smoke.py
     "bench_forge_zimage.py": "forge",  # tests/forge/test_forge_zimage_bench_smoke.py
 }

@@ -38,8 +38,10 @@ def test_families_are_told_apart_by_structure():
     sd15 = SimpleNamespace(input_blocks=[], middle_block=[], output_blocks=[])  # no ADM embedding
     assert detect(flux) is FLUX1 and detect(tiny_unet()) is SDXL_FAMILY
     assert detect(sd15) is None and detect(None) is None
-    assert unsupported(sd15) == "the model (SimpleNamespace) is none of FLUX.1, SDXL, Chroma, Qwen-Image, Z-Image"
-    assert [f.name for f in KNOWN] == ["FLUX.1", "SDXL", "Chroma", "Qwen-Image", "Z-Image"]
+    assert unsupported(sd15) == (
+        "the model (SimpleNamespace) is none of FLUX.1, SDXL, Chroma, FLUX.2 Klein, Qwen-Image, Z-Image"
+    )
+    assert [f.name for f in KNOWN] == ["FLUX.1", "SDXL", "Chroma", "FLUX.2 Klein", "Qwen-Image", "Z-Image"]
 
 
 @pytest.mark.parametrize(

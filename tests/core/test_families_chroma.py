@@ -15,7 +15,9 @@ def test_chroma_is_told_from_flux_by_its_global_modulation_mlp():
     assert detect(flux_like(distilled_guidance_layer=object())) is CHROMA
     assert detect(flux_like()) is FLUX1
     assert [f.name for f in KNOWN][:3] == ["FLUX.1", "SDXL", "Chroma"]
-    assert unsupported(None) == "the model (no diffusion model) is none of FLUX.1, SDXL, Chroma, Qwen-Image, Z-Image"
+    assert unsupported(None) == (
+        "the model (no diffusion model) is none of FLUX.1, SDXL, Chroma, FLUX.2 Klein, Qwen-Image, Z-Image"
+    )
 
 
 def test_chroma_layers_see_flux_tokens_and_its_modulation_mlp_one_vector_per_image():

@@ -230,6 +230,45 @@ def merged_patches(unet, path: str):
     return patches
 
 
+def freefuse_unet(merged_unet, names, masks: torch.Tensor | None, family, **plan_fields):
+    """A FreeFuse clone of a patcher with the subject LoRA files `names` merged (with_loras): they come out of the
+    merge and act masked, with the given (B_img, L, h, w) masks from the first step; no words (text tokens get every
+    LoRA), no capture unless plan_fields say otherwise. Returns (clone, job)."""
+    from lib_freefuse.forge.host import patch_unet
+    from lib_freefuse.forge.job import FreeFuseJob, JobPlan
+    from lib_freefuse.forge.lora_layers import subject_deltas
+
+    params = dict(merged_unet.model.named_parameters())
+    host = host_adapter()
+    deltas: dict[str, list] = {}
+    merged = []
+    for index, name in enumerate(names):
+        patches = merged_patches(merged_unet, str(lora_dir() / name))
+        merged.append(patches)
+        for delta in subject_deltas(patches, lambda k: params[k], host.merge)[0]:
+            deltas.setdefault(delta.module, []).append((index, delta))
+    images = 1 if masks is None else masks.shape[0]
+    fields = {
+        "word_positions": tuple(((),) * len(names) for _ in range(images)),
+        "text_length": 8,
+        "capture_step": 10**6,
+        "initial_masks": masks,
+        **plan_fields,
+    }
+    job = FreeFuseJob(JobPlan(**fields), decode=None, family=family)
+    return patch_unet(merged_unet, job, deltas, capture_block=0, merged=merged), job
+
+
+def stand_in_networks(monkeypatch, files: dict[str, str]) -> None:
+    """The LoRA extension's name lookup (`networks`, only there in a webui) standing in for a test: {alias: file}."""
+    from types import SimpleNamespace
+
+    networks = types.ModuleType("networks")
+    networks.available_network_aliases = {alias: SimpleNamespace(filename=f) for alias, f in files.items()}
+    networks.available_networks = {}
+    monkeypatch.setitem(sys.modules, "networks", networks)
+
+
 def import_k_diffusion():
     """Forge's vendored k_diffusion. Its utils import torchvision, which has no build for the CPU torch wheel: a
     stub stands in during this import only (a lasting stub breaks diffusers' find_spec)."""

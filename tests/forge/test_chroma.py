@@ -3,8 +3,6 @@ sampling path and its T5 text engine. Classic Forge has no Chroma: every test sk
 
 from __future__ import annotations
 
-import sys
-import types
 from types import SimpleNamespace
 
 import chroma_env
@@ -19,7 +17,6 @@ from lib_freefuse.families import CHROMA, FLUX1, detect
 from lib_freefuse.forge import flux1 as forge_flux1
 from lib_freefuse.forge.host import diffusion_model, patch_unet
 from lib_freefuse.forge.job import FreeFuseJob, JobPlan
-from lib_freefuse.forge.lora_layers import subject_deltas
 from lib_freefuse.forge.processing import RunState, _subject_words, start_run
 
 H, MLP, HID = 128, 512, 64  # hidden size, MLP width, the modulation MLP's width
@@ -68,28 +65,8 @@ def with_loras(forge, unet, sds: dict[str, dict], strength: float = 0.9):
 
 
 def freefuse_unet(forge, merged_unet, names, masks: torch.Tensor | None, modulation="per_token", capture_step=10**6):
-    """A FreeFuse clone of a patcher with the subject LoRAs merged: they come out of the merge and act masked, with
-    the given (B_img, L, h, w) masks from the first step (no words: text tokens get every LoRA)."""
-    params = dict(merged_unet.model.named_parameters())
-    host = forge.host_adapter()
-    deltas: dict[str, list] = {}
-    merged = []
-    for index, name in enumerate(names):
-        patches = forge.merged_patches(merged_unet, str(forge.lora_dir() / name))
-        merged.append(patches)
-        found, _ = subject_deltas(patches, lambda k: params[k], host.merge)
-        for delta in found:
-            deltas.setdefault(delta.module, []).append((index, delta))
-    images = 1 if masks is None else masks.shape[0]
-    plan = JobPlan(
-        word_positions=tuple(((),) * len(names) for _ in range(images)),
-        text_length=8,
-        capture_step=capture_step,
-        modulation=modulation,
-        initial_masks=masks,
-    )
-    job = FreeFuseJob(plan, decode=None, family=CHROMA)
-    return patch_unet(merged_unet, job, deltas, capture_block=0, merged=merged), job
+    """forge_env.freefuse_unet for Chroma."""
+    return forge.freefuse_unet(merged_unet, names, masks, CHROMA, modulation=modulation, capture_step=capture_step)
 
 
 def test_chroma_is_detected_by_its_structure_and_flux_stays_flux(forge, chroma_unet):
@@ -179,21 +156,14 @@ def test_captured_qk_equal_the_blocks_own(forge, chroma_unet, cfg_scale):
     """q, k handed to the job = a recomputation from the block's weights, its modulation slices, RoPE from first
     principles; at CFG 3 the prompt (4 tokens) is repeated to the negative prompt's 8 in the batched call."""
     model = diffusion_model(chroma_unet)
-    block_index, inputs = 1, []
-    recorder = chroma_unet.clone()
-    name = f"diffusion_model.double_blocks.{block_index}.forward"
-    original = recorder.get_model_object(name)
+    block_index = 1
 
-    def record(*args, **kwargs):
-        inputs.append((kwargs["img"].clone(), kwargs["txt"].clone(), kwargs["vec"], kwargs.get("attn_mask")))
-        return original(*args, **kwargs)
+    def run(unet):
+        chroma_env.sample(
+            forge, unet, steps=3, batch=2, cfg_scale=cfg_scale, latent_hw=(10, 12), tokens=4, uncond_tokens=8
+        )
 
-    recorder.add_object_patch(name, record)
-    words = (((1, 2), (3,)), ((0,), (2,)))  # two images
-    plan = JobPlan(word_positions=words, text_length=4, capture_step=1, mask_config=MaskConfig(superpixel_vote=False))
-    job = SpyJob(plan, decode=None, family=CHROMA)
-    unet = patch_unet(recorder, job, {}, capture_block=block_index)
-    chroma_env.sample(forge, unet, steps=3, batch=2, cfg_scale=cfg_scale, latent_hw=(10, 12), tokens=4, uncond_tokens=8)
+    job, inputs = capture_with_inputs(chroma_unet, block_index, CHROMA, run)
 
     assert len(job.stored) == 1 and job.failure is None and job.masks.shape == (2, 2, 5, 6)
     q, k = job.stored[0]
@@ -208,6 +178,26 @@ def test_captured_qk_equal_the_blocks_own(forge, chroma_unet, cfg_scale):
     axes = chroma_env.CHROMA_CONFIG["axes_dim"]
     torch.testing.assert_close(q, manual_rope(mq, (5, 6), text, axes), atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(k, manual_rope(mk, (5, 6), text, axes), atol=2e-5, rtol=1e-4)
+
+
+def capture_with_inputs(unet, block_index: int, family, run):
+    """A capture at step 1 of double block `block_index` in run(patched unet) with two images' words: the SpyJob
+    and what the block was called with at each call (img, txt, vec, attn_mask)."""
+    inputs = []
+    recorder = unet.clone()
+    name = f"diffusion_model.double_blocks.{block_index}.forward"
+    original = recorder.get_model_object(name)
+
+    def record(*args, **kwargs):
+        inputs.append((kwargs["img"].clone(), kwargs["txt"].clone(), kwargs["vec"], kwargs.get("attn_mask")))
+        return original(*args, **kwargs)
+
+    recorder.add_object_patch(name, record)
+    words = (((1, 2), (3,)), ((0,), (2,)))  # two images
+    plan = JobPlan(word_positions=words, text_length=4, capture_step=1, mask_config=MaskConfig(superpixel_vote=False))
+    job = SpyJob(plan, decode=None, family=family)
+    run(patch_unet(recorder, job, {}, capture_block=block_index))
+    return job, inputs
 
 
 class SpyJob(FreeFuseJob):
@@ -320,13 +310,7 @@ def test_a_chroma_job_is_patched_makes_masks_and_leaves_nothing(forge, forge_roo
     extension's name lookup (`networks`) stands in."""
     sds = {"xa.safetensors": lora_sd(1), "xb.safetensors": lora_sd(2)}
     merged, paths, _ = forge.with_loras(chroma_unet, sds, 0.8)
-    networks = types.ModuleType("networks")
-    networks.available_network_aliases = {
-        "xa": SimpleNamespace(filename=paths[0]),
-        "xb": SimpleNamespace(filename=paths[1]),
-    }
-    networks.available_networks = {}
-    monkeypatch.setitem(sys.modules, "networks", networks)
+    forge.stand_in_networks(monkeypatch, {"xa": paths[0], "xb": paths[1]})
     prompt = "zorbo the knight and (quill the wizard:1.2) in a hall"
     p = SimpleNamespace(
         sd_model=SimpleNamespace(forge_objects=SimpleNamespace(unet=merged), text_processing_engine_t5=engine),

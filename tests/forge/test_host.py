@@ -69,11 +69,18 @@ def _scale(norm):
     return norm.scale if hasattr(norm, "scale") else norm.weight
 
 
-def manual_rope(x, grid_hw, text_tokens, axes_dim, theta=10000):
-    """FLUX's RoPE from first principles: text ids zero, image ids (0, row, col), complex rotation per axis."""
+def manual_rope(x, grid_hw, text_tokens, axes_dim, theta=10000, text_axis=None):
+    """FLUX's RoPE from first principles: image ids (0, row, col, 0...), text ids zero (FLUX.2: their positions on
+    `text_axis`), complex rotation per axis."""
     h, w = grid_hw
+    axes = len(axes_dim)
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    ids = torch.cat([torch.zeros(text_tokens, 3), torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3)])
+    image = torch.zeros(h, w, axes)
+    image[..., 1], image[..., 2] = rows, cols
+    text = torch.zeros(text_tokens, axes)
+    if text_axis is not None:
+        text[:, text_axis] = torch.arange(text_tokens)
+    ids = torch.cat([text, image.reshape(-1, axes)])
     angles = torch.cat(
         [
             ids[:, i, None].double() / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)

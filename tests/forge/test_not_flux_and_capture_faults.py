@@ -14,7 +14,7 @@ from lib_freefuse.forge.host import patch_unet
 from lib_freefuse.forge.processing import start_run
 
 NOT_FLUX = (
-    "the model (IntegratedUNet2DConditionModel) is none of FLUX.1, SDXL, Chroma, Qwen-Image, Z-Image: "
+    "the model (IntegratedUNet2DConditionModel) is none of FLUX.1, SDXL, Chroma, FLUX.2 Klein, Qwen-Image, Z-Image: "
     "FreeFuse does nothing for it"
 )
 SD_CONFIG = dict(  # Forge's SD1.5 UNet layout (IntegratedUNet2DConditionModel), tiny

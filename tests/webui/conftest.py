@@ -5,7 +5,7 @@ One server per test session (`webui` fixture):
    cache/ and params.txt there; Forge's own tree is left untouched);
 2. tiny_models.py, run by Forge's Python, writes models/Stable-diffusion/tiny_flux.safetensors, models/Lora/
    tiny_lora_a|b.safetensors and the tiny pipeline configs; tiny_sdxl.py the same for a tiny SDXL (tiny_sdxl,
-   tiny_sdxl_a|b);
+   tiny_sdxl_a|b); on Neo tiny_klein.py the same for a tiny FLUX.2 Klein (tiny_klein, tiny_klein_a|b);
 3. this repository is linked in as extensions/sd-forge-freefuse, and webui_extension/ (a test-only script that
    gives each image of a batch its own prompt, as the Dynamic Prompts extension does) beside it;
 4. `launch.py` starts under Forge's Python (FORGE_PYTHON, else <forge>/venv/bin/python) with webui_hook/ on
@@ -345,13 +345,42 @@ class WebUI:
 # ----------------------------------------------------------------------------------------------------- fixture
 
 
-def _server_env(data_dir: Path, configs: str, sdxl_configs: str, python_paths: tuple[Path, ...] = ()) -> dict:
+def _write_tiny(python: str, name: str, forge_root: Path, models: Path, data_dir: Path) -> dict:
+    """Run tiny_sdxl.py or tiny_klein.py (`name`) with Forge's Python: checkpoint models/Stable-diffusion/<name>,
+    its LoRAs and pipeline configs; its JSON manifest."""
+    made = subprocess.run(
+        [
+            python,
+            str(HERE / f"{name}.py"),
+            "--forge",
+            str(forge_root),
+            "--checkpoint",
+            str(models / "Stable-diffusion" / f"{name}.safetensors"),
+            "--lora-dir",
+            str(models / "Lora"),
+            "--configs",
+            str(data_dir / "tiny-configs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ""},
+    )
+    if made.returncode != 0:
+        pytest.fail(f"{name}.py failed ({made.returncode}):\n{made.stdout[-3000:]}\n{made.stderr[-3000:]}")
+    return json.loads(made.stdout.strip().splitlines()[-1])
+
+
+def _server_env(
+    data_dir: Path, configs: str, sdxl_configs: str, python_paths: tuple[Path, ...] = (), klein_configs: str = ""
+) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("COMMANDLINE_ARGS", "PYTHONSTARTUP")}
     paths = (str(HOOK_DIR), *map(str, python_paths), os.environ.get("PYTHONPATH", ""))
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env.update(
         FREEFUSE_TEST_TINY_FLUX_CONFIGS=configs,
         FREEFUSE_TEST_TINY_SDXL_CONFIGS=sdxl_configs,
+        FREEFUSE_TEST_TINY_KLEIN_CONFIGS=klein_configs,
         FREEFUSE_TEST_WEBUI_ASSETS=str(data_dir / "webui-assets"),
         FREEFUSE_TEST_EXIT_WITH_PARENT="1",  # a server whose pytest was killed ends itself (sitecustomize.py)
         FREEFUSE_TEST_FAULT_FILE=str(data_dir / "freefuse-fault"),  # WebUI.fault(); no file, no fault
@@ -477,27 +506,9 @@ def start_webui(
     if made.returncode != 0:
         pytest.fail(f"tiny_models.py failed ({made.returncode}):\n{made.stdout[-3000:]}\n{made.stderr[-3000:]}")
     manifest = json.loads(made.stdout.strip().splitlines()[-1])
-    made = subprocess.run(
-        [
-            python,
-            str(HERE / "tiny_sdxl.py"),
-            "--forge",
-            str(forge_root),
-            "--checkpoint",
-            str(models / "Stable-diffusion" / "tiny_sdxl.safetensors"),
-            "--lora-dir",
-            str(models / "Lora"),
-            "--configs",
-            str(data_dir / "tiny-configs"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ""},
-    )
-    if made.returncode != 0:
-        pytest.fail(f"tiny_sdxl.py failed ({made.returncode}):\n{made.stdout[-3000:]}\n{made.stderr[-3000:]}")
-    manifest["sdxl"] = json.loads(made.stdout.strip().splitlines()[-1])
+    manifest["sdxl"] = _write_tiny(python, "tiny_sdxl", forge_root, models, data_dir)
+    if is_neo(forge_root):  # classic Forge has no FLUX.2
+        manifest["klein"] = _write_tiny(python, "tiny_klein", forge_root, models, data_dir)
     # the trained toy world (it shares the tiny CLIP/T5/VAE configs) for tests/webui/test_toyworld_quality.py
     for source, folder in TOY_WORLD_FILES:
         shutil.copyfile(source, models / folder / source.name)
@@ -533,7 +544,13 @@ def start_webui(
         process = subprocess.Popen(
             command,
             cwd=forge_root,
-            env=_server_env(data_dir, manifest["configs"], manifest["sdxl"]["configs"], python_paths),
+            env=_server_env(
+                data_dir,
+                manifest["configs"],
+                manifest["sdxl"]["configs"],
+                python_paths,
+                manifest.get("klein", {}).get("configs", ""),
+            ),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

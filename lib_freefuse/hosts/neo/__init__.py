@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import uuid
 from collections.abc import Sequence
@@ -105,13 +104,15 @@ class ForgeNeo(Host):
 
         return base_weight
 
-    def reference_tokens(self, conditioning: dict) -> int:
-        """FLUX.1 Kontext: Neo's FLUX appends each reference latent's 2x2 patches after the image's tokens, taken from
-        the call's `ref_latents` or else backend.args.dynamic_args.ref_latents (backend/nn/flux.py forward)."""
+    def reference_tokens(self, conditioning: dict, patch_size: int = 2) -> int:
+        """FLUX.1 Kontext, FLUX.2 Klein editing: Neo's FLUX appends each reference latent's patches (2x2; Klein's
+        1x1) after the image's tokens, taken from the call's `ref_latents` or else
+        backend.args.dynamic_args.ref_latents (backend/nn/flux.py forward; process_img's (side + p // 2) // p)."""
         from backend.args import dynamic_args
 
         references = conditioning.get("ref_latents") or getattr(dynamic_args, "ref_latents", None) or []
-        return sum(math.ceil(r.shape[-2] / 2) * math.ceil(r.shape[-1] / 2) for r in references)
+        p = patch_size
+        return sum(((r.shape[-2] + p // 2) // p) * ((r.shape[-1] + p // 2) // p) for r in references)
 
     def modulation_output(self, modulation, chunks):
         from backend.nn.flux import ModulationOut

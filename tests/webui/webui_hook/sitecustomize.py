@@ -11,7 +11,12 @@ patches them in memory, never on disk:
   checkpoint is left exactly as Forge guesses it.
   The same wrapper gives a tiny SDXL checkpoint (tiny_sdxl.py) the SDXL guess with its own UNet config and the
   tiny SDXL pipeline configs in $FREEFUSE_TEST_TINY_SDXL_CONFIGS (huggingface_guess matches SDXL at its real sizes
-  only); a real SDXL checkpoint is left exactly as Forge guesses it.
+  only); a real SDXL checkpoint is left exactly as Forge guesses it. On Neo, a tiny FLUX.2 checkpoint
+  (tiny_klein.py) gets the Klein 4B guess with huggingface_guess's own config read off its tensors and the tiny
+  Klein pipeline configs in $FREEFUSE_TEST_TINY_KLEIN_CONFIGS (Neo matches Klein at hidden 3072/4096 only).
+- `backend.nn.llm.llama` (Neo, with $FREEFUSE_TEST_TINY_KLEIN_CONFIGS set): Neo builds a Qwen3 text encoder of an
+  unknown width with its Qwen3-0.6B class, which asserts the checkpoint's config against its own fixed one; that
+  fixed config becomes the tiny Klein text encoder's, without the class's Anima adapter (`fit_qwen3`).
 - `modules.launch_utils.repo_dir`: with --skip-prepare-environment Forge never clones
   repositories/stable-diffusion-webui-assets, and the UI's static mount of it raises at start-up. When that folder
   is missing, the empty folder $FREEFUSE_TEST_WEBUI_ASSETS stands in.
@@ -121,11 +126,65 @@ def tiny_sdxl_guess(state_dict):
     return result
 
 
+KLEIN_CONFIGS_ENV = "FREEFUSE_TEST_TINY_KLEIN_CONFIGS"
+KLEIN_TEST_KEY = "double_stream_modulation_img.lin.weight"  # FLUX.2's shared modulation
+KLEIN_HIDDEN = (3072, 4096)  # Klein 4B and 9B: left to huggingface_guess as it is
+
+
+def tiny_klein_guess(state_dict):
+    """huggingface_guess takes a FLUX.2 transformer as Klein only at hidden 3072 or 4096. For a FLUX.2 checkpoint of
+    another width, the guess is Klein 4B with huggingface_guess's own config read off the tensors, pointed at the tiny
+    pipeline configs in $FREEFUSE_TEST_TINY_KLEIN_CONFIGS. None for any other checkpoint."""
+    configs = os.environ.get(KLEIN_CONFIGS_ENV)
+    prefix = "model.diffusion_model."
+    if not configs or prefix + KLEIN_TEST_KEY not in state_dict:
+        return None
+    if state_dict[prefix + "img_in.weight"].shape[0] in KLEIN_HIDDEN:
+        return None
+    from huggingface_guess import detection, model_list
+
+    result = model_list.Flux2K4B(detection.detect_unet_config(state_dict, prefix))
+    result.unet_key_prefix = [prefix]
+    result.unet_config.pop("image_model", None)  # as huggingface_guess.guess leaves it
+    result.huggingface_repo = os.path.abspath(configs)
+    print(f"[freefuse-test] tiny Klein: {result.unet_config} with configs from {result.huggingface_repo}")
+    return result
+
+
+def fit_qwen3(module, config: dict) -> None:
+    """Neo builds a Qwen3 text encoder of a width it does not know with its Qwen3-0.6B class, whose fixed config it
+    asserts the checkpoint's config against: that class's config becomes the tiny one (backend/nn/llm/llama.py)."""
+    import dataclasses
+
+    base = module.Qwen3_06BConfig
+    fields = {f.name: config.get(f.name, f.default) for f in dataclasses.fields(base)}
+    tiny = dataclasses.make_dataclass(
+        "TinyQwen3Config", [(name, type(value), value) for name, value in fields.items()], bases=(base,)
+    )
+    tiny.head_dim = config.get("head_dim", base.head_dim)
+    module.Qwen3_06BConfig = tiny
+    import torch
+
+    class NoAdapter(torch.nn.Module):
+        """Anima's LLM adapter on the 0.6B class (fixed 1024-wide, 32128-token): Klein's engine never calls it."""
+
+    module.LLMAdapter = NoAdapter
+
+
+def patch_llama(module):
+    configs = os.environ.get(KLEIN_CONFIGS_ENV)
+    if configs and os.path.isfile(os.path.join(configs, "text_encoder", "config.json")):
+        import json
+
+        with open(os.path.join(configs, "text_encoder", "config.json"), encoding="utf-8") as file:
+            fit_qwen3(module, json.load(file))
+
+
 def patch_huggingface_guess(module):
     original = module.guess
 
     def guess(state_dict):
-        tiny = tiny_sdxl_guess(state_dict)
+        tiny = tiny_sdxl_guess(state_dict) or tiny_klein_guess(state_dict)
         if tiny is not None:
             return tiny
         result = original(state_dict)
@@ -251,7 +310,11 @@ def patch_processing(module):
     module.start_run = start_run
 
 
-PATCHES = {"huggingface_guess": patch_huggingface_guess, "modules.launch_utils": patch_launch_utils}
+PATCHES = {
+    "huggingface_guess": patch_huggingface_guess,
+    "modules.launch_utils": patch_launch_utils,
+    "backend.nn.llm.llama": patch_llama,
+}
 
 
 def patch_processing_module(module):

@@ -31,6 +31,7 @@ class Flux2Klein(Flux1):
     name = "FLUX.2 Klein"
     text_engine = "text_processing_engine_gemma"  # Neo's Flux2 engine keeps its Qwen3 Klein engine under this name
     first_chunk_only = True  # the Klein engine makes one chunk of any prompt (BREAK is a word to it)
+    end_of_text = False  # Qwen3's context: the chat template's tokens, then <|endoftext|> padding, no end-of-text
     default_reason = (
         "the second-to-last double block, where the paper's block 17 sits among FLUX.1-dev's 19 (Klein 4B: block 3 "
         "of 5; 9B: 6 of 8); not measured on Klein weights (none here)"

@@ -154,3 +154,9 @@ def test_a_capture_whose_tokens_form_no_grid_is_refused():
     q = torch.zeros(1, 2, 10, 8)
     with pytest.raises(ValueError, match="10 image tokens form no grid"):
         job.store_cross_attention(q, torch.zeros(1, 2, 77, 8), q, q)
+
+
+def test_only_t5_families_name_an_end_of_text_token_for_the_background():
+    """Background "tokens" reads T5's </s> (FLUX.1, Chroma); the others' contexts (CLIP chunks, Qwen chat templates)
+    have none that means "the rest of the picture", so the hosts fall back to the threshold with a warning."""
+    assert {f.name for f in KNOWN if f.end_of_text} == {"FLUX.1", "Chroma"}

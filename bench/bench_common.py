@@ -45,3 +45,30 @@ def interleaved_rounds(run: Callable[[str, dict], object], cases: Sequence[str],
             run(case, timings)
             timed[case].append(timings)
     return timed
+
+
+def merged_against_freefuse(bench, merged: str, freefuse: str, rounds: int) -> None:
+    """The family benches' measure: each case once untimed (the FreeFuse run must capture once and make masks, else
+    the run exits with status 1), then `rounds` interleaved rounds; prints each case's median setup + sampler time
+    and the per-round ratio. bench.run(case, timings) fills "sample" (and FreeFuse's "setup") seconds and returns the
+    sampled latents; bench.jobs[-1] is its last FreeFuse job."""
+    import torch
+
+    from lib_freefuse.forge.job import coverage_percent
+
+    outputs = {case: bench.run(case, {}) for case in (merged, freefuse)}
+    job = bench.jobs[-1]
+    coverage = coverage_percent(job.masks)[0] if job.masks is not None else None
+    print(
+        f"{freefuse}: finite {bool(torch.isfinite(outputs[freefuse]).all())}, failure {job.failure}, "
+        f"captures {job.capture_count}, mask coverage {coverage}"
+    )
+    if job.failure is not None or job.capture_count != 1 or job.masks is None:
+        raise SystemExit(1)
+    timed = interleaved_rounds(bench.run, (merged, freefuse), rounds)
+    times = {case: [t.get("setup", 0.0) + t["sample"] for t in runs] for case, runs in timed.items()}
+    ratios = [b / a for a, b in zip(times[merged], times[freefuse], strict=True)]
+    for case in (merged, freefuse):
+        print(f"{case}: setup + sampler {statistics.median(times[case]):.2f} s (median of {rounds})")
+    print(f"{freefuse} / {merged}: {spread(ratios)}")
+    print(ratio_line("(b) FreeFuse / (a) merged, setup + sampler", ratios))

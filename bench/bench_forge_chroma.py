@@ -24,7 +24,7 @@ import sys
 import time
 
 import torch
-from bench_common import REPO, interleaved_rounds, ratio_line, spread
+from bench_common import REPO, merged_against_freefuse
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # forge_locator
@@ -36,7 +36,7 @@ from forge_locator import find_forge
 from lib_freefuse.core import MaskConfig, default_capture_step
 from lib_freefuse.families import CHROMA
 from lib_freefuse.forge.host import patch_unet
-from lib_freefuse.forge.job import FreeFuseJob, JobPlan, coverage_percent
+from lib_freefuse.forge.job import FreeFuseJob, JobPlan
 from lib_freefuse.forge.lora_layers import subject_deltas
 from lib_freefuse.hosts import for_unet
 
@@ -209,22 +209,7 @@ def main(bench_class=Bench, sizes=None, text="T5") -> None:
         f"{text} tokens x {size['context']}, {size['steps']} steps, CFG {bench.cfg:g}; "
         f"LoRA keys per subject {bench.lora_keys}"
     )
-    outputs = {case: bench.run(case, {}) for case in (A, B)}
-    job = bench.jobs[-1]
-    coverage = coverage_percent(job.masks)[0] if job.masks is not None else None
-    print(
-        f"{B}: finite {bool(torch.isfinite(outputs[B]).all())}, failure {job.failure}, captures {job.capture_count}, "
-        f"mask coverage {coverage}"
-    )
-    if job.failure is not None or job.capture_count != 1 or job.masks is None:
-        raise SystemExit(1)
-    timed = interleaved_rounds(bench.run, (A, B), rounds)
-    times = {case: [t.get("setup", 0.0) + t["sample"] for t in runs] for case, runs in timed.items()}
-    ratios = [b / a for a, b in zip(times[A], times[B], strict=True)]
-    for case in (A, B):
-        print(f"{case}: setup + sampler {sorted(times[case])[len(times[case]) // 2]:.2f} s (median of {rounds})")
-    print(f"{B} / {A}: {spread(ratios)}")
-    print(ratio_line("(b) FreeFuse / (a) merged, setup + sampler", ratios))
+    merged_against_freefuse(bench, A, B, rounds)
 
 
 if __name__ == "__main__":

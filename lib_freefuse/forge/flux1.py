@@ -49,16 +49,19 @@ def install(
 
 class CaptureBlock:
     """Forward of the capture block: during the capture call, hands q and k (after QK-norm and RoPE) to the job.
-    Takes whatever the host's block takes (classic: img, txt, vec, pe; Neo adds attn_mask, transformer_options)."""
+    Takes whatever the host's block takes (classic: img, txt, vec, pe; Neo adds attn_mask, transformer_options).
+    capturing(store, on_error): the context in which the block's attention also stores q and k (default FLUX.1's
+    swap of backend.nn.flux.attention; another family passes its own)."""
 
-    def __init__(self, original_forward, job: FreeFuseJob):
+    def __init__(self, original_forward, job: FreeFuseJob, capturing=None):
         self.original_forward = original_forward
         self.job = job
+        self.capturing = capturing or _capturing_attention
 
     def __call__(self, *args, **kwargs):
         if not self.job.capturing:
             return self.original_forward(*args, **kwargs)
-        with _capturing_attention(self.job.store_attention, self.job.capture_failed):
+        with self.capturing(self.job.store_attention, self.job.capture_failed):
             return self.original_forward(*args, **kwargs)
 
 

@@ -12,7 +12,7 @@ import torch
 from ..core.prompt import byte_level_pieces
 from ..families import QWEN_IMAGE
 from ..hosts import Host
-from .flux1 import _hides_keys
+from .flux1 import CaptureBlock, _hides_keys
 from .job import FreeFuseJob
 from .lora_layers import MaskedLinearPatch
 from .patching import SubjectDeltas, stream_masks, unpatched
@@ -28,27 +28,12 @@ def install(clone, model, job: FreeFuseJob, subject_deltas: SubjectDeltas, captu
             f"capture_block: {capture_block} is not one of the model's {len(model.transformer_blocks)} blocks"
         )
     block = f"diffusion_model.transformer_blocks.{capture_block}.forward"
-    clone.add_object_patch(block, CaptureBlock(unpatched(clone, block), job))
+    clone.add_object_patch(block, CaptureBlock(unpatched(clone, block), job, _capturing_attention))
     for module, deltas in subject_deltas.items():
         role = QWEN_IMAGE.layer_role(module)
         source = job.vector_masks if role.stream == "vector" else stream_masks(job, role.stream)
         name = f"diffusion_model.{module}.forward"
         clone.add_object_patch(name, MaskedLinearPatch(unpatched(clone, name), deltas, source, job.layer_failed))
-
-
-class CaptureBlock:
-    """Forward of the capture block: during the capture call, hands the joint q and k (after QK-norm and RoPE) to
-    the job. Takes whatever Neo's block takes (hidden_states, encoder_hidden_states, ..., by keyword)."""
-
-    def __init__(self, original_forward, job: FreeFuseJob):
-        self.original_forward = original_forward
-        self.job = job
-
-    def __call__(self, *args, **kwargs):
-        if not self.job.capturing:
-            return self.original_forward(*args, **kwargs)
-        with _capturing_attention(self.job.store_attention, self.job.capture_failed):
-            return self.original_forward(*args, **kwargs)
 
 
 @contextmanager

@@ -72,3 +72,42 @@ def merged_against_freefuse(bench, merged: str, freefuse: str, rounds: int) -> N
         print(f"{case}: setup + sampler {statistics.median(times[case]):.2f} s (median of {rounds})")
     print(f"{freefuse} / {merged}: {spread(ratios)}")
     print(ratio_line("(b) FreeFuse / (a) merged, setup + sampler", ratios))
+
+
+def kohya_lora(model, seed: int, keep: Callable[[str], bool], rank: int = 16) -> dict:
+    """A kohya-format LoRA (lora_unet_<path>.lora_down/lora_up/alpha, float32) of `rank` on every Linear of `model`
+    whose module path `keep` accepts; up ~ N(0, 0.5 / rank), down ~ N(0, 1 / d_in): a visible but bounded change."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, module in model.named_modules():
+        if not keep(name) or not hasattr(module, "in_features"):
+            continue
+        stem = "lora_unet_" + name.replace(".", "_")
+        sd[f"{stem}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=g) / module.in_features**0.5
+        sd[f"{stem}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=g) * (0.5 / rank) ** 0.5
+        sd[f"{stem}.alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+def neo_bench_args(description: str, forge_env, family: str):
+    """The Neo-only family benches' command line (--smoke, --repeats, --seed) and Forge Neo set up from FORGE_DIR
+    (forge_env: the test tier's helper module); exits with the reason when there is no Forge or it is classic."""
+    import argparse
+
+    from forge_locator import find_forge
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--smoke", action="store_true", help="seconds on a CPU: checks that it runs")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, --smoke 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    root, why = find_forge()
+    if root is None:
+        raise SystemExit(why)
+    forge_env.setup(root)
+    if forge_env.HOST != "neo":
+        raise SystemExit(f"classic Forge has no {family}: run this with Forge Neo (FORGE_DIR)")
+    args.rounds = args.repeats or (2 if args.smoke else 5)
+    return args

@@ -19,19 +19,17 @@ sampler per round, median [min - max]. Goal <= 1.10x.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import torch
-from bench_common import REPO, merged_against_freefuse
+from bench_common import REPO, kohya_lora, merged_against_freefuse, neo_bench_args
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # forge_locator
 sys.path.insert(0, str(REPO / "tests" / "forge"))  # forge_env
 
 import forge_env
-from forge_locator import find_forge
 
 from lib_freefuse.core import MaskConfig, default_capture_step
 from lib_freefuse.families import CHROMA
@@ -44,6 +42,11 @@ SCALED = dict(hidden=768, heads=6, depth=(4, 8), mlp=256, latent=32, tokens=(128
 SMOKE = dict(hidden=128, heads=2, depth=(2, 2), mlp=64, latent=16, tokens=(16, 8), context=32, steps=3)
 WORDS = ((2, 3), (7, 8))
 A, B = "(a) merged", "(b) FreeFuse"
+
+
+def lora_layer(name: str) -> bool:
+    """The Linears the bench's LoRAs touch: every one of the double and single blocks."""
+    return name.startswith(("double_blocks.", "single_blocks."))
 
 
 def chroma_config(size: dict) -> dict:
@@ -102,20 +105,6 @@ def make_patcher(model):
     )
 
 
-def kohya_lora(model, seed: int, rank: int = 16) -> dict[str, torch.Tensor]:
-    """Rank-16 LoRA on every Linear of the double and single blocks."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, module in model.named_modules():
-        if not name.startswith(("double_blocks.", "single_blocks.")) or not hasattr(module, "in_features"):
-            continue
-        stem = "lora_unet_" + name.replace(".", "_")
-        sd[f"{stem}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=g) / module.in_features**0.5
-        sd[f"{stem}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=g) * (0.5 / rank) ** 0.5
-        sd[f"{stem}.alpha"] = torch.tensor(float(rank))
-    return sd
-
-
 def conditions(tokens: int, context: int, seed: int):
     """T5 states alone, as Neo's Chroma engine gives them."""
     from backend.sampling.condition import compile_conditions
@@ -141,7 +130,7 @@ class Bench:
         self.config, self.unet = self.make_unet(size, seed)
         model = self.unet.model.diffusion_model
         tag = self.family.name.split()[-1].lower()
-        sds = {f"{tag}_subject_{i}.safetensors": kohya_lora(model, 100 + i) for i in range(2)}
+        sds = {f"{tag}_subject_{i}.safetensors": kohya_lora(model, 100 + i, lora_layer) for i in range(2)}
         self.lora_keys = len(sds[f"{tag}_subject_0.safetensors"]) // 3
         self.merged, self.files, unmatched = forge_env.with_loras(self.unet, sds, 1.0)
         if unmatched:
@@ -185,21 +174,11 @@ class Bench:
 
 def main(bench_class=Bench, sizes=None, text="T5") -> None:
     """Run the bench of bench_class (Chroma's, or a subclass) at its SCALED or --smoke size (sizes: both)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--smoke", action="store_true", help="seconds on a CPU: checks that it runs")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, --smoke 2)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    root, why = find_forge()
-    if root is None:
-        raise SystemExit(why)
-    forge_env.setup(root)
     name = bench_class.family.name
-    if forge_env.HOST != "neo":
-        raise SystemExit(f"classic Forge has no {name}: run this with Forge Neo (FORGE_DIR)")
+    args = neo_bench_args(__doc__.split("\n", 1)[0], forge_env, name)
     smoke, scaled = sizes or (SMOKE, SCALED)
     size = smoke if args.smoke else scaled
-    rounds = args.repeats or (2 if args.smoke else 5)
+    rounds = args.rounds
     bench = bench_class(size, args.seed)
     c = bench.config
     print(f"host: {forge_env.HOST}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")

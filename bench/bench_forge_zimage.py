@@ -19,12 +19,11 @@ round; the figure is (b)/(a) of setup + sampler per round, median [min - max]. G
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import torch
-from bench_common import REPO, merged_against_freefuse
+from bench_common import REPO, kohya_lora, merged_against_freefuse, neo_bench_args
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # forge_locator
@@ -32,7 +31,6 @@ sys.path.insert(0, str(REPO / "tests" / "forge"))  # forge_env, zimage_env
 
 import forge_env
 import zimage_env
-from forge_locator import find_forge
 
 from lib_freefuse.core import MaskConfig, default_capture_step
 from lib_freefuse.families import Z_IMAGE
@@ -45,6 +43,11 @@ SCALED = dict(dim=768, heads=6, axes=[32, 48, 48], layers=6, refiners=2, latent=
 SMOKE = dict(dim=256, heads=4, axes=[16, 24, 24], layers=2, refiners=1, latent=16, tokens=16, context=64, steps=3)
 WORDS = ((5, 6), (11, 12))
 A, B = "(a) merged", "(b) FreeFuse"
+
+
+def lora_layer(name: str) -> bool:
+    """The Linears the bench's LoRAs touch: attention and feed-forward of the joint layers and refiners."""
+    return name.startswith(("layers.", "noise_refiner.", "context_refiner.")) and "adaLN" not in name
 
 
 def zimage_config(size: dict) -> dict:
@@ -62,22 +65,6 @@ def zimage_config(size: dict) -> dict:
     }
 
 
-def kohya_lora(model, seed: int, rank: int = 16) -> dict[str, torch.Tensor]:
-    """Rank-16 LoRA on every attention and feed-forward Linear of the joint layers and refiners."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, module in model.named_modules():
-        if not name.startswith(("layers.", "noise_refiner.", "context_refiner.")) or "adaLN" in name:
-            continue
-        if not hasattr(module, "in_features"):
-            continue
-        stem = "lora_unet_" + name.replace(".", "_")
-        sd[f"{stem}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=g) / module.in_features**0.5
-        sd[f"{stem}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=g) * (0.5 / rank) ** 0.5
-        sd[f"{stem}.alpha"] = torch.tensor(float(rank))
-    return sd
-
-
 def conditions(tokens: int, context: int, seed: int):
     """Qwen3 states alone, as Neo's Z-Image engine gives them."""
     from backend.sampling.condition import compile_conditions
@@ -92,7 +79,7 @@ class Bench:
         self.config = zimage_config(size)
         model = zimage_env.make_tiny_zimage(seed, **self.config)
         self.unet = zimage_env.make_zimage_patcher(model)
-        sds = {f"zimage_subject_{i}.safetensors": kohya_lora(model, 100 + i) for i in range(2)}
+        sds = {f"zimage_subject_{i}.safetensors": kohya_lora(model, 100 + i, lora_layer) for i in range(2)}
         self.lora_keys = len(sds["zimage_subject_0.safetensors"]) // 3
         self.merged, self.files, unmatched = forge_env.with_loras(self.unet, sds, 1.0)
         if unmatched:
@@ -134,19 +121,9 @@ class Bench:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--smoke", action="store_true", help="seconds on a CPU: checks that it runs")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, --smoke 2)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    root, why = find_forge()
-    if root is None:
-        raise SystemExit(why)
-    forge_env.setup(root)
-    if forge_env.HOST != "neo":
-        raise SystemExit("classic Forge has no Z-Image: run this with Forge Neo (FORGE_DIR)")
+    args = neo_bench_args(__doc__.split("\n", 1)[0], forge_env, "Z-Image")
     size = SMOKE if args.smoke else SCALED
-    rounds = args.repeats or (2 if args.smoke else 5)
+    rounds = args.rounds
     bench = Bench(size, args.seed)
     c = bench.config
     print(f"host: {forge_env.HOST}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")

@@ -68,6 +68,26 @@ def subjects_from_text(text: str) -> list[dict[str, object]]:
     return rows
 
 
+def coverage_text(coverage: Mapping[str, list[float]]) -> str:
+    """{LoRA: [percent of each image of the batch]} -> "a: 46%; b: 53.5%" (a batch: "a: 46%, 12%; b: ..."), the
+    percents rounded to 0.1; LoRA names hold no ':' (see bindings_text), so each row's first ':' ends its name."""
+    return _ROW_SEPARATOR.join(
+        f"{name}: " + ", ".join(f"{round(float(p), 1):g}%" for p in percents) for name, percents in coverage.items()
+    )
+
+
+def coverage_from_text(text: str) -> dict[str, list[float]]:
+    """coverage_text back to {LoRA: [percent per image]}; the JSON object of 0.2.x infotexts is read too."""
+    text = text.strip()
+    if text.startswith("{"):
+        return {str(name): [float(p) for p in percents] for name, percents in json.loads(text).items()}
+    coverage = {}
+    for row in text.split(_ROW_SEPARATOR):
+        name, _, percents = row.partition(": ")
+        coverage[name] = [float(p.strip().rstrip("%")) for p in percents.split(",")]
+    return coverage
+
+
 def infotext_params(args: FreeFuseArgs) -> dict[str, object]:
     """The infotext entries of an enabled run: bindings, every non-default setting, the version."""
     changed = args.to_dict(only_changed=True)

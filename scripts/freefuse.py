@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import gradio as gr
 from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
@@ -29,7 +27,7 @@ from lib_freefuse.forge.ui_events import (
 )
 from lib_freefuse.forge.xyz import clear_previous_cell, register_axes, xyz_args
 from lib_freefuse.hosts import HostUnsupported, detect
-from lib_freefuse.infotext import COVERAGE_KEY, WARNINGS_KEY, args_from_params, infotext_params
+from lib_freefuse.infotext import COVERAGE_KEY, WARNINGS_KEY, args_from_params, coverage_text, infotext_params
 from lib_freefuse.log import configure, logger
 from lib_freefuse.script_values import (
     SETTING_KEYS,
@@ -214,8 +212,8 @@ class FreeFuseScript(scripts.Script):
         masks = state.end_batch(count)
         if masks is not None:
             coverage = coverage_percent(masks)
-            p.extra_generation_params[COVERAGE_KEY] = json.dumps(
-                {name: [round(image[i], 1) for image in coverage] for i, name in enumerate(state.subject_names)}
+            p.extra_generation_params[COVERAGE_KEY] = coverage_text(
+                {name: [image[i] for image in coverage] for i, name in enumerate(state.subject_names)}
             )
             adetailer.link_job(p, count)
         else:

@@ -16,6 +16,8 @@ from lib_freefuse.infotext import (
     SUBJECTS_KEY,
     VERSION_KEY,
     args_from_params,
+    coverage_from_text,
+    coverage_text,
     infotext_params,
     setting_key,
 )
@@ -136,3 +138,13 @@ def test_an_infotext_without_freefuse_gives_none():
 def test_a_damaged_infotext_names_the_field(params, field):
     with pytest.raises(ValueError, match=f"^{field}"):
         args_from_params(params)
+
+
+def test_coverage_reads_as_percents_per_lora_and_comes_back():
+    """The mask coverage entry is readable in PNG Info ("a: 46%; b: 53.5%"), names with spaces and a batch's images
+    included, and reads back to the same numbers (rounded to 0.1); older JSON entries are still read."""
+    coverage = {"zorbo v2": [46.04, 12.0], "quill": [53.46, 88.0]}
+    text = coverage_text(coverage)
+    assert text == "zorbo v2: 46%, 12%; quill: 53.5%, 88%"
+    assert coverage_from_text(text) == {"zorbo v2": [46.0, 12.0], "quill": [53.5, 88.0]}
+    assert coverage_from_text('{"a": [46.0], "b": [54.0]}') == {"a": [46.0], "b": [54.0]}

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from test_freefuse_api import PROMPT, freefuse, infotext_json, tagged
+from test_freefuse_api import PROMPT, freefuse, infotext_coverage, tagged
 
 
 @pytest.mark.parametrize(("width", "height"), [(72, 56), (64, 64), (192, 64), (40, 88)], ids=str)
@@ -270,7 +270,7 @@ def test_a_lora_that_cannot_be_used_is_named_and_the_others_get_masks(webui, pro
     assert warning in result.infotext, result.infotext
     assert webui.log()[log_start:].count(warning) == 1
     usable = {a, b} | ({"ff_twin"} if "ff_twin" in str(extra) else set())
-    assert set(infotext_json(result.infotext, "FreeFuse coverage")) == usable
+    assert set(infotext_coverage(result.infotext)) == usable
 
 
 @pytest.mark.parametrize(
@@ -312,7 +312,7 @@ def test_a_prompt_longer_than_256_t5_tokens_keeps_words_on_both_sides_of_256(web
     result = webui.txt2img(prompt, steps=6, alwayson_scripts=freefuse(webui, show_masks=True))
     assert len(result.images) == 2
     assert "FreeFuse warnings" not in result.infotext, result.infotext
-    coverage = infotext_json(result.infotext, "FreeFuse coverage")
+    coverage = infotext_coverage(result.infotext)
     assert sum(sum(values) for values in coverage.values()) == pytest.approx(100, abs=0.5)
 
 
@@ -334,14 +334,13 @@ def test_a_prompt_per_image_finds_each_images_words(webui, layout):
     assert len(result.images) == 4  # two images, two overlays
     assert all("FreeFuse warnings" not in text for text in infotexts), infotexts
     alone = [
-        infotext_json(
-            webui.txt2img(tagged(webui, prompt), steps=6, seed=1234 + i, alwayson_scripts=freefuse(webui)).infotext,
-            "FreeFuse coverage",
+        infotext_coverage(
+            webui.txt2img(tagged(webui, prompt), steps=6, seed=1234 + i, alwayson_scripts=freefuse(webui)).infotext
         )
         for i, prompt in enumerate(prompts)
     ]
     for i in range(2):
-        coverage = infotext_json(infotexts[i], "FreeFuse coverage")  # a batch's images, each in its own order
+        coverage = infotext_coverage(infotexts[i])  # a batch's images, each in its own order
         index = i if layout == "batch_size" else 0
         assert {lora: values[index] for lora, values in coverage.items()} == {
             lora: values[0] for lora, values in alone[i].items()

@@ -225,6 +225,9 @@ def _redraw_faces(page: Page, webui) -> None:
     # 1. txt2img with the API test's job; FreeFuse: the two rows, Show masks, the toy world's capture block
     page.open_page(webui.url)
     page.mark("page up")
+    if webui.neo:  # as a user would: Neo's page opens on the preset of the checkpoint it started with (which one
+        # that is among the test's checkpoints depends on the folder's order), and only "flux" shows Distilled CFG
+        page.choose("forge_ui_preset", "flux")
     page.choose(f"{TAB}_sampling", "Euler")
     page.choose(f"{TAB}_scheduler", "Simple")
     for key in ("width", "height", "steps", "seed"):

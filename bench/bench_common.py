@@ -111,3 +111,19 @@ def neo_bench_args(description: str, forge_env, family: str):
         raise SystemExit(f"classic Forge has no {family}: run this with Forge Neo (FORGE_DIR)")
     args.rounds = args.repeats or (2 if args.smoke else 5)
     return args
+
+
+def subject_deltas_of(host, unet, files) -> tuple[dict[str, list], list]:
+    """What processing.start_run takes out of the host's merge for the subject LoRA files (subject = index):
+    ({module: [(subject, SubjectWeightDelta), ...]}, the host's merged patches of each file)."""
+    from lib_freefuse.forge.lora_layers import subject_deltas
+
+    base = host.base_weight(unet)
+    deltas: dict[str, list] = {}
+    merged = []
+    for index, path in enumerate(files):
+        patches = host.merged_lora(unet, path)
+        merged.append(patches)
+        for delta in subject_deltas(patches, base, host.merge)[0]:
+            deltas.setdefault(delta.module, []).append((index, delta))
+    return deltas, merged

@@ -23,7 +23,7 @@ import sys
 import time
 
 import torch
-from bench_common import REPO, kohya_lora, merged_against_freefuse, neo_bench_args
+from bench_common import REPO, kohya_lora, merged_against_freefuse, neo_bench_args, subject_deltas_of
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # forge_locator
@@ -36,7 +36,6 @@ from lib_freefuse.core import MaskConfig, default_capture_step
 from lib_freefuse.families import QWEN_IMAGE
 from lib_freefuse.forge.host import patch_unet
 from lib_freefuse.forge.job import FreeFuseJob, JobPlan
-from lib_freefuse.forge.lora_layers import subject_deltas
 from lib_freefuse.hosts import for_unet
 
 SCALED = dict(hidden=768, heads=6, depth=8, latent=32, tokens=(128, 64), context=256, steps=6)
@@ -101,14 +100,7 @@ class Bench:
 
     def freefuse(self):
         """What processing.start_run does once the words and LoRAs are known."""
-        base = self.host.base_weight(self.merged)
-        deltas: dict[str, list] = {}
-        merged = []
-        for index, path in enumerate(self.files):
-            patches = self.host.merged_lora(self.merged, path)
-            merged.append(patches)
-            for delta in subject_deltas(patches, base, self.host.merge)[0]:
-                deltas.setdefault(delta.module, []).append((index, delta))
+        deltas, merged = subject_deltas_of(self.host, self.merged, self.files)
         plan = JobPlan(
             word_positions=(WORDS,),
             text_length=self.size["tokens"][0],

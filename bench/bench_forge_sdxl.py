@@ -29,7 +29,7 @@ import sys
 import time
 
 import torch
-from bench_common import REPO, interleaved_rounds, ratio_line, spread
+from bench_common import REPO, interleaved_rounds, ratio_line, spread, subject_deltas_of
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # forge_locator
@@ -43,7 +43,6 @@ from lib_freefuse.core import MaskConfig, default_capture_step
 from lib_freefuse.families import SDXL_FAMILY
 from lib_freefuse.forge.host import patch_unet
 from lib_freefuse.forge.job import FreeFuseJob, JobPlan, coverage_percent
-from lib_freefuse.forge.lora_layers import subject_deltas
 from lib_freefuse.hosts import for_unet
 
 SCALED = dict(channels=160, depth=(1, 2), latent=32, context=256, steps=6)
@@ -155,14 +154,7 @@ class Bench:
 
     def freefuse(self):
         """What processing.start_run does once the words and LoRAs are known."""
-        base = self.host.base_weight(self.merged)
-        deltas: dict[str, list] = {}
-        merged = []
-        for index, path in enumerate(self.files):
-            patches = self.host.merged_lora(self.merged, path)
-            merged.append(patches)
-            for delta in subject_deltas(patches, base, self.host.merge)[0]:
-                deltas.setdefault(delta.module, []).append((index, delta))
+        deltas, merged = subject_deltas_of(self.host, self.merged, self.files)
         plan = JobPlan(
             word_positions=(WORDS,),
             text_length=77,

@@ -130,7 +130,7 @@ def start_webui(forge: Path, python: str, data_dir: Path, model: Path = MODEL, e
     configs = tiny_models.write_pipeline_configs(forge, data_dir / "configs")
     (data_dir / "extensions").mkdir()
     (data_dir / "extensions" / webui_tier.EXTENSION_NAME).symlink_to(ROOT, target_is_directory=True)
-    env = webui_tier._server_env(data_dir, str(configs))
+    env = webui_tier._server_env(data_dir, str(configs), "")
     for test_only in ("FREEFUSE_TEST_FAULT_FILE", "FREEFUSE_TEST_TENSOR_LOG"):  # the webui tier's hooks: not here
         env.pop(test_only, None)
     env["PYTHONPATH"] = str(SEAM)
@@ -328,7 +328,8 @@ def main(argv=None) -> None:
     print(format_table(rows))
     for name, oracle in (("FreeFuse (paper defaults)", "oracle masks (paper timing)"),
                          ("  joint + restart", "oracle masks + joint + restart"),
-                         ("  off before masks + restart", "oracle masks + off before + restart")):  # fmt: skip
+                         ("  off before masks + restart", "oracle masks + off before + restart"),
+                         ("  attention bias 5", "oracle masks + attention bias 5")):  # fmt: skip
         share = oracle_share(rows, name, oracle)
         if share is not None:
             bounds = oracle_share_interval(rows, name, oracle)

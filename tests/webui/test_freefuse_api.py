@@ -210,8 +210,9 @@ def test_problems_are_named_and_the_image_is_made(webui, settings, warning):
         {"text_loras": "own_words"},
         {"text_loras": "none"},
         {"background": "tokens"},
+        {"attention_bias": 5.0},
     ],
-    ids=["image-queries", "text-own-words", "text-none", "background-end-of-text"],
+    ids=["image-queries", "text-own-words", "text-none", "background-end-of-text", "attention-bias"],
 )
 def test_options_beyond_the_paper_run_change_the_image_and_are_recorded(webui, settings):
     """Each option beyond the paper is accepted by the API, makes masks, changes the image against the paper's

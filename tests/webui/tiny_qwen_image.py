@@ -19,7 +19,6 @@ prints a JSON manifest.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import shutil
@@ -31,7 +30,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "forge"))  # qwen_image_env: the forge tier's tiny Qwen-Image config
 
 import qwen_image_env  # noqa: E402
-from tiny_models import _randomize, setup_forge  # noqa: E402
+from tiny_models import _randomize, setup_forge, writer_main  # noqa: E402
 
 FORGE_PIPELINE = Path("backend", "huggingface", "Qwen", "Qwen-Image")
 PIPELINE_NAME = "Qwen-Image-tiny"
@@ -148,14 +147,7 @@ def write_all(forge_root: Path, checkpoint: Path, lora_dir: Path, configs_root: 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--forge", type=Path, required=True)
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--lora-dir", type=Path, required=True)
-    parser.add_argument("--configs", type=Path, required=True)
-    args = parser.parse_args(argv)
-    paths = (args.forge, args.checkpoint, args.lora_dir, args.configs)
-    print(json.dumps(write_all(*(path.resolve() for path in paths))))
+    writer_main(write_all, __doc__, argv)
 
 
 if __name__ == "__main__":

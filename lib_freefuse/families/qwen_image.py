@@ -4,8 +4,9 @@ Masks are read from one block's joint attention: text tokens first, then the ima
 as FLUX.1), q and k after the per-stream QK RMS-norm and after the joint 3-D RoPE (text ids on the diagonal, image
 ids centred on the grid). Every block has separate projections per stream: attn.to_q/to_k/to_v/to_out.0 and
 img_mlp see the image tokens (masked per token); attn.add_q/k/v_proj, to_add_out and txt_mlp the text tokens
-(FLUX.1's text-stream rule); img_in/proj_out image, txt_in text. img_mod/txt_mod (each block's shift/scale/gate),
-norm_out.linear and the timestep embedder act on the timestep embedding, one vector per image: FLUX.1's rule for
+(FLUX.1's text-stream rule); img_in/proj_out image, txt_in text. img_mod.1/txt_mod.1 (each block's shift/scale/gate
+from the timestep embedding) are modulation layers of the image / text stream, made per token as FLUX.1's
+(forge/qwen_image.py); norm_out.linear and the timestep embedder, one vector per image, follow FLUX.1's rule for
 vector layers (job.vector_masks). Text: the prompt in Qwen's chat template, with the template's leading tokens
 dropped by Neo's engine (forge/qwen_image.py finds the words in what is left)."""
 
@@ -22,6 +23,10 @@ _STREAMS = (
     (re.compile(r"^(img_in|proj_out)$"), "image"),
     (re.compile(_BLOCK + r"(attn\.(add_[qkv]_proj|to_add_out)|txt_mlp\.net\.(0\.proj|2))$"), "text"),
     (re.compile(r"^txt_in$"), "text"),
+)
+_MODULATIONS = (
+    (re.compile(r"^(transformer_blocks\.\d+\.img_mod)\.1$"), "image"),
+    (re.compile(r"^(transformer_blocks\.\d+\.txt_mod)\.1$"), "text"),
 )
 AUTHORS_DEPTH = 0.6  # the authors' Z-Image default: layer 18 of 30 ("a block in the second half: deep features")
 
@@ -51,7 +56,10 @@ class QwenImage(Family):
         for pattern, stream in _STREAMS:
             if pattern.match(module):
                 return LayerRole(stream)
-        return LayerRole("vector")  # img_mod.1, txt_mod.1, norm_out.linear, time_text_embed.*: the timestep vector
+        for pattern, stream in _MODULATIONS:
+            if found := pattern.match(module):  # Sequential(SiLU, Linear): the Linear's parent is the modulation
+                return LayerRole(stream, modulation=True, parent=found.group(1))
+        return LayerRole("vector")  # norm_out.linear, time_text_embed.*: the timestep vector
 
     def capture_sites(self, model) -> list[str]:
         return [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]

@@ -1,18 +1,19 @@
-"""Qwen-Image in Forge Neo (backend/nn/qwen.py): the capture block, masked layers, and the words in the context Neo's
-Qwen engine returns. `install` puts the patches on a clone; lib_freefuse/families/qwen_image.py says which layer
-sees which tokens."""
+"""Qwen-Image in Forge Neo (backend/nn/qwen.py): the capture block, masked layers, per-token modulation, and the words
+in the context Neo's Qwen engine returns. `install` puts the patches on a clone; lib_freefuse/families/qwen_image.py
+says which layer sees which tokens."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
+from operator import itemgetter
 
 import torch
 
 from ..core.prompt import byte_level_pieces
 from ..families import QWEN_IMAGE
 from ..hosts import Host
-from .flux1 import CaptureBlock, _hides_keys
+from .flux1 import CaptureBlock, PerTokenModulation, _hides_keys
 from .job import FreeFuseJob
 from .lora_layers import MaskedLinearPatch
 from .patching import SubjectDeltas, stream_masks, unpatched
@@ -29,11 +30,35 @@ def install(clone, model, job: FreeFuseJob, subject_deltas: SubjectDeltas, captu
         )
     block = f"diffusion_model.transformer_blocks.{capture_block}.forward"
     clone.add_object_patch(block, CaptureBlock(unpatched(clone, block), job, _capturing_attention))
+    modulated: set[str] = set()  # blocks whose _modulate takes per-token parameters
     for module, deltas in subject_deltas.items():
         role = QWEN_IMAGE.layer_role(module)
-        source = job.vector_masks if role.stream == "vector" else stream_masks(job, role.stream)
         name = f"diffusion_model.{module}.forward"
+        if role.modulation:  # img_mod/txt_mod = Sequential(SiLU, Linear): its forward gives (B, T|1, 6D)
+            patch = PerTokenModulation(unpatched(clone, name), 1, deltas, job, role.stream, itemgetter(0))
+            clone.add_object_patch(f"diffusion_model.{role.parent}.forward", patch)
+            modulate = f"diffusion_model.{role.parent.rsplit('.', 1)[0]}._modulate"
+            if modulate not in modulated:  # one block may have both img_mod and txt_mod
+                modulated.add(modulate)
+                clone.add_object_patch(modulate, TokenModulate(unpatched(clone, modulate)))
+            continue
+        source = job.vector_masks if role.stream == "vector" else stream_masks(job, role.stream)
         clone.add_object_patch(name, MaskedLinearPatch(unpatched(clone, name), deltas, source, job.layer_failed))
+
+
+class TokenModulate:
+    """A block's `_modulate(x, mod_params)` that also takes the per-token parameters PerTokenModulation gives.
+    Neo's takes (B, 3D) and broadcasts one shift/scale/gate over the tokens: x (B, T, D) * (1 + scale[:, None]) +
+    shift[:, None]; (B, T|1, 3D) parameters are already per token: x * (1 + scale) + shift, gate (B, T|1, D)."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def __call__(self, x: torch.Tensor, mod_params: torch.Tensor):
+        if mod_params.ndim == 2:
+            return self.original(x, mod_params)
+        shift, scale, gate = torch.chunk(mod_params, 3, dim=-1)
+        return torch.addcmul(shift, x, 1 + scale), gate
 
 
 @contextmanager

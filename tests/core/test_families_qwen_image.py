@@ -22,7 +22,7 @@ def test_qwen_image_is_told_by_its_double_stream_blocks_and_text_norm():
     assert detect(single_stream) is None
 
 
-def test_qwen_image_layers_see_their_stream_and_modulations_one_vector_per_image():
+def test_qwen_image_layers_see_their_stream_and_modulations_act_per_token():
     roles = {
         "transformer_blocks.7.attn.to_q": "image",
         "transformer_blocks.7.attn.to_out.0": "image",
@@ -34,14 +34,15 @@ def test_qwen_image_layers_see_their_stream_and_modulations_one_vector_per_image
         "transformer_blocks.7.attn.to_add_out": "text",
         "transformer_blocks.7.txt_mlp.net.2": "text",
         "txt_in": "text",
-        "transformer_blocks.7.img_mod.1": "vector",
-        "transformer_blocks.7.txt_mod.1": "vector",
         "norm_out.linear": "vector",
         "time_text_embed.timestep_embedder.linear_1": "vector",
     }
     for module, stream in roles.items():
         role = QWEN_IMAGE.layer_role(module)
         assert (role.stream, role.modulation) == (stream, False), module
+    for module, stream in (("img_mod", "image"), ("txt_mod", "text")):
+        role = QWEN_IMAGE.layer_role(f"transformer_blocks.7.{module}.1")
+        assert (role.stream, role.modulation, role.parent) == (stream, True, f"transformer_blocks.7.{module}")
 
 
 def test_qwen_image_default_capture_site_and_grid():

@@ -110,16 +110,18 @@ def test_qwen_image_is_detected_by_its_structure(forge, qwen_unet):
     assert QWEN_IMAGE.default_capture_site(model) == 2  # round(0.6 * 3); 36 of Qwen-Image's 60
     assert QWEN_IMAGE.layer_role("transformer_blocks.4.attn.to_out.0").stream == "image"
     assert QWEN_IMAGE.layer_role("transformer_blocks.4.attn.to_add_out").stream == "text"
-    assert QWEN_IMAGE.layer_role("transformer_blocks.4.img_mod.1").stream == "vector"
+    assert QWEN_IMAGE.layer_role("transformer_blocks.4.img_mod.1").modulation
+    assert QWEN_IMAGE.layer_role("norm_out.linear").stream == "vector"
     assert not CHROMA.matches(model) and not FLUX1.matches(model)
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 @pytest.mark.parametrize("modulation", ["per_token", "global"])
 def test_all_ones_masks_equal_neos_merged_loras(forge, qwen_unet, cfg_scale, modulation):
-    """Image, text and top-level layers in five key styles: all-ones masks from the first step give Neo's merged
-    image, with a negative prompt of another length (brought to a common length by repetition) at CFG 3."""
-    sds = {"qa.safetensors": lora_sd(1), "qb.safetensors": lora_sd(2)}
+    """Image, text, modulation and top-level layers in five key styles: all-ones masks from the first step give
+    Neo's merged image, with a negative prompt of another length (brought to a common length by repetition) at
+    CFG 3."""
+    sds = {"qa.safetensors": lora_sd(1, modulation=True), "qb.safetensors": lora_sd(2, modulation=True)}
     merged = with_loras(forge, qwen_unet, sds)
     run = dict(steps=3, cfg_scale=cfg_scale, latent_hw=LATENT, tokens=8, uncond_tokens=4)
     expected = qwen_image_env.sample(forge, merged, **run)
@@ -131,29 +133,83 @@ def test_all_ones_masks_equal_neos_merged_loras(forge, qwen_unet, cfg_scale, mod
     assert (expected - plain).abs().max() > 1e-2  # the LoRAs do change the image
 
 
-def test_modulation_layer_deltas_follow_the_vector_rule(forge, qwen_unet):
-    """img_mod/txt_mod give one shift/scale/gate vector per image: with modulation "global" their deltas act on the
-    whole image (all-ones masks = Neo's merge); with "per_token" they stop once masks exist (all-ones masks = the
-    merge of the same LoRAs without those layers)."""
-    sds = {"qa.safetensors": lora_sd(1, modulation=True), "qb.safetensors": lora_sd(2, modulation=True)}
-    merged = with_loras(forge, qwen_unet, sds)
-    run = dict(steps=3, latent_hw=LATENT)
-    unet, job = freefuse_unet(forge, merged, list(sds), torch.ones(1, 2, *GRID), "global")
-    torch.testing.assert_close(qwen_image_env.sample(forge, unet, **run), qwen_image_env.sample(forge, merged, **run))
-    assert job.failure is None
+def naive_modulated_block(block, token_masks: torch.Tensor, image_deltas: list, text_delta: torch.Tensor):
+    """Neo's QwenImageTransformerBlock.forward written out with per-token modulation: image token t's shift/scale/
+    gate from img_mod.1's weight plus each subject's full delta matrix weighted by token_masks (T, L), one token at a
+    time; text tokens' from txt_mod.1's weight plus text_delta (no words: every subject, the text rule)."""
 
-    unet, job = freefuse_unet(forge, merged, list(sds), torch.ones(1, 2, *GRID), "per_token")
+    def modulate(x, params):
+        shift, scale, gate = params.chunk(3, -1)
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift, gate
+
+    def forward(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb, image_rotary_emb=None):
+        s = F.silu(temb)  # (B, D)
+        img_w, img_b = block.img_mod[1].weight, block.img_mod[1].bias
+        rows = [
+            F.linear(s, img_w + sum(m * d for m, d in zip(token_masks[t], image_deltas, strict=True)), img_b)
+            for t in range(token_masks.shape[0])
+        ]
+        img_params = torch.stack(rows, 1)  # (B, T, 6D)
+        txt_params = F.linear(s, block.txt_mod[1].weight + text_delta, block.txt_mod[1].bias)[:, None]  # (B, 1, 6D)
+        (img1, img2), (txt1, txt2) = img_params.chunk(2, -1), txt_params.chunk(2, -1)
+        img, img_gate1 = modulate(hidden_states, img1)
+        txt, txt_gate1 = modulate(encoder_hidden_states, txt1)
+        img_attn, txt_attn = block.attn(
+            hidden_states=img,
+            encoder_hidden_states=txt,
+            encoder_hidden_states_mask=encoder_hidden_states_mask,
+            image_rotary_emb=image_rotary_emb,
+        )
+        hidden_states = hidden_states + img_gate1 * img_attn
+        encoder_hidden_states = encoder_hidden_states + txt_gate1 * txt_attn
+        img, img_gate2 = modulate(hidden_states, img2)
+        hidden_states = hidden_states + img_gate2 * block.img_mlp(img)
+        txt, txt_gate2 = modulate(encoder_hidden_states, txt2)
+        encoder_hidden_states = encoder_hidden_states + txt_gate2 * block.txt_mlp(txt)
+        return encoder_hidden_states, hidden_states
+
+    return forward
+
+
+def lora_delta(sd: dict, key: str, strength: float = 0.9) -> torch.Tensor:
+    """A kohya LoRA's full weight delta, as Neo merges it: strength x alpha / rank x up @ down."""
+    up, down = sd[f"{key}.lora_up.weight"], sd[f"{key}.lora_down.weight"]
+    return strength * float(sd[f"{key}.alpha"]) / down.shape[0] * up @ down
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_modulation_deltas_act_per_token_as_a_naive_block(forge, qwen_unet, soft):
+    """LoRAs on block 1's img_mod/txt_mod alone: each image token's shift/scale/gate carries its own subjects'
+    deltas weighted by its masks (A left, B right; soft: overlapping ramps), text tokens every subject's; the image
+    equals sampling with that block written out naively (full delta matrices, one token at a time)."""
+    sds = {f"m{n}.safetensors": {k: v for k, v in lora_sd(n, modulation=True).items() if "_mod_" in k} for n in (1, 2)}
+    merged = with_loras(forge, qwen_unet, sds)
+    cols = torch.arange(GRID[1]).float()
+    a = (cols < GRID[1] // 2).float() if not soft else 1 - cols / (GRID[1] - 1)
+    b = 1 - a if not soft else 0.25 + 0.5 * cols / (GRID[1] - 1)
+    masks = torch.stack([a, b])[None, :, None, :].expand(1, 2, *GRID).contiguous()
+    run = dict(steps=3, latent_hw=LATENT)
+    unet, job = freefuse_unet(forge, merged, list(sds), masks)
     got = qwen_image_env.sample(forge, unet, **run)
-    without = {f"no_mod_{n}": {k: v for k, v in sd.items() if "_mod_" not in k} for n, sd in sds.items()}
-    expected = qwen_image_env.sample(forge, with_loras(forge, qwen_unet, without), **run)
+
+    lora = [sds[f"m{n}.safetensors"] for n in (1, 2)]
+    image = [lora_delta(sd, "lora_unet_transformer_blocks_1_img_mod_1") for sd in lora]
+    text = sum(lora_delta(sd, "lora_unet_transformer_blocks_1_txt_mod_1") for sd in lora)
+    reference = qwen_unet.clone()
+    block = diffusion_model(qwen_unet).transformer_blocks[1]
+    naive = naive_modulated_block(block, masks.flatten(2).transpose(1, 2)[0], image, text)
+    reference.add_object_patch("diffusion_model.transformer_blocks.1.forward", naive)
+    expected = qwen_image_env.sample(forge, reference, **run)
     assert job.failure is None
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
-    assert (expected - qwen_image_env.sample(forge, merged, **run)).abs().max() > 1e-3  # those layers do matter
+    assert (expected - qwen_image_env.sample(forge, merged, **run)).abs().max() > 1e-3  # not the merge
+    assert (expected - qwen_image_env.sample(forge, qwen_unet, **run)).abs().max() > 1e-3  # nor no LoRA
 
 
 def test_zero_masks_equal_no_lora(forge, qwen_unet):
-    """Image-stream and top-level image layers, and the modulation layers (which stop once masks exist)."""
-    sds = {"qa.safetensors": lora_sd(1, text=False, modulation=True), "qb.safetensors": lora_sd(2, text=False)}
+    """Image-stream and top-level image layers, and img_mod (image tokens' modulation)."""
+    image_mod = {k: v for k, v in lora_sd(1, text=False, modulation=True).items() if "txt_mod" not in k}
+    sds = {"qa.safetensors": image_mod, "qb.safetensors": lora_sd(2, text=False)}
     merged = with_loras(forge, qwen_unet, sds)
     unet, _ = freefuse_unet(forge, merged, list(sds), torch.zeros(1, 2, *GRID))
     got = qwen_image_env.sample(forge, unet, steps=3, latent_hw=LATENT)
@@ -310,7 +366,9 @@ def test_no_state_left_after_a_freefuse_job(forge, qwen_unet):
     after = qwen_image_env.sample(forge, merged, **run)  # the next job, FreeFuse off
     assert torch.equal(after, fresh)
     model = diffusion_model(qwen_unet)
-    assert all(type(b).forward is getattr(b.forward, "__func__", None) for b in model.transformer_blocks)
+    for block in model.transformer_blocks:
+        for owner, name in ((block, "forward"), (block, "_modulate"), (block.img_mod, "forward")):
+            assert getattr(type(owner), name) is getattr(getattr(owner, name), "__func__", None), name
     assert qwen.attention_function is original_attention
 
 

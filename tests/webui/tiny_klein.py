@@ -16,7 +16,6 @@ JSON manifest.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import shutil
@@ -28,7 +27,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "forge"))  # klein_env: the forge tier's tiny Klein config
 
 import klein_env  # noqa: E402
-from tiny_models import _randomize, setup_forge  # noqa: E402
+from tiny_models import _randomize, setup_forge, writer_main  # noqa: E402
 
 FORGE_PIPELINE = Path("backend", "huggingface", "black-forest-labs", "FLUX.2-klein-4B")
 PIPELINE_NAME = "FLUX.2-klein-4B-tiny"
@@ -136,14 +135,7 @@ def write_all(forge_root: Path, checkpoint: Path, lora_dir: Path, configs_root: 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--forge", type=Path, required=True)
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--lora-dir", type=Path, required=True)
-    parser.add_argument("--configs", type=Path, required=True)
-    args = parser.parse_args(argv)
-    paths = (args.forge, args.checkpoint, args.lora_dir, args.configs)
-    print(json.dumps(write_all(*(path.resolve() for path in paths))))
+    writer_main(write_all, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -237,15 +237,21 @@ def write_all(forge_root: Path, checkpoint: Path, lora_dir: Path, configs_root: 
     }
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def writer_main(write_all, description: str, argv=None) -> None:
+    """The command line of a tiny checkpoint writer (this file, tiny_sdxl.py, tiny_klein.py, tiny_qwen_image.py):
+    write_all(forge, checkpoint, lora_dir, configs) on the resolved paths; prints its JSON manifest."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--forge", type=Path, required=True)
     parser.add_argument("--checkpoint", type=Path, required=True, help="models/Stable-diffusion/<name>.safetensors")
     parser.add_argument("--lora-dir", type=Path, required=True)
-    parser.add_argument("--configs", type=Path, required=True, help=f"gets {PIPELINE_NAME}/ with the tiny configs")
+    parser.add_argument("--configs", type=Path, required=True, help="gets the pipeline folder with the tiny configs")
     args = parser.parse_args(argv)
     paths = (args.forge, args.checkpoint, args.lora_dir, args.configs)
     print(json.dumps(write_all(*(path.resolve() for path in paths))))
+
+
+def main(argv=None) -> None:
+    writer_main(write_all, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ patches them in memory, never on disk:
 - `backend.nn.llm.llama` (Neo, with $FREEFUSE_TEST_TINY_KLEIN_CONFIGS set): Neo builds a Qwen3 text encoder of an
   unknown width with its Qwen3-0.6B class, which asserts the checkpoint's config against its own fixed one; that
   fixed config becomes the tiny Klein text encoder's, without the class's Anima adapter (`fit_qwen3`).
+- On Neo with $FREEFUSE_TEST_TINY_QWEN_IMAGE_CONFIGS set, the guess of a tiny Qwen-Image and Neo's Qwen2.5-VL
+  class are fitted by tiny_qwen_image_hook.py beside this file (see its docstring).
 - `modules.launch_utils.repo_dir`: with --skip-prepare-environment Forge never clones
   repositories/stable-diffusion-webui-assets, and the UI's static mount of it raises at start-up. When that folder
   is missing, the empty folder $FREEFUSE_TEST_WEBUI_ASSETS stands in.
@@ -171,6 +173,13 @@ def fit_qwen3(module, config: dict) -> None:
     module.LLMAdapter = NoAdapter
 
 
+def tiny_qwen_image_hook():
+    """tiny_qwen_image_hook.py beside this file (imported when a patch runs: this folder is then on sys.path)."""
+    import tiny_qwen_image_hook
+
+    return tiny_qwen_image_hook
+
+
 def patch_llama(module):
     configs = os.environ.get(KLEIN_CONFIGS_ENV)
     if configs and os.path.isfile(os.path.join(configs, "text_encoder", "config.json")):
@@ -178,6 +187,7 @@ def patch_llama(module):
 
         with open(os.path.join(configs, "text_encoder", "config.json"), encoding="utf-8") as file:
             fit_qwen3(module, json.load(file))
+    tiny_qwen_image_hook().fit_qwen25(module)  # Qwen-Image's Qwen2.5-VL (its own variable; nothing without it)
 
 
 def patch_huggingface_guess(module):
@@ -185,6 +195,7 @@ def patch_huggingface_guess(module):
 
     def guess(state_dict):
         tiny = tiny_sdxl_guess(state_dict) or tiny_klein_guess(state_dict)
+        tiny = tiny or tiny_qwen_image_hook().tiny_qwen_image_guess(state_dict)
         if tiny is not None:
             return tiny
         result = original(state_dict)

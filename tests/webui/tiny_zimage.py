@@ -8,7 +8,8 @@ for Z-Image, the pipeline configs it reads beside it, and Z-Image LoRAs.
 - `write_checkpoint`: `model.diffusion_model.*` (Neo's NextDiT with Z-Image's modulation, the forge tier's tiny
   config), `vae.*` (Neo's FLUX.1-type AutoencoderKL, tiny_models.py's VAE), `text_encoders.qwen3_4b.transformer.*`
   (Neo's Qwen3 class at the tiny config).
-- LoRAs: tiny_models.write_lora (kohya keys) on joint-layer, caption and image-refiner layers.
+- LoRAs: tiny_models.write_lora (kohya keys) on joint-layer (a joint adaLN Linear among them), caption and
+  image-refiner layers.
 
 Run with Neo's Python: `python tiny_zimage.py --forge FORGE --checkpoint FILE --lora-dir DIR --configs DIR` prints a
 JSON manifest.
@@ -42,8 +43,9 @@ TRANSFORMER = {k: v for k, v in zimage_env.ZIMAGE_CONFIG.items() if k not in NEX
 TRANSFORMER["cap_feat_dim"] = tiny_klein.QWEN3["hidden_size"]
 D = TRANSFORMER["dim"]
 FFN = -(-int(D * 8 / 3) // 256) * 256  # FeedForward's hidden width: 8/3 of dim rounded up to a multiple of 256
-LORA_TARGETS = (  # (module path, in, out): joint layers, the caption embedder, an image refiner
+LORA_TARGETS = (  # (module path, in, out): joint layers, a joint adaLN, the caption embedder, an image refiner
     ("layers.0.attention.qkv", D, 3 * D),
+    ("layers.1.adaLN_modulation.0", 256, 4 * D),  # its input: the timestep embedding, min(dim, 256) wide
     ("layers.1.attention.out", D, D),
     ("layers.2.feed_forward.w1", D, FFN),
     ("cap_embedder.1", TRANSFORMER["cap_feat_dim"], D),

@@ -237,6 +237,17 @@ def write_all(forge_root: Path, checkpoint: Path, lora_dir: Path, configs_root: 
     }
 
 
+def run_writer(write_all, description: str, argv=None) -> None:
+    """The command line of a tiny_*.py writer: --forge, --checkpoint, --lora-dir, --configs (paths made absolute)
+    handed to write_all(forge, checkpoint, lora_dir, configs); prints its JSON manifest."""
+    parser = argparse.ArgumentParser(description=description)
+    for option in ("--forge", "--checkpoint", "--lora-dir", "--configs"):
+        parser.add_argument(option, type=Path, required=True)
+    args = parser.parse_args(argv)
+    paths = (args.forge, args.checkpoint, args.lora_dir, args.configs)
+    print(json.dumps(write_all(*(path.resolve() for path in paths))))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--forge", type=Path, required=True)

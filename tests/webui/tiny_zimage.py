@@ -17,7 +17,6 @@ JSON manifest.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -119,14 +118,7 @@ def write_all(forge_root: Path, checkpoint: Path, lora_dir: Path, configs_root: 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--forge", type=Path, required=True)
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--lora-dir", type=Path, required=True)
-    parser.add_argument("--configs", type=Path, required=True)
-    args = parser.parse_args(argv)
-    paths = (args.forge, args.checkpoint, args.lora_dir, args.configs)
-    print(json.dumps(write_all(*(path.resolve() for path in paths))))
+    tiny_models.run_writer(write_all, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

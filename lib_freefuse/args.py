@@ -44,6 +44,7 @@ BACKGROUND_CHOICES = ("off", "threshold", "tokens")
 WEIGHT_LIMIT = 10.0
 MAX_CAPTURE_STEP = 10_000  # bounds that no real run reaches, so that pasted junk stays out of logs and infotext
 MAX_CAPTURE_BLOCK = 999
+MAX_ATTENTION_BIAS = 50.0  # logits: at 50 a biased pair weighs e^-50 of an unbiased one, nothing is left to push
 BLOCK_PREFIX = "double_blocks."
 AUTO = "auto"
 
@@ -110,6 +111,7 @@ class FreeFuseArgs:
     show_masks: bool = False  # add a mask overlay per image to the output
     hires_masks: str = "reuse"  # hires fix pass 2: "reuse" pass-1 masks resized, or "extract" again
     text_loras: str = "all"  # subject LoRAs on text tokens once masks exist: "all" (the paper), "own_words", "none"
+    attention_bias: float = 0.0  # once masks exist, words and regions pushed together (core.attention_bias); 0: off
     mask: MaskConfig = MaskConfig()  # flat in the dict form
 
     def __post_init__(self) -> None:
@@ -126,6 +128,11 @@ class FreeFuseArgs:
         if self.capture_step is not None:
             _require_int("capture_step", self.capture_step, minimum=1, maximum=MAX_CAPTURE_STEP)
         _require_int("capture_block", self.capture_block, minimum=0, maximum=MAX_CAPTURE_BLOCK)
+        if not _is_real(self.attention_bias) or not 0 <= self.attention_bias <= MAX_ATTENTION_BIAS:
+            bound = f"{MAX_ATTENTION_BIAS:g}"
+            raise ValueError(
+                f"attention_bias: expected a number from 0 (off) to {bound}, got {_show(self.attention_bias)}"
+            )
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}: expected one of {_listing(choices)}, got {_show(getattr(self, name))}")
@@ -289,6 +296,12 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
         ("All but on others' words (default)", "Own words only", "None"),
     ),
     FieldHelp(
+        "attention_bias",
+        "Words keep to their regions (0 = off)",
+        "Once the masks exist, each subject's words and its region look more at each other and less at the other "
+        "subjects' (5: a strong push). FLUX.1, FLUX.2 Klein and Chroma only.",
+    ),
+    FieldHelp(
         "sink_filter",
         "Ignore attention parked on the border",
         "Drop the strongest attention values on the image's border, where the model parks attention that means "
@@ -387,7 +400,7 @@ SECTIONS: tuple[Section, ...] = (
         "When the masks are made",
         (("capture_step", "capture_block"), ("hires_masks",), ("restart",)),
     ),
-    Section("loras", "How the subject LoRAs act", (("pre_mask", "modulation"), ("text_loras",))),
+    Section("loras", "How the subject LoRAs act", (("pre_mask", "modulation"), ("text_loras", "attention_bias"))),
     Section(
         "recipe",
         "How the masks are found",
@@ -646,6 +659,7 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     **dict.fromkeys(_CHOICES, _as_choice),
     "restart": _as_bool,
     "show_masks": _as_bool,
+    "attention_bias": _as_float,
     **_MASK_PARSERS,
 }
 _DEFAULT_DICT = FreeFuseArgs().to_dict()

@@ -88,7 +88,10 @@ CONFIGS = {
         freefuse(cross_attention="image_queries", pre_mask="off", restart=True, text_loras="none"),
         False,
     ),
+    "  attention bias 2": ("both", freefuse(attention_bias=2.0), False),
+    "  attention bias 5": ("both", freefuse(attention_bias=5.0), False),
     "oracle masks (paper timing)": ("both", freefuse(), True),
+    "oracle masks + attention bias 5": ("both", freefuse(attention_bias=5.0), True),
     "oracle masks + joint + restart": ("both", freefuse(restart=True), True),
     "oracle masks + off before + restart": ("both", freefuse(pre_mask="off", restart=True), True),
     "oracle masks, text none + off before + restart": (

@@ -41,6 +41,7 @@ class Family:
     first_chunk_only: bool = False  # whether the model conditions on the text before the first BREAK only
     end_of_text: bool = False  # whether the context holds the engine's end-of-text token (`id_end`) after the prompt,
     # whose attention gives the background class (MaskConfig background "tokens")
+    attention_bias: bool = False  # whether its joint attention can take the phase-2 bias (core.attention_bias)
     default_reason: str = ""  # why the default capture site is the one it is (README, logs)
 
     @staticmethod

@@ -30,6 +30,7 @@ class Flux1(Family):
     text_engine = "text_processing_engine_t5"
     first_chunk_only = True  # Forge's FLUX conditions on the first T5 chunk alone
     end_of_text = True  # T5's </s> follows the prompt's pieces in both Forges (classic pads after it)
+    attention_bias = True  # every block calls backend.nn.flux.attention (Chroma's and FLUX.2 Klein's too)
     default_reason = "the paper's choice for FLUX.1-dev's 19 double blocks (the last block where the model has one)"
 
     @staticmethod

@@ -10,7 +10,7 @@ import torch
 
 from ..families import CHROMA
 from ..hosts import Host
-from .flux1 import CaptureBlock  # Chroma's double blocks are FLUX.1's: the same capture
+from .flux1 import CaptureBlock, install_attention_bias  # Chroma's double blocks are FLUX.1's: the same capture
 from .job import FreeFuseJob
 from .lora_layers import MaskedLinearPatch
 from .patching import SubjectDeltas, stream_masks, unpatched
@@ -22,6 +22,7 @@ def install(clone, model, job: FreeFuseJob, subject_deltas: SubjectDeltas, captu
         raise ValueError(f"capture_block: {capture_block} is not one of the model's {len(model.double_blocks)} blocks")
     block = f"diffusion_model.double_blocks.{capture_block}.forward"
     clone.add_object_patch(block, CaptureBlock(unpatched(clone, block), job))
+    install_attention_bias(clone, job)
     for module, deltas in subject_deltas.items():
         role = CHROMA.layer_role(module)
         source = vector_masks(job) if role.stream == "vector" else stream_masks(job, role.stream)

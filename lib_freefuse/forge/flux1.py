@@ -32,6 +32,7 @@ def install(
         raise ValueError(f"capture_block: {capture_block} is not one of the model's {len(model.double_blocks)} blocks")
     block = f"diffusion_model.double_blocks.{capture_block}.forward"
     clone.add_object_patch(block, CaptureBlock(unpatched(clone, block), job))
+    install_attention_bias(clone, job)
     for module, deltas in subject_deltas.items():
         role = family.layer_role(module)
         if role.modulation:
@@ -91,6 +92,71 @@ def _capturing_attention(store: Callable[[torch.Tensor, torch.Tensor], None], on
         yield
     finally:
         flux.attention = original
+
+
+def install_attention_bias(clone, job: FreeFuseJob) -> None:
+    """When the plan asks for it, the phase-2 attention bias on every joint attention of the model (FLUX.1's, FLUX.2
+    Klein's and Chroma's blocks all call backend.nn.flux.attention)."""
+    if job.plan.attention_bias > 0:
+        name = "diffusion_model.forward"
+        clone.add_object_patch(name, BiasedAttention(unpatched(clone, name), job))
+
+
+class BiasedAttention:
+    """Forward of the diffusion model: in the calls after the masks exist, every block's joint attention adds the
+    job's bias to its logits (softmax(q k^T / sqrt(d) + bias) v, core.attention_bias); before them, as it was."""
+
+    def __init__(self, original_forward, job: FreeFuseJob):
+        self.original_forward = original_forward
+        self.job = job
+
+    def __call__(self, *args, **kwargs):
+        if self.job.masks is None or self.job.failure:
+            return self.original_forward(*args, **kwargs)
+        with _biased_attention(self.job.attention_bias, self.job.layer_failed):
+            return self.original_forward(*args, **kwargs)
+
+
+@contextmanager
+def _biased_attention(bias_for: Callable, on_error: Callable[[Exception], None]):
+    """Swap backend.nn.flux.attention for one that adds bias_for(length, dtype, device) (B, 1, L, L) to the logits,
+    through PyTorch's scaled_dot_product_attention (the host's attention kernel otherwise); undone in a finally.
+    A host's own attention mask (Neo's `mask`, boolean or additive) is added to the bias. A failure to make the bias
+    goes to on_error, and that attention is computed without it."""
+    import backend.nn.flux as flux
+
+    original = flux.attention
+
+    def attention(q, k, v, pe, *args, **kwargs):
+        try:
+            bias = bias_for(q.shape[2], q.dtype, q.device)
+        except Exception as error:  # reported once by the job; the rest of the image is made without masks
+            on_error(error)
+            bias = None
+        if bias is None:
+            return original(q, k, v, pe, *args, **kwargs)
+        mask = args[0] if args else kwargs.get("mask")
+        if mask is not None:
+            bias = bias + _additive(mask, q.dtype)
+        if pe is not None:
+            q, k = flux.apply_rope(q, k, pe)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, L, D)
+        return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)  # (B, L, H * D), as the host's attention
+
+    flux.attention = attention
+    try:
+        yield
+    finally:
+        flux.attention = original
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A host attention mask as additive logits broadcastable to (B, H, L, L): boolean False -> -inf."""
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    while mask.ndim < 4:
+        mask = mask.unsqueeze(-3)
+    return mask.to(dtype)
 
 
 def _hides_keys(mask: torch.Tensor | None) -> bool:

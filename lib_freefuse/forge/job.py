@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import MaskConfig, call_token_masks, extract_cross_masks, extract_masks, text_token_masks
+from ..core.attention_bias import joint_attention_bias
 from ..core.steps import StepCounter
 from ..families import FLUX1, Family
 from ..log import logger
@@ -36,6 +37,7 @@ class JobPlan:
     restart: bool = False  # once the masks exist, sample again from the first step with them (authors' later code)
     background_positions: tuple[tuple[int, ...], ...] = ()  # [image] -> text positions of the background class
     # (its end-of-text token), read when mask_config.background is "tokens"
+    attention_bias: float = 0.0  # once the masks exist, push words and regions together (core.attention_bias); 0 off
 
     @property
     def n_images(self) -> int:
@@ -232,6 +234,19 @@ class FreeFuseJob:
             call.cache[key] = make()
         return call.cache[key]
 
+    def attention_bias(self, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """(B, 1, length, length) additive logits for this call's joint attention over [text, image, reference]
+        tokens (core.attention_bias), or None: bias off, no masks yet, or a failure. A sequence whose length is not
+        this call's text + image (+ reference) tokens raises ValueError."""
+        call = self._call
+        if call is None or self.plan.attention_bias <= 0 or self.masks is None or self.failure:
+            return None
+        key = ("bias", length, dtype, device)
+        bias = call.cache.get(key)
+        if bias is None:
+            bias = call.cache[key] = self._call_bias(call, length).to(device=device, dtype=dtype)
+        return bias
+
     def spatial_masks(self, x: torch.Tensor) -> torch.Tensor | None:
         """(B|1, L, h, w) masks for a convolution's output feature map x (B, C, h, w) (SDXL), or None when the
         subject LoRAs must not act now. Image masks apply to every chunk of the call (cond and uncond alike)."""
@@ -296,6 +311,25 @@ class FreeFuseJob:
             ]
         ).to(image)
         return call_token_masks(stream, image, text, call.cond_or_uncond)
+
+    def _call_bias(self, call: _Call, length: int) -> torch.Tensor:
+        """The attention bias of one call: each conditional chunk's subject words against the masks; the
+        unconditional chunks' prompts hold no subject words, so they get none."""
+        image = self._masks_at(call.grid_hw).flatten(2).transpose(1, 2)  # (B_img, N, L)
+        if call.text_tokens + image.shape[1] + call.reference_tokens != length:
+            raise ValueError(
+                f"a joint attention over {length} tokens, expected {call.text_tokens} text + {image.shape[1]} image"
+                + (f" + {call.reference_tokens} reference" if call.reference_tokens else "")
+            )
+        words = torch.stack(
+            [
+                text_token_masks(w, call.text_tokens, self.plan.text_length, "own_words")
+                for w in self.plan.word_positions
+            ]
+        ).to(image)  # (B_img, T, L)
+        chunks = [words if kind == 0 else torch.zeros_like(words) for kind in call.cond_or_uncond]
+        images = torch.cat([image] * len(chunks))
+        return joint_attention_bias(images, torch.cat(chunks), self.plan.attention_bias, None, call.reference_tokens)
 
     def _masks_at(self, grid_hw: tuple[int, int]) -> torch.Tensor:
         """The masks on a token grid of this call's size (hires pass 2 reuses pass 1's)."""

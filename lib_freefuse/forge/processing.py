@@ -153,6 +153,7 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
         initial_masks=previous,
         restart=args.restart,
         background_positions=background,
+        attention_bias=_attention_bias(args, family, state),
     )
     job = FreeFuseJob(plan, _decoder(p, args.slic_image), family=family)
     _record_schedule(p, job)
@@ -194,6 +195,14 @@ def _capture_site(args: FreeFuseArgs, family: Family, model, state: RunState) ->
             )
         block = len(sites) - 1
     return block
+
+
+def _attention_bias(args: FreeFuseArgs, family: Family, state: RunState) -> float:
+    """The setting's attention bias, or 0 with a warning where the family's attention cannot take it."""
+    if args.attention_bias > 0 and not family.attention_bias:
+        state.warn(f"keeping words to their regions is not available for {family.name} models: made without it")
+        return 0.0
+    return args.attention_bias
 
 
 def _background_positions(p, prompts: list[str], family: Family, args: FreeFuseArgs, state: RunState) -> tuple:

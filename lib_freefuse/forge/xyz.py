@@ -86,6 +86,7 @@ AXES: tuple[Axis, ...] = (
     _choice_axis("modulation", "modulation"),
     _choice_axis("word-to-image attention", "cross_attention"),
     _choice_axis("LoRAs on text tokens", "text_loras"),
+    Axis(f"{LABEL_PREFIX}attention bias", "attention_bias", float),
     _choice_axis("contrastive seeds", "contrastive"),
     _choice_axis("background", "background"),
     Axis(f"{LABEL_PREFIX}background threshold", "background_threshold", float),

@@ -48,6 +48,7 @@ OWN_KEYS = (
     "show_masks",
     "hires_masks",
     "text_loras",
+    "attention_bias",
 )
 TWO = [{"lora": "harry", "words": "harry potter"}, {"lora": "daiyu", "words": "daiyu lin", "weight": 0.9}]
 
@@ -104,6 +105,7 @@ def changed_everywhere() -> FreeFuseArgs:
         show_masks=True,
         hires_masks="extract",
         text_loras="own_words",
+        attention_bias=5.0,
         sink_filter=False,
         sink_top_fraction=0.02,
         edge_width=2,
@@ -707,3 +709,16 @@ def test_the_help_above_the_rows_names_every_column_and_button():
     assert lines[0] == help_for("subjects").help
     assert [line.split(":")[0] for line in lines[1:]] == [e.label for e in (*SUBJECT_FIELD_HELP, *BUTTON_HELP)]
     assert any(line.startswith("Add subject: show one more row") for line in lines)
+
+
+# The attention bias
+
+
+@pytest.mark.parametrize("value, expected", [(0, 0.0), ("5", 5.0), (2.5, 2.5), (50, 50.0)])
+def test_attention_bias_is_a_strength_from_zero(value, expected):
+    assert parse(attention_bias=value).attention_bias == expected
+
+
+@pytest.mark.parametrize("value", [-1, 50.5, "strong", float("nan"), True])
+def test_attention_bias_out_of_range_is_named(value):
+    rejects("^attention_bias: expected", attention_bias=value)

@@ -550,8 +550,13 @@ def test_words_after_break_are_found(engine):
 
 def z_image_job(forge, zimage_unet, engine, monkeypatch, prompt: str, **settings):
     """A webui job's p for start_run on the tiny Z-Image with two merged LoRAs (xa, xb) and Neo's Qwen3 engine; only
-    the LoRA extension's name lookup (`networks`) stands in. Returns (p, args, merged patcher)."""
-    sds = {"xa.safetensors": lora_sd(9, JOINT, IMAGE), "xb.safetensors": lora_sd(10, JOINT, TEXT)}
+    the LoRA extension's name lookup (`networks`) stands in; xa also on every adaLN Linear, the capture layer's
+    (layers.2) included. Returns (p, args, merged patcher)."""
+    capture_adaln = {"layers_2_adaLN_modulation_0": (4 * D, 256)}
+    sds = {
+        "xa.safetensors": lora_sd(9, JOINT, IMAGE, MODULATION, capture_adaln),
+        "xb.safetensors": lora_sd(10, JOINT, TEXT),
+    }
     merged, paths, _ = forge.with_loras(zimage_unet, sds, 0.8)
     networks = types.ModuleType("networks")
     networks.available_network_aliases = {
@@ -572,7 +577,9 @@ def z_image_job(forge, zimage_unet, engine, monkeypatch, prompt: str, **settings
 
 def test_a_z_image_job_is_patched_makes_masks_and_leaves_nothing(forge, zimage_unet, engine, monkeypatch):
     """processing.start_run with Neo's patcher, LoRA loader and merge and Z-Image's Qwen3 engine. Turbo-like: 8 steps,
-    CFG 1, the capture at step 2."""
+    CFG 1, the capture at step 2 in layers.2, whose capture patch wraps its per-token adaLN patch."""
+    from lib_freefuse.forge.zimage_adaln import PerTokenLayer
+
     prompt = "zorbo the knight and (quill the wizard:1.2) in a hall"
     p, args, merged = z_image_job(forge, zimage_unet, engine, monkeypatch, prompt)
     tokens = len(engine.tokenize_line(prompt)[0].tokens)
@@ -583,6 +590,8 @@ def test_a_z_image_job_is_patched_makes_masks_and_leaves_nothing(forge, zimage_u
     assert job.family is Z_IMAGE and job.plan.text_length == tokens and job.plan.capture_step == 1
     patched = p.sd_model.forge_objects.unet
     assert patched.freefuse_base is merged
+    capture = patched.object_patches["diffusion_model.layers.2.forward"]
+    assert isinstance(capture, forge_zimage.CaptureLayer) and isinstance(capture.original_forward, PerTokenLayer)
     out = zimage_env.sample(forge, patched, **run)
     assert torch.isfinite(out).all() and job.failure is None and job.capture_count == 1
     assert tuple(job.masks.shape) == (1, 2, *GRID)

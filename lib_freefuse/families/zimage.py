@@ -6,13 +6,17 @@ the image). Before the joint `layers`, two kinds of refiner blocks see one part 
 (with its pads), `noise_refiner` the image (with its pads). Masks are read from one joint layer's attention, q and k
 after QK-norm and RoPE, the pads left out: caption rows then image rows, as FLUX.1's capture (Eq. 5 reads the
 caption's queries against the image's keys only, so the pads never enter the softmax there). Each block's adaLN
-modulation is one vector per image (from the timestep alone), so its LoRA deltas follow the vector rule.
+modulation is one vector per image (from the timestep alone); a subject LoRA on its Linear is made per token (each
+token's modulation with its own subjects' deltas, as FLUX.1's modulation layers), the timestep embedder's deltas
+follow the vector rule.
 
 Layer roles (paths under diffusion_model): joint `layers.N.attention.{qkv,out}`, `layers.N.feed_forward.w{1,2,3}` and
 `final_layer.linear` (its caption outputs are dropped by the model); image `x_embedder` and the noise refiners'
-attention/feed-forward; text `cap_embedder.1` and the context refiners' attention/feed-forward; vector everything
-else (`*.adaLN_modulation.*`, `t_embedder.mlp.*`). Pad tokens: caption pads get what the caption's last token gets
-(the chat template's closing newline, nobody's word); image pads get each subject's share of the image.
+attention/feed-forward; text `cap_embedder.1` and the context refiners' attention/feed-forward; modulation the adaLN
+Linears (`layers.N.adaLN_modulation.0` and `final_layer.adaLN_modulation.1` joint, `noise_refiner.N.adaLN_modulation.0`
+image; parent: the block or final layer); vector everything else (`t_embedder.mlp.*`). Pad tokens: caption pads get
+what the caption's last token gets (the chat template's closing newline, nobody's word); image pads get each subject's
+share of the image.
 
 Text: Neo's Qwen3 engine wraps each prompt (each emphasis fragment) in Qwen's chat template and pads nothing; the
 context is one chunk of byte-level BPE tokens (BREAK is no chunk boundary there); forge/zimage.context_pieces reads
@@ -29,6 +33,11 @@ _STREAMS = (
     (re.compile(r"^(layers\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])|final_layer\.linear)$"), "joint"),
     (re.compile(r"^(noise_refiner\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])|x_embedder)$"), "image"),
     (re.compile(r"^(context_refiner\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])|cap_embedder\.1)$"), "text"),
+)
+_MODULATION = (  # a modulated block's or the final layer's adaLN Linear: (pattern, stream of the tokens it modulates)
+    (re.compile(r"^(layers\.\d+)\.adaLN_modulation\.0$"), "joint"),
+    (re.compile(r"^(noise_refiner\.\d+)\.adaLN_modulation\.0$"), "image"),
+    (re.compile(r"^(final_layer)\.adaLN_modulation\.1$"), "joint"),
 )
 AUTHORS_BLOCK = 18  # the authors' FreeFuse Z-Image pipeline: sim_map_block_idx=18 of Z-Image's 30 layers
 
@@ -52,6 +61,10 @@ class ZImage(Family):
         return bool(layers) and hasattr(layers[0].adaLN_modulation[0], "weight")
 
     def layer_role(self, module: str) -> LayerRole:
+        for pattern, stream in _MODULATION:
+            found = pattern.match(module)
+            if found:
+                return LayerRole(stream, modulation=True, parent=found.group(1))
         for pattern, stream in _STREAMS:
             if pattern.match(module):
                 return LayerRole(stream)

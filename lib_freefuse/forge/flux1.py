@@ -208,11 +208,17 @@ class PerTokenModulation:
 
     def subject_outputs(self, hidden: torch.Tensor, width: int) -> torch.Tensor:
         """Each subject's delta of the lin output: (B, L, M*D)."""
-        out = hidden.new_zeros(hidden.shape[0], self.job.plan.n_subjects, width)
-        for subject, delta in self.deltas:
-            rows = slice(None) if delta.rows is None else slice(delta.rows[0], delta.rows[0] + delta.rows[1])
-            out[:, subject, rows] += delta_output(delta, hidden, self._cast)
-        return out
+        return subject_outputs(self.deltas, hidden, self.job.plan.n_subjects, width, self._cast)
+
+
+def subject_outputs(deltas, hidden: torch.Tensor, n_subjects: int, width: int, cast: dict) -> torch.Tensor:
+    """Each subject's delta dW_l h of a modulation Linear's output for its input h (B, d): (B, L, width); deltas:
+    (subject, SubjectWeightDelta) pairs, a delta of some rows only (a fused layer's slice) filling those rows."""
+    out = hidden.new_zeros(hidden.shape[0], n_subjects, width)
+    for subject, delta in deltas:
+        rows = slice(None) if delta.rows is None else slice(delta.rows[0], delta.rows[0] + delta.rows[1])
+        out[:, subject, rows] += delta_output(delta, hidden, cast)
+    return out
 
 
 def token_owner(masks: torch.Tensor) -> torch.Tensor | None:

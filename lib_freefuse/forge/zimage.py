@@ -1,6 +1,7 @@
 """Z-Image in Forge Neo (backend/nn/lumina.py's NextDiT): the token layout of each model call, the capture layer,
 masks for layers whose tokens carry pad tokens, and the context's pieces for the word search. `install` puts the
-patches on a clone; lib_freefuse/families/zimage.py says which layer sees which tokens."""
+patches on a clone (per-token adaLN modulation: zimage_adaln.py); lib_freefuse/families/zimage.py says which layer
+sees which tokens."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from ..core.prompt import byte_level_pieces
 from ..families import Z_IMAGE
 from ..hosts import Host
+from . import zimage_adaln
 from .flux1 import _hides_keys
 from .job import FreeFuseJob
 from .lora_layers import MaskedLinearPatch
@@ -29,13 +31,16 @@ def install(clone, model, job: FreeFuseJob, subject_deltas: SubjectDeltas, captu
     layout = TokenLayout(model.patch_size, model.pad_tokens_multiple or 1)
     forward = "diffusion_model.forward"
     clone.add_object_patch(forward, LayoutRecorder(unpatched(clone, forward), layout))
-    block = f"diffusion_model.{sites[capture_block]}.forward"
-    clone.add_object_patch(block, CaptureLayer(unpatched(clone, block), job, layout))
     for module, deltas in subject_deltas.items():
         role = Z_IMAGE.layer_role(module)
+        if role.modulation:  # the block's own forward, patched before the capture layer's patch wraps it
+            zimage_adaln.install(clone, job, module, role.parent, deltas, PaddedMasks(job, layout, role.stream))
+            continue
         source = job.vector_masks if role.stream == "vector" else PaddedMasks(job, layout, role.stream)
         name = f"diffusion_model.{module}.forward"
         clone.add_object_patch(name, MaskedLinearPatch(unpatched(clone, name), deltas, source, job.layer_failed))
+    block = f"diffusion_model.{sites[capture_block]}.forward"
+    clone.add_object_patch(block, CaptureLayer(unpatched(clone, block), job, layout))
 
 
 @dataclass

@@ -40,14 +40,25 @@ def test_z_image_layers_see_their_part_of_the_sequence():
         "context_refiner.1.attention.out": "text",
         "context_refiner.0.feed_forward.w1": "text",
         "cap_embedder.1": "text",
-        "layers.3.adaLN_modulation.0": "vector",
-        "noise_refiner.0.adaLN_modulation.0": "vector",
-        "final_layer.adaLN_modulation.1": "vector",
         "t_embedder.mlp.0": "vector",
+        "t_embedder.mlp.2": "vector",
     }
     for module, stream in roles.items():
         role = Z_IMAGE.layer_role(module)
         assert (role.stream, role.modulation, role.cross_kv) == (stream, False, False), module
+
+
+def test_z_image_adaln_linears_are_modulation_layers_of_their_block():
+    """Each modulated block's (and the final layer's) adaLN Linear modulates the tokens its block sees, per token."""
+    roles = {
+        "layers.3.adaLN_modulation.0": ("joint", "layers.3"),
+        "layers.29.adaLN_modulation.0": ("joint", "layers.29"),
+        "noise_refiner.1.adaLN_modulation.0": ("image", "noise_refiner.1"),
+        "final_layer.adaLN_modulation.1": ("joint", "final_layer"),
+    }
+    for module, (stream, parent) in roles.items():
+        role = Z_IMAGE.layer_role(module)
+        assert (role.stream, role.modulation, role.parent) == (stream, True, parent), module
 
 
 def test_z_image_default_capture_site_is_the_authors_layer():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import sys
 import types
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -51,7 +52,13 @@ IMAGE = {
     "noise_refiner_0_feed_forward_w1": (FFN, D),
     "x_embedder": (D, 64),
 }
-VECTOR = {"layers_1_adaLN_modulation_0": (4 * D, 256), "t_embedder_mlp_2": (256, 256)}
+VECTOR = {"t_embedder_mlp_2": (256, 256)}  # one value per image: the vector rule
+IMAGE_MODULATION = {"noise_refiner_0_adaLN_modulation_0": (4 * D, 256)}  # per token, over the image's tokens
+MODULATION = {  # per token, over the joint sequence (and the image's)
+    "layers_1_adaLN_modulation_0": (4 * D, 256),
+    "final_layer_adaLN_modulation_1": (D, 256),
+    **IMAGE_MODULATION,
+}
 
 
 def lora_sd(seed: int, *groups: dict, diffusers: bool = True) -> dict[str, torch.Tensor]:
@@ -116,17 +123,22 @@ def test_z_image_is_detected_by_its_structure_and_lumina2_is_not(forge, zimage_u
         for name in group:
             module = next(m for m in found if m.replace(".", "_") == name)
             assert Z_IMAGE.layer_role(module).stream == stream, module
-    assert Z_IMAGE.layer_role("layers.1.adaLN_modulation.0").stream == "vector"
-    assert Z_IMAGE.layer_role("final_layer.adaLN_modulation.1").stream == "vector"
+    assert Z_IMAGE.layer_role("t_embedder.mlp.2").stream == "vector"
+    for module, stream in (("layers.1.adaLN_modulation.0", "joint"), ("noise_refiner.0.adaLN_modulation.0", "image")):
+        role = Z_IMAGE.layer_role(module)
+        assert role.modulation and role.stream == stream and role.parent == module.rsplit(".", 2)[0]
+    assert Z_IMAGE.layer_role("final_layer.adaLN_modulation.1").parent == "final_layer"
+    assert {"layers.1", "noise_refiner.0", "final_layer"} <= found  # the parents the per-token patches replace
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 def test_all_ones_masks_equal_neos_merged_loras(forge, zimage_unet, cfg_scale):
-    """Joint, caption, image and embedder layers (kohya and diffusers keys, a slice of a fused qkv): all-ones masks
-    from the first step give Neo's merged image, with pad tokens on both parts and, at CFG 3, a negative prompt of
-    another length (cond and uncond contexts brought to a common length by repetition)."""
+    """Joint, caption, image and embedder layers (kohya and diffusers keys, a slice of a fused qkv) and the adaLN
+    Linears (per token): all-ones masks from the first step give Neo's merged image, with pad tokens on both parts
+    and, at CFG 3, a negative prompt of another length (cond and uncond contexts brought to a common length by
+    repetition)."""
     sds = {
-        "za.safetensors": lora_sd(1, JOINT, TEXT, IMAGE),
+        "za.safetensors": lora_sd(1, JOINT, TEXT, IMAGE, MODULATION),
         "zb.safetensors": lora_sd(2, JOINT, TEXT_EMBEDDER, IMAGE),
     }
     merged = with_loras(forge, zimage_unet, sds)
@@ -157,11 +169,12 @@ def test_a_checkpoint_without_pad_tokens_works_alike(forge, zimage_unet):
         forge.unload(unet)
 
 
-def test_adaln_deltas_follow_the_vector_rule(forge, zimage_unet):
-    """Each block's adaLN modulation and the timestep embedder give one vector per image: with modulation "global"
-    their deltas act on the whole image (all-ones masks = Neo's merge); with "per_token" they stop once masks exist
-    (all-ones masks = the merge of the same LoRAs without those layers)."""
-    sds = {"va.safetensors": lora_sd(3, JOINT, VECTOR), "vb.safetensors": lora_sd(4, IMAGE, VECTOR)}
+def test_timestep_embedder_deltas_follow_the_vector_rule(forge, zimage_unet):
+    """The timestep embedder gives one vector per image (every block's adaLN input): with modulation "global" its
+    deltas act on the whole image (all-ones masks = Neo's merge, the adaLN Linears' deltas too); with "per_token" they
+    stop once masks exist while the adaLN Linears' act per token (all-ones masks = the merge of the same LoRAs
+    without the embedder's layers)."""
+    sds = {"va.safetensors": lora_sd(3, JOINT, VECTOR, MODULATION), "vb.safetensors": lora_sd(4, IMAGE, VECTOR)}
     merged = with_loras(forge, zimage_unet, sds)
     run = dict(steps=3, latent_hw=LATENT)
     unet, job = freefuse_unet(forge, merged, list(sds), torch.ones(1, 2, *GRID), "global")
@@ -171,22 +184,138 @@ def test_adaln_deltas_follow_the_vector_rule(forge, zimage_unet):
 
     unet, job = freefuse_unet(forge, merged, list(sds), torch.ones(1, 2, *GRID), "per_token")
     got = zimage_env.sample(forge, unet, **run)
-    without = {
-        f"novec_{n}": {k: v for k, v in sd.items() if not k.startswith(("lora_unet_layers_1_adaLN", "lora_unet_t_"))}
-        for n, sd in sds.items()
-    }
+    without = {f"novec_{n}": {k: v for k, v in sd.items() if not k.startswith("lora_unet_t_")} for n, sd in sds.items()}
     expected = zimage_env.sample(forge, with_loras(forge, zimage_unet, without), **run)
     assert job.failure is None
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
     assert (expected - zimage_env.sample(forge, merged, **run)).abs().max() > 1e-3  # those layers do matter
 
 
+def test_adaln_deltas_act_per_token_by_subject(forge, zimage_unet):
+    """LoRAs on the adaLN Linears alone (A: a joint layer's, the image refiner's and the final layer's; B: the image
+    refiner's): A's mask over the whole image and B's empty give the merge of A alone. Each token's modulation
+    carries its own subjects' deltas: image tokens and their pads A's, caption tokens (no words: every subject) and
+    their pads A's, B's image-refiner delta reaching no token."""
+    a = lora_sd(21, MODULATION, diffusers=False)
+    b = lora_sd(22, IMAGE_MODULATION, diffusers=False)
+    sds = {"ma.safetensors": a, "mb.safetensors": b}
+    merged = with_loras(forge, zimage_unet, sds)
+    run = dict(steps=3, latent_hw=LATENT)
+    masks = torch.zeros(1, 2, *GRID)
+    masks[:, 0] = 1
+    unet, job = freefuse_unet(forge, merged, list(sds), masks)
+    got = zimage_env.sample(forge, unet, **run)
+    expected = zimage_env.sample(forge, with_loras(forge, zimage_unet, {"ma_alone.safetensors": a}), **run)
+    assert job.failure is None
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+    assert (expected - zimage_env.sample(forge, merged, **run)).abs().max() > 1e-3  # B's delta matters where it acts
+
+
+class PerTokenJob:
+    """Narrow stand-in for a FreeFuseJob in the middle of a model call with masks, modulation "per_token"."""
+
+    def __init__(self, n_subjects: int):
+        self.plan = SimpleNamespace(n_subjects=n_subjects)
+        self.errors = []
+
+    def modulation_masks(self, stream):
+        return "per_token", None
+
+    def call_cached(self, key, make):
+        return make()
+
+    def layer_failed(self, error):
+        self.errors.append(error)
+
+
+@dataclass
+class FixedMasks:
+    """Narrow stand-in for zimage.PaddedMasks: the same (B, T, L) masks for every input."""
+
+    stream: str
+    masks: torch.Tensor
+
+    def __call__(self, x):
+        return self.masks
+
+
+def lora_delta(sd: dict, name: str, strength: float = 0.9) -> torch.Tensor:
+    """A kohya LoRA's weight change from its file: strength * alpha / rank * up @ down."""
+    up, down = sd[f"lora_unet_{name}.lora_up.weight"], sd[f"lora_unet_{name}.lora_down.weight"]
+    return strength * float(sd[f"lora_unet_{name}.alpha"]) / down.shape[0] * up @ down
+
+
+def test_per_token_adaln_equals_a_naive_per_token_computation(forge, zimage_unet):
+    """A joint layer and the final layer with two subjects' adaLN LoRAs, patched as a job patches them, against a
+    token-by-token computation from the LoRA files: token t's modulation (W + sum_l m_tl dW_l) h + b, then the
+    block's equations (backend/nn/lumina.py) with each token's rows; masks hard, soft, shared and empty, other per
+    image. Zero masks give the host's own forward, bit for bit."""
+    from lib_freefuse.forge.zimage_adaln import PerTokenAdaLN
+
+    sds = {
+        "na.safetensors": lora_sd(31, MODULATION, diffusers=False),
+        "nb.safetensors": lora_sd(32, MODULATION, diffusers=False),
+    }
+    merged = with_loras(forge, zimage_unet, sds)
+    patched, _ = freefuse_unet(forge, merged, list(sds), torch.ones(1, 2, *GRID))
+    model = diffusion_model(zimage_unet)  # never loaded with the LoRAs: its weights are the plain ones
+    g = torch.Generator().manual_seed(5)
+    tokens = 7
+    x, c = torch.randn(2, tokens, D, generator=g), torch.randn(2, 256, generator=g)
+    masks = torch.tensor([[1, 0], [0, 1], [0, 0], [0.3, 0.7], [1, 1], [0, 1], [1, 0]], dtype=torch.float32)
+    masks = torch.stack([masks, masks.flip(0)])  # (2, T, 2): each image its own
+    ids = torch.zeros(2, tokens, 3)
+    ids[..., 0] = torch.arange(tokens) + 1.0
+    freqs = model.rope_embedder(ids).movedim(1, 2)
+
+    def rebuilt(parent: str, token_masks: torch.Tensor) -> PerTokenAdaLN:
+        """The job's patch of `parent` with its own deltas, in a call whose joint masks are token_masks."""
+        patch = patched.object_patches[f"diffusion_model.{parent}.forward"]
+        assert isinstance(patch, PerTokenAdaLN)
+        job, source = PerTokenJob(2), FixedMasks("joint", token_masks)
+        return type(patch)(patch.owner, patch.original_forward, patch.lin_forward, patch.deltas, job, source)
+
+    def modulation(linear, name, h):  # (B, T, out): token t's Linear with its subjects' mask-weighted deltas
+        deltas = [lora_delta(sd, name) for sd in sds.values()]
+        out = torch.empty(2, tokens, linear.weight.shape[0])
+        for i in range(2):
+            for t in range(tokens):
+                weight = linear.weight + sum(masks[i, t, l] * deltas[l] for l in range(2))
+                out[i, t] = weight @ h[i] + linear.bias
+        return out
+
+    with torch.no_grad():
+        block = model.layers[1]
+        got = rebuilt("layers.1", masks)(x, None, freqs, c, transformer_options={})
+        rows = modulation(block.adaLN_modulation[0], "layers_1_adaLN_modulation_0", c)
+        s_msa, g_msa, s_mlp, g_mlp = rows.chunk(4, dim=-1)  # (B, T, D) each, in the host's chunk order
+        attended = block.attention(block.attention_norm1(x) * (1 + s_msa), None, freqs, transformer_options={})
+        x1 = x + g_msa.tanh() * block.attention_norm2(attended)
+        fed = block.feed_forward(block.ffn_norm1(x1) * (1 + s_mlp))
+        expected = x1 + g_mlp.tanh() * block.ffn_norm2(fed)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+        final = model.final_layer
+        got = rebuilt("final_layer", masks)(x, c)
+        scale = modulation(final.adaLN_modulation[1], "final_layer_adaLN_modulation_1", F.silu(c))
+        torch.testing.assert_close(got, final.linear(final.norm_final(x) * (1 + scale)), atol=1e-5, rtol=1e-5)
+
+        zero = torch.zeros_like(masks)
+        assert torch.equal(
+            rebuilt("layers.1", zero)(x, None, freqs, c, transformer_options={}), block(x, None, freqs, c)
+        )
+        assert torch.equal(rebuilt("final_layer", zero)(x, c), final(x, c))
+
+
 @pytest.mark.parametrize("text_loras", ["all", "none"])
 def test_zero_masks_equal_no_lora(forge, zimage_unet, text_loras):
-    """Zero masks: image layers (their pad tokens included) and the vector layers (which stop once masks exist) give
-    the image without LoRAs, at CFG 3; with text LoRAs "none", so do the joint and caption layers (caption pads
-    included), at CFG 1 (a negative prompt's text gets every LoRA: its prompt holds no subject's words)."""
-    groups = (IMAGE, VECTOR) if text_loras == "all" else (IMAGE, VECTOR, JOINT, TEXT, TEXT_EMBEDDER)
+    """Zero masks: image layers and the image refiner's adaLN (their pad tokens included) and the vector layers
+    (which stop once masks exist) give the image without LoRAs, at CFG 3; with text LoRAs "none", so do the joint
+    and caption layers and the joint adaLN Linears (caption pads included), at CFG 1 (a negative prompt's text gets
+    every LoRA: its prompt holds no subject's words)."""
+    groups = (IMAGE, VECTOR, IMAGE_MODULATION)
+    if text_loras == "none":
+        groups += (JOINT, TEXT, TEXT_EMBEDDER, MODULATION)
     sds = {f"{text_loras}_za.safetensors": lora_sd(5, *groups), f"{text_loras}_zb.safetensors": lora_sd(6, IMAGE)}
     if text_loras == "all":
         sds = {n: {k: v for k, v in sd.items() if not k.startswith("transformer.")} for n, sd in sds.items()}
@@ -325,7 +454,7 @@ def test_a_mask_that_hides_keys_refuses_the_capture_and_attention_is_unchanged(f
 def test_no_state_left_after_a_freefuse_job(forge, zimage_unet):
     import backend.nn.lumina as lumina
 
-    sds = {"sa.safetensors": lora_sd(7, JOINT, IMAGE, VECTOR), "sb.safetensors": lora_sd(8, JOINT, TEXT)}
+    sds = {"sa.safetensors": lora_sd(7, JOINT, IMAGE, VECTOR, MODULATION), "sb.safetensors": lora_sd(8, JOINT, TEXT)}
     merged = with_loras(forge, zimage_unet, sds)
     run = dict(steps=3, cfg_scale=3.0, latent_hw=LATENT, uncond_tokens=5, seed=3)
     fresh = zimage_env.sample(forge, merged, **run)
@@ -336,7 +465,8 @@ def test_no_state_left_after_a_freefuse_job(forge, zimage_unet):
     after = zimage_env.sample(forge, merged, **run)  # the next job, FreeFuse off
     assert torch.equal(after, fresh)
     model = diffusion_model(zimage_unet)
-    assert all(getattr(m.forward, "__func__", None) is type(m).forward for m in (model, *model.layers))
+    patched = (model, *model.layers, *model.noise_refiner, model.final_layer)
+    assert all(getattr(m.forward, "__func__", None) is type(m).forward for m in patched)
     assert lumina.attention_function.__module__ == "backend.attention"
 
 
@@ -420,8 +550,13 @@ def test_words_after_break_are_found(engine):
 
 def z_image_job(forge, zimage_unet, engine, monkeypatch, prompt: str, **settings):
     """A webui job's p for start_run on the tiny Z-Image with two merged LoRAs (xa, xb) and Neo's Qwen3 engine; only
-    the LoRA extension's name lookup (`networks`) stands in. Returns (p, args, merged patcher)."""
-    sds = {"xa.safetensors": lora_sd(9, JOINT, IMAGE), "xb.safetensors": lora_sd(10, JOINT, TEXT)}
+    the LoRA extension's name lookup (`networks`) stands in; xa also on every adaLN Linear, the capture layer's
+    (layers.2) included. Returns (p, args, merged patcher)."""
+    capture_adaln = {"layers_2_adaLN_modulation_0": (4 * D, 256)}
+    sds = {
+        "xa.safetensors": lora_sd(9, JOINT, IMAGE, MODULATION, capture_adaln),
+        "xb.safetensors": lora_sd(10, JOINT, TEXT),
+    }
     merged, paths, _ = forge.with_loras(zimage_unet, sds, 0.8)
     networks = types.ModuleType("networks")
     networks.available_network_aliases = {
@@ -442,7 +577,9 @@ def z_image_job(forge, zimage_unet, engine, monkeypatch, prompt: str, **settings
 
 def test_a_z_image_job_is_patched_makes_masks_and_leaves_nothing(forge, zimage_unet, engine, monkeypatch):
     """processing.start_run with Neo's patcher, LoRA loader and merge and Z-Image's Qwen3 engine. Turbo-like: 8 steps,
-    CFG 1, the capture at step 2."""
+    CFG 1, the capture at step 2 in layers.2, whose capture patch wraps its per-token adaLN patch."""
+    from lib_freefuse.forge.zimage_adaln import PerTokenLayer
+
     prompt = "zorbo the knight and (quill the wizard:1.2) in a hall"
     p, args, merged = z_image_job(forge, zimage_unet, engine, monkeypatch, prompt)
     tokens = len(engine.tokenize_line(prompt)[0].tokens)
@@ -453,6 +590,8 @@ def test_a_z_image_job_is_patched_makes_masks_and_leaves_nothing(forge, zimage_u
     assert job.family is Z_IMAGE and job.plan.text_length == tokens and job.plan.capture_step == 1
     patched = p.sd_model.forge_objects.unet
     assert patched.freefuse_base is merged
+    capture = patched.object_patches["diffusion_model.layers.2.forward"]
+    assert isinstance(capture, forge_zimage.CaptureLayer) and isinstance(capture.original_forward, PerTokenLayer)
     out = zimage_env.sample(forge, patched, **run)
     assert torch.isfinite(out).all() and job.failure is None and job.capture_count == 1
     assert tuple(job.masks.shape) == (1, 2, *GRID)

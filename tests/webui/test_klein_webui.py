@@ -5,40 +5,15 @@ infotext; the next job without FreeFuse is the job it would have been."""
 from __future__ import annotations
 
 import pytest
+from bound_loras import check_two_bound_loras
 
 pytestmark = pytest.mark.webui
 
 PROMPT = "a (cat:1.2) on the left and a dog on the right <lora:tiny_klein_a:1> <lora:tiny_klein_b:0.8>"
 
 
-def klein_job(webui, freefuse: dict | None = None, **overrides):
-    scripts = {} if freefuse is None else {"alwayson_scripts": {"FreeFuse": {"args": [freefuse]}}}
-    return webui.txt2img(
-        PROMPT,
-        width=128,
-        height=128,
-        steps=4,
-        cfg_scale=1.0,
-        override_settings={"sd_model_checkpoint": webui.manifest["klein"]["checkpoint_name"]},
-        **scripts,
-        **overrides,
-    )
-
-
 def test_klein_txt2img_with_two_bound_loras_gives_masks_overlay_and_infotext(webui):
     if not webui.neo:
         pytest.skip("classic Forge has no FLUX.2 (Forge Neo's backend/nn/flux.py global_modulation)")
-    before = klein_job(webui)
-    subjects = [{"lora": "tiny_klein_a", "words": "cat"}, {"lora": "tiny_klein_b", "words": "dog"}]
-    result = klein_job(webui, {"enabled": True, "subjects": subjects, "show_masks": True})
-    info = result.infotext
-    assert len(result.images) == 2, webui.log_tail()  # the image and its mask overlay
-    assert 'FreeFuse: "tiny_klein_a: cat; tiny_klein_b: dog"' in info, info
-    assert "FreeFuse coverage:" in info and "FreeFuse warnings" not in info, info
-    log = webui.log()
-    assert "FreeFuse: 2 subjects (tiny_klein_a, tiny_klein_b), capture at step 1 of 4 in double_blocks.0" in log, log[
-        -3000:
-    ]
-    assert result.images[0].pixels != before.images[0].pixels  # the masks changed the image
-    after = klein_job(webui)
-    assert after.images[0].pixels == before.images[0].pixels  # nothing left on the model
+    # Klein's default capture block for 2 double blocks is double_blocks.0 (FLUX.1's would be 1); step 1 of 4
+    check_two_bound_loras(webui, "klein", PROMPT, steps=4, capture="step 1 of 4 in double_blocks.0")

@@ -19,6 +19,7 @@ MORE = (
     "modulation",
     "word-to-image attention",
     "LoRAs on text tokens",
+    "attention bias",
     "contrastive seeds",
     "background",
     "background threshold",

@@ -238,7 +238,8 @@ def write_all(forge_root: Path, checkpoint: Path, lora_dir: Path, configs_root: 
 
 
 def writer_main(write_all, description: str, argv=None) -> None:
-    """The command line of a tiny checkpoint writer (this file, tiny_sdxl.py, tiny_klein.py, tiny_qwen_image.py):
+    """The command line of a tiny checkpoint writer (this file, tiny_sdxl.py, tiny_klein.py, tiny_qwen_image.py,
+    tiny_zimage.py):
     write_all(forge, checkpoint, lora_dir, configs) on the resolved paths; prints its JSON manifest."""
     parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--forge", type=Path, required=True)

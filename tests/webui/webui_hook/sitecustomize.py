@@ -14,9 +14,12 @@ patches them in memory, never on disk:
   only); a real SDXL checkpoint is left exactly as Forge guesses it. On Neo, a tiny FLUX.2 checkpoint
   (tiny_klein.py) gets the Klein 4B guess with huggingface_guess's own config read off its tensors and the tiny
   Klein pipeline configs in $FREEFUSE_TEST_TINY_KLEIN_CONFIGS (Neo matches Klein at hidden 3072/4096 only).
+  Likewise a tiny Z-Image (tiny_zimage.py) gets the Z-Image guess with its config read off its tensors and the tiny
+  Z-Image pipeline configs in $FREEFUSE_TEST_TINY_ZIMAGE_CONFIGS (Neo matches Z-Image at dim 3840 only).
 - `backend.nn.llm.llama` (Neo, with $FREEFUSE_TEST_TINY_KLEIN_CONFIGS set): Neo builds a Qwen3 text encoder of an
   unknown width with its Qwen3-0.6B class, which asserts the checkpoint's config against its own fixed one; that
-  fixed config becomes the tiny Klein text encoder's, without the class's Anima adapter (`fit_qwen3`).
+  fixed config becomes the tiny Klein text encoder's, without the class's Anima adapter (`fit_qwen3`). The tiny
+  Z-Image (tiny_zimage.py, $FREEFUSE_TEST_TINY_ZIMAGE_CONFIGS) has a text encoder of the same tiny config.
 - On Neo with $FREEFUSE_TEST_TINY_QWEN_IMAGE_CONFIGS set, the guess of a tiny Qwen-Image and Neo's Qwen2.5-VL
   class are fitted by tiny_qwen_image_hook.py beside this file (see its docstring).
 - `modules.launch_utils.repo_dir`: with --skip-prepare-environment Forge never clones
@@ -153,6 +156,55 @@ def tiny_klein_guess(state_dict):
     return result
 
 
+ZIMAGE_CONFIGS_ENV = "FREEFUSE_TEST_TINY_ZIMAGE_CONFIGS"
+ZIMAGE_TEST_KEYS = ("cap_embedder.1.weight", "noise_refiner.0.attention.k_norm.weight")  # huggingface_guess's Lumina 2
+ZIMAGE_DIMS = (2304, 3840)  # Lumina 2 and Z-Image: left to huggingface_guess as it is
+
+
+def zimage_config_from_shapes(state_dict, prefix: str) -> dict:
+    """What huggingface_guess's detection gives Z-Image at dim 3840 (detection.py, the Lumina 2 branch), at the
+    checkpoint's own width: heads from the QK-norm's size, RoPE axes in Z-Image's 32/48/48 proportions."""
+    from huggingface_guess import detection
+
+    config = detection.detect_unet_config(state_dict, prefix)
+    head_dim = state_dict[prefix + "layers.0.attention.k_norm.weight"].shape[0]
+    heads = config["dim"] // head_dim
+    config.update(
+        n_heads=heads,
+        n_kv_heads=(state_dict[prefix + "layers.0.attention.qkv.weight"].shape[0] // head_dim - heads) // 2,
+        axes_dims=[head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8],
+        axes_lens=[1536, 512, 512],
+        rope_theta=256.0,
+        ffn_dim_multiplier=8.0 / 3.0,
+        z_image_modulation=True,
+        time_scale=1000.0,
+    )
+    if prefix + "cap_pad_token" in state_dict:
+        config["pad_tokens_multiple"] = 32
+    return config
+
+
+def tiny_zimage_guess(state_dict):
+    """huggingface_guess takes a Lumina 2 / Z-Image transformer as Z-Image only at dim 3840. For one of another width
+    (not Lumina 2's 2304), the guess is Z-Image with the config read off the tensors, pointed at the tiny pipeline
+    configs in $FREEFUSE_TEST_TINY_ZIMAGE_CONFIGS (a folder named "z-image": Neo's LoRA key map). None for any other
+    checkpoint."""
+    configs = os.environ.get(ZIMAGE_CONFIGS_ENV)
+    prefix = "model.diffusion_model."
+    if not configs or any(prefix + key not in state_dict for key in ZIMAGE_TEST_KEYS):
+        return None
+    if state_dict[prefix + ZIMAGE_TEST_KEYS[0]].shape[0] in ZIMAGE_DIMS:
+        return None
+    from huggingface_guess import model_list
+
+    result = model_list.ZImage(zimage_config_from_shapes(state_dict, prefix))
+    result.unet_key_prefix = [prefix]
+    result.unet_config.pop("image_model", None)  # as huggingface_guess.guess leaves it
+    result.huggingface_repo = os.path.abspath(configs)
+    print(f"[freefuse-test] tiny Z-Image: {result.unet_config} with configs from {result.huggingface_repo}")
+    return result
+
+
 def fit_qwen3(module, config: dict) -> None:
     """Neo builds a Qwen3 text encoder of a width it does not know with its Qwen3-0.6B class, whose fixed config it
     asserts the checkpoint's config against: that class's config becomes the tiny one (backend/nn/llm/llama.py)."""
@@ -180,8 +232,11 @@ def tiny_qwen_image_hook():
     return tiny_qwen_image_hook
 
 
+QWEN3_CONFIGS_ENVS = (KLEIN_CONFIGS_ENV, ZIMAGE_CONFIGS_ENV)  # tiny Qwen3 text encoders, all of one config
+
+
 def patch_llama(module):
-    configs = os.environ.get(KLEIN_CONFIGS_ENV)
+    configs = next((os.environ[name] for name in QWEN3_CONFIGS_ENVS if os.environ.get(name)), None)
     if configs and os.path.isfile(os.path.join(configs, "text_encoder", "config.json")):
         import json
 
@@ -194,7 +249,7 @@ def patch_huggingface_guess(module):
     original = module.guess
 
     def guess(state_dict):
-        tiny = tiny_sdxl_guess(state_dict) or tiny_klein_guess(state_dict)
+        tiny = tiny_sdxl_guess(state_dict) or tiny_klein_guess(state_dict) or tiny_zimage_guess(state_dict)
         tiny = tiny or tiny_qwen_image_hook().tiny_qwen_image_guess(state_dict)
         if tiny is not None:
             return tiny

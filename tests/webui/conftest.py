@@ -5,7 +5,8 @@ One server per test session (`webui` fixture):
    cache/ and params.txt there; Forge's own tree is left untouched);
 2. tiny_models.py, run by Forge's Python, writes models/Stable-diffusion/tiny_flux.safetensors, models/Lora/
    tiny_lora_a|b.safetensors and the tiny pipeline configs; tiny_sdxl.py the same for a tiny SDXL (tiny_sdxl,
-   tiny_sdxl_a|b); on Neo tiny_klein.py the same for a tiny FLUX.2 Klein (tiny_klein, tiny_klein_a|b);
+   tiny_sdxl_a|b); on Neo tiny_klein.py the same for a tiny FLUX.2 Klein (tiny_klein, tiny_klein_a|b) and
+   tiny_chroma.py for a tiny Chroma (tiny_chroma, tiny_chroma_a|b);
 3. this repository is linked in as extensions/sd-forge-freefuse, and webui_extension/ (a test-only script that
    gives each image of a batch its own prompt, as the Dynamic Prompts extension does) beside it;
 4. `launch.py` starts under Forge's Python (FORGE_PYTHON, else <forge>/venv/bin/python) with webui_hook/ on
@@ -346,7 +347,7 @@ class WebUI:
 
 
 def _write_tiny(python: str, name: str, forge_root: Path, models: Path, data_dir: Path) -> dict:
-    """Run tiny_sdxl.py or tiny_klein.py (`name`) with Forge's Python: checkpoint models/Stable-diffusion/<name>,
+    """Run tiny_sdxl.py, tiny_klein.py or tiny_chroma.py (`name`) with Forge's Python: checkpoint models/Stable-diffusion/<name>,
     its LoRAs and pipeline configs; its JSON manifest."""
     made = subprocess.run(
         [
@@ -372,7 +373,12 @@ def _write_tiny(python: str, name: str, forge_root: Path, models: Path, data_dir
 
 
 def _server_env(
-    data_dir: Path, configs: str, sdxl_configs: str, python_paths: tuple[Path, ...] = (), klein_configs: str = ""
+    data_dir: Path,
+    configs: str,
+    sdxl_configs: str,
+    python_paths: tuple[Path, ...] = (),
+    klein_configs: str = "",
+    chroma_configs: str = "",
 ) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("COMMANDLINE_ARGS", "PYTHONSTARTUP")}
     paths = (str(HOOK_DIR), *map(str, python_paths), os.environ.get("PYTHONPATH", ""))
@@ -381,6 +387,7 @@ def _server_env(
         FREEFUSE_TEST_TINY_FLUX_CONFIGS=configs,
         FREEFUSE_TEST_TINY_SDXL_CONFIGS=sdxl_configs,
         FREEFUSE_TEST_TINY_KLEIN_CONFIGS=klein_configs,
+        FREEFUSE_TEST_TINY_CHROMA_CONFIGS=chroma_configs,
         FREEFUSE_TEST_WEBUI_ASSETS=str(data_dir / "webui-assets"),
         FREEFUSE_TEST_EXIT_WITH_PARENT="1",  # a server whose pytest was killed ends itself (sitecustomize.py)
         FREEFUSE_TEST_FAULT_FILE=str(data_dir / "freefuse-fault"),  # WebUI.fault(); no file, no fault
@@ -509,6 +516,8 @@ def start_webui(
     manifest["sdxl"] = _write_tiny(python, "tiny_sdxl", forge_root, models, data_dir)
     if is_neo(forge_root):  # classic Forge has no FLUX.2
         manifest["klein"] = _write_tiny(python, "tiny_klein", forge_root, models, data_dir)
+    if is_neo(forge_root):  # classic Forge has no Chroma
+        manifest["chroma"] = _write_tiny(python, "tiny_chroma", forge_root, models, data_dir)
     # the trained toy world (it shares the tiny CLIP/T5/VAE configs) for tests/webui/test_toyworld_quality.py
     for source, folder in TOY_WORLD_FILES:
         shutil.copyfile(source, models / folder / source.name)
@@ -550,6 +559,7 @@ def start_webui(
                 manifest["sdxl"]["configs"],
                 python_paths,
                 manifest.get("klein", {}).get("configs", ""),
+                chroma_configs=manifest.get("chroma", {}).get("configs", ""),
             ),
             stdin=subprocess.DEVNULL,
             stdout=log,

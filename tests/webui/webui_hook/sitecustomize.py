@@ -13,7 +13,9 @@ patches them in memory, never on disk:
   tiny SDXL pipeline configs in $FREEFUSE_TEST_TINY_SDXL_CONFIGS (huggingface_guess matches SDXL at its real sizes
   only); a real SDXL checkpoint is left exactly as Forge guesses it. On Neo, a tiny FLUX.2 checkpoint
   (tiny_klein.py) gets the Klein 4B guess with huggingface_guess's own config read off its tensors and the tiny
-  Klein pipeline configs in $FREEFUSE_TEST_TINY_KLEIN_CONFIGS (Neo matches Klein at hidden 3072/4096 only).
+  Klein pipeline configs in $FREEFUSE_TEST_TINY_KLEIN_CONFIGS (Neo matches Klein at hidden 3072/4096 only). A tiny
+  Chroma (tiny_chroma.py) gets the Chroma guess with its modulation MLP's own sizes and the tiny Chroma pipeline
+  configs in $FREEFUSE_TEST_TINY_CHROMA_CONFIGS (tiny_chroma_hook.py beside this file).
 - `backend.nn.llm.llama` (Neo, with $FREEFUSE_TEST_TINY_KLEIN_CONFIGS set): Neo builds a Qwen3 text encoder of an
   unknown width with its Qwen3-0.6B class, which asserts the checkpoint's config against its own fixed one; that
   fixed config becomes the tiny Klein text encoder's, without the class's Anima adapter (`fit_qwen3`).
@@ -182,9 +184,10 @@ def patch_llama(module):
 
 def patch_huggingface_guess(module):
     original = module.guess
+    from tiny_chroma_hook import tiny_chroma_guess  # beside this file, on the webui's PYTHONPATH with it
 
     def guess(state_dict):
-        tiny = tiny_sdxl_guess(state_dict) or tiny_klein_guess(state_dict)
+        tiny = tiny_sdxl_guess(state_dict) or tiny_klein_guess(state_dict) or tiny_chroma_guess(state_dict)
         if tiny is not None:
             return tiny
         result = original(state_dict)

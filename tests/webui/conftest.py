@@ -347,8 +347,8 @@ class WebUI:
 
 
 def _write_tiny(python: str, name: str, forge_root: Path, models: Path, data_dir: Path) -> dict:
-    """Run tiny_sdxl.py, tiny_klein.py or tiny_chroma.py (`name`) with Forge's Python: checkpoint models/Stable-diffusion/<name>,
-    its LoRAs and pipeline configs; its JSON manifest."""
+    """Run tiny_sdxl.py, tiny_klein.py or tiny_chroma.py (`name`) with Forge's Python: checkpoint
+    models/Stable-diffusion/<name>, its LoRAs and pipeline configs; its JSON manifest."""
     made = subprocess.run(
         [
             python,

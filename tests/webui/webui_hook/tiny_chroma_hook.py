@@ -1,4 +1,4 @@
-"""Test-only guess of a tiny Chroma for the webui tier (Forge Neo), used by sitecustomize.py's huggingface_guess wrapper.
+"""Test-only guess of a tiny Chroma for the webui tier (Forge Neo), for sitecustomize.py's huggingface_guess wrapper.
 
 huggingface_guess takes any checkpoint with FLUX.1's blocks and `distilled_guidance_layer.norms.0.scale` as Chroma,
 but writes the modulation MLP's real sizes into the config (in_dim 64, out_dim 3072, hidden_dim 5120, n_layers 5;

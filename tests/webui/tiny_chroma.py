@@ -10,7 +10,7 @@ splits for Chroma, the pipeline configs it reads beside it, and Chroma LoRAs.
 - `write_checkpoint`: `model.diffusion_model.*` (Neo's IntegratedChromaTransformer2DModel, tiny, with RMS norm
   scales keyed `.scale` as Chroma files have them), `vae.*` (FLUX's AutoencoderKL, tiny) and
   `text_encoders.t5xxl.transformer.*` (Neo's IntegratedT5, tiny).
-- `write_lora`: kohya-style Chroma LoRAs on block layers and on a layer of the modulation MLP.
+- LoRAs (tiny_models.write_linear_loras): kohya-style, on block layers and on a layer of the modulation MLP.
 
 Run with Neo's Python: `python tiny_chroma.py --forge FORGE --checkpoint FILE --lora-dir DIR --configs DIR` prints a
 JSON manifest.
@@ -18,7 +18,6 @@ JSON manifest.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import shutil
@@ -30,7 +29,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "forge"))  # chroma_env: the forge tier's tiny Chroma config
 
 import chroma_env  # noqa: E402
-from tiny_models import T5, VAE, _randomize, setup_forge  # noqa: E402
+import tiny_models  # noqa: E402
+from tiny_models import T5, VAE, _randomize, setup_forge, writer_main  # noqa: E402
 
 FORGE_PIPELINE = Path("backend", "huggingface", "Chroma")
 T5_TOKENIZER = Path("backend", "huggingface", "black-forest-labs", "FLUX.1-schnell", "tokenizer_2")
@@ -127,38 +127,15 @@ def write_checkpoint(forge_root: Path, configs: Path, path: Path, seed: int = 0)
     return path
 
 
-def write_lora(path: Path, seed: int, rank: int = 4) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for module, out_f, in_f in LORA_TARGETS:
-        key = "lora_unet_" + module.replace(".", "_")
-        sd[f"{key}.lora_down.weight"] = torch.randn(rank, in_f, generator=g) / in_f**0.5
-        sd[f"{key}.lora_up.weight"] = torch.randn(out_f, rank, generator=g) * 0.5 / rank**0.5
-        sd[f"{key}.alpha"] = torch.tensor(float(rank))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path))
-    return path
-
-
 def write_all(forge_root: Path, checkpoint: Path, lora_dir: Path, configs_root: Path) -> dict:
     configs = write_configs(forge_root, configs_root)
     write_checkpoint(forge_root, configs, checkpoint)
-    loras = {name: str(write_lora(lora_dir / f"{name}.safetensors", seed=61 + i)) for i, name in enumerate(LORA_NAMES)}
+    loras = tiny_models.write_linear_loras(lora_dir, LORA_NAMES, LORA_TARGETS, first_seed=61)
     return {"checkpoint": str(checkpoint), "checkpoint_name": checkpoint.stem, "configs": str(configs), "loras": loras}
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--forge", type=Path, required=True)
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--lora-dir", type=Path, required=True)
-    parser.add_argument("--configs", type=Path, required=True)
-    args = parser.parse_args(argv)
-    paths = (args.forge, args.checkpoint, args.lora_dir, args.configs)
-    print(json.dumps(write_all(*(path.resolve() for path in paths))))
+    writer_main(__doc__.splitlines()[0], write_all, argv)
 
 
 if __name__ == "__main__":

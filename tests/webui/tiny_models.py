@@ -212,15 +212,27 @@ def lora_state_dict(seed: int, rank: int = 4, alpha: float = 4.0, up_std: float 
     return state_dict
 
 
-def write_lora(path: Path, seed: int, rank: int = 4, alpha: float = 4.0, targets=None, metadata=None) -> Path:
+def write_lora(
+    path: Path, seed: int, rank: int = 4, alpha: float = 4.0, targets=None, metadata=None, up_std: float = 0.05
+) -> Path:
     """A LoRA file; same arguments, same bytes (so the same hash in Forge's infotext) as long as `metadata` has at
     most one key: safetensors writes the metadata in hash-map order, which changes from process to process."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"modelspec.architecture": "flux-1-dev/lora"} if metadata is None else metadata  # Forge: SdVersion.Flux
-    save_file(lora_state_dict(seed, rank, alpha, targets=targets), str(path), metadata=metadata)
+    save_file(lora_state_dict(seed, rank, alpha, up_std, targets), str(path), metadata=metadata or None)
     return path
+
+
+def write_linear_loras(lora_dir: Path, names, targets, first_seed: int, rank: int = 4) -> dict[str, str]:
+    """{name: file} of kohya LoRAs on (module path, out, in) Linears, alpha = rank, up_std 0.5, no metadata, one seed
+    each from first_seed (tiny_klein.py's and tiny_chroma.py's)."""
+    targets = [(module, in_f, out_f) for module, out_f, in_f in targets]
+    return {
+        name: str(write_lora(lora_dir / f"{name}.safetensors", first_seed + i, rank, rank, targets, {}, up_std=0.5))
+        for i, name in enumerate(names)
+    }
 
 
 def write_all(forge_root: Path, checkpoint: Path, lora_dir: Path, configs_root: Path) -> dict:
@@ -235,6 +247,17 @@ def write_all(forge_root: Path, checkpoint: Path, lora_dir: Path, configs_root: 
         "lora_keys": len(lora_targets()),
         "transformer": TRANSFORMER,
     }
+
+
+def writer_main(description: str, write_all, argv=None) -> None:
+    """The command line of tiny_sdxl.py, tiny_klein.py and tiny_chroma.py: print write_all(forge, checkpoint, LoRA
+    folder, configs folder)'s JSON manifest."""
+    parser = argparse.ArgumentParser(description=description)
+    for flag in ("--forge", "--checkpoint", "--lora-dir", "--configs"):
+        parser.add_argument(flag, type=Path, required=True)
+    args = parser.parse_args(argv)
+    paths = (args.forge, args.checkpoint, args.lora_dir, args.configs)
+    print(json.dumps(write_all(*(path.resolve() for path in paths))))
 
 
 def main(argv=None) -> None:

@@ -15,7 +15,6 @@ JSON manifest.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from tiny_models import _randomize, setup_forge  # noqa: E402
+from tiny_models import _randomize, setup_forge, writer_main  # noqa: E402
 
 FORGE_PIPELINE = Path("backend", "huggingface", "stabilityai", "stable-diffusion-xl-base-1.0")
 PIPELINE_NAME = "stable-diffusion-xl-base-1.0-tiny"
@@ -156,14 +155,7 @@ def write_all(forge_root: Path, checkpoint: Path, lora_dir: Path, configs_root: 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--forge", type=Path, required=True)
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--lora-dir", type=Path, required=True)
-    parser.add_argument("--configs", type=Path, required=True)
-    args = parser.parse_args(argv)
-    paths = (args.forge, args.checkpoint, args.lora_dir, args.configs)
-    print(json.dumps(write_all(*(path.resolve() for path in paths))))
+    writer_main(__doc__.splitlines()[0], write_all, argv)
 
 
 if __name__ == "__main__":

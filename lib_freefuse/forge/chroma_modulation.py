@@ -49,7 +49,8 @@ class _Run:
 
 class PerTokenApproximator:
     """Forward of `distilled_guidance_layer`: (B, 344, in) -> (B, 344, D) with no subject delta; in "per_token"
-    mode it also runs the MLP once per anchor row and leaves the rows for PerTokenSlices (the job's call cache)."""
+    mode it runs the MLP once per anchor row (one batch, the zero row among them, which it returns) and leaves the
+    rows for PerTokenSlices (the job's call cache)."""
 
     def __init__(self, original_forward, rows: MaskRows, job: FreeFuseJob):
         self.original_forward = original_forward
@@ -61,15 +62,16 @@ class PerTokenApproximator:
         if mode != "per_token":  # "global": every subject everywhere (the merge); "none": no subject
             n_subjects = self.job.plan.n_subjects
             return self._run(x, None if mode == "none" else torch.ones(1, 1, n_subjects))
-        base = self._run(x, None)
         try:
             anchors, exact = anchor_rows([self.job.modulation_masks(s)[1] for s in ("text", "image")])
             weights = anchors.repeat_interleave(x.shape[0], dim=0)[:, None, :]  # (R*B, 1, L)
-            mods = self._run(x.repeat(anchors.shape[0], 1, 1), weights).view(anchors.shape[0], *base.shape)
+            mods = self._run(x.repeat(anchors.shape[0], 1, 1), weights)
+            mods = mods.view(anchors.shape[0], x.shape[0], *mods.shape[1:])  # (R, B, 344, D)
             self.job.call_cached(_KEY, lambda: _Run(anchors, mods, exact))
+            return mods[int((anchors == 0).all(dim=-1).nonzero()[0])]  # the zero row: no subject
         except Exception as error:  # reported once by the job; every block gets the base modulation
             self.job.layer_failed(error)
-        return base
+            return self._run(x, None)
 
     def _run(self, x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         self.rows.weights = weights

@@ -4,9 +4,9 @@ Its double and single blocks are FLUX.1's own classes (modulation=False), so mas
 block's joint attention, text tokens first, then the 2x2-patch image tokens, q and k after QK-norm and RoPE. The
 blocks' linears see their tokens as in FLUX.1. Every shift/scale/gate comes instead from one global
 `distilled_guidance_layer` (an MLP over (timestep, guidance, slot index) rows: one vector per modulation slot per
-image, never per token), so its linears are one-vector-per-image layers and follow FLUX.1's rule for those
-(job.vector_masks): the subject deltas act on the whole image before masks exist in "joint" pre-mask mode and
-throughout when modulation is "global"; with "per_token" (the default) or "off" they do not act once masks exist.
+image), so its linears get the role "vector": their rows are no tokens. With modulation "per_token" (the default) the
+forge side runs that MLP once per subject-mask row and hands each token its own row's slots (FLUX.1's per-token
+modulation, forge/chroma_modulation.py); "global": every subject on every token; "off": none once masks exist.
 Text: T5 alone (no pooled vector), through Neo's T5 engine with no padding (min_length 1): the prompt's tokens, then
 one end token; the engine passes no attention mask, so every text token is attended, as in FLUX.1."""
 

@@ -3,6 +3,7 @@ sampling path and its T5 text engine. Classic Forge has no Chroma: every test sk
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import chroma_env
@@ -64,9 +65,9 @@ def with_loras(forge, unet, sds: dict[str, dict], strength: float = 0.9):
     return merged
 
 
-def freefuse_unet(forge, merged_unet, names, masks: torch.Tensor | None, modulation="per_token", capture_step=10**6):
+def freefuse_unet(forge, merged_unet, names, masks: torch.Tensor | None, modulation="per_token", **plan_fields):
     """forge_env.freefuse_unet for Chroma."""
-    return forge.freefuse_unet(merged_unet, names, masks, CHROMA, modulation=modulation, capture_step=capture_step)
+    return forge.freefuse_unet(merged_unet, names, masks, CHROMA, modulation=modulation, **plan_fields)
 
 
 def test_chroma_is_detected_by_its_structure_and_flux_stays_flux(forge, chroma_unet):
@@ -100,35 +101,131 @@ def test_all_ones_masks_equal_neos_merged_loras(forge, chroma_unet, cfg_scale, m
     assert (expected - plain).abs().max() > 1e-2  # the LoRAs do change the image
 
 
-def test_modulation_mlp_deltas_follow_the_vector_rule(forge, chroma_unet):
-    """The global modulation MLP's layers give one vector per image: with modulation "global" their deltas act on
-    the whole image (all-ones masks = Neo's merge); with "per_token" they stop once masks exist (all-ones masks =
-    the merge of the same LoRAs without those layers)."""
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_modulation_mlp_all_ones_and_global_equal_the_merge_and_off_leaves_it_out(forge, chroma_unet, cfg_scale):
+    """The global modulation MLP's layers: all-ones masks with modulation "per_token" (the MLP run per mask row,
+    the slots handed out per token) and "global" give Neo's merge, at CFG 3 with a negative prompt of another length
+    too; "off" gives the merge of the same LoRAs without the MLP's layers."""
     sds = {"ca.safetensors": lora_sd(1, approximator=True), "cb.safetensors": lora_sd(2, approximator=True)}
     merged = with_loras(forge, chroma_unet, sds)
-    run = dict(steps=3, latent_hw=LATENT)
-    unet, job = freefuse_unet(forge, merged, list(sds), torch.ones(1, 2, *GRID), "global")
-    torch.testing.assert_close(chroma_env.sample(forge, unet, **run), chroma_env.sample(forge, merged, **run))
-    assert job.failure is None
+    run = dict(steps=3, cfg_scale=cfg_scale, latent_hw=LATENT, tokens=8, uncond_tokens=4)
+    expected = chroma_env.sample(forge, merged, **run)
+    for modulation in ("per_token", "global"):
+        unet, job = freefuse_unet(forge, merged, list(sds), torch.ones(1, 2, *GRID), modulation)
+        torch.testing.assert_close(chroma_env.sample(forge, unet, **run), expected, atol=2e-4, rtol=1e-4)
+        assert job.failure is None
 
-    unet, job = freefuse_unet(forge, merged, list(sds), torch.ones(1, 2, *GRID), "per_token")
+    unet, job = freefuse_unet(forge, merged, list(sds), torch.ones(1, 2, *GRID), "off")
     got = chroma_env.sample(forge, unet, **run)
     without = {n: {k: v for k, v in sd.items() if not k.startswith(("lora_unet_distilled",))} for n, sd in sds.items()}
     without = {f"no_mlp_{n}": sd for n, sd in without.items()}
-    expected = chroma_env.sample(forge, with_loras(forge, chroma_unet, without), **run)
+    expected_off = chroma_env.sample(forge, with_loras(forge, chroma_unet, without), **run)
     assert job.failure is None
-    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
-    assert (expected - chroma_env.sample(forge, merged, **run)).abs().max() > 1e-3  # those layers do matter
+    torch.testing.assert_close(got, expected_off, atol=2e-4, rtol=1e-4)
+    assert (expected_off - expected).abs().max() > 1e-3  # those layers do matter
 
 
 def test_zero_masks_equal_no_lora(forge, chroma_unet):
-    """Image-stream layers and the modulation MLP (which stops once masks exist, modulation "per_token")."""
+    """Image-stream layers and the modulation MLP, no subject on the text tokens either (text_loras "none"): every
+    token's MLP row is the zero row."""
     sds = {"ca.safetensors": lora_sd(1, text=False, approximator=True), "cb.safetensors": lora_sd(2, text=False)}
     merged = with_loras(forge, chroma_unet, sds)
-    unet, _ = freefuse_unet(forge, merged, list(sds), torch.zeros(1, 2, *GRID))
+    unet, job = freefuse_unet(forge, merged, list(sds), torch.zeros(1, 2, *GRID), text_loras="none")
     got = chroma_env.sample(forge, unet, steps=3, latent_hw=LATENT)
     expected = chroma_env.sample(forge, chroma_unet, steps=3, latent_hw=LATENT)
+    assert job.failure is None
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+APPROXIMATOR_MODULES = {APPROXIMATOR[0]: "layers.0.in_layer", APPROXIMATOR[1]: "out_proj"}  # in the MLP
+
+
+def approximator_deltas(sds: dict[str, dict], strength: float = 0.9) -> list[dict[str, torch.Tensor]]:
+    """Each LoRA's weight deltas on the modulation MLP: {module in the MLP: strength * alpha / rank * up @ down}."""
+    deltas = []
+    for sd in sds.values():
+        one = {}
+        for kohya, module in APPROXIMATOR_MODULES.items():
+            up, down = sd[f"lora_unet_{kohya}.lora_up.weight"], sd[f"lora_unet_{kohya}.lora_down.weight"]
+            one[module] = strength * float(sd[f"lora_unet_{kohya}.alpha"]) / up.shape[1] * up @ down
+        deltas.append(one)
+    return deltas
+
+
+def naive_modulation(mlp, deltas, row: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A copy of the MLP with sum_l row[l] * subject l's deltas added to its weights, on x: (B, 344, D)."""
+    mlp = copy.deepcopy(mlp)
+    with torch.no_grad():
+        for subject, weight in enumerate(row.tolist()):
+            for module, delta in deltas[subject].items():
+                mlp.get_submodule(module).weight += weight * delta
+        return mlp(x)
+
+
+def modulation_fields(structure) -> list[torch.Tensor]:
+    """The tensors of get_modulations' output (a ModulationOut, a tuple of them, or a tuple of tensors), in order."""
+    if isinstance(structure, tuple):
+        return [t for item in structure for t in modulation_fields(item)]
+    if isinstance(structure, torch.Tensor):
+        return [structure]
+    return [structure.shift, structure.scale, structure.gate]
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_per_token_modulation_equals_a_naive_mlp_per_token(forge, chroma_unet, kind):
+    """Every token's shift/scale/gate in a double block (image and text), a single block and the final layer = the
+    slots of a copy of the MLP with that token's mask-weighted deltas added to its weights (hard masks: left half
+    subject a, right half b, the text tokens both); soft masks (more distinct rows than chroma_modulation.MAX_ROWS):
+    the first-order blend mod_0 + sum_l m_l (mod_{e_l} - mod_0) of such copies."""
+    sds = {"ca.safetensors": lora_sd(1, text=False, approximator=True), "cb.safetensors": lora_sd(2, approximator=True)}
+    merged = with_loras(forge, chroma_unet, sds)
+    model = diffusion_model(chroma_unet)
+    base_mlp = copy.deepcopy(model.distilled_guidance_layer)  # the weights without any LoRA
+    if kind == "hard":
+        masks = torch.zeros(1, 2, *GRID)
+        masks[:, 0, :, :4], masks[:, 1, :, 4:] = 1, 1
+    else:
+        masks = torch.rand(1, 2, *GRID, generator=torch.Generator().manual_seed(5))
+    unet, job = freefuse_unet(forge, merged, list(sds), masks)
+    seen: dict[str, list] = {"x": [], "double": [], "single": [], "final": []}
+    spied = (("double", model.double_blocks[1]), ("single", model.single_blocks[0]), ("final", model.final_layer))
+    hooks = [model.distilled_guidance_layer.register_forward_pre_hook(lambda m, a: seen["x"].append(a[0].clone()))]
+    for key, module in spied:
+        spy = lambda m, a, kw, key=key: seen[key].append(kw["vec"])  # noqa: E731
+        hooks.append(module.register_forward_pre_hook(spy, with_kwargs=True))
+    try:
+        chroma_env.sample(forge, unet, steps=1, latent_hw=LATENT, tokens=8)  # one model call, CFG 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert job.failure is None and len(seen["x"]) == 1
+    deltas, x = approximator_deltas(sds), seen["x"][0]
+    image = masks.flatten(2).transpose(1, 2)[0]  # (48, 2): the 6x8 grid row-major
+    rows = {"image": image, "text": torch.ones(8, 2), "joint": torch.cat([torch.ones(8, 2), image])}  # no words
+
+    def naive(row: torch.Tensor) -> torch.Tensor:
+        if kind == "hard":
+            return naive_modulation(base_mlp, deltas, row, x)
+        zero = naive_modulation(base_mlp, deltas, torch.zeros(2), x)
+        units = [naive_modulation(base_mlp, deltas, torch.eye(2)[s], x) - zero for s in range(2)]
+        return zero + row[0] * units[0] + row[1] * units[1]
+
+    mods = {}
+    for key, stream, block_type, idx, part in (
+        ("double", "image", "double_img", 1, 0),
+        ("double", "text", "double_txt", 1, 1),
+        ("single", "joint", "single", 0, None),
+        ("final", "image", "final", 0, None),
+    ):
+        got = seen[key][0] if part is None else seen[key][0][part]
+        for token, row in enumerate(rows[stream]):
+            if tuple(row.tolist()) not in mods:
+                mods[tuple(row.tolist())] = naive(row)
+            want = type(model).get_modulations(model, mods[tuple(row.tolist())], block_type, idx=idx)
+            for g, w in zip(modulation_fields(got), modulation_fields(want), strict=True):
+                torch.testing.assert_close(g[:, token], w[:, 0], atol=1e-5, rtol=1e-5)
+    left, right = seen["double"][0][0][0].shift[0, 0], seen["double"][0][0][0].shift[0, 7]
+    assert (left - right).abs().max() > 1e-4  # the two subjects' tokens do get different modulations
 
 
 def manual_qk(block, img, txt, vec, heads):
@@ -246,6 +343,9 @@ def test_no_state_left_after_a_freefuse_job(forge, chroma_unet):
     assert torch.equal(after, fresh)
     model = diffusion_model(chroma_unet)
     assert all(type(b).forward is getattr(b.forward, "__func__", None) for b in model.double_blocks)
+    for owner, method in ((model, "get_modulations"), (model.distilled_guidance_layer, "forward")):
+        assert getattr(type(owner), method) is getattr(getattr(owner, method), "__func__", None)  # per-token: undone
+    assert type(model.final_layer).forward is getattr(model.final_layer.forward, "__func__", None)
     assert flux.attention.__module__ == "backend.nn.flux" and flux.attention.__name__ == "attention"
 
 

@@ -8,6 +8,7 @@ One server per test session (`webui` fixture):
    tiny_sdxl_a|b); on Neo tiny_klein.py the same for a tiny FLUX.2 Klein (tiny_klein, tiny_klein_a|b) and
    tiny_qwen_image.py for a tiny Qwen-Image (tiny_qwen_image, tiny_qwen_image_a|b); tiny_zimage.py for a tiny
    Z-Image (tiny_zimage, tiny_zimage_a|b);
+   tiny_chroma.py for a tiny Chroma (tiny_chroma, tiny_chroma_a|b);
 3. this repository is linked in as extensions/sd-forge-freefuse, and webui_extension/ (a test-only script that
    gives each image of a batch its own prompt, as the Dynamic Prompts extension does) beside it;
 4. `launch.py` starts under Forge's Python (FORGE_PYTHON, else <forge>/venv/bin/python) with webui_hook/ on
@@ -348,7 +349,8 @@ class WebUI:
 
 
 def _write_tiny(python: str, name: str, forge_root: Path, models: Path, data_dir: Path) -> dict:
-    """Run tiny_sdxl.py, tiny_klein.py, tiny_qwen_image.py or tiny_zimage.py (`name`) with Forge's Python: checkpoint
+    """Run tiny_sdxl.py, tiny_klein.py, tiny_qwen_image.py, tiny_zimage.py or tiny_chroma.py (`name`) with Forge's
+    Python: checkpoint
     models/Stable-diffusion/<name>, its LoRAs and pipeline configs; its JSON manifest."""
     made = subprocess.run(
         [
@@ -381,6 +383,7 @@ def _server_env(
     klein_configs: str = "",
     qwen_image_configs: str = "",
     zimage_configs: str = "",
+    chroma_configs: str = "",
 ) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("COMMANDLINE_ARGS", "PYTHONSTARTUP")}
     paths = (str(HOOK_DIR), *map(str, python_paths), os.environ.get("PYTHONPATH", ""))
@@ -391,6 +394,7 @@ def _server_env(
         FREEFUSE_TEST_TINY_KLEIN_CONFIGS=klein_configs,
         FREEFUSE_TEST_TINY_QWEN_IMAGE_CONFIGS=qwen_image_configs,  # webui_hook/tiny_qwen_image_hook.py
         FREEFUSE_TEST_TINY_ZIMAGE_CONFIGS=zimage_configs,
+        FREEFUSE_TEST_TINY_CHROMA_CONFIGS=chroma_configs,
         FREEFUSE_TEST_WEBUI_ASSETS=str(data_dir / "webui-assets"),
         FREEFUSE_TEST_EXIT_WITH_PARENT="1",  # a server whose pytest was killed ends itself (sitecustomize.py)
         FREEFUSE_TEST_FAULT_FILE=str(data_dir / "freefuse-fault"),  # WebUI.fault(); no file, no fault
@@ -521,6 +525,7 @@ def start_webui(
         manifest["klein"] = _write_tiny(python, "tiny_klein", forge_root, models, data_dir)
         manifest["qwen_image"] = _write_tiny(python, "tiny_qwen_image", forge_root, models, data_dir)
         manifest["zimage"] = _write_tiny(python, "tiny_zimage", forge_root, models, data_dir)
+        manifest["chroma"] = _write_tiny(python, "tiny_chroma", forge_root, models, data_dir)
     # the trained toy world (it shares the tiny CLIP/T5/VAE configs) for tests/webui/test_toyworld_quality.py
     for source, folder in TOY_WORLD_FILES:
         shutil.copyfile(source, models / folder / source.name)
@@ -564,6 +569,7 @@ def start_webui(
                 manifest.get("klein", {}).get("configs", ""),
                 manifest.get("qwen_image", {}).get("configs", ""),
                 zimage_configs=manifest.get("zimage", {}).get("configs", ""),
+                chroma_configs=manifest.get("chroma", {}).get("configs", ""),
             ),
             stdin=subprocess.DEVNULL,
             stdout=log,

@@ -8,7 +8,7 @@ splits for Klein, the pipeline configs it reads beside it, and Klein LoRAs.
 - `write_checkpoint`: `model.diffusion_model.*` (Neo's FLUX class with FLUX.2's flags, tiny), `vae.*`
   (AutoencoderKLFlux2, tiny), `text_encoders.qwen3_4b.transformer.*` (Neo's Qwen3 class at the tiny config: 28
   layers, as the Klein engine reads layers 9, 18 and 27).
-- `write_lora`: kohya-style Klein LoRAs on block layers and the shared image modulation.
+- LoRAs (tiny_models.write_linear_loras): kohya-style, on block layers and the shared image modulation.
 
 Run with Neo's Python: `python tiny_klein.py --forge FORGE --checkpoint FILE --lora-dir DIR --configs DIR` prints a
 JSON manifest.
@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "forge"))  # klein_env: the forge tier's tiny Klein config
 
 import klein_env  # noqa: E402
+import tiny_models  # noqa: E402
 from tiny_models import _randomize, setup_forge, writer_main  # noqa: E402
 
 FORGE_PIPELINE = Path("backend", "huggingface", "black-forest-labs", "FLUX.2-klein-4B")
@@ -111,26 +112,10 @@ def write_checkpoint(forge_root: Path, configs: Path, path: Path, seed: int = 0)
     return path
 
 
-def write_lora(path: Path, seed: int, rank: int = 4) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for module, out_f, in_f in LORA_TARGETS:
-        key = "lora_unet_" + module.replace(".", "_")
-        sd[f"{key}.lora_down.weight"] = torch.randn(rank, in_f, generator=g) / in_f**0.5
-        sd[f"{key}.lora_up.weight"] = torch.randn(out_f, rank, generator=g) * 0.5 / rank**0.5
-        sd[f"{key}.alpha"] = torch.tensor(float(rank))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path))
-    return path
-
-
 def write_all(forge_root: Path, checkpoint: Path, lora_dir: Path, configs_root: Path) -> dict:
     configs = write_configs(forge_root, configs_root)
     write_checkpoint(forge_root, configs, checkpoint)
-    loras = {name: str(write_lora(lora_dir / f"{name}.safetensors", seed=41 + i)) for i, name in enumerate(LORA_NAMES)}
+    loras = tiny_models.write_linear_loras(lora_dir, LORA_NAMES, LORA_TARGETS, first_seed=41)
     return {"checkpoint": str(checkpoint), "checkpoint_name": checkpoint.stem, "configs": str(configs), "loras": loras}
 
 

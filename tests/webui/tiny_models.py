@@ -212,15 +212,27 @@ def lora_state_dict(seed: int, rank: int = 4, alpha: float = 4.0, up_std: float 
     return state_dict
 
 
-def write_lora(path: Path, seed: int, rank: int = 4, alpha: float = 4.0, targets=None, metadata=None) -> Path:
+def write_lora(
+    path: Path, seed: int, rank: int = 4, alpha: float = 4.0, targets=None, metadata=None, up_std: float = 0.05
+) -> Path:
     """A LoRA file; same arguments, same bytes (so the same hash in Forge's infotext) as long as `metadata` has at
     most one key: safetensors writes the metadata in hash-map order, which changes from process to process."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"modelspec.architecture": "flux-1-dev/lora"} if metadata is None else metadata  # Forge: SdVersion.Flux
-    save_file(lora_state_dict(seed, rank, alpha, targets=targets), str(path), metadata=metadata)
+    save_file(lora_state_dict(seed, rank, alpha, up_std, targets), str(path), metadata=metadata or None)
     return path
+
+
+def write_linear_loras(lora_dir: Path, names, targets, first_seed: int, rank: int = 4) -> dict[str, str]:
+    """{name: file} of kohya LoRAs on (module path, out, in) Linears, alpha = rank, up_std 0.5, no metadata, one seed
+    each from first_seed (tiny_klein.py's and tiny_chroma.py's)."""
+    targets = [(module, in_f, out_f) for module, out_f, in_f in targets]
+    return {
+        name: str(write_lora(lora_dir / f"{name}.safetensors", first_seed + i, rank, rank, targets, {}, up_std=0.5))
+        for i, name in enumerate(names)
+    }
 
 
 def write_all(forge_root: Path, checkpoint: Path, lora_dir: Path, configs_root: Path) -> dict:
@@ -239,7 +251,7 @@ def write_all(forge_root: Path, checkpoint: Path, lora_dir: Path, configs_root: 
 
 def writer_main(write_all, description: str, argv=None) -> None:
     """The command line of a tiny checkpoint writer (this file, tiny_sdxl.py, tiny_klein.py, tiny_qwen_image.py,
-    tiny_zimage.py):
+    tiny_zimage.py, tiny_chroma.py):
     write_all(forge, checkpoint, lora_dir, configs) on the resolved paths; prints its JSON manifest."""
     parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--forge", type=Path, required=True)

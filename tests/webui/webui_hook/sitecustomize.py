@@ -15,7 +15,9 @@ patches them in memory, never on disk:
   (tiny_klein.py) gets the Klein 4B guess with huggingface_guess's own config read off its tensors and the tiny
   Klein pipeline configs in $FREEFUSE_TEST_TINY_KLEIN_CONFIGS (Neo matches Klein at hidden 3072/4096 only).
   Likewise a tiny Z-Image (tiny_zimage.py) gets the Z-Image guess with its config read off its tensors and the tiny
-  Z-Image pipeline configs in $FREEFUSE_TEST_TINY_ZIMAGE_CONFIGS (Neo matches Z-Image at dim 3840 only).
+  Z-Image pipeline configs in $FREEFUSE_TEST_TINY_ZIMAGE_CONFIGS (Neo matches Z-Image at dim 3840 only). A tiny
+  Chroma (tiny_chroma.py) gets the Chroma guess with its modulation MLP's own sizes and the tiny Chroma pipeline
+  configs in $FREEFUSE_TEST_TINY_CHROMA_CONFIGS (tiny_chroma_hook.py beside this file).
 - `backend.nn.llm.llama` (Neo, with $FREEFUSE_TEST_TINY_KLEIN_CONFIGS set): Neo builds a Qwen3 text encoder of an
   unknown width with its Qwen3-0.6B class, which asserts the checkpoint's config against its own fixed one; that
   fixed config becomes the tiny Klein text encoder's, without the class's Anima adapter (`fit_qwen3`). The tiny
@@ -247,10 +249,11 @@ def patch_llama(module):
 
 def patch_huggingface_guess(module):
     original = module.guess
+    from tiny_chroma_hook import tiny_chroma_guess  # beside this file, on the webui's PYTHONPATH with it
 
     def guess(state_dict):
         tiny = tiny_sdxl_guess(state_dict) or tiny_klein_guess(state_dict) or tiny_zimage_guess(state_dict)
-        tiny = tiny or tiny_qwen_image_hook().tiny_qwen_image_guess(state_dict)
+        tiny = tiny or tiny_chroma_guess(state_dict) or tiny_qwen_image_hook().tiny_qwen_image_guess(state_dict)
         if tiny is not None:
             return tiny
         result = original(state_dict)

@@ -23,6 +23,7 @@ HOOK = Path(__file__).resolve().parents[3] / "tests" / "webui" / "webui_hook" / 
 DUMP_ENV = "FREEFUSE_TOY_DUMP_DIR"
 ORACLE_ENV = "FREEFUSE_TOY_ORACLE_FILE"
 
+sys.path.insert(0, str(HOOK.parent))  # the hook's own modules beside it (tiny_chroma_hook.py, ...)
 _spec = importlib.util.spec_from_file_location("freefuse_webui_hook", HOOK)
 hook = importlib.util.module_from_spec(_spec)
 sys.modules["freefuse_webui_hook"] = hook

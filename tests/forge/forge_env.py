@@ -259,6 +259,25 @@ def freefuse_unet(merged_unet, names, masks: torch.Tensor | None, family, **plan
     return patch_unet(merged_unet, job, deltas, capture_block=0, merged=merged), job
 
 
+def assert_attention_bias_acts(sample, make_unet, grid: tuple[int, int]) -> None:
+    """The phase-2 attention bias on a family whose blocks call FLUX's attention: with left/right masks and two
+    subjects' words, bias 5 changes the sampled image against bias 0, no job fails, and the host's attention function
+    is as before afterwards. make_unet(masks, **plan_fields) -> (unet, job); sample(unet) -> latents."""
+    import backend.nn.flux as flux
+
+    original = flux.attention
+    masks = torch.zeros(1, 2, *grid)
+    masks[0, 0, :, : grid[1] // 2] = 1
+    masks[0, 1, :, grid[1] // 2 :] = 1
+    runs = {}
+    for bias in (0.0, 5.0):
+        unet, job = make_unet(masks, word_positions=(((1, 2), (5,)),), attention_bias=bias)
+        runs[bias] = sample(unet)
+        assert job.failure is None
+    assert flux.attention is original
+    assert (runs[5.0] - runs[0.0]).abs().max() > 1e-3
+
+
 def stand_in_networks(monkeypatch, files: dict[str, str]) -> None:
     """The LoRA extension's name lookup (`networks`, only there in a webui) standing in for a test: {alias: file}."""
     from types import SimpleNamespace

@@ -437,19 +437,10 @@ def test_a_chroma_job_is_patched_makes_masks_and_leaves_nothing(forge, forge_roo
 def test_the_attention_bias_reaches_chromas_blocks_once_the_masks_exist(forge, chroma_unet):
     """Chroma's blocks call FLUX's attention: the phase-2 bias changes the image there, and the host's attention
     function is as before after the job."""
-    import backend.nn.flux as flux
-
-    original = flux.attention
     sds = {"ca.safetensors": lora_sd(1), "cb.safetensors": lora_sd(2)}
     merged = with_loras(forge, chroma_unet, sds)
-    masks = torch.zeros(1, 2, *GRID)
-    masks[0, 0, :, : GRID[1] // 2] = 1
-    masks[0, 1, :, GRID[1] // 2 :] = 1
-    words = {"word_positions": (((1, 2), (5,)),)}
-    runs = {}
-    for bias in (0.0, 5.0):
-        unet, job = freefuse_unet(forge, merged, list(sds), masks, attention_bias=bias, **words)
-        runs[bias] = chroma_env.sample(forge, unet, steps=3, latent_hw=LATENT)
-        assert job.failure is None
-    assert flux.attention is original
-    assert (runs[5.0] - runs[0.0]).abs().max() > 1e-3
+    forge.assert_attention_bias_acts(
+        lambda unet: chroma_env.sample(forge, unet, steps=3, latent_hw=LATENT),
+        lambda masks, **fields: freefuse_unet(forge, merged, list(sds), masks, **fields),
+        GRID,
+    )

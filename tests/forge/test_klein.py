@@ -357,19 +357,10 @@ def test_a_klein_job_is_patched_makes_masks_and_leaves_nothing(forge, klein_unet
 def test_the_attention_bias_reaches_kleins_blocks_once_the_masks_exist(forge, klein_unet):
     """Klein's blocks call FLUX's attention (FLUX.1's install): the phase-2 bias changes the image, and the host's
     attention function is as before after the job."""
-    import backend.nn.flux as flux
-
-    original = flux.attention
     sds = {"za.safetensors": lora_sd(1), "zb.safetensors": lora_sd(2)}
     merged = with_loras(forge, klein_unet, sds)
-    masks = torch.zeros(1, 2, *GRID)
-    masks[0, 0, :, : GRID[1] // 2] = 1
-    masks[0, 1, :, GRID[1] // 2 :] = 1
-    runs = {}
-    for bias in (0.0, 5.0):
-        words = {"word_positions": (((1, 2), (5,)),), "attention_bias": bias}
-        unet, job = freefuse_unet(forge, merged, list(sds), masks, **words)
-        runs[bias] = klein_env.sample(forge, unet, steps=3, latent_hw=LATENT)
-        assert job.failure is None
-    assert flux.attention is original
-    assert (runs[5.0] - runs[0.0]).abs().max() > 1e-3
+    forge.assert_attention_bias_acts(
+        lambda unet: klein_env.sample(forge, unet, steps=3, latent_hw=LATENT),
+        lambda masks, **fields: freefuse_unet(forge, merged, list(sds), masks, **fields),
+        GRID,
+    )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from numbers import Real
 
 import torch
 
-__all__ = ["StackedLoRA", "masked_lora_delta"]
+__all__ = ["StackedLoRA", "masked_lora_delta", "per_masks"]
 
 
 class StackedLoRA:
@@ -45,6 +47,8 @@ class StackedLoRA:
         self.rank = ranks[0] if len(set(ranks)) == 1 else None
         self.lora_subject = torch.tensor(subjects)  # (n_loras,)
         self.lora_scale = torch.tensor([float(s) for s in scales])  # (n_loras,)
+        # What the per-token weights depend on besides the masks: layers with the same LoRAs share them.
+        self._weights_key = (tuple(subjects), tuple(float(s) for s in scales), tuple(ranks))
         self._cast: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
 
     def factors(
@@ -92,20 +96,57 @@ class StackedLoRA:
     def _masked_hidden(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """(x A^T) scaled per rank by its subject's mask and scale: (B, T, R)."""
         _check_call(x, masks, self.d_in, self.n_subjects)
-        down, _, rank_subject, rank_scale = self.factors(x.dtype, x.device)
+        down = self.factors(x.dtype, x.device)[0]
+        weight = per_masks(masks, (self._weights_key, x.dtype, x.device), lambda: self._token_weights(x, masks))
+        hidden = torch.nn.functional.linear(x, down)  # (B, T, R)
+        # equal ranks: (B, T, n_loras, r) scaled by one weight per LoRA (B|1, T, n_loras, 1); else (B, T, R)
+        scaled = hidden if self.rank is None else hidden.view(*hidden.shape[:2], -1, self.rank)
+        chunks = _serial_chunks(x.device, hidden.shape[1], hidden.shape[0] * hidden.shape[2])
+        if len(chunks) == 1:
+            scaled.mul_(weight)
+        else:
+            for rows in chunks:
+                scaled[:, rows].mul_(weight[:, rows])
+        return hidden
+
+    def _token_weights(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Each token's weight per LoRA (B|1, T, n_loras, 1) for equal ranks, else per rank (B|1, T, R)."""
         masks = masks.to(device=x.device, dtype=x.dtype)
         if self.rank is None:
-            weight = masks.index_select(-1, rank_subject) * rank_scale  # (B|1, T, R)
-            hidden = x @ down.T  # (B, T, R)
-            scaled = hidden
-        else:
-            lora_subject, lora_scale = self._lora_weights(x.dtype, x.device)
-            weight = (masks.index_select(-1, lora_subject) * lora_scale).unsqueeze(-1)  # (B|1, T, n_loras, 1)
-            hidden = x @ down.T  # (B, T, R)
-            scaled = hidden.view(*hidden.shape[:2], -1, self.rank)  # (B, T, n_loras, r)
-        for rows in _serial_chunks(x.device, hidden.shape[1], hidden.shape[0] * hidden.shape[2]):
-            scaled[:, rows].mul_(weight[:, rows])
-        return hidden
+            _, _, rank_subject, rank_scale = self.factors(x.dtype, x.device)
+            return masks.index_select(-1, rank_subject) * rank_scale
+        lora_subject, lora_scale = self._lora_weights(x.dtype, x.device)
+        return (masks.index_select(-1, lora_subject) * lora_scale).unsqueeze(-1)
+
+
+class _PerMasks:
+    """Values computed from one masks tensor, shared by every layer given that same tensor (a model call hands one
+    masks tensor to all the layers of a stream), held while the tensor lives and for at most KEEP keys."""
+
+    KEEP = 64
+
+    def __init__(self):
+        self._values: OrderedDict[tuple, tuple[weakref.ref, object, int]] = OrderedDict()
+
+    def get(self, masks: torch.Tensor, key: tuple, make: Callable[[], object]):
+        slot = (id(masks), key)
+        held = self._values.get(slot)
+        if held is not None and held[0]() is masks and masks._version == held[2]:
+            return held[1]
+        value = make()
+        self._values[slot] = (weakref.ref(masks), value, masks._version)
+        while len(self._values) > self.KEEP:
+            self._values.popitem(last=False)
+        return value
+
+
+_PER_MASKS = _PerMasks()
+
+
+def per_masks(masks: torch.Tensor, key: tuple, make: Callable[[], object]):
+    """make(), computed once per masks tensor (while it lives and is not changed in place) and key: what every layer
+    of a model call would otherwise derive again from the same masks."""
+    return _PER_MASKS.get(masks, key, make)
 
 
 def masked_lora_delta(

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from ..core.lora import per_masks
 from ..families import SDXL_FAMILY
 from ..hosts import Host
 from .job import FreeFuseJob
@@ -122,6 +123,7 @@ class MaskedConvPatch:
         ranks = [d.down.shape[0] for _, d in low]
         self.rank_subject = torch.repeat_interleave(torch.tensor([s for s, _ in low]), torch.tensor(ranks))
         self.rank_scale = torch.repeat_interleave(torch.tensor([float(d.scale) for _, d in low]), torch.tensor(ranks))
+        self._weights_key = ("conv rank weights", tuple(self.rank_subject.tolist()), tuple(self.rank_scale.tolist()))
         self.dense = [(s, d.dense) for s, d in deltas if d.dense is not None]
         self.bias = [(s, d.bias) for s, d in deltas if d.bias is not None]
         self._cast: dict = {}
@@ -130,23 +132,30 @@ class MaskedConvPatch:
         y = self.original_forward(x, *args, **kwargs)
         try:
             masks = self.mask_source(y)  # (B|1, L, h, w) or None
-            return y if masks is None else y + self._deltas(x, masks.to(y)).to(y.dtype)
+            return y if masks is None else self._add_deltas(x, y, masks.to(y))
         except Exception as error:  # reported once by the job; this layer answers as if unpatched
             self.on_error(error)
-            return y
+            return self.original_forward(x, *args, **kwargs)  # y may hold part of the deltas: recompute
 
-    def _deltas(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def _add_deltas(self, x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """y + the masked deltas; the low-rank part added into y in place when y allows it (x's dtype, contiguous)."""
         down, up, rank_subject, rank_scale, dense, bias = self._factors(x.dtype, x.device)
         out = 0
         if down is not None:
             hidden = F.conv2d(x, down, None, **self.geometry)  # (B, R, h, w)
-            weight = masks.index_select(1, rank_subject) * rank_scale[None, :, None, None]  # (B|1, R, h|1, w|1)
-            out = F.conv2d(hidden * weight, up[:, :, None, None])  # (B, C_out, h, w)
+            key = (self._weights_key, x.dtype, x.device)
+            weight = per_masks(masks, key, lambda: masks.to(x.dtype).index_select(1, rank_subject) * rank_scale)
+            hidden.mul_(weight)  # (B|1, R, h|1, w|1): each rank's subject mask times its scale
+            batch, rank = hidden.shape[:2]
+            if y.dtype == x.dtype and y.is_contiguous() and y.shape[0] == batch:
+                y.view(batch, y.shape[1], -1).baddbmm_(up.expand(batch, -1, -1), hidden.view(batch, rank, -1))
+            else:
+                out = F.conv2d(hidden, up[:, :, None, None])  # (B, C_out, h, w)
         for subject, kernel in dense:
             out = out + F.conv2d(x, kernel, None, **self.geometry) * masks[:, subject : subject + 1]
         for subject, vector in bias:
             out = out + vector[None, :, None, None] * masks[:, subject : subject + 1]
-        return out
+        return y if isinstance(out, int) else y + out.to(y.dtype)
 
     def _factors(self, dtype: torch.dtype, device: torch.device):
         key = (dtype, device)
@@ -156,7 +165,7 @@ class MaskedConvPatch:
                 cast(self.down),
                 cast(self.up),
                 self.rank_subject.to(device),
-                cast(self.rank_scale),
+                cast(self.rank_scale)[None, :, None, None],
                 [(s, cast(t)) for s, t in self.dense],
                 [(s, cast(t)) for s, t in self.bias],
             )
@@ -194,7 +203,7 @@ class MaskedCrossAttention:
                 out = unet_module.attention_function(q, k, v, module.heads, None)
             else:
                 text = self.job.masks_for("text", context)  # (B, T, L)
-                dk = self._subject_changes(self.k_deltas, context, text, k)  # (L, B, T, C)
+                dk = self._subject_changes(self.k_deltas, context, text, k)  # L x (B, T, C) or None
                 dv = self._subject_changes(self.v_deltas, context if value is None else value, text, v)
                 out = self._routed(unet_module.attention_function, q, k, v, dk, dv, image.to(q))
         except Exception as error:  # reported once by the job; this layer answers without the subject deltas
@@ -202,63 +211,87 @@ class MaskedCrossAttention:
             out = unet_module.attention_function(q, k, v, module.heads, None)
         return module.to_out(out)
 
-    def _subject_changes(self, deltas, source: torch.Tensor, text: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """(L, B, T, C): each subject's change of the projection of `source`, times its text-token mask."""
+    def _subject_changes(self, deltas, source: torch.Tensor, text: torch.Tensor, like: torch.Tensor) -> list:
+        """Each subject's change of the projection of `source` times its text-token mask: L x (B, T, C), None for a
+        subject without a delta here."""
         n_subjects = self.job.plan.n_subjects
-        out = like.new_zeros(n_subjects, *like.shape)
+        columns = self.job.call_cached(  # the text masks' columns (B, T, 1), once per call and dtype
+            ("text columns", like.dtype), lambda: [c[..., None] for c in text.to(like).unbind(-1)]
+        )
+        out: list[torch.Tensor | None] = [None] * n_subjects
         for subject, delta in deltas:
-            out[subject] += delta_output(delta, source.to(like.dtype), self._cast)
-        return out * text.to(like).permute(2, 0, 1)[..., None]
+            change = delta_output(delta, source.to(like.dtype), self._cast)
+            out[subject] = change if out[subject] is None else out[subject] + change
+        return [None if change is None else change.mul_(columns[s]) for s, change in enumerate(out)]
 
-    def _routed(self, attend, q, k, v, dk, dv, image: torch.Tensor) -> torch.Tensor:
+    def _routed(self, attend, q, k, v, dk: list, dv: list, image: torch.Tensor) -> torch.Tensor:
         """Each image token's attention over the keys and values of its mask row: (B, N, C). The rows and the
         tokens of each are found once per call and token count (cached by the job), not once per layer."""
         heads = self.attention.heads
         batch = q.shape[0]
-        shared = image.shape[0] == 1 or all(torch.equal(image[0], image[b]) for b in range(1, image.shape[0]))
+        shared = self.job.call_cached(  # the job gives every layer of one call and token count the same masks
+            ("shared routes", image.shape[1]),
+            lambda: image.shape[0] == 1 or all(torch.equal(image[0], image[b]) for b in range(1, image.shape[0])),
+        )
         if shared:  # every image of the batch has the same mask rows (cond and uncond of one image): batched
-            # the job gives every layer of one call and token count the same image masks: their routes are computed once
-            rows, groups = self.job.call_cached(("routes", image.shape[1]), lambda: _routes(image[0]))
+            rows, groups, weights = self.job.call_cached(("routes", image.shape[1]), lambda: _routes(image[0]))
             if rows.shape[0] > MAX_ROUTES:
                 return torch.cat(
                     [
-                        self._blended(attend, q[b : b + 1], k[b], v[b], dk[:, b], dv[:, b], image[0])
+                        self._blended(attend, q[b : b + 1], k[b], v[b], _of(dk, b), _of(dv, b), image[0])
                         for b in range(batch)
                     ]
                 )
             if rows.shape[0] == 1:  # one row for every token (unmasked, or masks not split)
-                weight = rows[0][:, None, None, None]
-                return attend(q, k + (weight * dk).sum(0), v + (weight * dv).sum(0), heads, None)
+                return attend(q, _shifted(k, dk, weights[0]), _shifted(v, dv, weights[0]), heads, None)
             out = torch.empty(batch, q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
-            for row, tokens in zip(rows, groups, strict=True):
-                weight = row[:, None, None, None]
-                k_r, v_r = k + (weight * dk).sum(0), v + (weight * dv).sum(0)  # (B, T, C)
-                out[:, tokens] = attend(q[:, tokens], k_r, v_r, heads, None)
+            for row, tokens in zip(weights, groups, strict=True):
+                out[:, tokens] = attend(q[:, tokens], _shifted(k, dk, row), _shifted(v, dv, row), heads, None)
             return out
         out = torch.empty(batch, q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
         for b in range(batch):
-            rows, groups = _routes(image[b])
+            rows, groups, weights = _routes(image[b])
+            dk_b, dv_b = _of(dk, b), _of(dv, b)
             if rows.shape[0] > MAX_ROUTES:  # soft masks: blend the outputs of no subject and of each one alone
-                out[b] = self._blended(attend, q[b : b + 1], k[b], v[b], dk[:, b], dv[:, b], image[b])
+                out[b] = self._blended(attend, q[b : b + 1], k[b], v[b], dk_b, dv_b, image[b])
                 continue
-            for row, tokens in zip(rows, groups, strict=True):
-                weight = row[:, None, None]
-                k_r = k[b] + (weight * dk[:, b]).sum(0)
-                v_r = v[b] + (weight * dv[:, b]).sum(0)
+            for row, tokens in zip(weights, groups, strict=True):
+                k_r, v_r = _shifted(k[b], dk_b, row), _shifted(v[b], dv_b, row)
                 out[b, tokens] = attend(q[b : b + 1, tokens], k_r[None], v_r[None], heads, None)[0]
         return out
 
-    def _blended(self, attend, q, k, v, dk, dv, image: torch.Tensor) -> torch.Tensor:
+    def _blended(self, attend, q, k, v, dk: list, dv: list, image: torch.Tensor) -> torch.Tensor:
         """(1 - sum_l m_l) * attention without subjects + sum_l m_l * attention with subject l alone: (N, C)."""
         heads = self.attention.heads
         out = attend(q, k[None], v[None], heads, None)[0] * (1 - image.sum(-1, keepdim=True)).clamp_min(0)
         for subject in range(image.shape[-1]):
-            alone = attend(q, (k + dk[subject])[None], (v + dv[subject])[None], heads, None)[0]
+            alone_k, alone_v = _shifted(k, dk, _one_hot(subject, len(dk))), _shifted(v, dv, _one_hot(subject, len(dv)))
+            alone = attend(q, alone_k[None], alone_v[None], heads, None)[0]
             out = out + alone * image[:, subject : subject + 1]
         return out
 
 
-def _routes(rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The distinct rows of (N, L) masks and, for each, the indices of the tokens that have it."""
+def _shifted(base: torch.Tensor, changes: list, weights: list[float]) -> torch.Tensor:
+    """base + sum_l weights[l] * changes[l] (keys or values of one mask row), zero weights and absent changes
+    skipped."""
+    out = base
+    for weight, change in zip(weights, changes, strict=False):
+        if weight != 0 and change is not None:
+            out = out + (change if weight == 1 else weight * change)
+    return out
+
+
+def _of(changes: list, b: int) -> list:
+    """The changes of batch row b: L x (T, C) or None."""
+    return [None if change is None else change[b] for change in changes]
+
+
+def _one_hot(index: int, length: int) -> list[float]:
+    return [1.0 if i == index else 0.0 for i in range(length)]
+
+
+def _routes(rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[list[float]]]:
+    """The distinct rows of (N, L) masks, for each the indices of the tokens that have it, and the rows as lists."""
     distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    return distinct, [(inverse == r).nonzero().squeeze(1) for r in range(distinct.shape[0])]
+    groups = [(inverse == r).nonzero().squeeze(1) for r in range(distinct.shape[0])]
+    return distinct, groups, distinct.tolist()

@@ -3,6 +3,8 @@ tiny FLUX's forward (all-ones masks = merged, zero masks = no LoRA), and mask pe
 
 from __future__ import annotations
 
+import os
+
 import forge_env
 import pytest
 import torch
@@ -426,3 +428,50 @@ def test_merged_lora_is_found_and_taken_out_of_the_merge(tiny_unet):
     for key in expected:
         torch.testing.assert_close(taken[key], expected[key], atol=0, rtol=0, msg=key)
     assert host.merged_lora(both, paths[0]) is not None  # the original patcher still has it
+
+
+def test_a_merged_lora_found_before_is_not_read_again(tiny_unet, monkeypatch):
+    """Neo keeps no file names, so merged_lora reads the file and compares its factors with the patcher's: once per
+    file. A later job whose patcher holds the same adapters finds them by identity without reading; a patcher with
+    the file loaded anew (other adapter objects) or a file changed on disk is read again, and a LoRA no longer on
+    the patcher is not found."""
+    if forge_env.HOST != "neo":
+        pytest.skip("classic Forge keeps the file name with each patch: nothing is read")
+    import lib_freefuse.hosts.neo as neo
+
+    host = forge_env.host_adapter()
+    g = torch.Generator().manual_seed(12)
+    sd = {}
+    add_lora(sd, g, "lora_unet_double_blocks_0_img_attn_proj", H, H, alpha=2.0)
+    add_lora(sd, g, "lora_unet_single_blocks_0_linear1", 3 * H + MLP, H, alpha=2.0)
+    merged, (path,), _ = forge_env.with_loras(tiny_unet, {"read_once.safetensors": sd}, strength=0.6)
+    reads = []
+    original = neo._read_lora_file
+    monkeypatch.setattr(neo, "_read_lora_file", lambda *a: reads.append(a[1]) or original(*a))
+
+    first = host.merged_lora(merged, path)
+    again = host.merged_lora(merged.clone(), path)  # the next job's clone holds the same adapters
+    assert len(reads) == 1 and first is not None and again is not None
+    assert {k: [id(r) for r in raws] for k, raws in again.source.items()} == {
+        k: [id(r) for r in raws] for k, raws in first.source.items()
+    }
+    assert [(e.kind, e.strength, e.offset) for k in first for e in first[k]] == [
+        (e.kind, e.strength, e.offset) for k in again for e in again[k]
+    ]
+
+    from backend.patcher.lora import load_lora, model_lora_keys_unet
+
+    patches, _ = load_lora(sd, model_lora_keys_unet(tiny_unet.model, {}))
+    reloaded = tiny_unet.clone()  # the same file loaded anew: other adapter objects, same values
+    reloaded.add_patches(filename=path, patches=patches, strength_patch=0.6)
+    assert host.merged_lora(reloaded, path) is not None and len(reads) == 2
+
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # changed on disk
+    assert host.merged_lora(reloaded, path) is not None and len(reads) == 3
+    assert host.merged_lora(reloaded, path) is not None and len(reads) == 3
+
+    without = reloaded.clone()
+    adapters = {id(raws[0][1]) for raws in reloaded.patches.values()}
+    without.patches = {k: [r for r in raws if id(r[1]) not in adapters] for k, raws in without.patches.items()}
+    assert host.merged_lora(without, path) is None  # the adapters found before are gone from this patcher

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import uuid
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -37,31 +39,17 @@ class ForgeNeo(Host):
 
     def merged_lora(self, unet, filename: str) -> SubjectPatches | None:
         """The file's patches found in unet.patches: same key, offset and factor values (Neo keeps no file name).
-        None unless every patch of the file is there (the LoRA extension applies a file whole or not at all)."""
+        None unless every patch of the file is there (the LoRA extension applies a file whole or not at all).
+        A file found before, unchanged on disk, whose adapters are still on the patcher is not read again."""
         if not unet.patches:
             return None
-        patches, _ = _read_lora_file(unet, filename)
-        parameters = unet.model.state_dict()
-        found: dict[str, list] = {}
-        used: set[int] = set()
-        for patch_key, adapter in patches.items():
-            key, offset = _key_and_offset(patch_key)
-            if key not in parameters:
-                continue  # add_patches skips it too
-            match = next(
-                (
-                    raw
-                    for raw in unet.patches.get(key, ())
-                    if id(raw) not in used and _same(raw[3], offset) and _same(raw[1], adapter)
-                ),
-                None,
-            )
-            if match is None:
+        stamp = _file_stamp(filename)
+        found = _FOUND_BEFORE.find(stamp, unet.patches)
+        if found is None:
+            found = _match_file(unet, filename)
+            if found is None:
                 return None
-            used.add(id(match))
-            found.setdefault(key, []).append(match)
-        if not found:
-            return None
+            _FOUND_BEFORE.remember(stamp, found)
         entries = {key: [read_entry(raw) for raw in raws] for key, raws in found.items()}
         strength = next(iter(found.values()))[0][0]
         return SubjectPatches(entries, strength=float(strength), source=found)
@@ -130,6 +118,85 @@ def dequantized(weight: torch.Tensor) -> torch.Tensor:
     if hasattr(weight, "dequantize") and type(weight).__name__ == "QuantizedTensor":
         return weight.dequantize()
     return weight
+
+
+def _file_stamp(filename: str) -> tuple | None:
+    """(path, inode, size, modification and change times in ns) of a LoRA file, or None when it cannot be read."""
+    try:
+        info = os.stat(filename)
+    except OSError:
+        return None
+    return os.path.abspath(os.fspath(filename)), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+class _FoundFiles:
+    """LoRA files matched on a patcher before: per file stamp, the adapters of its patches, held weakly (Forge
+    drops them when the LoRA is unloaded, and nothing here keeps them). A later job finds the same adapter objects
+    on its patcher by identity, without reading and comparing the file again (a FLUX LoRA is hundreds of MB)."""
+
+    KEEP = 32  # files remembered, the least recently used dropped first
+
+    def __init__(self):
+        self._files: OrderedDict[tuple, dict[str, list[tuple[weakref.ref, object]]]] = OrderedDict()
+
+    def remember(self, stamp, found: dict[str, list]) -> None:
+        if stamp is None:
+            return
+        try:
+            self._files[stamp] = {key: [(weakref.ref(raw[1]), raw[3]) for raw in raws] for key, raws in found.items()}
+        except TypeError:  # an adapter that takes no weak reference: match by value every time
+            return
+        self._files.move_to_end(stamp)
+        while len(self._files) > self.KEEP:
+            self._files.popitem(last=False)
+
+    def find(self, stamp, patches: dict) -> dict[str, list] | None:
+        """{key: [raw patch tuples]} on `patches` holding the very adapters found before, or None."""
+        known = self._files.get(stamp) if stamp is not None else None
+        if known is None:
+            return None
+        found: dict[str, list] = {}
+        for key, refs in known.items():
+            raws = patches.get(key, ())
+            for ref, offset in refs:
+                adapter = ref()
+                match = next((raw for raw in raws if raw[1] is adapter and _same(raw[3], offset)), None)
+                if adapter is None or match is None:
+                    return None
+                found.setdefault(key, []).append(match)
+        self._files.move_to_end(stamp)
+        return found
+
+
+_FOUND_BEFORE = _FoundFiles()
+
+
+def _match_file(unet, filename: str) -> dict[str, list] | None:
+    """{parameter key: [Neo's raw patch tuples]} of the file's patches on unet (matched by key, offset and factor
+    values), or None unless every patch of the file is there."""
+    patches, _ = _read_lora_file(unet, filename)
+    parameters = unet.model.state_dict()
+    found: dict[str, list] = {}
+    used: set[int] = set()
+    for patch_key, adapter in patches.items():
+        key, offset = _key_and_offset(patch_key)
+        if key not in parameters:
+            continue  # add_patches skips it too
+        match = next(
+            (
+                raw
+                for raw in unet.patches.get(key, ())
+                if id(raw) not in used and _same(raw[3], offset) and _same(raw[1], adapter)
+            ),
+            None,
+        )
+        if match is None:
+            return None
+        used.add(id(match))
+        found.setdefault(key, []).append(match)
+    if not found:
+        return None
+    return found
 
 
 def _read_lora_file(unet, filename: str) -> tuple[dict, list]:

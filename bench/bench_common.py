@@ -74,6 +74,111 @@ def merged_against_freefuse(bench, merged: str, freefuse: str, rounds: int) -> N
     print(ratio_line("(b) FreeFuse / (a) merged, setup + sampler", ratios))
 
 
+class FamilyBench:
+    """One family's cases on a scaled model of the host's own classes, for merged_against_freefuse: (a) two subject
+    LoRAs merged by the host, (b) FreeFuse as processing.start_run sets it up. A subclass says how its model,
+    conditioning and latent are made; forge_env (tests/forge) must be importable."""
+
+    family = None  # the lib_freefuse Family
+    channels = 16  # latent channels
+    cfg = 1.0
+    words = ((2, 3), (7, 8))  # the two subjects' text-token positions
+    merged_case, freefuse_case = "(a) merged", "(b) FreeFuse"
+
+    def make_unet(self, size: dict, seed: int):
+        """(constructor arguments, the model's UnetPatcher) at `size`."""
+        raise NotImplementedError
+
+    def lora_layer(self, name: str) -> bool:
+        """Whether the bench's LoRAs touch the Linear at module path `name`."""
+        raise NotImplementedError
+
+    def conditions(self, size: dict) -> tuple:
+        """(cond, uncond) as the family's text engine gives them."""
+        raise NotImplementedError
+
+    def latent_hw(self, size: dict) -> tuple[int, ...]:
+        return (size["latent"],) * 2
+
+    def text_length(self, size: dict) -> int:
+        return size["tokens"][0]
+
+    def decode(self, x0):
+        import forge_env
+
+        return forge_env.decode(x0)
+
+    def __init__(self, size: dict, seed: int):
+        import forge_env
+
+        from lib_freefuse.hosts import for_unet
+
+        self.size = size
+        self.config, self.unet = self.make_unet(size, seed)
+        model = self.unet.model.diffusion_model
+        tag = self.family.name.split()[-1].lower().replace("-", "_")
+        sds = {f"{tag}_subject_{i}.safetensors": kohya_lora(model, 100 + i, self.lora_layer) for i in range(2)}
+        self.lora_keys = len(sds[f"{tag}_subject_0.safetensors"]) // 3
+        self.merged, self.files, unmatched = forge_env.with_loras(self.unet, sds, 1.0)
+        if unmatched:
+            raise SystemExit(f"{len(unmatched)} LoRA keys matched no model key, e.g. {sorted(unmatched)[:3]}")
+        self.host = for_unet(self.merged)
+        self.cond, self.uncond = self.conditions(size)
+        self.jobs: list = []
+
+    def run(self, case: str, timings: dict):
+        """One sampling run of `case`, its setup and sampler seconds in timings; the sampled latents."""
+        import time
+
+        import forge_env
+
+        unet = self.merged
+        if case == self.freefuse_case:
+            started = time.perf_counter()
+            unet = self.freefuse()
+            timings["setup"] = timings.get("setup", 0.0) + time.perf_counter() - started
+        kwargs = dict(steps=self.size["steps"], cfg_scale=self.cfg, cond=self.cond, uncond=self.uncond)
+        latent = self.latent_hw(self.size)
+        return forge_env.sample(unet, latent_hw=latent, timings=timings, channels=self.channels, **kwargs)
+
+    def freefuse(self):
+        """What processing.start_run does once the words and LoRAs are known: the patched clone."""
+        from lib_freefuse.core import MaskConfig, default_capture_step
+        from lib_freefuse.forge.host import patch_unet
+        from lib_freefuse.forge.job import FreeFuseJob, JobPlan
+
+        deltas, merged = subject_deltas_of(self.host, self.merged, self.files)
+        plan = JobPlan(
+            word_positions=(self.words,),
+            text_length=self.text_length(self.size),
+            capture_step=default_capture_step(self.size["steps"]) - 1,
+            mask_config=MaskConfig(),
+        )
+        job = FreeFuseJob(plan, decode=self.decode, family=self.family)
+        self.jobs.append(job)
+        model = self.merged.model.diffusion_model
+        return patch_unet(self.merged, job, deltas, self.family.default_capture_site(model), merged, self.host)
+
+
+def text_states(tokens: int, context: int, seed: int):
+    """A text engine's states alone (T5, Qwen3, Qwen2.5-VL as Neo's engines give them), random: compiled conditions."""
+    import torch
+    from backend.sampling.condition import compile_conditions
+
+    g = torch.Generator().manual_seed(seed)
+    return compile_conditions(torch.randn(1, tokens, context, generator=g))
+
+
+def run_family_bench(bench, description: str, rounds: int) -> None:
+    """Print the host, torch and the model line `description`, then merged_against_freefuse over `rounds`."""
+    import forge_env
+    import torch
+
+    print(f"host: {forge_env.HOST}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print(f"{description}; LoRA keys per subject {bench.lora_keys}")
+    merged_against_freefuse(bench, bench.merged_case, bench.freefuse_case, rounds)
+
+
 def kohya_lora(model, seed: int, keep: Callable[[str], bool], rank: int = 16) -> dict:
     """A kohya-format LoRA (lora_unet_<path>.lora_down/lora_up/alpha, float32) of `rank` on every Linear of `model`
     whose module path `keep` accepts; up ~ N(0, 0.5 / rank), down ~ N(0, 1 / d_in): a visible but bounded change."""

@@ -21,10 +21,9 @@ setup + sampler per round, median [min - max]. Goal <= 1.10x.
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
-from bench_common import REPO, kohya_lora, merged_against_freefuse, neo_bench_args, subject_deltas_of
+from bench_common import REPO, FamilyBench, neo_bench_args, run_family_bench, text_states
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # forge_locator
@@ -32,22 +31,10 @@ sys.path.insert(0, str(REPO / "tests" / "forge"))  # forge_env
 
 import forge_env
 
-from lib_freefuse.core import MaskConfig, default_capture_step
 from lib_freefuse.families import CHROMA
-from lib_freefuse.forge.host import patch_unet
-from lib_freefuse.forge.job import FreeFuseJob, JobPlan
-from lib_freefuse.hosts import for_unet
 
 SCALED = dict(hidden=768, heads=6, depth=(4, 8), mlp=256, latent=32, tokens=(128, 64), context=256, steps=6)
 SMOKE = dict(hidden=128, heads=2, depth=(2, 2), mlp=64, latent=16, tokens=(16, 8), context=32, steps=3)
-WORDS = ((2, 3), (7, 8))
-A, B = "(a) merged", "(b) FreeFuse"
-
-
-def lora_layer(name: str) -> bool:
-    """The Linears the bench's LoRAs touch: every one of the double and single blocks and (Chroma) of the global
-    modulation MLP, whose per-token run is FreeFuse's extra work there."""
-    return name.startswith(("double_blocks.", "single_blocks.", "distilled_guidance_layer."))
 
 
 def chroma_config(size: dict) -> dict:
@@ -106,64 +93,26 @@ def make_patcher(model):
     )
 
 
-def conditions(tokens: int, context: int, seed: int):
-    """T5 states alone, as Neo's Chroma engine gives them."""
-    from backend.sampling.condition import compile_conditions
-
-    g = torch.Generator().manual_seed(seed)
-    return compile_conditions(torch.randn(1, tokens, context, generator=g))
-
-
-class Bench:
-    """Chroma's case runner; bench_forge_flux2.py's subclasses it (family, model, latent channels)."""
+class Bench(FamilyBench):
+    """Chroma's cases; bench_forge_flux2.py's subclasses it (family, model, latent channels)."""
 
     family = CHROMA
-    channels = 16  # latent channels
+    channels = 16
     cfg = 4.0
 
     def make_unet(self, size: dict, seed: int):
-        """(constructor arguments, the model's UnetPatcher) at `size`."""
         config = chroma_config(size)
         return config, make_patcher(make_model(config, seed))
 
-    def __init__(self, size: dict, seed: int):
-        self.size = size
-        self.config, self.unet = self.make_unet(size, seed)
-        model = self.unet.model.diffusion_model
-        tag = self.family.name.split()[-1].lower()
-        sds = {f"{tag}_subject_{i}.safetensors": kohya_lora(model, 100 + i, lora_layer) for i in range(2)}
-        self.lora_keys = len(sds[f"{tag}_subject_0.safetensors"]) // 3
-        self.merged, self.files, unmatched = forge_env.with_loras(self.unet, sds, 1.0)
-        if unmatched:
-            raise SystemExit(f"{len(unmatched)} LoRA keys matched no model key, e.g. {sorted(unmatched)[:3]}")
-        self.host = for_unet(self.merged)
+    def lora_layer(self, name: str) -> bool:
+        """Every Linear of the double and single blocks and (Chroma) of the global modulation MLP, whose per-token
+        run is FreeFuse's extra work there."""
+        return name.startswith(("double_blocks.", "single_blocks.", "distilled_guidance_layer."))
+
+    def conditions(self, size: dict) -> tuple:
+        """T5 states alone, as Neo's Chroma engine gives them (the prompt, the negative prompt)."""
         prompt, negative = size["tokens"]
-        self.cond, self.uncond = conditions(prompt, size["context"], 1), conditions(negative, size["context"], 2)
-        self.jobs: list[FreeFuseJob] = []
-
-    def run(self, case: str, timings: dict) -> torch.Tensor:
-        unet = self.merged
-        if case == B:
-            started = time.perf_counter()
-            unet = self.freefuse()
-            timings["setup"] = timings.get("setup", 0.0) + time.perf_counter() - started
-        kwargs = dict(steps=self.size["steps"], cfg_scale=self.cfg, cond=self.cond, uncond=self.uncond)
-        latent_hw = (self.size["latent"],) * 2
-        return forge_env.sample(unet, latent_hw=latent_hw, timings=timings, channels=self.channels, **kwargs)
-
-    def freefuse(self):
-        """What processing.start_run does once the words and LoRAs are known."""
-        deltas, merged = subject_deltas_of(self.host, self.merged, self.files)
-        plan = JobPlan(
-            word_positions=(WORDS,),
-            text_length=self.size["tokens"][0],
-            capture_step=default_capture_step(self.size["steps"]) - 1,
-            mask_config=MaskConfig(),
-        )
-        job = FreeFuseJob(plan, decode=forge_env.decode, family=self.family)
-        self.jobs.append(job)
-        model = self.merged.model.diffusion_model
-        return patch_unet(self.merged, job, deltas, self.family.default_capture_site(model), merged, self.host)
+        return text_states(prompt, size["context"], 1), text_states(negative, size["context"], 2)
 
 
 def main(bench_class=Bench, sizes=None, text="T5") -> None:
@@ -172,17 +121,14 @@ def main(bench_class=Bench, sizes=None, text="T5") -> None:
     args = neo_bench_args(__doc__.split("\n", 1)[0], forge_env, name)
     smoke, scaled = sizes or (SMOKE, SCALED)
     size = smoke if args.smoke else scaled
-    rounds = args.rounds
     bench = bench_class(size, args.seed)
     c = bench.config
-    print(f"host: {forge_env.HOST}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    print(
+    model = (
         f"model: {name}, hidden {c['hidden_size']}, {c['depth']} double + {c['depth_single_blocks']} single blocks, "
         f"latent {size['latent']}x{size['latent']}, prompt {size['tokens'][0]} and negative {size['tokens'][1]} "
-        f"{text} tokens x {size['context']}, {size['steps']} steps, CFG {bench.cfg:g}; "
-        f"LoRA keys per subject {bench.lora_keys}"
+        f"{text} tokens x {size['context']}, {size['steps']} steps, CFG {bench.cfg:g}"
     )
-    merged_against_freefuse(bench, A, B, rounds)
+    run_family_bench(bench, model, args.rounds)
 
 
 if __name__ == "__main__":

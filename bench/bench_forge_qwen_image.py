@@ -20,10 +20,8 @@ of setup + sampler per round, median [min - max]. Goal <= 1.10x.
 from __future__ import annotations
 
 import sys
-import time
 
-import torch
-from bench_common import REPO, kohya_lora, merged_against_freefuse, neo_bench_args, subject_deltas_of
+from bench_common import REPO, FamilyBench, neo_bench_args, run_family_bench, text_states
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # forge_locator
@@ -32,21 +30,10 @@ sys.path.insert(0, str(REPO / "tests" / "forge"))  # forge_env, qwen_image_env
 import forge_env
 import qwen_image_env
 
-from lib_freefuse.core import MaskConfig, default_capture_step
 from lib_freefuse.families import QWEN_IMAGE
-from lib_freefuse.forge.host import patch_unet
-from lib_freefuse.forge.job import FreeFuseJob, JobPlan
-from lib_freefuse.hosts import for_unet
 
 SCALED = dict(hidden=768, heads=6, depth=8, latent=32, tokens=(128, 64), context=256, steps=6)
 SMOKE = dict(hidden=128, heads=2, depth=3, latent=16, tokens=(16, 8), context=32, steps=3)
-WORDS = ((2, 3), (7, 8))
-A, B = "(a) merged", "(b) FreeFuse"
-
-
-def lora_layer(name: str) -> bool:
-    """The Linears the bench's LoRAs touch: every one of the transformer blocks."""
-    return name.startswith("transformer_blocks.")
 
 
 def qwen_config(size: dict) -> dict:
@@ -65,67 +52,40 @@ def qwen_config(size: dict) -> dict:
     )
 
 
-def conditions(tokens: int, context: int, seed: int):
-    """Qwen2.5-VL states alone, as Neo's Qwen engine gives them."""
-    from backend.sampling.condition import compile_conditions
+class Bench(FamilyBench):
+    family = QWEN_IMAGE
+    cfg = 4.0
 
-    g = torch.Generator().manual_seed(seed)
-    return compile_conditions(torch.randn(1, tokens, context, generator=g))
+    def make_unet(self, size: dict, seed: int):
+        config = qwen_config(size)
+        return config, qwen_image_env.make_qwen_patcher(qwen_image_env.make_tiny_qwen_image(seed, **config))
 
+    def lora_layer(self, name: str) -> bool:
+        """Every Linear of the transformer blocks."""
+        return name.startswith("transformer_blocks.")
 
-class Bench:
-    def __init__(self, size: dict, seed: int):
-        self.size = size
-        self.config = qwen_config(size)
-        model = qwen_image_env.make_tiny_qwen_image(seed, **self.config)
-        self.unet = qwen_image_env.make_qwen_patcher(model)
-        sds = {f"qwen_subject_{i}.safetensors": kohya_lora(model, 100 + i, lora_layer) for i in range(2)}
-        self.lora_keys = len(sds["qwen_subject_0.safetensors"]) // 3
-        self.merged, self.files, unmatched = forge_env.with_loras(self.unet, sds, 1.0)
-        if unmatched:
-            raise SystemExit(f"{len(unmatched)} LoRA keys matched no model key, e.g. {sorted(unmatched)[:3]}")
-        self.host = for_unet(self.merged)
+    def conditions(self, size: dict) -> tuple:
+        """Qwen2.5-VL states alone, as Neo's Qwen engine gives them (the prompt, the negative prompt)."""
         prompt, negative = size["tokens"]
-        self.cond, self.uncond = conditions(prompt, size["context"], 1), conditions(negative, size["context"], 2)
-        self.jobs: list[FreeFuseJob] = []
+        return text_states(prompt, size["context"], 1), text_states(negative, size["context"], 2)
 
-    def run(self, case: str, timings: dict) -> torch.Tensor:
-        unet = self.merged
-        if case == B:
-            started = time.perf_counter()
-            unet = self.freefuse()
-            timings["setup"] = timings.get("setup", 0.0) + time.perf_counter() - started
-        kwargs = dict(steps=self.size["steps"], cfg_scale=4.0, cond=self.cond, uncond=self.uncond)
-        return forge_env.sample(unet, latent_hw=(1, *(self.size["latent"],) * 2), timings=timings, **kwargs)
+    def latent_hw(self, size: dict) -> tuple[int, ...]:
+        return (1, size["latent"], size["latent"])  # Neo samples Qwen-Image's 5-D Wan latent
 
-    def freefuse(self):
-        """What processing.start_run does once the words and LoRAs are known."""
-        deltas, merged = subject_deltas_of(self.host, self.merged, self.files)
-        plan = JobPlan(
-            word_positions=(WORDS,),
-            text_length=self.size["tokens"][0],
-            capture_step=default_capture_step(self.size["steps"]) - 1,
-            mask_config=MaskConfig(),
-        )
-        job = FreeFuseJob(plan, decode=lambda x0: forge_env.decode(x0.squeeze(2)), family=QWEN_IMAGE)  # 5-D latent
-        self.jobs.append(job)
-        model = self.merged.model.diffusion_model
-        return patch_unet(self.merged, job, deltas, QWEN_IMAGE.default_capture_site(model), merged, self.host)
+    def decode(self, x0):
+        return forge_env.decode(x0.squeeze(2))
 
 
 def main() -> None:
     args = neo_bench_args(__doc__.split("\n", 1)[0], forge_env, "Qwen-Image")
     size = SMOKE if args.smoke else SCALED
-    rounds = args.rounds
     bench = Bench(size, args.seed)
-    c = bench.config
-    print(f"host: {forge_env.HOST}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    print(
-        f"model: Qwen-Image, hidden {size['hidden']}, {c['num_layers']} blocks, "
+    model = (
+        f"model: Qwen-Image, hidden {size['hidden']}, {bench.config['num_layers']} blocks, "
         f"latent {size['latent']}x{size['latent']}, prompt {size['tokens'][0]} and negative {size['tokens'][1]} "
-        f"text tokens x {size['context']}, {size['steps']} steps, CFG 4; LoRA keys per subject {bench.lora_keys}"
+        f"text tokens x {size['context']}, {size['steps']} steps, CFG {bench.cfg:g}"
     )
-    merged_against_freefuse(bench, A, B, rounds)
+    run_family_bench(bench, model, args.rounds)
 
 
 if __name__ == "__main__":

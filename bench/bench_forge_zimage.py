@@ -20,10 +20,8 @@ round; the figure is (b)/(a) of setup + sampler per round, median [min - max]. G
 from __future__ import annotations
 
 import sys
-import time
 
-import torch
-from bench_common import REPO, kohya_lora, merged_against_freefuse, neo_bench_args, subject_deltas_of
+from bench_common import REPO, FamilyBench, neo_bench_args, run_family_bench, text_states
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # forge_locator
@@ -32,21 +30,10 @@ sys.path.insert(0, str(REPO / "tests" / "forge"))  # forge_env, zimage_env
 import forge_env
 import zimage_env
 
-from lib_freefuse.core import MaskConfig, default_capture_step
 from lib_freefuse.families import Z_IMAGE
-from lib_freefuse.forge.host import patch_unet
-from lib_freefuse.forge.job import FreeFuseJob, JobPlan
-from lib_freefuse.hosts import for_unet
 
 SCALED = dict(dim=768, heads=6, axes=[32, 48, 48], layers=6, refiners=2, latent=36, tokens=100, context=256, steps=8)
 SMOKE = dict(dim=256, heads=4, axes=[16, 24, 24], layers=2, refiners=1, latent=16, tokens=16, context=64, steps=3)
-WORDS = ((5, 6), (11, 12))
-A, B = "(a) merged", "(b) FreeFuse"
-
-
-def lora_layer(name: str) -> bool:
-    """The Linears the bench's LoRAs touch: attention and feed-forward of the joint layers and refiners."""
-    return name.startswith(("layers.", "noise_refiner.", "context_refiner.")) and "adaLN" not in name
 
 
 def zimage_config(size: dict) -> dict:
@@ -64,67 +51,37 @@ def zimage_config(size: dict) -> dict:
     }
 
 
-def conditions(tokens: int, context: int, seed: int):
-    """Qwen3 states alone, as Neo's Z-Image engine gives them."""
-    from backend.sampling.condition import compile_conditions
+class Bench(FamilyBench):
+    family = Z_IMAGE
+    words = ((5, 6), (11, 12))
 
-    g = torch.Generator().manual_seed(seed)
-    return compile_conditions(torch.randn(1, tokens, context, generator=g))
+    def make_unet(self, size: dict, seed: int):
+        config = zimage_config(size)
+        return config, zimage_env.make_zimage_patcher(zimage_env.make_tiny_zimage(seed, **config))
 
+    def lora_layer(self, name: str) -> bool:
+        """Attention and feed-forward of the joint layers and refiners."""
+        return name.startswith(("layers.", "noise_refiner.", "context_refiner.")) and "adaLN" not in name
 
-class Bench:
-    def __init__(self, size: dict, seed: int):
-        self.size = size
-        self.config = zimage_config(size)
-        model = zimage_env.make_tiny_zimage(seed, **self.config)
-        self.unet = zimage_env.make_zimage_patcher(model)
-        sds = {f"zimage_subject_{i}.safetensors": kohya_lora(model, 100 + i, lora_layer) for i in range(2)}
-        self.lora_keys = len(sds["zimage_subject_0.safetensors"]) // 3
-        self.merged, self.files, unmatched = forge_env.with_loras(self.unet, sds, 1.0)
-        if unmatched:
-            raise SystemExit(f"{len(unmatched)} LoRA keys matched no model key, e.g. {sorted(unmatched)[:3]}")
-        self.host = for_unet(self.merged)
-        self.cond = conditions(size["tokens"], size["context"], 1)
-        self.uncond = conditions(size["tokens"], size["context"], 2)  # unused at CFG 1
-        self.jobs: list[FreeFuseJob] = []
+    def conditions(self, size: dict) -> tuple:
+        """Qwen3 states alone, as Neo's Z-Image engine gives them (the negative unused at CFG 1)."""
+        return text_states(size["tokens"], size["context"], 1), text_states(size["tokens"], size["context"], 2)
 
-    def run(self, case: str, timings: dict) -> torch.Tensor:
-        unet = self.merged
-        if case == B:
-            started = time.perf_counter()
-            unet = self.freefuse()
-            timings["setup"] = timings.get("setup", 0.0) + time.perf_counter() - started
-        kwargs = dict(steps=self.size["steps"], cfg_scale=1.0, cond=self.cond, uncond=self.uncond)
-        return forge_env.sample(unet, latent_hw=(self.size["latent"],) * 2, timings=timings, **kwargs)
-
-    def freefuse(self):
-        """What processing.start_run does once the words and LoRAs are known."""
-        deltas, merged = subject_deltas_of(self.host, self.merged, self.files)
-        plan = JobPlan(
-            word_positions=(WORDS,),
-            text_length=self.size["tokens"],
-            capture_step=default_capture_step(self.size["steps"]) - 1,
-            mask_config=MaskConfig(),
-        )
-        job = FreeFuseJob(plan, decode=forge_env.decode, family=Z_IMAGE)
-        self.jobs.append(job)
-        model = self.merged.model.diffusion_model
-        return patch_unet(self.merged, job, deltas, Z_IMAGE.default_capture_site(model), merged, self.host)
+    def text_length(self, size: dict) -> int:
+        return size["tokens"]
 
 
 def main() -> None:
     args = neo_bench_args(__doc__.split("\n", 1)[0], forge_env, "Z-Image")
     size = SMOKE if args.smoke else SCALED
-    rounds = args.rounds
     bench = Bench(size, args.seed)
     c = bench.config
-    print(f"host: {forge_env.HOST}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    print(
+    model = (
         f"model: Z-Image, dim {c['dim']}, {c['n_layers']} joint layers + {c['n_refiner_layers']} + "
         f"{c['n_refiner_layers']} refiners, latent {size['latent']}x{size['latent']}, prompt {size['tokens']} Qwen3 "
-        f"tokens x {size['context']}, {size['steps']} steps, CFG 1; LoRA keys per subject {bench.lora_keys}"
+        f"tokens x {size['context']}, {size['steps']} steps, CFG 1"
     )
-    merged_against_freefuse(bench, A, B, rounds)
+    run_family_bench(bench, model, args.rounds)
 
 
 if __name__ == "__main__":

@@ -196,9 +196,27 @@ def kohya_lora(model, seed: int, keep: Callable[[str], bool], rank: int = 16) ->
     return sd
 
 
+def add_size_option(parser) -> None:
+    """--size KEY=N (repeatable): one number of the bench's size changed, e.g. --size hidden=3072 --size heads=24."""
+    parser.add_argument("--size", action="append", default=[], metavar="KEY=N", help="change one size entry")
+
+
+def sized(size: dict, changes: list[str]) -> dict:
+    """`size` with the --size KEY=N changes applied (whole numbers only); an unknown key or a bad number exits."""
+    size = dict(size)
+    for change in changes:
+        key, _, value = change.partition("=")
+        if key not in size or not isinstance(size[key], int) or not value.strip().isdigit():
+            numbers = ", ".join(k for k, v in size.items() if isinstance(v, int))
+            raise SystemExit(f"--size {change!r}: expected KEY=N with KEY one of {numbers}")
+        size[key] = int(value)
+    return size
+
+
 def neo_bench_args(description: str, forge_env, family: str):
-    """The Neo-only family benches' command line (--smoke, --repeats, --seed) and Forge Neo set up from FORGE_DIR
-    (forge_env: the test tier's helper module); exits with the reason when there is no Forge or it is classic."""
+    """The Neo-only family benches' command line (--smoke, --repeats, --seed, --size) and Forge Neo set up from
+    FORGE_DIR (forge_env: the test tier's helper module); exits with the reason when there is no Forge or it is
+    classic."""
     import argparse
 
     from forge_locator import find_forge
@@ -207,6 +225,7 @@ def neo_bench_args(description: str, forge_env, family: str):
     parser.add_argument("--smoke", action="store_true", help="seconds on a CPU: checks that it runs")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, --smoke 2)")
     parser.add_argument("--seed", type=int, default=0)
+    add_size_option(parser)
     args = parser.parse_args()
     root, why = find_forge()
     if root is None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from bench_common import REPO, FamilyBench, neo_bench_args, run_family_bench, text_states
+from bench_common import REPO, FamilyBench, neo_bench_args, run_family_bench, sized, text_states
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # forge_locator
@@ -120,7 +120,7 @@ def main(bench_class=Bench, sizes=None, text="T5") -> None:
     name = bench_class.family.name
     args = neo_bench_args(__doc__.split("\n", 1)[0], forge_env, name)
     smoke, scaled = sizes or (SMOKE, SCALED)
-    size = smoke if args.smoke else scaled
+    size = sized(smoke if args.smoke else scaled, args.size)
     bench = bench_class(size, args.seed)
     c = bench.config
     model = (

@@ -29,7 +29,7 @@ import sys
 import time
 
 import torch
-from bench_common import REPO, interleaved_rounds, ratio_line, spread, subject_deltas_of
+from bench_common import REPO, add_size_option, interleaved_rounds, ratio_line, sized, spread, subject_deltas_of
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # forge_locator
@@ -172,12 +172,13 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="seconds on a CPU: checks that it runs")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, --smoke 2)")
     parser.add_argument("--seed", type=int, default=0)
+    add_size_option(parser)
     args = parser.parse_args()
     root, why = find_forge()
     if root is None:
         raise SystemExit(why)
     forge_env.setup(root)
-    size = SMOKE if args.smoke else SCALED
+    size = sized(SMOKE if args.smoke else SCALED, args.size)
     rounds = args.repeats or (2 if args.smoke else 5)
     bench = Bench(size, args.seed)
     c = bench.config

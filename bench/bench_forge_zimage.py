@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 
-from bench_common import REPO, FamilyBench, neo_bench_args, run_family_bench, text_states
+from bench_common import REPO, FamilyBench, neo_bench_args, run_family_bench, sized, text_states
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # forge_locator
@@ -73,7 +73,7 @@ class Bench(FamilyBench):
 
 def main() -> None:
     args = neo_bench_args(__doc__.split("\n", 1)[0], forge_env, "Z-Image")
-    size = SMOKE if args.smoke else SCALED
+    size = sized(SMOKE if args.smoke else SCALED, args.size)
     bench = Bench(size, args.seed)
     c = bench.config
     model = (

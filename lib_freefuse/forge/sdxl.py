@@ -215,8 +215,8 @@ class MaskedCrossAttention:
         """Each subject's change of the projection of `source` times its text-token mask: L x (B, T, C), None for a
         subject without a delta here."""
         n_subjects = self.job.plan.n_subjects
-        columns = self.job.call_cached(  # the text masks' columns (B, T, 1), once per call and dtype
-            ("text columns", like.dtype), lambda: [c[..., None] for c in text.to(like).unbind(-1)]
+        columns = self.job.call_cached(  # the text masks' columns (B, T, 1), once per call, size and dtype
+            ("text columns", tuple(text.shape), like.dtype), lambda: [c[..., None] for c in text.to(like).unbind(-1)]
         )
         out: list[torch.Tensor | None] = [None] * n_subjects
         for subject, delta in deltas:

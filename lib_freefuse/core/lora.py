@@ -126,21 +126,30 @@ class _PerMasks:
     KEEP = 64
 
     def __init__(self):
-        self._values: OrderedDict[tuple, tuple[weakref.ref, object, int]] = OrderedDict()
+        self._values: OrderedDict[tuple, tuple[weakref.ref, object, int | None]] = OrderedDict()
 
     def get(self, masks: torch.Tensor, key: tuple, make: Callable[[], object]):
         slot = (id(masks), key)
         held = self._values.get(slot)
-        if held is not None and held[0]() is masks and masks._version == held[2]:
+        if held is not None and held[0]() is masks and _version(masks) == held[2]:
             return held[1]
         value = make()
-        self._values[slot] = (weakref.ref(masks), value, masks._version)
+        self._values[slot] = (weakref.ref(masks), value, _version(masks))
         while len(self._values) > self.KEEP:
             self._values.popitem(last=False)
         return value
 
 
 _PER_MASKS = _PerMasks()
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """t's in-place change counter; None for an inference tensor (made under torch.inference_mode, as Forge samples),
+    which keeps none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def per_masks(masks: torch.Tensor, key: tuple, make: Callable[[], object]):

@@ -212,3 +212,30 @@ def test_stack_scales_by_subject_in_chunks_over_many_tokens(ranks, mask_batch):
     torch.testing.assert_close(got.double(), expected, atol=1e-3, rtol=1e-5)
     one_shot = masked_lora_delta(x, downs, ups, scales, masks[..., subjects])
     torch.testing.assert_close(got, one_shot, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ranks", [(4, 4), (2, 8, 3)])
+def test_works_on_inference_tensors_as_forge_samples(x, ranks):
+    """Forge samples under torch.inference_mode: masks made there keep no version counter. The per-masks weights are
+    still shared by layers given the same masks, and a layer sees a changed mask through a new masks tensor."""
+    downs, ups, scales = make_loras(ranks)
+    stacked = StackedLoRA(downs, ups, scales)
+    with torch.inference_mode():
+        masks = random_masks(subjects=len(ranks))
+        first = stacked(x, masks)
+        again = stacked(x, masks)
+        other = stacked(x, torch.zeros_like(masks))
+    expected = naive_delta(x, downs, ups, scales, masks)
+    torch.testing.assert_close(first.double(), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    assert other.abs().max() == 0
+
+
+def test_masks_changed_in_place_give_new_weights(x):
+    """A masks tensor that tracks in-place changes (outside inference mode) is not served stale weights."""
+    downs, ups, scales = make_loras((4, 4))
+    stacked = StackedLoRA(downs, ups, scales)
+    masks = torch.ones(2, 30, 2)
+    before = stacked(x, masks)
+    masks.zero_()
+    assert before.abs().max() > 0 and stacked(x, masks).abs().max() == 0

@@ -389,7 +389,7 @@ def sample(
     with clock("prepare"):
         sampling_prepare(unet, x)
     try:
-        with torch.no_grad(), clock("sample"):
+        with torch.inference_mode(), clock("sample"):  # as both hosts' process_images samples
             return getattr(k_sampling, sampler)(Denoiser(), x, sigmas, disable=True)
     finally:
         with clock("cleanup"):

@@ -88,6 +88,16 @@ CONFIGS = {
         freefuse(cross_attention="image_queries", pre_mask="off", restart=True, text_loras="none"),
         False,
     ),
+    "  contrastive seeds (beats each other)": ("both", freefuse(contrastive="strongest"), False),
+    "  contrastive seeds (authors)": ("both", freefuse(contrastive="authors"), False),
+    "  background from end-of-text": ("both", freefuse(background="tokens"), False),
+    "  background threshold": ("both", freefuse(background="threshold"), False),
+    "  fill holes 0.01": ("both", freefuse(fill_holes=0.01), False),
+    "  all three remedies": (
+        "both",
+        freefuse(contrastive="strongest", background="tokens", fill_holes=0.01),
+        False,
+    ),
     "  attention bias 2": ("both", freefuse(attention_bias=2.0), False),
     "  attention bias 5": ("both", freefuse(attention_bias=5.0), False),
     "oracle masks (paper timing)": ("both", freefuse(), True),
@@ -244,6 +254,18 @@ def iou_sweep(webui, seeds: int, steps: int, capture_steps: list[int], data_dir:
     return table
 
 
+def print_iou(iou: dict, seeds: int, blocks: int) -> None:
+    """The IoU table of iou_sweep: per variant and capture block, one column per capture step."""
+    steps = sorted({s for _, _, s in iou})
+    print(f"\nmask IoU against the true halves ({seeds} seeds x 2 prompts; FreeFuse defaults otherwise):")
+    print("| masks from | capture block | " + " | ".join(f"step {s}" for s in steps) + " |")
+    print("|---|---|" + "---|" * len(steps))
+    for variant in IOU_VARIANTS:
+        for block in range(blocks):
+            cells = " | ".join(f"{iou[(variant, block, s)][0]:.2f}" for s in steps)
+            print(f"| {variant} | double_blocks.{block} | {cells} |")
+
+
 def format_table(rows: dict) -> str:
     lines = ["| configuration | present | identity | both right | wrong-character colour | identity P1 / P2 |",
              "|---|---|---|---|---|---|"]  # fmt: skip
@@ -252,6 +274,15 @@ def format_table(rows: dict) -> str:
         lines.append(f"| {name.strip() if not name.startswith('  ') else '↳ ' + name.strip()} | "
                      + " | ".join(cells) + f" | {row['identity_P1']:.2f} / {row['identity_P2']:.2f} |")  # fmt: skip
     return "\n".join(lines)
+
+
+# (configuration, the oracle row with the same timing) whose share of the oracle's identity gain is printed
+SHARES = (
+    ("FreeFuse (paper defaults)", "oracle masks (paper timing)"),
+    ("  joint + restart", "oracle masks + joint + restart"),
+    ("  off before masks + restart", "oracle masks + off before + restart"),
+    ("  attention bias 5", "oracle masks + attention bias 5"),
+)
 
 
 def oracle_share(rows: dict, name: str, oracle: str) -> float | None:
@@ -299,7 +330,12 @@ def main(argv=None) -> None:
     parser.add_argument("--sheet", type=Path, help="write a PNG of the first images of every configuration")
     parser.add_argument("--json", type=Path, help="write the results as JSON")
     parser.add_argument("--model", type=Path, default=MODEL, help="an assembled world (default: the committed one)")
+    parser.add_argument("--worlds", default="1,2", help="which worlds: 1 (this one, in the webui), 2 (the second "
+                        "world, bench/toyworld2/benchmark2.py, on Forge's backend) or both (default)")  # fmt: skip
     args = parser.parse_args(argv)
+    worlds = set(args.worlds.split(","))
+    if not worlds or worlds - {"1", "2"}:
+        parser.error(f"--worlds: expected 1, 2 or 1,2, got {args.worlds!r}")
     if not args.python:
         raise SystemExit("FORGE_PYTHON (or --python): the Python of a Forge webui install")
     names = list(CONFIGS)
@@ -307,6 +343,27 @@ def main(argv=None) -> None:
         wanted = {c.strip() for c in args.configs.split(";")}
         names = [n for n in names if n.strip() in wanted]
     torch.set_num_threads(1)
+    if "1" in worlds:
+        run_first_world(args, names)
+    if "2" in worlds:
+        run_second_world(args, names)
+
+
+def run_second_world(args, names: list[str]) -> None:
+    """The same configurations in the second world, with the Forge python (its benchmark prints its own table)."""
+    command = [args.python, str(HERE.parent / "toyworld2" / "benchmark2.py"), "--forge", str(args.forge.resolve()),
+               "--seeds", str(args.seeds), "--steps", str(args.steps),
+               "--configs", ";".join(n.strip() for n in names)]  # fmt: skip
+    if args.iou:
+        command += ["--iou", "--iou-seeds", str(args.iou_seeds)]
+    if args.json:
+        command += ["--json", str(args.json.with_name(args.json.stem + "_second_world.json"))]
+    print("\n# The second world (bench/toyworld2)\n", flush=True)
+    subprocess.run(command, check=True)
+
+
+def run_first_world(args, names: list[str]) -> None:
+    """The configurations in this world, through Forge's webui: prints the table (and writes --json, --sheet)."""
     scorer = load_scorer(args.model / "scorer.safetensors")
     data_dir = Path(tempfile.mkdtemp(prefix="toyworld-webui-"))
     webui, process, stop = start_webui(args.forge.resolve(), args.python, data_dir, args.model.resolve())
@@ -326,24 +383,14 @@ def main(argv=None) -> None:
         f"\n{args.seeds} seeds x 2 prompts, {args.steps} Euler steps, 256 x 256, {time.monotonic() - started:.0f} s\n"
     )
     print(format_table(rows))
-    for name, oracle in (("FreeFuse (paper defaults)", "oracle masks (paper timing)"),
-                         ("  joint + restart", "oracle masks + joint + restart"),
-                         ("  off before masks + restart", "oracle masks + off before + restart"),
-                         ("  attention bias 5", "oracle masks + attention bias 5")):  # fmt: skip
+    for name, oracle in SHARES:
         share = oracle_share(rows, name, oracle)
         if share is not None:
             bounds = oracle_share_interval(rows, name, oracle)
             spread = f" (95% bootstrap interval {bounds[0]:.0%} to {bounds[1]:.0%})" if bounds else ""
             print(f"\n{name.strip()}: {share:.0%} of the identity gain of '{oracle}' over merged use{spread}")
     if iou:
-        steps = sorted({s for _, _, s in iou})
-        print(f"\nmask IoU against the true halves ({args.iou_seeds} seeds x 2 prompts; FreeFuse defaults otherwise):")
-        print("| masks from | capture block | " + " | ".join(f"step {s}" for s in steps) + " |")
-        print("|---|---|" + "---|" * len(steps))
-        for variant in IOU_VARIANTS:
-            for block in range(LAST_BLOCK + 1):
-                cells = " | ".join(f"{iou[(variant, block, s)][0]:.2f}" for s in steps)
-                print(f"| {variant} | double_blocks.{block} | {cells} |")
+        print_iou(iou, args.iou_seeds, LAST_BLOCK + 1)
     if args.sheet:
         save_sheet(sheet, args.sheet)
     if args.json:

@@ -61,15 +61,22 @@ def test_every_bench_script_has_a_smoke_run():
 
 
 def test_toyworld_scripts_parse_their_arguments():
-    """Every bench/toyworld script with a command line imports with the core tier's packages and answers --help
-    (one interpreter runs them all as __main__: their runs need a GPU, Forge's Python or a webui)."""
-    scripts = sorted(p for p in (BENCH / "toyworld").glob("*.py") if "__main__" in p.read_text(encoding="utf-8"))
-    assert {p.name for p in scripts} >= {"benchmark.py", "train.py", "assemble.py", "make_text.py"}
+    """Every bench/toyworld and bench/toyworld2 script with a command line imports with the core tier's packages and
+    answers --help (one interpreter runs them all as __main__: their runs need a GPU, Forge's Python or a webui)."""
+    scripts = sorted(
+        p
+        for folder in ("toyworld", "toyworld2")
+        for p in (BENCH / folder).glob("*.py")
+        if "__main__" in p.read_text(encoding="utf-8")
+    )
+    assert {p.name for p in scripts} >= {"benchmark.py", "train.py", "assemble.py", "make_text.py", "train2.py",
+                                         "benchmark2.py"}  # fmt: skip
     program = textwrap.dedent(
         """
-        import contextlib, io, runpy, sys
+        import contextlib, io, os, runpy, sys
         sys.path.insert(0, sys.argv[1])
         for path in sys.argv[2:]:
+            sys.path.insert(0, os.path.dirname(path))
             sys.argv, out = [path, "--help"], io.StringIO()
             with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
                 runpy.run_path(path, run_name="__main__")

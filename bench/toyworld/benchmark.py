@@ -109,6 +109,7 @@ CONFIGS = {
         freefuse(pre_mask="off", restart=True, text_loras="none"),
         True,
     ),
+    "oracle masks, text own words": ("both", freefuse(text_loras="own_words"), True),
     "oracle masks, modulation off + off before + restart": (
         "both",
         freefuse(modulation="off", pre_mask="off", restart=True),
@@ -282,6 +283,7 @@ SHARES = (
     ("  joint + restart", "oracle masks + joint + restart"),
     ("  off before masks + restart", "oracle masks + off before + restart"),
     ("  attention bias 5", "oracle masks + attention bias 5"),
+    ("  text tokens: own words only", "oracle masks, text own words"),
 )
 
 

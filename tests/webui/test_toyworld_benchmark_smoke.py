@@ -1,6 +1,7 @@
 """The toy-world benchmark script (bench/toyworld/benchmark.py) at a smoke size: it starts its own webui with its
-seam and runs FreeFuse and oracle rows end to end, so that neither the script nor its seam can rot unseen (both once
-did: a changed server helper, and the job's extract_masks gaining an argument)."""
+seam and runs FreeFuse and oracle rows end to end, then the same rows in the second world (bench/toyworld2), so that
+neither the script nor its seam can rot unseen (both once did: a changed server helper, and the job's extract_masks
+gaining an argument)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,7 @@ def test_the_benchmark_runs_a_freefuse_and_an_oracle_row(tmp_path):
     assert set(rows) == {"FreeFuse (paper defaults)", "  attention bias 5", "oracle masks (paper timing)"}
     assert all(row["images"] == 2 for row in rows.values())  # one seed x both prompts, each scored
     assert "| FreeFuse (paper defaults) |" in done.stdout
+    # the second world (bench/toyworld2) runs the same rows after the first, with the same Forge python
+    second = json.loads((tmp_path / "rows_second_world.json").read_text())["rows"]
+    assert set(second) == set(rows) and all(row["images"] == 2 for row in second.values())
+    assert "second world: 1 seeds x 2 prompts, 8 Euler steps" in done.stdout

@@ -51,11 +51,12 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="a few steps of everything: checks the script runs")
     parser.add_argument("--base-steps", type=int, help="override the base's steps")
     parser.add_argument("--lora-steps", type=int, help="override each LoRA's steps")
+    parser.add_argument("--lora-lr", type=float, help="override each LoRA's learning rate")
     parser.add_argument("--resume", type=Path, help="a folder with transformer.safetensors: LoRAs only")
     parser.add_argument("--characters", default=",".join(world.CHARACTERS), help="which LoRAs to train")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
-    for key in ("base_steps", "lora_steps"):
+    for key in ("base_steps", "lora_steps", "lora_lr"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     flux_cls, _ = train.import_forge(args.forge.resolve(), "cpu")

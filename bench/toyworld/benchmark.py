@@ -208,6 +208,11 @@ def run_images(webui, scorer, name, tags, scripts, oracle, seeds, steps, data_di
                 scores[key] += [score_image(h, left) for h in read_halves(scorer, images)]
     finally:
         oracle_file.unlink(missing_ok=True)
+    return table_row(scores)
+
+
+def table_row(scores: dict[str, list[dict]]) -> dict:
+    """One configuration's row from its images' score_image results per prompt ("P1", "P2")."""
     every = scores["P1"] + scores["P2"]
     row = {m: interval([s[m] for s in every]) for m in METRICS}
     row["identity_P1"] = interval([s["identity"] for s in scores["P1"]])[0]
@@ -265,6 +270,24 @@ def print_iou(iou: dict, seeds: int, blocks: int) -> None:
         for block in range(blocks):
             cells = " | ".join(f"{iou[(variant, block, s)][0]:.2f}" for s in steps)
             print(f"| {variant} | double_blocks.{block} | {cells} |")
+
+
+def print_results(rows: dict, iou: dict, iou_seeds: int, blocks: int) -> None:
+    """The table, each configuration's share of its oracle's gain (SHARES) with its interval, and the IoU table."""
+    print(format_table(rows))
+    for name, oracle in SHARES:
+        share = oracle_share(rows, name, oracle)
+        if share is not None:
+            bounds = oracle_share_interval(rows, name, oracle)
+            spread = f" (95% bootstrap interval {bounds[0]:.0%} to {bounds[1]:.0%})" if bounds else ""
+            print(f"\n{name.strip()}: {share:.0%} of the identity gain of '{oracle}' over merged use{spread}")
+    if iou:
+        print_iou(iou, iou_seeds, blocks)
+
+
+def write_json(path: Path, rows: dict, iou: dict, seeds: int) -> None:
+    payload = {"rows": rows, "iou": {f"{v} | {b} | {s}": x for (v, b, s), x in iou.items()}, "seeds": seeds}
+    path.write_text(json.dumps(payload, indent=1))
 
 
 def format_table(rows: dict) -> str:
@@ -384,20 +407,11 @@ def run_first_world(args, names: list[str]) -> None:
     print(
         f"\n{args.seeds} seeds x 2 prompts, {args.steps} Euler steps, 256 x 256, {time.monotonic() - started:.0f} s\n"
     )
-    print(format_table(rows))
-    for name, oracle in SHARES:
-        share = oracle_share(rows, name, oracle)
-        if share is not None:
-            bounds = oracle_share_interval(rows, name, oracle)
-            spread = f" (95% bootstrap interval {bounds[0]:.0%} to {bounds[1]:.0%})" if bounds else ""
-            print(f"\n{name.strip()}: {share:.0%} of the identity gain of '{oracle}' over merged use{spread}")
-    if iou:
-        print_iou(iou, args.iou_seeds, LAST_BLOCK + 1)
+    print_results(rows, iou, args.iou_seeds, LAST_BLOCK + 1)
     if args.sheet:
         save_sheet(sheet, args.sheet)
     if args.json:
-        payload = {"rows": rows, "iou": {f"{v} | {b} | {s}": x for (v, b, s), x in iou.items()}, "seeds": args.seeds}
-        args.json.write_text(json.dumps(payload, indent=1))
+        write_json(args.json, rows, iou, args.seeds)
     shutil.rmtree(data_dir, ignore_errors=True)
 
 

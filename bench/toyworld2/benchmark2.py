@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import sys
 import time
@@ -197,13 +196,7 @@ def run_config(w: World, scorer, name: str, seeds: int) -> dict:
         for start in range(0, seeds, BATCH):
             images = w.images(tags, settings_of(scripts), oracle, prompt, 1000 + start, min(BATCH, seeds - start))
             scores[key] += [score_image(h, left) for h in read_halves(scorer, images)]
-    every = scores["P1"] + scores["P2"]
-    row = {m: first.interval([s[m] for s in every]) for m in first.METRICS}
-    row["identity_P1"] = first.interval([s["identity"] for s in scores["P1"]])[0]
-    row["identity_P2"] = first.interval([s["identity"] for s in scores["P2"]])[0]
-    row["images"] = len(every)
-    row["identity_values"] = [s["identity"] for s in every]
-    return row
+    return first.table_row(scores)
 
 
 def iou_sweep(w: World, seeds: int, capture_steps: list[int]) -> dict:
@@ -257,18 +250,9 @@ def main(argv=None) -> None:
         iou = iou_sweep(w, args.iou_seeds, [2, 5, 8]) if args.iou else {}
     seconds = time.monotonic() - started
     print(f"\nsecond world: {args.seeds} seeds x 2 prompts, {args.steps} Euler steps, {seconds:.0f} s\n")
-    print(first.format_table(rows))
-    for name, oracle in first.SHARES:
-        share = first.oracle_share(rows, name, oracle)
-        if share is not None:
-            bounds = first.oracle_share_interval(rows, name, oracle)
-            spread = f" (95% bootstrap interval {bounds[0]:.0%} to {bounds[1]:.0%})" if bounds else ""
-            print(f"\n{name.strip()}: {share:.0%} of the identity gain of '{oracle}' over merged use{spread}")
-    if iou:
-        first.print_iou(iou, args.iou_seeds, world2.TRANSFORMER["depth"])
+    first.print_results(rows, iou, args.iou_seeds, world2.TRANSFORMER["depth"])
     if args.json:
-        payload = {"rows": rows, "iou": {f"{v} | {b} | {s}": x for (v, b, s), x in iou.items()}, "seeds": args.seeds}
-        args.json.write_text(json.dumps(payload, indent=1))
+        first.write_json(args.json, rows, iou, args.seeds)
 
 
 if __name__ == "__main__":

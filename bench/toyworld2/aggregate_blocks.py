@@ -1,0 +1,92 @@
+"""Experiment: masks from several double blocks at once (issue 17's "aggregation over blocks"), mask IoU only.
+
+    FORGE_DIR=<forge> <forge python> bench/toyworld2/aggregate_blocks.py [--seeds 8] [--json F]
+
+In the second world, FreeFuse runs once per capture block with the paper's defaults otherwise; the capture block
+does not change sampling before the masks exist, so every run reaches the capture step with the same picture, and
+the q, k each run hands to extract_masks are the same call's at different blocks. From them: the masks of each block
+alone and of the mean of the blocks' subject score maps (Eq. 5-10 per block, then one Eq. 11-13 vote), scored by IoU
+against the true halves. Nothing here changes the extension: it only tells whether aggregation is worth building.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import world2
+from benchmark2 import BATCH, MODEL, World, first, forge_env, world
+
+
+@contextlib.contextmanager
+def keeping_captures(store: list):
+    """While open, every extract_masks call of the job also appends its arguments to store."""
+    import lib_freefuse.forge.job as job_module
+
+    original = job_module.extract_masks
+
+    def extract_masks(q, k, subject_tokens, grid_hw, image=None, config=None, *args, **kwargs):
+        tokens = [list(map(int, t)) for t in subject_tokens]
+        store.append({"q": q.clone(), "k": k.clone(), "tokens": tokens, "grid": tuple(grid_hw), "image": image,
+                      "config": config})  # fmt: skip
+        return original(q, k, subject_tokens, grid_hw, image, config, *args, **kwargs)
+
+    job_module.extract_masks = extract_masks
+    try:
+        yield
+    finally:
+        job_module.extract_masks = original
+
+
+def masks_from(captures: list[dict]) -> torch.Tensor:
+    """(L, h, w) masks from the mean of the captures' subject score maps (each map a distribution over the image)."""
+    from lib_freefuse.core.masks import _masks_from_maps, subject_score_maps
+
+    c = captures[0]
+    n_text = c["q"].shape[1] - c["grid"][0] * c["grid"][1]
+    maps = [subject_score_maps(x["q"], x["k"], x["tokens"], x["grid"], x["config"], n_text=n_text) for x in captures]
+    maps = [m / m.sum(-1, keepdim=True).clamp_min(1e-12) for m in maps]
+    mean = torch.stack(maps).mean(0).view(-1, *c["grid"])
+    return _masks_from_maps(mean, c["image"], c["config"], None)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--forge", type=Path, default=Path(os.environ.get("FORGE_DIR", "")))
+    parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    forge_env.setup(args.forge.resolve())
+    w = World(MODEL)
+    blocks = list(range(world2.TRANSFORMER["depth"]))
+    ious: dict[str, list[float]] = {}
+    with torch.inference_mode():
+        for prompt, _ in world.benchmark_prompts().values():
+            for start in range(0, args.seeds, BATCH):
+                n = min(BATCH, args.seeds - start)
+                runs = {}
+                for block in blocks:
+                    runs[block] = []
+                    with keeping_captures(runs[block]):
+                        w.images("both", {"capture_block": block}, False, prompt, 1000 + start, n)
+                for i in range(n):
+                    tokens = runs[0][i]["tokens"]
+                    chosen = {f"double_blocks.{b}": [runs[b][i]] for b in blocks}
+                    chosen["mean of all double blocks"] = [runs[b][i] for b in blocks]
+                    for name, captures in chosen.items():
+                        record = {"masks": masks_from(captures), "subject_tokens": tokens}
+                        ious.setdefault(name, []).append(first.mask_iou(record))
+    table = {name: first.interval(values) for name, values in ious.items()}
+    print(f"\nmask IoU against the true halves, second world ({args.seeds} seeds x 2 prompts, paper defaults):")
+    for name, (mean, half) in table.items():
+        print(f"| {name} | {mean:.3f} +- {half:.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"iou": table, "values": ious, "seeds": args.seeds}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,6 @@ against the true halves. Nothing here changes the extension: it only tells wheth
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -20,26 +19,6 @@ from pathlib import Path
 import torch
 import world2
 from benchmark2 import BATCH, MODEL, World, first, forge_env, world
-
-
-@contextlib.contextmanager
-def keeping_captures(store: list):
-    """While open, every extract_masks call of the job also appends its arguments to store."""
-    import lib_freefuse.forge.job as job_module
-
-    original = job_module.extract_masks
-
-    def extract_masks(q, k, subject_tokens, grid_hw, image=None, config=None, *args, **kwargs):
-        tokens = [list(map(int, t)) for t in subject_tokens]
-        store.append({"q": q.clone(), "k": k.clone(), "tokens": tokens, "grid": tuple(grid_hw), "image": image,
-                      "config": config})  # fmt: skip
-        return original(q, k, subject_tokens, grid_hw, image, config, *args, **kwargs)
-
-    job_module.extract_masks = extract_masks
-    try:
-        yield
-    finally:
-        job_module.extract_masks = original
 
 
 def masks_from(captures: list[dict], weighting: str = "mean") -> torch.Tensor:
@@ -50,7 +29,9 @@ def masks_from(captures: list[dict], weighting: str = "mean") -> torch.Tensor:
 
     c = captures[0]
     n_text = c["q"].shape[1] - c["grid"][0] * c["grid"][1]
-    maps = [subject_score_maps(x["q"], x["k"], x["tokens"], x["grid"], x["config"], n_text=n_text) for x in captures]
+    maps = [
+        subject_score_maps(x["q"], x["k"], x["subject_tokens"], x["grid"], x["config"], n_text=n_text) for x in captures
+    ]
     maps = torch.stack([m / m.sum(-1, keepdim=True).clamp_min(1e-12) for m in maps])  # (blocks, L, N)
     separation = 1 - maps.min(1).values.sum(-1)  # (blocks,)
     if weighting == "mean":
@@ -80,10 +61,9 @@ def main(argv=None) -> None:
                 runs = {}
                 for block in blocks:
                     runs[block] = []
-                    with keeping_captures(runs[block]):
-                        w.images("both", {"capture_block": block}, False, prompt, 1000 + start, n)
+                    w.images("both", {"capture_block": block}, False, prompt, 1000 + start, n, runs[block], keep=True)
                 for i in range(n):
-                    tokens = runs[0][i]["tokens"]
+                    tokens = runs[0][i]["subject_tokens"]
                     chosen = {f"double_blocks.{b}": [runs[b][i]] for b in blocks}
                     every = [runs[b][i] for b in blocks]
                     for name, captures, weighting in (

@@ -44,23 +44,10 @@ TAGS = {"none": [], "zorb": ["zorb"], "quil": ["quil"], "both": ["zorb", "quil"]
 
 def load_model(model_dir: Path):
     """The second world's transformer as Forge's loader builds it: ForgeOperations, then the trained state dict."""
-    from backend import memory_management
-    from backend.operations import using_forge_operations
-    from backend.state_dict import load_state_dict
-
     config = forge_env.model_config(**world2.TRANSFORMER)
     if forge_env.HOST == "neo":
         config["out_channels"] = world2.TRANSFORMER["in_channels"]
-    device = memory_management.cpu
-    with using_forge_operations(device=device, dtype=torch.float32, manual_cast_enabled=False):
-        model = forge_env.flux_class()(**forge_env.constructor_args(config))
-    load_state_dict(model, load_file(str(model_dir / "transformer.safetensors")))
-    model.config = config
-    model.storage_dtype = model.computation_dtype = torch.float32
-    model.load_device = memory_management.get_torch_device()
-    model.initial_device = device
-    model.offload_device = memory_management.unet_offload_device()
-    return model
+    return forge_env.flux_from_state_dict(config, load_file(str(model_dir / "transformer.safetensors")))
 
 
 def conditions(prompt: str, batch: int):
@@ -87,19 +74,11 @@ def freefuse_patcher(merged_unet, characters: list[str], settings: dict, prompt:
     from lib_freefuse.families import FLUX1
     from lib_freefuse.forge.host import patch_unet
     from lib_freefuse.forge.job import FreeFuseJob, JobPlan
-    from lib_freefuse.forge.lora_layers import subject_deltas
 
     subjects = [{"lora": Path(LORAS[c]).stem, "words": c} for c in characters]
     args = FreeFuseArgs.from_dict({"enabled": True, "subjects": subjects, "capture_block": world2.CAPTURE_BLOCK,
                                    **settings})  # fmt: skip
-    host = forge_env.host_adapter()
-    params = dict(merged_unet.model.named_parameters())
-    deltas, merged = {}, []
-    for index, character in enumerate(characters):
-        patches = forge_env.merged_patches(merged_unet, str(forge_env.lora_dir() / LORAS[character]))
-        merged.append(patches)
-        for delta in subject_deltas(patches, lambda k: params[k], host.merge)[0]:
-            deltas.setdefault(delta.module, []).append((index, delta))
+    deltas, merged = forge_env.subject_deltas_of(merged_unet, [LORAS[c] for c in characters])
     positions = tuple((world2.word_position(prompt, s["words"]),) for s in subjects)
     plan = JobPlan(
         word_positions=(positions,) * batch,
@@ -114,17 +93,18 @@ def freefuse_patcher(merged_unet, characters: list[str], settings: dict, prompt:
         attention_bias=args.attention_bias,
     )
     job = FreeFuseJob(plan, decode, family=FLUX1)
-    return patch_unet(merged_unet, job, deltas, args.capture_block, merged, host, FLUX1), job
+    return patch_unet(merged_unet, job, deltas, args.capture_block, merged, forge_env.host_adapter(), FLUX1), job
 
 
 @contextlib.contextmanager
-def mask_seam(oracle: bool, dump: list | None):
-    """While open: the job's masks are the true halves (oracle), and/or every extraction is appended to dump."""
+def mask_seam(oracle: bool, dump: list | None, keep_inputs: bool = False):
+    """While open: the job's masks are the true halves (oracle), and/or every extraction is appended to dump (with
+    keep_inputs, also its q, k, grid, image and mask config)."""
     import lib_freefuse.forge.job as job_module
 
     original = job_module.extract_masks
 
-    def extract_masks(q, k, subject_tokens, grid_hw, *args, **kwargs):
+    def extract_masks(q, k, subject_tokens, grid_hw, image=None, config=None, *args, **kwargs):
         if oracle:
             h, w = grid_hw
             order = sorted(range(len(subject_tokens)), key=lambda i: min(subject_tokens[i]))
@@ -132,9 +112,12 @@ def mask_seam(oracle: bool, dump: list | None):
             masks[order[0], :, : w // 2] = 1
             masks[order[1], :, w // 2 :] = 1
         else:
-            masks = original(q, k, subject_tokens, grid_hw, *args, **kwargs)
+            masks = original(q, k, subject_tokens, grid_hw, image, config, *args, **kwargs)
         if dump is not None:
-            dump.append({"masks": masks.detach().cpu(), "subject_tokens": [list(map(int, t)) for t in subject_tokens]})
+            record = {"masks": masks.detach().cpu(), "subject_tokens": [list(map(int, t)) for t in subject_tokens]}
+            if keep_inputs:
+                record.update(q=q.clone(), k=k.clone(), grid=tuple(grid_hw), image=image, config=config)
+            dump.append(record)
         return masks
 
     job_module.extract_masks = extract_masks
@@ -152,8 +135,9 @@ class World:
         self.loras = {name: load_file(str(model_dir / file)) for name, file in LORAS.items()}
         self.steps = steps
 
-    def images(self, tags: str, settings: dict | None, oracle: bool, prompt: str, seed: int, n: int, dump=None):
-        """(n, 256, 256, 3) images of one batch: the LoRAs of `tags` merged, FreeFuse with `settings` if given."""
+    def images(self, tags, settings: dict | None, oracle: bool, prompt: str, seed: int, n: int, dump=None, keep=False):
+        """(n, 256, 256, 3) images of one batch: the LoRAs of `tags` merged, FreeFuse with `settings` if given; each
+        mask extraction appended to `dump` (with `keep`, its inputs too: mask_seam)."""
         names = TAGS[tags]
         unet = self.base
         if names:
@@ -170,7 +154,7 @@ class World:
                                     cond=cond, uncond=cond, channels=world2.TRANSFORMER["in_channels"],
                                     on_sigmas=job.steps.use_schedule if job else None)  # fmt: skip
 
-        with mask_seam(oracle, dump), contextlib.redirect_stdout(io.StringIO()):  # Forge prints every model load
+        with mask_seam(oracle, dump, keep), contextlib.redirect_stdout(io.StringIO()):  # Forge prints every model load
             latents = job.run(run) if job is not None else run()
         forge_env.unload(unet)
         if job is not None and (job.failure is not None or job.masks is None):

@@ -92,10 +92,6 @@ def constructor_args(config: dict) -> dict:
 def make_tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
     """Forge's IntegratedFluxTransformer2DModel built as backend/loader.py builds it (ForgeOperations, then a
     state dict), with random weights and non-trivial QK-norm scales."""
-    from backend import memory_management
-    from backend.operations import using_forge_operations
-    from backend.state_dict import load_state_dict
-
     config = model_config(**overrides)
     torch.manual_seed(seed)
     reference = flux_class()(**constructor_args(config))
@@ -106,6 +102,16 @@ def make_tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, **override
             elif name.endswith(".bias"):
                 parameter.copy_(0.02 * torch.randn_like(parameter))  # zero-free biases (modulation included)
     state_dict = {k: v.to(dtype) for k, v in reference.state_dict().items()}
+    return flux_from_state_dict(config, state_dict, dtype)
+
+
+def flux_from_state_dict(config: dict, state_dict: dict, dtype: torch.dtype = torch.float32):
+    """The host's FLUX class on the CPU as backend/loader.py builds it: ForgeOperations, then the state dict, then the
+    attributes the host's patcher reads. config: model_config()'s."""
+    from backend import memory_management
+    from backend.operations import using_forge_operations
+    from backend.state_dict import load_state_dict
+
     device = memory_management.cpu
     with using_forge_operations(device=device, dtype=dtype, manual_cast_enabled=False):
         model = flux_class()(**constructor_args(config)).to(device=device, dtype=dtype)
@@ -230,12 +236,9 @@ def merged_patches(unet, path: str):
     return patches
 
 
-def freefuse_unet(merged_unet, names, masks: torch.Tensor | None, family, **plan_fields):
-    """A FreeFuse clone of a patcher with the subject LoRA files `names` merged (with_loras): they come out of the
-    merge and act masked, with the given (B_img, L, h, w) masks from the first step; no words (text tokens get every
-    LoRA), no capture unless plan_fields say otherwise. Returns (clone, job)."""
-    from lib_freefuse.forge.host import patch_unet
-    from lib_freefuse.forge.job import FreeFuseJob, JobPlan
+def subject_deltas_of(merged_unet, names):
+    """The subject LoRA files `names` (in lora_dir(), merged by with_loras) as start_run takes them out of the merge:
+    ({module: [(subject index, delta)]}, [each file's merged patches])."""
     from lib_freefuse.forge.lora_layers import subject_deltas
 
     params = dict(merged_unet.model.named_parameters())
@@ -247,6 +250,17 @@ def freefuse_unet(merged_unet, names, masks: torch.Tensor | None, family, **plan
         merged.append(patches)
         for delta in subject_deltas(patches, lambda k: params[k], host.merge)[0]:
             deltas.setdefault(delta.module, []).append((index, delta))
+    return deltas, merged
+
+
+def freefuse_unet(merged_unet, names, masks: torch.Tensor | None, family, **plan_fields):
+    """A FreeFuse clone of a patcher with the subject LoRA files `names` merged (with_loras): they come out of the
+    merge and act masked, with the given (B_img, L, h, w) masks from the first step; no words (text tokens get every
+    LoRA), no capture unless plan_fields say otherwise. Returns (clone, job)."""
+    from lib_freefuse.forge.host import patch_unet
+    from lib_freefuse.forge.job import FreeFuseJob, JobPlan
+
+    deltas, merged = subject_deltas_of(merged_unet, names)
     images = 1 if masks is None else masks.shape[0]
     fields = {
         "word_positions": tuple(((),) * len(names) for _ in range(images)),

@@ -112,10 +112,11 @@ class FreeFuseArgs:
     hires_masks: str = "reuse"  # hires fix pass 2: "reuse" pass-1 masks resized, or "extract" again
     text_loras: str = "all"  # subject LoRAs on text tokens once masks exist: "all" (the paper), "own_words", "none"
     attention_bias: float = 0.0  # once masks exist, words and regions pushed together (core.attention_bias); 0: off
+    average_steps: bool = False  # masks from the mean of every step's maps up to the capture step (beyond the paper)
     mask: MaskConfig = MaskConfig()  # flat in the dict form
 
     def __post_init__(self) -> None:
-        for flag in ("enabled", "restart", "show_masks"):
+        for flag in ("enabled", "restart", "average_steps", "show_masks"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}: expected True or False, got {_show(getattr(self, flag))}")
         if not isinstance(self.subjects, (tuple, list)) or not all(
@@ -302,6 +303,11 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
         "subjects' (5: a strong push). FLUX.1, FLUX.2 Klein and Chroma only.",
     ),
     FieldHelp(
+        "average_steps",
+        "Average the steps up to the capture",
+        "Masks from the attention of every step up to the capture step, averaged: steadier than one step's.",
+    ),
+    FieldHelp(
         "sink_filter",
         "Ignore attention parked on the border",
         "Drop the strongest attention values on the image's border, where the model parks attention that means "
@@ -398,7 +404,7 @@ SECTIONS: tuple[Section, ...] = (
     Section(
         "timing",
         "When the masks are made",
-        (("capture_step", "capture_block"), ("hires_masks",), ("restart",)),
+        (("capture_step", "capture_block"), ("average_steps",), ("hires_masks",), ("restart",)),
     ),
     Section("loras", "How the subject LoRAs act", (("pre_mask", "modulation"), ("text_loras", "attention_bias"))),
     Section(
@@ -658,6 +664,7 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "capture_block": _as_block,
     **dict.fromkeys(_CHOICES, _as_choice),
     "restart": _as_bool,
+    "average_steps": _as_bool,
     "show_masks": _as_bool,
     "attention_bias": _as_float,
     **_MASK_PARSERS,

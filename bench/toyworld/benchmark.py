@@ -98,6 +98,7 @@ CONFIGS = {
         freefuse(contrastive="strongest", background="tokens", fill_holes=0.01),
         False,
     ),
+    "  average steps up to the capture": ("both", freefuse(average_steps=True), False),
     "  attention bias 2": ("both", freefuse(attention_bias=2.0), False),
     "  attention bias 5": ("both", freefuse(attention_bias=5.0), False),
     "oracle masks (paper timing)": ("both", freefuse(), True),

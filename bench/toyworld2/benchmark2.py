@@ -91,6 +91,7 @@ def freefuse_patcher(merged_unet, characters: list[str], settings: dict, prompt:
         restart=args.restart,
         background_positions=((world2.end_position(prompt),),) * batch,
         attention_bias=args.attention_bias,
+        average_steps=args.average_steps,
     )
     job = FreeFuseJob(plan, decode, family=FLUX1)
     return patch_unet(merged_unet, job, deltas, args.capture_block, merged, forge_env.host_adapter(), FLUX1), job

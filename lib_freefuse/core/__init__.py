@@ -6,7 +6,7 @@ gradio.
 
 from .config import BACKGROUND_CHOICES, CONTRASTIVE_CHOICES, CROSS_ATTENTION_CHOICES, MaskConfig
 from .lora import StackedLoRA, masked_lora_delta
-from .masks import extract_cross_masks, extract_masks
+from .masks import cross_subject_maps, extract_cross_masks, extract_masks, joint_score_maps
 from .prompt import SubjectTokens, byte_level_pieces, find_subject_tokens, split_phrases
 from .schedule import default_capture_step
 from .superpixel import pixel_masks_to_tokens
@@ -22,10 +22,12 @@ __all__ = [
     "SubjectTokens",
     "byte_level_pieces",
     "call_token_masks",
+    "cross_subject_maps",
     "default_capture_step",
     "extract_cross_masks",
     "extract_masks",
     "find_subject_tokens",
+    "joint_score_maps",
     "masked_lora_delta",
     "pixel_masks_to_tokens",
     "split_phrases",

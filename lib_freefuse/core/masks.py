@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -35,8 +36,10 @@ __all__ = [
     "BACKGROUND_SCALE",
     "background_score_map",
     "cross_score_maps",
+    "cross_subject_maps",
     "extract_cross_masks",
     "extract_masks",
+    "joint_score_maps",
     "subject_score_maps",
 ]
 
@@ -53,6 +56,7 @@ def extract_masks(
     image: np.ndarray | torch.Tensor | None = None,
     config: MaskConfig = MaskConfig(),
     background_tokens: Sequence[int] = (),
+    earlier_maps: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """Subject masks of one image (Eq. 5-13).
 
@@ -61,6 +65,8 @@ def extract_masks(
     image: predicted x0 as (H_px, W_px, 3) RGB in [0, 1] (or uint8); needed when `config.superpixel_vote` is on.
     background_tokens: text positions whose attention is the background (an end-of-text token, a background
     phrase); used when `config.background` is "tokens", ignored otherwise.
+    earlier_maps: (L, h, w) score maps of the same image at earlier steps (joint_score_maps), averaged with this
+    step's before the vote (beyond the paper: `average_steps`); none, the paper's single step.
     Returns (L, h, w) float32 masks in [0, 1] on q's device, disjoint (sum over subjects <= 1; with a background
     setting, the tokens that nobody owns are 0 in every mask).
     """
@@ -68,11 +74,36 @@ def extract_masks(
     background_rows = _check_background_tokens(background_tokens, n_text, config)
     h, w = grid_hw
     scores = subject_score_maps(q, k, groups, grid_hw, config, n_text=n_text)  # (L, N)
-    maps = scores.view(-1, h, w)
+    maps = _averaged(scores.view(-1, h, w), earlier_maps)
     background = None
     if background_rows:
         background = background_score_map(q, k, background_rows, grid_hw, config, n_text=n_text).view(h, w)
     return _masks_from_maps(maps, image, config, background).to(device=q.device, dtype=torch.float32)
+
+
+def joint_score_maps(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    subject_tokens: Sequence[Sequence[int]],
+    grid_hw: tuple[int, int],
+    config: MaskConfig = MaskConfig(),
+) -> torch.Tensor:
+    """Eq. 5-10 of one image, without the vote: (L, h, w) float32 score maps, each a distribution over the image
+    tokens; inputs as extract_masks'. For `earlier_maps` of a later step's extract_masks."""
+    n_text, groups = _check_inputs(q, k, subject_tokens, grid_hw, None, replace(config, superpixel_vote=False))
+    return subject_score_maps(q, k, groups, grid_hw, config, n_text=n_text).view(-1, *grid_hw)
+
+
+def _averaged(maps: torch.Tensor, earlier_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean of (L, h, w) maps and earlier steps' maps of the same shape; maps itself when there are none."""
+    if not earlier_maps:
+        return maps
+    for i, earlier in enumerate(earlier_maps):
+        if not isinstance(earlier, torch.Tensor) or tuple(earlier.shape) != tuple(maps.shape):
+            raise ValueError(
+                f"earlier_maps[{i}]: expected a tensor of shape {tuple(maps.shape)}, got {_describe(earlier)}"
+            )
+    return torch.stack([maps, *(e.to(maps) for e in earlier_maps)]).mean(dim=0)
 
 
 def extract_cross_masks(
@@ -85,6 +116,7 @@ def extract_cross_masks(
     image: np.ndarray | torch.Tensor | None = None,
     config: MaskConfig = MaskConfig(),
     out_hw: tuple[int, int] | None = None,
+    earlier_maps: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """Subject masks of one image from a cross-attention block, where text tokens are keys only (SDXL's UNet).
 
@@ -93,14 +125,33 @@ def extract_cross_masks(
     self-attention's q and k of the same block (Eq. 9-10). subject_tokens: text positions per subject, in [0, T).
     grid_hw: (h, w), h*w = N, row-major. image: predicted x0 (H_px, W_px, 3), for the vote (Eq. 11-13).
     out_hw: the grid of the returned masks (default grid_hw): the vote's superpixel masks are pooled to it, token
-    owners without the vote are enlarged (nearest). Returns (L, *out_hw) float32 in [0, 1], disjoint.
+    owners without the vote are enlarged (nearest). earlier_maps: (L, h, w) maps of earlier steps
+    (cross_subject_maps), averaged with this step's. Returns (L, *out_hw) float32 in [0, 1], disjoint.
     """
     groups = _check_cross_inputs(image_q, text_k, self_q, self_k, subject_tokens, grid_hw, image, config)
     if config.background == "tokens":
         raise ValueError("config: background 'tokens' is not available for cross-attention masks")
     h, w = grid_hw
     maps = cross_score_maps(image_q, text_k, self_q, self_k, groups, grid_hw, config).view(-1, h, w)
-    return _masks_from_maps(maps, image, config, None, out_hw).to(device=image_q.device, dtype=torch.float32)
+    return _masks_from_maps(_averaged(maps, earlier_maps), image, config, None, out_hw).to(
+        device=image_q.device, dtype=torch.float32
+    )
+
+
+def cross_subject_maps(
+    image_q: torch.Tensor,
+    text_k: torch.Tensor,
+    self_q: torch.Tensor,
+    self_k: torch.Tensor,
+    subject_tokens: Sequence[Sequence[int]],
+    grid_hw: tuple[int, int],
+    config: MaskConfig = MaskConfig(),
+) -> torch.Tensor:
+    """Eq. 5-10 of one image from a cross-attention block, without the vote: (L, h, w) float32; inputs as
+    extract_cross_masks'. For `earlier_maps` of a later step's extract_cross_masks."""
+    config = replace(config, superpixel_vote=False)
+    groups = _check_cross_inputs(image_q, text_k, self_q, self_k, subject_tokens, grid_hw, None, config)
+    return cross_score_maps(image_q, text_k, self_q, self_k, groups, grid_hw, config).view(-1, *grid_hw)
 
 
 def _masks_from_maps(

@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..core import MaskConfig, call_token_masks, extract_cross_masks, extract_masks, text_token_masks
+from ..core import (
+    MaskConfig,
+    call_token_masks,
+    cross_subject_maps,
+    extract_cross_masks,
+    extract_masks,
+    joint_score_maps,
+    text_token_masks,
+)
 from ..core.attention_bias import joint_attention_bias
 from ..core.steps import StepCounter
 from ..families import FLUX1, Family
@@ -38,6 +46,7 @@ class JobPlan:
     background_positions: tuple[tuple[int, ...], ...] = ()  # [image] -> text positions of the background class
     # (its end-of-text token), read when mask_config.background is "tokens"
     attention_bias: float = 0.0  # once the masks exist, push words and regions together (core.attention_bias); 0 off
+    average_steps: bool = False  # the masks from the mean of the score maps of every step up to the capture step
 
     @property
     def n_images(self) -> int:
@@ -85,6 +94,10 @@ class _CrossCapture:
     self_k: torch.Tensor
     grid_hw: tuple[int, int]
 
+    def of_image(self, b: int) -> tuple[torch.Tensor, ...]:
+        """Image b's (image_q, text_k, self_q, self_k), each without the batch axis."""
+        return self.image_q[b], self.text_k[b], self.self_q[b], self.self_k[b]
+
 
 class FreeFuseJob:
     """Per-run state, fed by the host's model wrapper (`begin_call`/`end_call`) and the block patch
@@ -104,6 +117,7 @@ class FreeFuseJob:
         self.capture_count = 0
         self._call: _Call | None = None
         self._captured: tuple[torch.Tensor, torch.Tensor] | _CrossCapture | None = None
+        self._earlier_maps: list[list[torch.Tensor]] = []  # [step][image] (L, h, w): average_steps' earlier steps
 
     # -- the model wrapper's side -------------------------------------------------------------------------------
     def begin_call(
@@ -133,6 +147,9 @@ class FreeFuseJob:
         if captured is None or call is None or self.failure:
             return
         try:
+            if call.step < self.plan.capture_step:  # average_steps: an earlier step's maps, kept for the mean
+                self._earlier_maps.append(self._score_maps(captured, call.grid_hw))
+                return
             self.masks = self._make_masks(captured, self._cond_rows(denoised, call), call.grid_hw)
         except Exception as error:  # any failure here must still end in an image, made without masks
             self.fail(f"mask extraction failed: {type(error).__name__}: {error}")
@@ -163,7 +180,7 @@ class FreeFuseJob:
             call is not None
             and self.masks is None
             and self.failure is None
-            and call.step >= self.plan.capture_step
+            and (call.step >= self.plan.capture_step or self.plan.average_steps)
             and 0 in call.cond_or_uncond
         )
 
@@ -339,26 +356,37 @@ class FreeFuseJob:
             masks = F.interpolate(masks.float(), size=grid_hw, mode=mode)
         return masks
 
-    def _make_masks(self, captured, denoised: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-        """Masks (B_img, L, *grid_hw): from a joint (q, k) capture (FLUX) or a cross-attention capture (SDXL)."""
+    def _score_maps(self, captured, grid_hw: tuple[int, int]) -> list[torch.Tensor]:
+        """Per image, the (L, h, w) score maps (Eq. 5-10) of a capture, for average_steps' mean."""
         config = self.plan.mask_config
-        images = self.decode(denoised) if config.superpixel_vote else [None] * denoised.shape[0]
         words = [list(w) for w in self.plan.word_positions]
         if isinstance(captured, _CrossCapture):
             c = captured
+            return [cross_subject_maps(*c.of_image(b), words[b], c.grid_hw, config) for b in range(c.image_q.shape[0])]
+        q, k = captured
+        return [joint_score_maps(q[b], k[b], words[b], grid_hw, config) for b in range(q.shape[0])]
+
+    def _make_masks(self, captured, denoised: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """Masks (B_img, L, *grid_hw): from a joint (q, k) capture (FLUX) or a cross-attention capture (SDXL), with
+        the earlier steps' maps of average_steps averaged in."""
+        config = self.plan.mask_config
+        images = self.decode(denoised) if config.superpixel_vote else [None] * denoised.shape[0]
+        words = [list(w) for w in self.plan.word_positions]
+        earlier = [[step[b] for step in self._earlier_maps] for b in range(denoised.shape[0])]
+        if isinstance(captured, _CrossCapture):
+            c = captured
             masks = [
-                extract_cross_masks(
-                    c.image_q[b], c.text_k[b], c.self_q[b], c.self_k[b], words[b], c.grid_hw, images[b], config, grid_hw
-                )
+                extract_cross_masks(*c.of_image(b), words[b], c.grid_hw, images[b], config, grid_hw, earlier[b])
                 for b in range(c.image_q.shape[0])
             ]
         else:
             q, k = captured
             background = self.plan.background_positions if config.background == "tokens" else [()] * q.shape[0]
             masks = [
-                extract_masks(q[b], k[b], words[b], grid_hw, images[b], config, background[b])
+                extract_masks(q[b], k[b], words[b], grid_hw, images[b], config, background[b], earlier[b])
                 for b in range(q.shape[0])
             ]
+        self._earlier_maps = []
         result = torch.stack(masks)  # (B_img, L, h, w)
         logger.info("FreeFuse: masks made at step %d, coverage %s", self.plan.capture_step + 1, self._summary(result))
         return result

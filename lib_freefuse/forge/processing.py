@@ -154,6 +154,7 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
         restart=args.restart,
         background_positions=background,
         attention_bias=_attention_bias(args, family, state),
+        average_steps=args.average_steps,
     )
     job = FreeFuseJob(plan, _decoder(p, args.slic_image), family=family)
     _record_schedule(p, job)

@@ -83,6 +83,7 @@ AXES: tuple[Axis, ...] = (
     Axis(f"{LABEL_PREFIX}superpixel vote", "superpixel_vote", str, BOOL_CHOICES),
     _choice_axis("pre-mask LoRA mode", "pre_mask"),
     Axis(f"{LABEL_PREFIX}restart", "restart", str, BOOL_CHOICES),
+    Axis(f"{LABEL_PREFIX}average steps", "average_steps", str, BOOL_CHOICES),
     _choice_axis("modulation", "modulation"),
     _choice_axis("word-to-image attention", "cross_attention"),
     _choice_axis("LoRAs on text tokens", "text_loras"),

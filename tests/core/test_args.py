@@ -49,6 +49,7 @@ OWN_KEYS = (
     "hires_masks",
     "text_loras",
     "attention_bias",
+    "average_steps",
 )
 TWO = [{"lora": "harry", "words": "harry potter"}, {"lora": "daiyu", "words": "daiyu lin", "weight": 0.9}]
 
@@ -106,6 +107,7 @@ def changed_everywhere() -> FreeFuseArgs:
         hires_masks="extract",
         text_loras="own_words",
         attention_bias=5.0,
+        average_steps=not FreeFuseArgs().average_steps,
         sink_filter=False,
         sink_top_fraction=0.02,
         edge_width=2,

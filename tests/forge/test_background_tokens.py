@@ -49,9 +49,9 @@ def test_a_flux_job_reads_the_background_from_each_prompts_end_of_text_token(for
     seen = []
     real = job_module.extract_masks
 
-    def recording(q, k, words, grid_hw, image, config, background_tokens=()):
+    def recording(q, k, words, grid_hw, image, config, background_tokens=(), earlier_maps=()):
         seen.append((config.background, tuple(background_tokens)))
-        return real(q, k, words, grid_hw, image, config, background_tokens)
+        return real(q, k, words, grid_hw, image, config, background_tokens, earlier_maps)
 
     monkeypatch.setattr(job_module, "extract_masks", recording)
     job = start_run(p, args, torch.zeros(2, 16, *LATENT))

@@ -88,3 +88,32 @@ QUALITY_ROWS = ("both merged", "FreeFuse (paper defaults)")
 # shows at least 14 more of 64 (the benchmark: 0.37 +- 0.05 over 64 seeds; these 16 seeds: 20 of 64).
 MERGED_AT_MOST = 4 / 64
 GAIN_AT_LEAST = 14 / 64
+
+
+def test_mask_signals_rebuilds_the_jobs_masks_from_the_kept_inputs(forge, forge_root, tmp_path):
+    """bench/toyworld/mask_signals.py on the second world at smoke size: what it collects is what the job handed
+    extract_masks, and its offline "paper" masks are the job's own masks (so its other variants are comparable);
+    with average_steps the job's masks are the offline mean of the steps' maps."""
+    sys.path.insert(0, str(TOYWORLD2.parent / "toyworld"))
+    import mask_signals
+
+    path = tmp_path / "captures.pt"
+    mask_signals.collect_second(forge_root, seeds=1, out=path, blocks=[1], steps=[1, 2, 3])
+    captures = torch.load(path, weights_only=False)
+    assert sorted(captures) == [(1, 1), (1, 2), (1, 3)] and all(len(r) == 2 for r in captures.values())  # 2 prompts
+    for record in captures[(1, 3)]:
+        offline = mask_signals.masks_of(record, mask_signals.paper_maps(record))
+        assert torch.equal(offline, record["masks"])
+    benchmark2 = sys.modules["benchmark2"]
+    averaged = []
+    prompt, _ = benchmark2.world.benchmark_prompts()["P1"]
+    settings = {"capture_block": 1, "capture_step": 3, "average_steps": True}
+    with torch.inference_mode():
+        benchmark2.World(benchmark2.MODEL).images("both", settings, False, prompt, 1000, 1, averaged)
+    maps = [mask_signals.paper_maps(captures[(1, s)][0]) for s in (3, 1, 2)]  # the job's order: this step, then earlier
+    offline = mask_signals.masks_of(captures[(1, 3)][0], torch.stack(maps).mean(0))
+    assert torch.equal(averaged[0]["masks"], offline)
+    assert not torch.equal(offline, captures[(1, 3)][0]["masks"])  # the mean moved some owners: the check can tell
+    table = mask_signals.analyse_steps(path)
+    assert 0 <= table["mean of steps 1..s, block 1, step 3: figure accuracy"] <= 1
+    assert set(mask_signals.analyse(path)) >= {"paper, block 1, step 3", "mean of steps, block 1"}

@@ -16,6 +16,7 @@ SETTINGS = ("enabled", "capture step", "capture block", "sink filter", "self-att
 MORE = (
     "pre-mask LoRA mode",
     "restart",
+    "average steps",
     "modulation",
     "word-to-image attention",
     "LoRAs on text tokens",

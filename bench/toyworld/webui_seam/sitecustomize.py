@@ -9,6 +9,8 @@ one post-import patch, to `lib_freefuse.forge.job.extract_masks`:
 - $FREEFUSE_TOY_ORACLE_FILE: while that file exists, the masks are the true regions instead: the subject whose
   words come first in the prompt owns the left half of the token grid, the other the right half (every benchmark
   prompt reads "A on the left and B on the right").
+- $FREEFUSE_TOY_KEEP_INPUTS (with the dump): each record also keeps the extraction's inputs (q, k, grid, x0 image,
+  mask config), for experiments on the mask pipeline itself (bench/toyworld/mask_signals.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 HOOK = Path(__file__).resolve().parents[3] / "tests" / "webui" / "webui_hook" / "sitecustomize.py"
 DUMP_ENV = "FREEFUSE_TOY_DUMP_DIR"
+KEEP_ENV = "FREEFUSE_TOY_KEEP_INPUTS"
 ORACLE_ENV = "FREEFUSE_TOY_ORACLE_FILE"
 
 sys.path.insert(0, str(HOOK.parent))  # the hook's own modules beside it (tiny_chroma_hook.py, ...)
@@ -49,15 +52,18 @@ def patch_job(module):
     original = module.extract_masks
     counter = itertools.count()
 
-    def extract_masks(q, k, subject_tokens, grid_hw, *args, **kwargs):  # the job's call, whatever it passes after
+    def extract_masks(q, k, subject_tokens, grid_hw, image=None, config=None, *args, **kwargs):  # the job's call
         oracle = os.environ.get(ORACLE_ENV)
         if oracle and os.path.exists(oracle):
             masks = oracle_masks(subject_tokens, grid_hw, q.device)
         else:
-            masks = original(q, k, subject_tokens, grid_hw, *args, **kwargs)
+            masks = original(q, k, subject_tokens, grid_hw, image, config, *args, **kwargs)
         dump = os.environ.get(DUMP_ENV)
         if dump and os.path.isdir(dump):
             record = {"masks": masks.detach().cpu(), "subject_tokens": [list(map(int, t)) for t in subject_tokens]}
+            if os.environ.get(KEEP_ENV):
+                record.update(q=q.detach().cpu().clone(), k=k.detach().cpu().clone(), grid=tuple(grid_hw),
+                              image=image, config=config)  # fmt: skip
             torch.save(record, os.path.join(dump, f"{next(counter):06d}.pt"))
         return masks
 

@@ -1,0 +1,297 @@
+"""Experiment: mask IoU of variants of the mask pipeline, from the captures of both toy worlds (issue 17).
+
+    FORGE_DIR=<forge> FORGE_PYTHON=<python> <python> bench/toyworld/mask_signals.py collect --world 1 --out F
+    FORGE_DIR=<forge> <forge python> bench/toyworld/mask_signals.py collect --world 2 --out F
+    <python> bench/toyworld/mask_signals.py analyse F1 F2
+
+`collect` runs FreeFuse (paper defaults) in one world once per capture block and step and keeps what each mask
+extraction was handed (q, k, grid, x0, config): the first world through its webui and the benchmark seam, the
+second through Forge's backend (bench/toyworld2). The capture block and step do not change sampling before the
+masks exist, so for one seed the runs at different blocks see the same picture. `analyse` computes, from those
+inputs alone, the masks of each variant (heads weighted, blocks or steps combined, a block chosen per image by a
+signal) and their IoU against the true halves. Nothing here changes the extension: it tells what to build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path[:0] = [str(ROOT), str(HERE), str(HERE.parent / "toyworld2")]
+import world  # noqa: E402
+
+STEPS = (2, 5, 8)
+
+
+def collect_first(forge: Path, python: str, seeds: int, out: Path, blocks=None, steps=STEPS) -> None:
+    """The first world through its webui: captures per (block, step), in seed order over both prompts."""
+    import benchmark as first
+
+    data_dir = Path(tempfile.mkdtemp(prefix="toyworld-signals-"))
+    os.environ["FREEFUSE_TOY_KEEP_INPUTS"] = "1"  # the webui inherits it (benchmark._server_env keeps os.environ)
+    webui, process, stop = first.start_webui(forge, python, data_dir)
+    dump = data_dir / "masks"
+    captures = {}
+    try:
+        for block in blocks if blocks is not None else range(first.LAST_BLOCK + 1):
+            for step in steps:
+                records = []
+                for prompt, _ in world.benchmark_prompts().values():
+                    for start in range(0, seeds, first.BATCH):
+                        shutil.rmtree(dump, ignore_errors=True)
+                        dump.mkdir()
+                        n = min(first.BATCH, seeds - start)
+                        scripts = first.freefuse(capture_block=block, capture_step=step)
+                        first.generate(webui, prompt + first.TAGS["both"], 1000 + start, n, first.STEPS, scripts)
+                        found = [torch.load(p, weights_only=False) for p in sorted(dump.glob("*.pt"))]
+                        if len(found) != n or "q" not in found[0]:
+                            raise RuntimeError(f"expected {n} extractions with inputs, found {len(found)}")
+                        records += found
+                captures[(block, step)] = records
+                print(f"  block {block}, step {step}: {len(records)} captures", flush=True)
+    finally:
+        stop(process)
+        shutil.rmtree(data_dir, ignore_errors=True)
+    torch.save(captures, out)
+
+
+def collect_second(forge: Path, seeds: int, out: Path, blocks=None, steps=STEPS) -> None:
+    """The second world through Forge's backend: captures per (block, step), in seed order over both prompts."""
+    import benchmark2
+    import world2
+
+    benchmark2.forge_env.setup(forge)
+    w = benchmark2.World(benchmark2.MODEL)
+    captures = {}
+    with torch.inference_mode():
+        for block in blocks if blocks is not None else range(world2.TRANSFORMER["depth"]):
+            for step in steps:
+                records = []
+                for prompt, _ in world.benchmark_prompts().values():
+                    for start in range(0, seeds, benchmark2.BATCH):
+                        n = min(benchmark2.BATCH, seeds - start)
+                        settings = {"capture_block": block, "capture_step": step}
+                        w.images("both", settings, False, prompt, 1000 + start, n, records, keep=True)
+                captures[(block, step)] = records
+                print(f"  block {block}, step {step}: {len(records)} captures", flush=True)
+    torch.save(captures, out)
+
+
+# --- analysis ---------------------------------------------------------------------------------------------------
+
+
+def n_text_of(c: dict) -> int:
+    return c["q"].shape[1] - c["grid"][0] * c["grid"][1]
+
+
+def head_rows(c: dict) -> torch.Tensor:
+    """Eq. 5 per head, before the mean: (H, R, N) softmax over the image tokens of the subjects' word rows."""
+    n_text = n_text_of(c)
+    rows = sorted({t for group in c["subject_tokens"] for t in group})
+    q = c["q"][:, rows].float()
+    k = c["k"][:, n_text:].float()
+    return torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1), rows
+
+
+def paper_maps(c: dict, head_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 5-10 (L, N) with the heads of Eq. 5 weighted (None: the paper's mean)."""
+    from lib_freefuse.core.attention import self_attention_maps, subject_maps
+    from lib_freefuse.core.masks import _sink_filtered
+
+    per_head, rows = head_rows(c)
+    w = torch.ones(per_head.shape[0]) if head_weights is None else head_weights
+    cross = (per_head * (w / w.sum())[:, None, None]).sum(0)
+    cross, _ = _sink_filtered(cross, c["grid"], c["config"])
+    row_of = {t: r for r, t in enumerate(rows)}
+    maps = subject_maps(cross, [[row_of[t] for t in g] for g in c["subject_tokens"]])
+    n_text = n_text_of(c)
+    if c["config"].self_attention:
+        maps = self_attention_maps(c["q"][:, n_text:].float(), c["k"][:, n_text:].float(), maps,
+                                   c["config"].self_attention_top_fraction)  # fmt: skip
+    return maps
+
+
+def masks_of(c: dict, maps: torch.Tensor) -> torch.Tensor:
+    from lib_freefuse.core.masks import _masks_from_maps
+
+    return _masks_from_maps(maps.view(-1, *c["grid"]), c["image"], c["config"], None)
+
+
+def iou(c: dict, masks: torch.Tensor) -> float:
+    import benchmark as first
+
+    return first.mask_iou({"masks": masks, "subject_tokens": c["subject_tokens"]})
+
+
+FIGURE_CONTRAST = 0.15  # a token is a figure's where its x0 pixels differ from the grey background by more, on average
+
+
+def figure_tokens(c: dict, image=None) -> torch.Tensor:
+    """(h, w) bool: the tokens whose pixels of x0 (the capture's, or `image`) are mostly not the grey background."""
+    img = torch.as_tensor(np.asarray(c["image"] if image is None else image)).float()
+    if img.max() > 1.5:
+        img = img / 255
+    h, w = c["grid"]
+    contrast = (img - torch.tensor(world.BACKGROUND)).abs().amax(-1)  # (H_px, W_px)
+    return contrast.view(h, img.shape[0] // h, w, img.shape[1] // w).mean((1, 3)) > FIGURE_CONTRAST
+
+
+def figure_accuracy(c: dict, masks: torch.Tensor, figure: torch.Tensor) -> float:
+    """Share of the figure tokens owned by the subject whose half they lie in: what decides where each LoRA paints
+    a figure (the halves' IoU also counts the grey background, which either LoRA leaves grey)."""
+    h, w = c["grid"]
+    first = min(range(2), key=lambda i: min(c["subject_tokens"][i]))
+    truth = torch.zeros(2, h, w, dtype=torch.bool)
+    truth[first, :, : w // 2] = True
+    truth[1 - first, :, w // 2 :] = True
+    right = ((masks > 0.5) & truth).any(0) & figure
+    return float(right.sum()) / max(1, int(figure.sum()))
+
+
+def head_separation(c: dict) -> torch.Tensor:
+    """(H,) how differently each head's subject maps spread: total variation between the subjects' rows."""
+    per_head, rows = head_rows(c)
+    row_of = {t: r for r, t in enumerate(rows)}
+    maps = torch.stack([per_head[:, [row_of[t] for t in g]].mean(1) for g in c["subject_tokens"]], 1)  # (H, L, N)
+    return 0.5 * (maps[:, 0] - maps[:, 1]).abs().sum(-1)
+
+
+def head_concentration(c: dict) -> torch.Tensor:
+    """(H,) 1 - normalised entropy of each head's subject rows, averaged over the subjects' words."""
+    per_head, _ = head_rows(c)
+    entropy = -(per_head * per_head.clamp_min(1e-12).log()).sum(-1) / math.log(per_head.shape[-1])
+    return (1 - entropy).mean(-1)
+
+
+def normalised(maps: torch.Tensor) -> torch.Tensor:
+    return maps / maps.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def coherence(c: dict, maps: torch.Tensor) -> float:
+    """Share of 4-neighbour token pairs with the same argmax owner: how spatially whole the raw ownership is."""
+    owner = maps.argmax(0).view(*c["grid"])
+    same = (owner[1:] == owner[:-1]).float().sum() + (owner[:, 1:] == owner[:, :-1]).float().sum()
+    h, w = c["grid"]
+    return float(same / ((h - 1) * w + h * (w - 1)))
+
+
+def margin(c: dict, maps: torch.Tensor) -> float:
+    """Mean over tokens of |M_1 - M_2| / (M_1 + M_2) of the normalised maps: how decisively tokens are owned."""
+    m = normalised(maps)
+    return float(((m[0] - m[1]).abs() / (m[0] + m[1]).clamp_min(1e-12)).mean())
+
+
+def separation(maps: torch.Tensor) -> float:
+    m = normalised(maps)
+    return float(0.5 * (m[0] - m[1]).abs().sum())
+
+
+def analyse(path: Path) -> dict[str, float]:
+    captures = torch.load(path, weights_only=False)
+    blocks = sorted({b for b, _ in captures})
+    steps = sorted({s for _, s in captures})
+    n = len(captures[(blocks[0], steps[0])])
+    results: dict[str, list[float]] = {}
+
+    def add(name, value):
+        results.setdefault(name, []).append(value)
+
+    for i in range(n):
+        maps, maps_hs, maps_hc = {}, {}, {}
+        for key, records in captures.items():
+            c = records[i]
+            maps[key] = paper_maps(c)
+            sep = head_separation(c)
+            maps_hs[key] = paper_maps(c, sep**2)
+            maps_hc[key] = paper_maps(c, head_concentration(c))
+            add(f"paper, block {key[0]}, step {key[1]}", iou(c, masks_of(c, maps[key])))
+            add(f"heads by separation^2, block {key[0]}, step {key[1]}", iou(c, masks_of(c, maps_hs[key])))
+            add(f"heads by concentration, block {key[0]}, step {key[1]}", iou(c, masks_of(c, maps_hc[key])))
+        for step in steps:
+            c = captures[(blocks[-1], step)][i]
+            keys = [(b, step) for b in blocks]
+            signals = {
+                "coherence": {k: coherence(captures[k][i], maps[k]) for k in keys},
+                "margin": {k: margin(captures[k][i], maps[k]) for k in keys},
+                "separation": {k: separation(maps[k]) for k in keys},
+            }
+            for signal_name, value in signals.items():
+                best = max(keys, key=value.__getitem__)
+                add(f"block chosen by {signal_name}, step {step}", iou(c, masks_of(c, maps[best])))
+            mean = torch.stack([normalised(maps[k]) for k in keys]).mean(0)
+            add(f"mean of blocks, step {step}", iou(c, masks_of(c, mean)))
+        for block in blocks:
+            c = captures[(block, 5)][i] if (block, 5) in captures else captures[(block, steps[-1])][i]
+            mean = torch.stack([normalised(maps[(block, s)]) for s in steps]).mean(0)
+            add(f"mean of steps, block {block}", iou(c, masks_of(c, mean)))
+    return {name: float(np.mean(v)) for name, v in results.items()}
+
+
+def analyse_steps(path: Path) -> dict[str, float]:
+    """Per block and capture step s: the paper's masks at s, and the masks of the maps (Eq. 5-10) averaged over
+    steps 1..s and over the last 3 steps up to s, voted once on s's x0 (what `average_steps` does for 1..s). Two
+    measures each: IoU against the true halves, and figure accuracy (figures read from the latest step's x0)."""
+    captures = torch.load(path, weights_only=False)
+    blocks = sorted({b for b, _ in captures})
+    steps = sorted({s for _, s in captures})
+    n = len(captures[(blocks[0], steps[0])])
+    results: dict[str, list[float]] = {}
+    for i in range(n):
+        for block in blocks:
+            figure = figure_tokens(captures[(block, steps[-1])][i])
+            maps = {s: normalised(paper_maps(captures[(block, s)][i])) for s in steps}
+            for s in steps:
+                c = captures[(block, s)][i]
+                windows = {"paper": [s], "mean of steps 1..s": [t for t in steps if t <= s],
+                           "mean of last 3": [t for t in steps if s - 3 < t <= s]}  # fmt: skip
+                for name, window in windows.items():
+                    masks = masks_of(c, torch.stack([maps[t] for t in window]).mean(0))
+                    results.setdefault(f"{name}, block {block}, step {s}: IoU", []).append(iou(c, masks))
+                    accuracy = figure_accuracy(c, masks, figure)
+                    results.setdefault(f"{name}, block {block}, step {s}: figure accuracy", []).append(accuracy)
+    return {name: float(np.mean(v)) for name, v in results.items()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("collect")
+    c.add_argument("--world", choices=("1", "2"), required=True)
+    c.add_argument("--forge", type=Path, default=Path(os.environ.get("FORGE_DIR", "")))
+    c.add_argument("--python", default=os.environ.get("FORGE_PYTHON"))
+    c.add_argument("--seeds", type=int, default=8, help="seeds per prompt")
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--blocks", help="capture blocks, comma-separated (default: every double block)")
+    c.add_argument("--steps", default=",".join(map(str, STEPS)), help="capture steps, comma-separated")
+    a = sub.add_parser("analyse")
+    a.add_argument("files", type=Path, nargs="+")
+    a.add_argument("--steps-only", action="store_true", help="only the windows over capture steps")
+    args = parser.parse_args(argv)
+    if args.command == "collect":
+        blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else None
+        steps = [int(s) for s in args.steps.split(",")]
+        if args.world == "1":
+            collect_first(args.forge.resolve(), args.python, args.seeds, args.out, blocks, steps)
+        else:
+            collect_second(args.forge.resolve(), args.seeds, args.out, blocks, steps)
+        return
+    tables = {path.name: (analyse_steps if args.steps_only else analyse)(path) for path in args.files}
+    names = list(dict.fromkeys(n for t in tables.values() for n in t))
+    print("| variant | " + " | ".join(tables) + " |")
+    print("|---|" + "---|" * len(tables))
+    for name in names:
+        print(f"| {name} | " + " | ".join(f"{t[name]:.3f}" if name in t else "" for t in tables.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -223,11 +223,24 @@ def table_row(scores: dict[str, list[dict]]) -> dict:
     return row
 
 
-def mask_iou(record: dict) -> float:
-    """Mean IoU over subjects of the masks against the true halves (first-mentioned subject on the left)."""
+def ordered_masks(record: dict) -> np.ndarray:
+    """(2, h, w) bool: the extraction's masks, the first-mentioned subject's (the left one's) first."""
     masks = (record["masks"] > 0.5).numpy()
     first = min(range(len(record["subject_tokens"])), key=lambda i: min(record["subject_tokens"][i]))
-    return world.halves_iou(masks[[first, 1 - first]])
+    return masks[[first, 1 - first]]
+
+
+def mask_iou(record: dict) -> float:
+    """Mean IoU over subjects of the masks against the true halves (first-mentioned subject on the left)."""
+    return world.halves_iou(ordered_masks(record))
+
+
+def mask_scores(records: list[dict], images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per extraction: IoU against the true halves, and figure accuracy against the figures of its finished image."""
+    ious = [mask_iou(r) for r in records]
+    figures = [world.figure_accuracy(ordered_masks(r), world.figure_tokens(image.numpy(), r["masks"].shape[-2:]))
+               for r, image in zip(records, images, strict=True)]  # fmt: skip
+    return ious, figures
 
 
 IOU_VARIANTS = {
@@ -237,39 +250,45 @@ IOU_VARIANTS = {
 
 
 def iou_sweep(webui, seeds: int, steps: int, capture_steps: list[int], data_dir: Path) -> dict:
-    """Mask IoU against the true halves per variant, capture block and capture step."""
+    """Per variant, capture block and capture step: {"iou": mask IoU against the true halves, "figure": figure
+    accuracy}, each (mean, half-width of its 95% interval)."""
     dump = data_dir / "masks"
     table = {}
     for variant, settings in IOU_VARIANTS.items():
         for block in range(LAST_BLOCK + 1):
             for step in capture_steps:
-                ious = []
+                ious, figures = [], []
                 for prompt, _ in world.benchmark_prompts().values():
                     for start in range(0, seeds, BATCH):
                         shutil.rmtree(dump, ignore_errors=True)
                         dump.mkdir()
                         n = min(BATCH, seeds - start)
                         scripts = freefuse(capture_block=block, capture_step=step, **settings)
-                        generate(webui, prompt + TAGS["both"], 1000 + start, n, steps, scripts)
+                        images = generate(webui, prompt + TAGS["both"], 1000 + start, n, steps, scripts)
                         records = [torch.load(p) for p in sorted(dump.glob("*.pt"))]
                         if len(records) != n:
                             raise RuntimeError(f"expected {n} mask extractions, found {len(records)}")
-                        ious += [mask_iou(r) for r in records]
-                table[(variant, block, step)] = interval(ious)
-                print(f"  IoU {variant}, block {block}, step {step}: {np.mean(ious):.3f}", flush=True)
+                        scores = mask_scores(records, images)
+                        ious, figures = ious + scores[0], figures + scores[1]
+                table[(variant, block, step)] = {"iou": interval(ious), "figure": interval(figures)}
+                print(f"  {variant}, block {block}, step {step}: IoU {np.mean(ious):.3f}, figures "
+                      f"{np.mean(figures):.3f}", flush=True)  # fmt: skip
     shutil.rmtree(dump, ignore_errors=True)
     return table
 
 
 def print_iou(iou: dict, seeds: int, blocks: int) -> None:
-    """The IoU table of iou_sweep: per variant and capture block, one column per capture step."""
+    """The mask table of iou_sweep: per variant and capture block, one column per capture step, each cell "IoU against
+    the true halves / figure accuracy"."""
     steps = sorted({s for _, _, s in iou})
-    print(f"\nmask IoU against the true halves ({seeds} seeds x 2 prompts; FreeFuse defaults otherwise):")
+    print(f"\nmask IoU against the true halves / share of the figures' tokens in their own subject's mask ({seeds} "
+          "seeds x 2 prompts; FreeFuse defaults otherwise):")  # fmt: skip
     print("| masks from | capture block | " + " | ".join(f"step {s}" for s in steps) + " |")
     print("|---|---|" + "---|" * len(steps))
     for variant in IOU_VARIANTS:
         for block in range(blocks):
-            cells = " | ".join(f"{iou[(variant, block, s)][0]:.2f}" for s in steps)
+            cells = " | ".join(f"{iou[(variant, block, s)]['iou'][0]:.2f} / {iou[(variant, block, s)]['figure'][0]:.2f}"
+                               for s in steps)  # fmt: skip
             print(f"| {variant} | double_blocks.{block} | {cells} |")
 
 

@@ -133,29 +133,18 @@ def iou(c: dict, masks: torch.Tensor) -> float:
     return first.mask_iou({"masks": masks, "subject_tokens": c["subject_tokens"]})
 
 
-FIGURE_CONTRAST = 0.15  # a token is a figure's where its x0 pixels differ from the grey background by more, on average
-
-
-def figure_tokens(c: dict, image=None) -> torch.Tensor:
-    """(h, w) bool: the tokens whose pixels of x0 (the capture's, or `image`) are mostly not the grey background."""
-    img = torch.as_tensor(np.asarray(c["image"] if image is None else image)).float()
-    if img.max() > 1.5:
-        img = img / 255
-    h, w = c["grid"]
-    contrast = (img - torch.tensor(world.BACKGROUND)).abs().amax(-1)  # (H_px, W_px)
-    return contrast.view(h, img.shape[0] // h, w, img.shape[1] // w).mean((1, 3)) > FIGURE_CONTRAST
+def figure_tokens(c: dict) -> torch.Tensor:
+    """(h, w) bool: the tokens whose pixels of the capture's x0 are mostly not the grey background."""
+    img = np.asarray(c["image"], np.float32)
+    return torch.from_numpy(world.figure_tokens(img / 255 if img.max() > 1.5 else img, c["grid"]))
 
 
 def figure_accuracy(c: dict, masks: torch.Tensor, figure: torch.Tensor) -> float:
-    """Share of the figure tokens owned by the subject whose half they lie in: what decides where each LoRA paints
-    a figure (the halves' IoU also counts the grey background, which either LoRA leaves grey)."""
-    h, w = c["grid"]
-    first = min(range(2), key=lambda i: min(c["subject_tokens"][i]))
-    truth = torch.zeros(2, h, w, dtype=torch.bool)
-    truth[first, :, : w // 2] = True
-    truth[1 - first, :, w // 2 :] = True
-    right = ((masks > 0.5) & truth).any(0) & figure
-    return float(right.sum()) / max(1, int(figure.sum()))
+    """world.figure_accuracy of the masks of one capture."""
+    import benchmark as first
+
+    ordered = first.ordered_masks({"masks": masks, "subject_tokens": c["subject_tokens"]})
+    return world.figure_accuracy(ordered, figure.numpy())
 
 
 def head_separation(c: dict) -> torch.Tensor:

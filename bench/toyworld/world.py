@@ -235,6 +235,27 @@ def halves_iou(masks: np.ndarray) -> float:
     return float((inter / np.maximum(union, 1)).mean())
 
 
+FIGURE_CONTRAST = 0.15  # a token belongs to a figure where its pixels differ from the background more, on average
+
+
+def figure_tokens(image: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
+    """(H_px, W_px, 3) image in [0, 1] -> (h, w) bool: the tokens whose pixels mostly are not the grey background."""
+    h, w = grid_hw
+    contrast = np.abs(np.asarray(image, np.float32) - np.asarray(BACKGROUND, np.float32)).max(-1)
+    return contrast.reshape(h, contrast.shape[0] // h, w, contrast.shape[1] // w).mean((1, 3)) > FIGURE_CONTRAST
+
+
+def figure_accuracy(masks: np.ndarray, figure: np.ndarray) -> float:
+    """(2, h, w) bool masks of the left and the right subject, (h, w) figure tokens -> the share of the figure tokens
+    that the subject of their half owns: where each LoRA paints a figure (the halves' IoU also counts the background,
+    which neither LoRA changes). 1.0 for a picture without figures."""
+    truth = np.zeros(masks.shape, bool)
+    truth[0, :, : masks.shape[-1] // 2] = True
+    truth[1] = ~truth[0]
+    right = (masks & truth).any(0) & figure
+    return float(right.sum() / figure.sum()) if figure.any() else 1.0
+
+
 def half_regions(left_character: str) -> dict[str, np.ndarray]:
     """The true region of each character in a benchmark picture: (CELLS, CELLS) bool, its half of the grid."""
     left = np.zeros((CELLS, CELLS), bool)

@@ -185,21 +185,24 @@ def run_config(w: World, scorer, name: str, seeds: int) -> dict:
 
 
 def iou_sweep(w: World, seeds: int, capture_steps: list[int]) -> dict:
-    """Mask IoU against the true halves per variant, capture block and capture step."""
+    """Per variant, capture block and capture step: mask IoU against the true halves and figure accuracy
+    (the first world's iou_sweep)."""
     table = {}
     for variant, settings in first.IOU_VARIANTS.items():
         for block in range(world2.TRANSFORMER["depth"]):
             for step in capture_steps:
-                ious = []
+                ious, figures = [], []
                 for prompt, _ in world.benchmark_prompts().values():
                     for start in range(0, seeds, BATCH):
                         dump = []
                         n = min(BATCH, seeds - start)
                         chosen = {**settings, "capture_block": block, "capture_step": step}
-                        w.images("both", chosen, False, prompt, 1000 + start, n, dump)
-                        ious += [first.mask_iou(r) for r in dump]
-                table[(variant, block, step)] = first.interval(ious)
-                print(f"  IoU {variant}, block {block}, step {step}: {np.mean(ious):.3f}", flush=True)
+                        images = w.images("both", chosen, False, prompt, 1000 + start, n, dump)
+                        scores = first.mask_scores(dump, images)
+                        ious, figures = ious + scores[0], figures + scores[1]
+                table[(variant, block, step)] = {"iou": first.interval(ious), "figure": first.interval(figures)}
+                print(f"  {variant}, block {block}, step {step}: IoU {np.mean(ious):.3f}, figures "
+                      f"{np.mean(figures):.3f}", flush=True)  # fmt: skip
     return table
 
 

@@ -409,3 +409,21 @@ def test_assemble_takes_each_lora_from_its_own_run(tmp_path):
     (base / "lora_quil.safetensors").unlink()
     with pytest.raises(SystemExit, match="no lora_quil.safetensors"):
         assemble.lora_sources(base, [zorb_run, quil_run])
+
+
+def test_figure_accuracy_counts_the_figures_tokens_in_their_own_halfs_mask():
+    """world.figure_tokens finds a sprite's cells on grey; figure_accuracy: right masks 1, swapped 0, half of the
+    figure in the wrong mask 0.5, a picture without figures 1."""
+    image = np.full((64, 64, 3), world.BACKGROUND, np.float32)
+    image[8:24, 0:16] = (0.9, 0.1, 0.1)  # a figure on the left: token rows 1-2, columns 0-1 of an 8 x 8 grid
+    figure = world.figure_tokens(image, (8, 8))
+    assert figure.sum() == 4 and figure[1:3, 0:2].all()
+    left = np.zeros((8, 8), bool)
+    left[:, :4] = True
+    right_masks, swapped = np.stack([left, ~left]), np.stack([~left, left])
+    assert world.figure_accuracy(right_masks, figure) == 1.0
+    assert world.figure_accuracy(swapped, figure) == 0.0
+    half = right_masks.copy()
+    half[0, 1, :2], half[1, 1, :2] = False, True  # one of the figure's two token rows given to the right subject
+    assert world.figure_accuracy(half, figure) == 0.5
+    assert world.figure_accuracy(swapped, np.zeros((8, 8), bool)) == 1.0

@@ -117,3 +117,14 @@ def test_mask_signals_rebuilds_the_jobs_masks_from_the_kept_inputs(forge, forge_
     table = mask_signals.analyse_steps(path)
     assert 0 <= table["mean of steps 1..s, block 1, step 3: figure accuracy"] <= 1
     assert set(mask_signals.analyse(path)) >= {"paper, block 1, step 3", "mean of steps, block 1"}
+
+
+def test_the_mask_sweep_scores_halves_and_figures(benchmark2, second_world, capsys):
+    """benchmark2.iou_sweep at smoke size: every variant x block at the asked step, IoU and figure accuracy each a
+    (mean, half-width) in [0, 1], printed as "IoU / figures" per cell."""
+    table = benchmark2.iou_sweep(second_world, seeds=1, capture_steps=[2])
+    blocks = range(benchmark2.world2.TRANSFORMER["depth"])
+    assert set(table) == {(v, b, 2) for v in benchmark2.first.IOU_VARIANTS for b in blocks}
+    assert all(0 <= cell[m][0] <= 1 for cell in table.values() for m in ("iou", "figure"))
+    benchmark2.first.print_iou(table, 1, len(blocks))
+    assert "| double_blocks.1 | " in capsys.readouterr().out

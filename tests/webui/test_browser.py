@@ -74,7 +74,10 @@ def _assert_calm_accordion(page: Page) -> None:
             return [block.id, label.bottom <= info.getBoundingClientRect().top + 1];
         }});"""
     )
-    assert len(placed) == 6 and all(below for _, below in placed), placed
+    defaults = FreeFuseArgs().to_dict()
+    checkboxes = [key for key, value in defaults.items() if isinstance(value, bool) and key != "enabled"]  # all 7
+    assert sorted(id for id, _ in placed) == sorted(f"{FF}-{key.replace('_', '-')}" for key in checkboxes), placed
+    assert all(below for _, below in placed), placed
     page.shot_element(f"#{FF}", "sections-open")
 
 

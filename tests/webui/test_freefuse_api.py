@@ -225,6 +225,23 @@ def test_options_beyond_the_paper_run_change_the_image_and_are_recorded(webui, s
     assert result.images[0].pixels != paper.images[0].pixels
 
 
+def test_average_steps_runs_changes_the_masks_and_is_recorded(webui):
+    """average_steps through the API: with the capture at step 3 of 6 the masks come from steps 1-3, not 3 alone, so
+    the masks (their coverage) and the image differ from the same job without it; the infotext records it. Token-wise
+    masks (no vote) on a 128 px image: the tiny model's 64 px masks have too few tokens to move."""
+    job = dict(capture_step=3, superpixel_vote=False)
+    paper = webui.txt2img(tagged(webui), steps=6, width=128, height=128, alwayson_scripts=freefuse(webui, **job))
+    result = webui.txt2img(
+        tagged(webui), steps=6, width=128, height=128, alwayson_scripts=freefuse(webui, **job, average_steps=True)
+    )
+    assert "FreeFuse coverage" in result.infotext and "FreeFuse warnings" not in result.infotext, result.infotext
+    assert "FreeFuse average steps: True" in result.infotext and "FreeFuse average steps" not in paper.infotext
+    coverage = re.compile(r'FreeFuse coverage: "[^"]*"')
+    assert coverage.search(result.infotext).group() != coverage.search(paper.infotext).group()
+    assert result.images[0].pixels != paper.images[0].pixels
+    assert webui.log().count("FreeFuse: masks made at step 3") >= 2
+
+
 def _rgb(image) -> bytes:
     """The RGB bytes of a decoded PNG (classic Forge can hide the parameters in a saved file's alpha channel)."""
     if image.channels == 3:

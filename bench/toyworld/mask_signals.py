@@ -251,6 +251,40 @@ def analyse_steps(path: Path) -> dict[str, float]:
     return {name: float(np.mean(v)) for name, v in results.items()}
 
 
+CONFIG_VARIANTS = {
+    "paper": {},
+    "contrastive seeds, strongest": {"contrastive": "strongest"},
+    "contrastive seeds, authors": {"contrastive": "authors"},
+    "self-attention seeds 0.5%": {"self_attention_top_fraction": 0.005},
+    "self-attention seeds 3%": {"self_attention_top_fraction": 0.03},
+    "self-attention seeds 10%": {"self_attention_top_fraction": 0.1},
+}
+
+
+def analyse_configs(path: Path, step: int = 5) -> dict[str, float]:
+    """Per block at `step`: extract_masks with each MaskConfig change of CONFIG_VARIANTS, IoU and figure accuracy
+    (figures from the latest captured step's x0)."""
+    from dataclasses import replace
+
+    from lib_freefuse.core import extract_masks
+
+    captures = torch.load(path, weights_only=False)
+    blocks = sorted({b for b, _ in captures})
+    last = max(s for _, s in captures)
+    results: dict[str, list[float]] = {}
+    for block in blocks:
+        for i, c in enumerate(captures[(block, step)]):
+            figure = figure_tokens(captures[(block, last)][i])
+            for name, change in CONFIG_VARIANTS.items():
+                config = replace(c["config"], **change)
+                masks = extract_masks(c["q"], c["k"], c["subject_tokens"], c["grid"], c["image"], config)
+                results.setdefault(f"{name}, block {block}: IoU", []).append(iou(c, masks))
+                results.setdefault(f"{name}, block {block}: figure accuracy", []).append(
+                    figure_accuracy(c, masks, figure)
+                )
+    return {name: float(np.mean(v)) for name, v in results.items()}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -265,6 +299,7 @@ def main(argv=None) -> None:
     a = sub.add_parser("analyse")
     a.add_argument("files", type=Path, nargs="+")
     a.add_argument("--steps-only", action="store_true", help="only the windows over capture steps")
+    a.add_argument("--configs", action="store_true", help="only the mask settings of CONFIG_VARIANTS, at step 5")
     args = parser.parse_args(argv)
     if args.command == "collect":
         blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else None
@@ -274,7 +309,8 @@ def main(argv=None) -> None:
         else:
             collect_second(args.forge.resolve(), args.seeds, args.out, blocks, steps)
         return
-    tables = {path.name: (analyse_steps if args.steps_only else analyse)(path) for path in args.files}
+    analysis = analyse_configs if args.configs else analyse_steps if args.steps_only else analyse
+    tables = {path.name: analysis(path) for path in args.files}
     names = list(dict.fromkeys(n for t in tables.values() for n in t))
     print("| variant | " + " | ".join(tables) + " |")
     print("|---|" + "---|" * len(tables))

@@ -117,6 +117,8 @@ def test_mask_signals_rebuilds_the_jobs_masks_from_the_kept_inputs(forge, forge_
     table = mask_signals.analyse_steps(path)
     assert 0 <= table["mean of steps 1..s, block 1, step 3: figure accuracy"] <= 1
     assert set(mask_signals.analyse(path)) >= {"paper, block 1, step 3", "mean of steps, block 1"}
+    configs = mask_signals.analyse_configs(path, step=3)
+    assert configs["paper, block 1: IoU"] == pytest.approx(table["paper, block 1, step 3: IoU"])
 
 
 def test_the_mask_sweep_scores_halves_and_figures(benchmark2, second_world, capsys):

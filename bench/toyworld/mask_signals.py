@@ -94,8 +94,9 @@ def n_text_of(c: dict) -> int:
     return c["q"].shape[1] - c["grid"][0] * c["grid"][1]
 
 
-def head_rows(c: dict) -> torch.Tensor:
-    """Eq. 5 per head, before the mean: (H, R, N) softmax over the image tokens of the subjects' word rows."""
+def head_rows(c: dict) -> tuple[torch.Tensor, list[int]]:
+    """Eq. 5 per head, before the mean: (H, R, N) softmax over the image tokens of the subjects' word rows, and
+    those rows' text positions."""
     n_text = n_text_of(c)
     rows = sorted({t for group in c["subject_tokens"] for t in group})
     q = c["q"][:, rows].float()
@@ -196,16 +197,15 @@ def analyse(path: Path) -> dict[str, float]:
         results.setdefault(name, []).append(value)
 
     for i in range(n):
-        maps, maps_hs, maps_hc = {}, {}, {}
+        maps = {}  # (block, step) -> the paper's (L, N) maps, for the block choices below
         for key, records in captures.items():
             c = records[i]
             maps[key] = paper_maps(c)
-            sep = head_separation(c)
-            maps_hs[key] = paper_maps(c, sep**2)
-            maps_hc[key] = paper_maps(c, head_concentration(c))
+            by_separation = paper_maps(c, head_separation(c) ** 2)
+            by_concentration = paper_maps(c, head_concentration(c))
             add(f"paper, block {key[0]}, step {key[1]}", iou(c, masks_of(c, maps[key])))
-            add(f"heads by separation^2, block {key[0]}, step {key[1]}", iou(c, masks_of(c, maps_hs[key])))
-            add(f"heads by concentration, block {key[0]}, step {key[1]}", iou(c, masks_of(c, maps_hc[key])))
+            add(f"heads by separation^2, block {key[0]}, step {key[1]}", iou(c, masks_of(c, by_separation)))
+            add(f"heads by concentration, block {key[0]}, step {key[1]}", iou(c, masks_of(c, by_concentration)))
         for step in steps:
             c = captures[(blocks[-1], step)][i]
             keys = [(b, step) for b in blocks]

@@ -38,8 +38,8 @@ PRE_MASK_CHOICES = ("joint", "off")
 MODULATION_CHOICES = ("per_token", "global", "off")
 SLIC_IMAGE_CHOICES = ("vae", "preview")
 HIRES_MASKS_CHOICES = ("reuse", "extract")
-# MaskConfig's background "tokens": the host names the prompt's end-of-text token (families with one: FLUX.1,
-# Chroma); a background phrase of the user's is not offered yet.
+# MaskConfig's background "tokens": the positions of the user's background words (FreeFuseArgs.background_words), or
+# without them the prompt's end-of-text token (families with one: FLUX.1, Chroma), found by the host's text engine.
 BACKGROUND_CHOICES = ("off", "threshold", "tokens")
 WEIGHT_LIMIT = 10.0
 MAX_CAPTURE_STEP = 10_000  # bounds that no real run reaches, so that pasted junk stays out of logs and infotext
@@ -113,6 +113,7 @@ class FreeFuseArgs:
     text_loras: str = "all"  # subject LoRAs on text tokens once masks exist: "all" (the paper), "own_words", "none"
     attention_bias: float = 0.0  # once masks exist, words and regions pushed together (core.attention_bias); 0: off
     average_steps: bool = False  # masks from the mean of every step's maps up to the capture step (beyond the paper)
+    background_words: str = ""  # the prompt's words of the background, for background "tokens" ("": end-of-text)
     mask: MaskConfig = MaskConfig()  # flat in the dict form
 
     def __post_init__(self) -> None:
@@ -124,6 +125,10 @@ class FreeFuseArgs:
         ):
             raise ValueError(f"subjects: expected a tuple of SubjectBinding, got {_show(self.subjects)}")
         object.__setattr__(self, "subjects", tuple(self.subjects))
+        if not isinstance(self.background_words, str):
+            raise ValueError(f"background_words: expected text, got {_show(self.background_words)}")
+        words = " ".join(self.background_words.split())
+        object.__setattr__(self, "background_words", words if split_phrases(words) else "")  # ", ," names none
         if self.enabled and not self.subjects:
             raise ValueError("subjects: FreeFuse is enabled but no subject binds a LoRA to its activation words")
         if self.capture_step is not None:
@@ -308,6 +313,12 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
         "Masks from the attention of every step up to the capture step, averaged: steadier than one step's.",
     ),
     FieldHelp(
+        "background_words",
+        "Background words",
+        'Words of the prompt that describe the background (commas separate phrases). With "Stay free where the '
+        "background words look\", where they look gets no subject LoRA; empty: where the prompt's end looks.",
+    ),
+    FieldHelp(
         "sink_filter",
         "Ignore attention parked on the border",
         "Drop the strongest attention values on the image's border, where the model parks attention that means "
@@ -362,12 +373,12 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
         "background",
         "Places no subject claims",
         "Given to some subject, or kept free of subject LoRAs (background, unnamed objects): where no subject "
-        "scores high, or where the end of the prompt looks.",
+        "scores high, or where the background words (else the end of the prompt) look.",
         BACKGROUND_CHOICES,
         (
             "Go to some subject (default)",
             "Stay free where no subject scores high",
-            "Stay free where the prompt's end looks",
+            "Stay free where the background words look",
         ),
     ),
     FieldHelp(
@@ -424,7 +435,11 @@ SECTIONS: tuple[Section, ...] = (
                 "Image regions",
                 (("superpixel_vote", "soft"), ("n_segments", "compactness", "slic_max_side"), ("slic_image",)),
             ),
-            Section("background", "Background and holes", (("background",), ("background_threshold", "fill_holes"))),
+            Section(
+                "background",
+                "Background and holes",
+                (("background", "background_words"), ("background_threshold", "fill_holes")),
+            ),
         ),
     ),
 )
@@ -665,6 +680,7 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     **dict.fromkeys(_CHOICES, _as_choice),
     "restart": _as_bool,
     "average_steps": _as_bool,
+    "background_words": _as_text,
     "show_masks": _as_bool,
     "attention_bias": _as_float,
     **_MASK_PARSERS,

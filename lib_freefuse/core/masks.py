@@ -35,6 +35,7 @@ from .superpixel import (
 __all__ = [
     "BACKGROUND_SCALE",
     "background_score_map",
+    "cross_background_map",
     "cross_score_maps",
     "cross_subject_maps",
     "extract_cross_masks",
@@ -117,6 +118,7 @@ def extract_cross_masks(
     config: MaskConfig = MaskConfig(),
     out_hw: tuple[int, int] | None = None,
     earlier_maps: Sequence[torch.Tensor] = (),
+    background_tokens: Sequence[int] = (),
 ) -> torch.Tensor:
     """Subject masks of one image from a cross-attention block, where text tokens are keys only (SDXL's UNet).
 
@@ -126,14 +128,18 @@ def extract_cross_masks(
     grid_hw: (h, w), h*w = N, row-major. image: predicted x0 (H_px, W_px, 3), for the vote (Eq. 11-13).
     out_hw: the grid of the returned masks (default grid_hw): the vote's superpixel masks are pooled to it, token
     owners without the vote are enlarged (nearest). earlier_maps: (L, h, w) maps of earlier steps
-    (cross_subject_maps), averaged with this step's. Returns (L, *out_hw) float32 in [0, 1], disjoint.
+    (cross_subject_maps), averaged with this step's. background_tokens: text positions whose attention is the
+    background (a background phrase's words; the CLIP context has no end-of-text token that attends like T5's),
+    used when `config.background` is "tokens". Returns (L, *out_hw) float32 in [0, 1], disjoint.
     """
     groups = _check_cross_inputs(image_q, text_k, self_q, self_k, subject_tokens, grid_hw, image, config)
-    if config.background == "tokens":
-        raise ValueError("config: background 'tokens' is not available for cross-attention masks")
+    background_rows = _check_background_tokens(background_tokens, text_k.shape[1], config)
     h, w = grid_hw
     maps = cross_score_maps(image_q, text_k, self_q, self_k, groups, grid_hw, config).view(-1, h, w)
-    return _masks_from_maps(_averaged(maps, earlier_maps), image, config, None, out_hw).to(
+    background = None
+    if background_rows:
+        background = cross_background_map(image_q, text_k, background_rows, grid_hw, config).view(h, w)
+    return _masks_from_maps(_averaged(maps, earlier_maps), image, config, background, out_hw).to(
         device=image_q.device, dtype=torch.float32
     )
 
@@ -253,6 +259,28 @@ def background_score_map(
     0.95-1.0 fell to 0.70-0.88 with the authors' unshifted map times 0.95). No self-attention step (Eq. 9-10): the
     top 1% tokens would be one patch of the background, whose self-attention leaves out the rest of it."""
     cross, _ = _filtered_cross_rows(q, k, sorted(set(rows)), grid_hw, config, n_text)
+    above_even = (cross.mean(dim=0) - 1.0 / cross.shape[1]).clamp_min_(0.0)
+    return above_even.mul_(scale)
+
+
+def cross_background_map(
+    image_q: torch.Tensor,
+    text_k: torch.Tensor,
+    rows: Sequence[int],
+    grid_hw: tuple[int, int],
+    config: MaskConfig,
+    *,
+    scale: float = BACKGROUND_SCALE,
+) -> torch.Tensor:
+    """background_score_map read from a cross-attention block, (h*w,) float32: the background tokens' mean column
+    of the model's probabilities (Eq. 5 as cross_score_maps reads it, Eq. 6-8), its excess over 1 / (h*w), times
+    `scale`. image_q: (H, N, D), text_k: (H, T, D); rows: text positions in [0, T)."""
+    rows = sorted(set(rows))
+    if config.cross_attention == "image_queries":
+        cross = mean_attention_rows(text_k[:, rows], image_q)  # (R, N): softmax over the image tokens
+    else:
+        cross = cross_attention_columns(image_q, text_k, rows)  # (R, N): the model's probabilities
+    cross, _ = _sink_filtered(cross, grid_hw, config)  # Eq. 6-7
     above_even = (cross.mean(dim=0) - 1.0 / cross.shape[1]).clamp_min_(0.0)
     return above_even.mul_(scale)
 

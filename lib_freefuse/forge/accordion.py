@@ -23,7 +23,8 @@ def elem_id(prefix: str, key: str) -> str:
 
 def setting(key: str, prefix: str):
     """The widget of one setting: a dropdown of plain labels that stores the model's values, a checkbox with its
-    description under it, or a compact number box (0 stands for automatic where AUTO_ZERO says so)."""
+    description under it, a one-line text box, or a compact number box (0 stands for automatic where AUTO_ZERO
+    says so)."""
     entry: FieldHelp = help_for(key)
     value = DEFAULTS[key]
     common = {"label": entry.label, "info": entry.help, "elem_id": elem_id(prefix, key)}
@@ -31,6 +32,8 @@ def setting(key: str, prefix: str):
         return gr.Dropdown(entry.shown_choices(), value=value, min_width=CHOICE_MIN_WIDTH, **common)
     if isinstance(value, bool):
         return gr.Checkbox(value=value, elem_classes=[CHECK_CLASS], **common)
+    if isinstance(value, str):
+        return gr.Textbox(value=value, lines=1, max_lines=1, min_width=CHOICE_MIN_WIDTH, **common)
     if key in AUTO_ZERO:
         return gr.Number(value=0, precision=0, minimum=0, min_width=NUMBER_MIN_WIDTH, **common)
     precision = 0 if isinstance(value, int) else None

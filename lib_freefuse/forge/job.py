@@ -370,18 +370,21 @@ class FreeFuseJob:
         """Masks (B_img, L, *grid_hw): from a joint (q, k) capture (FLUX) or a cross-attention capture (SDXL), with
         the earlier steps' maps of average_steps averaged in."""
         config = self.plan.mask_config
-        images = self.decode(denoised) if config.superpixel_vote else [None] * denoised.shape[0]
+        n_images = denoised.shape[0]
+        images = self.decode(denoised) if config.superpixel_vote else [None] * n_images
         words = [list(w) for w in self.plan.word_positions]
-        earlier = [[step[b] for step in self._earlier_maps] for b in range(denoised.shape[0])]
+        earlier = [[step[b] for step in self._earlier_maps] for b in range(n_images)]
+        background = self.plan.background_positions if config.background == "tokens" else [()] * n_images
         if isinstance(captured, _CrossCapture):
             c = captured
             masks = [
-                extract_cross_masks(*c.of_image(b), words[b], c.grid_hw, images[b], config, grid_hw, earlier[b])
+                extract_cross_masks(
+                    *c.of_image(b), words[b], c.grid_hw, images[b], config, grid_hw, earlier[b], background[b]
+                )
                 for b in range(c.image_q.shape[0])
             ]
         else:
             q, k = captured
-            background = self.plan.background_positions if config.background == "tokens" else [()] * q.shape[0]
             masks = [
                 extract_masks(q[b], k[b], words[b], grid_hw, images[b], config, background[b], earlier[b])
                 for b in range(q.shape[0])

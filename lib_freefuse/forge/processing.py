@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..args import FreeFuseArgs
+from ..args import FreeFuseArgs, help_for
 from ..core import find_subject_tokens
 from ..families import FLUX1, Family, detect, unsupported
 from ..hosts import Host, HostUnsupported, SubjectPatches, for_unet
@@ -24,6 +24,8 @@ from .job import FreeFuseJob, JobPlan
 from .lora_layers import subject_deltas
 
 _REFUSALS = {"Qwen-Image": qwen_image.refusal}  # family -> p -> why FreeFuse cannot run this job, or None
+# the background "tokens" choice as the accordion shows it, for messages
+_TOKENS_LABEL = next(label for label, value in help_for("background").shown_choices() if value == "tokens")
 _CONTEXT_PIECES = {
     "FLUX.2 Klein": flux2.context_pieces,
     "Qwen-Image": qwen_image.context_pieces,
@@ -207,10 +209,19 @@ def _attention_bias(args: FreeFuseArgs, family: Family, state: RunState) -> floa
 
 
 def _background_positions(p, prompts: list[str], family: Family, args: FreeFuseArgs, state: RunState) -> tuple:
-    """[image] -> (position of the end-of-text token,) in its prompt's context, for the background "tokens"; () when
-    that setting is off, or (with a warning; the job uses "threshold" instead) when the family has no such token."""
+    """[image] -> text positions of the background class, for the background "tokens": the background words' where
+    given, else (position of the end-of-text token,) in the prompt's context; () when that setting is off, or (with
+    a warning; the job uses "threshold" instead) when the words are not in the prompt or the family has no such
+    token."""
     if args.mask.background != "tokens":
+        if args.background_words:
+            state.warn(
+                f"the background words ({args.background_words}) count only when places no subject claims "
+                f"{_TOKENS_LABEL!r}: made without them"
+            )
         return ()
+    if args.background_words:
+        return _background_words(p, prompts, family, args.background_words, state)
     engine = getattr(p.sd_model, family.text_engine)
     end = getattr(engine, "id_end", None)
     if not family.end_of_text or end is None:
@@ -250,14 +261,27 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Fam
     (forge/qwen_image.context_pieces); Z-Image: its Qwen3 engine's one chunk, the template included
     (forge/zimage.context_pieces); FLUX.2 Klein: its Qwen3 engine's one chunk, the template included, role words
     kept out (forge/flux2.context_pieces)."""
+    per_image, length, after_break = _search_words(p, prompts, [s.words for s in subjects], family)
+    return _bound_words(subjects, per_image, after_break, family, state), length
+
+
+def _words_in_all_chunks(engine, prompts: list[str], subjects, state: RunState) -> tuple[dict, int]:
+    """_subject_words for a model that reads every chunk of the prompt (SDXL's CLIP: 77 tokens each, BOS and EOS
+    included, concatenated in the context)."""
+    per_image, length = _search_context(prompts, [s.words for s in subjects], lambda p: _chunk_pieces(engine, p))
+    return _bound_words(subjects, per_image, set(), None, state), length
+
+
+def _search_words(p, prompts: list[str], words: list[str], family: Family) -> tuple[list[list], int, set[int]]:
+    """Where each entry of `words` (comma-separated phrases) is in each prompt, in the context the family's engine
+    makes (see _subject_words): ([image][entry] -> find_subject_tokens' result, the tokenised length, the entries
+    found only after a BREAK that the family leaves out)."""
     engine = getattr(p.sd_model, family.text_engine)
     if family.name in _CONTEXT_PIECES:
         pieces = _CONTEXT_PIECES[family.name]
-        return _words_in_all_chunks(engine, prompts, subjects, state, lambda prompt: pieces(engine, prompt))
+        return (*_search_context(prompts, words, lambda prompt: pieces(engine, prompt)), set())
     if not family.first_chunk_only:
-        return _words_in_all_chunks(engine, prompts, subjects, state)
-    words = [s.words for s in subjects]
-    found: dict = {}
+        return (*_search_context(prompts, words, lambda prompt: _chunk_pieces(engine, prompt)), set())
     lengths = []
     per_image = []
     after_break = set()
@@ -269,43 +293,28 @@ def _subject_words(p, prompts: list[str], subjects, state: RunState, family: Fam
             later = [token for chunk in chunks[1:] for token in chunk.tokens]
             later_found = find_subject_tokens(engine.tokenizer.convert_ids_to_tokens(later), words)
             after_break.update(i for i, r in enumerate(later_found) if r.found and not per_image[-1][i].found)
-    for index, subject in enumerate(subjects):
-        results = [image[index] for image in per_image]
-        if not all(r.found for r in results):
-            missing = sorted({m for r in results for m in r.missing})
-            where = (
-                f"come only after BREAK, and Forge's {family.name} uses the text before the first BREAK"
-                if index in after_break
-                else "are not in the prompt"
-            )
-            state.warn(
-                f"the words of {subject.lora} ({', '.join(missing)}) {where}: {subject.lora} acts as an ordinary LoRA"
-            )
-            continue
-        for r in results:
-            if r.missing:
-                state.warn(f"{subject.lora}: '{', '.join(r.missing)}' not in the prompt; using its other words")
-        found[subject.lora] = [r.positions for r in results]
-    return found, max(lengths)
+    return per_image, max(lengths), after_break
 
 
-def _words_in_all_chunks(engine, prompts: list[str], subjects, state: RunState, context=None) -> tuple[dict, int]:
-    """_subject_words for a model that reads every chunk of the prompt (SDXL's CLIP: 77 tokens each, BOS and EOS
-    included, concatenated in the context). context: prompt -> the context's pieces, when the family's engine
-    makes its context otherwise (Qwen-Image: _CONTEXT_PIECES)."""
-    words = [s.words for s in subjects]
+def _search_context(prompts: list[str], words: list[str], context) -> tuple[list[list], int]:
+    """_search_words where the family's whole context counts: context(prompt) -> the context's pieces."""
     per_image, lengths = [], []
     for prompt in prompts:
-        pieces = _chunk_pieces(engine, prompt) if context is None else context(prompt)
+        pieces = context(prompt)
         lengths.append(len(pieces))
         per_image.append(find_subject_tokens(pieces, words))
+    return per_image, max(lengths)
+
+
+def _bound_words(subjects, per_image: list[list], after_break: set[int], family: Family | None, state: RunState):
+    """{lora: [positions per image]} of the subjects found in every prompt; the others named (ordinary LoRAs)."""
     found: dict = {}
     for index, subject in enumerate(subjects):
         results = [image[index] for image in per_image]
         if not all(r.found for r in results):
             missing = sorted({m for r in results for m in r.missing})
             state.warn(
-                f"the words of {subject.lora} ({', '.join(missing)}) are not in the prompt: "
+                f"the words of {subject.lora} ({', '.join(missing)}) {_where(index, after_break, family)}: "
                 f"{subject.lora} acts as an ordinary LoRA"
             )
             continue
@@ -313,7 +322,32 @@ def _words_in_all_chunks(engine, prompts: list[str], subjects, state: RunState, 
             if r.missing:
                 state.warn(f"{subject.lora}: '{', '.join(r.missing)}' not in the prompt; using its other words")
         found[subject.lora] = [r.positions for r in results]
-    return found, max(lengths)
+    return found
+
+
+def _where(index: int, after_break: set[int], family: Family | None) -> str:
+    """Why an entry's words were not found: only after a BREAK the family leaves out, or nowhere."""
+    if index in after_break:
+        return f"come only after BREAK, and Forge's {family.name} uses the text before the first BREAK"
+    return "are not in the prompt"
+
+
+def _background_words(p, prompts: list[str], family: Family, words: str, state: RunState) -> tuple:
+    """[image] -> the text positions of the background words, found as a subject's are; () with a warning (the job
+    keeps the background free by the threshold instead) when they are in no prompt."""
+    per_image, _, after_break = _search_words(p, prompts, [words], family)
+    results = [image[0] for image in per_image]
+    if not all(r.found for r in results):
+        missing = sorted({m for r in results for m in r.missing})
+        state.warn(
+            f"the background words ({', '.join(missing)}) {_where(0, after_break, family)}: "
+            "places where no subject scores high stay free instead"
+        )
+        return ()
+    for r in results:
+        if r.missing:
+            state.warn(f"background words: '{', '.join(r.missing)}' not in the prompt; using the others")
+    return tuple(tuple(r.positions) for r in results)
 
 
 def _chunk_pieces(engine, prompt: str) -> list[str]:

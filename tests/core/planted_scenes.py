@@ -518,6 +518,9 @@ ABLATION_SCENES: dict[str, Callable[..., Scene]] = {
 
 # The end-of-text token of every scene that has one: it attends to the background (if any) and evenly elsewhere.
 END_OF_TEXT = Words(count=1, region=3.0, others=0.0)
+# A background phrase of the user's ("in a misty forest"), planted where the end-of-text token goes: two words that
+# attend to the background, and a little to the figures too (a phrase is not as clean as an end-of-text token).
+BACKGROUND_PHRASE = Words(count=2, region=3.0, others=0.5)
 
 
 def leak_scene(seed: int, end_of_text: Words | None = None) -> Scene:

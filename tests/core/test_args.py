@@ -50,6 +50,7 @@ OWN_KEYS = (
     "text_loras",
     "attention_bias",
     "average_steps",
+    "background_words",
 )
 TWO = [{"lora": "harry", "words": "harry potter"}, {"lora": "daiyu", "words": "daiyu lin", "weight": 0.9}]
 
@@ -81,6 +82,17 @@ def test_dict_form_is_flat_with_the_mask_settings_after_the_own_ones():
     assert tuple(FreeFuseArgs().to_dict()) == OWN_KEYS + MASK_KEYS
 
 
+def test_background_words_are_text_with_spaces_normalised():
+    assert FreeFuseArgs().background_words == ""
+    assert parse(background_words="  misty   forest ,\tsky ").background_words == "misty forest , sky"
+    assert parse(background_words=None).background_words == ""
+    assert parse(background_words=" , ,").background_words == ""  # no phrase in it: none given
+    assert parse(background_words="forest").to_dict(only_changed=True) == {"background_words": "forest"}
+    rejects(r"^background_words: expected text, got 3$", background_words=3)
+    with pytest.raises(ValueError, match=r"^background_words: expected text, got \['forest'\]$"):
+        FreeFuseArgs(background_words=["forest"])
+
+
 def test_empty_dict_gives_the_defaults_and_defaults_give_an_empty_changed_dict():
     assert FreeFuseArgs.from_dict({}) == FreeFuseArgs()
     assert FreeFuseArgs().to_dict(only_changed=True) == {}
@@ -108,6 +120,7 @@ def changed_everywhere() -> FreeFuseArgs:
         text_loras="own_words",
         attention_bias=5.0,
         average_steps=not FreeFuseArgs().average_steps,
+        background_words="misty forest, night sky",
         sink_filter=False,
         sink_top_fraction=0.02,
         edge_width=2,

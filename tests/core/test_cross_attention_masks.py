@@ -11,12 +11,12 @@ import torch
 
 from lib_freefuse.core import MaskConfig, extract_cross_masks
 from lib_freefuse.core.attention import cross_attention_columns
-from lib_freefuse.core.masks import cross_score_maps
+from lib_freefuse.core.masks import BACKGROUND_SCALE, cross_background_map, cross_score_maps
 
 try:  # tests/core as a package
-    from .planted_scenes import GEOMETRY_SCENES, mean_iou
+    from .planted_scenes import BACKGROUND_PHRASE, GEOMETRY_SCENES, background_scene, mean_iou
 except ImportError:  # tests/core as a plain directory on sys.path
-    from planted_scenes import GEOMETRY_SCENES, mean_iou
+    from planted_scenes import BACKGROUND_PHRASE, GEOMETRY_SCENES, background_scene, mean_iou
 
 pytestmark = pytest.mark.core
 
@@ -169,3 +169,63 @@ def test_planted_scenes_through_a_cross_attention(name, seed):
     iou = mean_iou(pooled, scene)
     assert iou >= 0.85, f"{name} (seed {seed}): mean IoU {iou:.3f}"
     assert np.isfinite(iou)
+
+
+@pytest.mark.parametrize("sink_filter", [True, False])
+def test_cross_background_map_is_the_background_columns_excess_over_the_even_share(tensors, sink_filter):
+    config = MaskConfig(background="tokens", sink_filter=sink_filter)
+    rows = [9, 4]
+    probs = naive_probabilities(tensors["image_q"], tensors["text_k"])  # (N, T)
+    cross = (probs / probs.sum(dim=0, keepdim=True)).T  # (T, N)
+    if sink_filter:
+        cross = naive_sink_filter(cross, naive_edge(config.edge_width), config.sink_top_fraction)
+    mean = cross[rows].mean(dim=0)
+    expected = torch.tensor([max(0.0, float(v) - 1.0 / N_IMG) * BACKGROUND_SCALE for v in mean], dtype=torch.float64)
+    got = cross_background_map(tensors["image_q"], tensors["text_k"], rows, GRID, config)
+    assert got.shape == (N_IMG,) and bool((got == 0).any()) and bool((got > 0).any())
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_cross_masks_without_vote_give_what_the_background_wins_to_nobody(tensors):
+    """Without the vote each token goes to the largest of the subjects' maps and the background map (class L)."""
+    config = MaskConfig(superpixel_vote=False, background="tokens")
+    masks = extract_cross_masks(**tensors, subject_tokens=GROUPS, grid_hw=GRID, config=config, background_tokens=[9])
+    maps = naive_cross_maps(tensors, config)
+    background = cross_background_map(tensors["image_q"], tensors["text_k"], [9], GRID, config).double()
+    owner = torch.cat([maps, background[None]]).argmax(dim=0).view(*GRID)
+    expected = torch.stack([(owner == l).float() for l in range(len(GROUPS))])
+    assert bool((owner == len(GROUPS)).any()), "the test's background wins no token: it checks nothing"
+    torch.testing.assert_close(masks, expected)
+
+
+def test_cross_masks_need_background_positions_for_background_tokens(tensors):
+    config = MaskConfig(superpixel_vote=False, background="tokens")
+    with pytest.raises(ValueError, match="^background_tokens: background is 'tokens' but no background token"):
+        extract_cross_masks(**tensors, subject_tokens=GROUPS, grid_hw=GRID, config=config)
+    with pytest.raises(ValueError, match=r"^background_tokens: position 12 is outside the text tokens \[0, 12\)"):
+        extract_cross_masks(**tensors, subject_tokens=GROUPS, grid_hw=GRID, config=config, background_tokens=[12])
+
+
+@pytest.mark.parametrize("seed", (0, 1, 2))
+def test_a_background_phrase_keeps_the_background_free_through_a_cross_attention(seed):
+    """SDXL's case: the planted background scene read through a cross-attention, its background named by a phrase.
+    Without a background class the two figures' masks take the background and the object too; with the phrase's
+    words as the background, each mask is close to its figure."""
+    scene = background_scene(seed, end_of_text=BACKGROUND_PHRASE)
+    h, w = scene.grid_hw
+    n_text = scene.q.shape[1] - h * w
+    inputs = (scene.k[:, n_text:], scene.q[:, :n_text], scene.q[:, n_text:], scene.k[:, n_text:])
+    iou = {}
+    for background in ("off", "tokens"):
+        masks = extract_cross_masks(
+            *inputs,
+            scene.subject_tokens,
+            scene.grid_hw,
+            scene.image,
+            MaskConfig(background=background),
+            background_tokens=scene.background_tokens if background == "tokens" else (),
+        )
+        iou[background] = mean_iou(masks, scene)
+    assert len(scene.background_tokens) == 2
+    assert iou["off"] < 0.6, iou
+    assert iou["tokens"] >= 0.9, iou

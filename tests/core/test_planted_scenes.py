@@ -26,22 +26,26 @@ from lib_freefuse.core.attention import edge_tokens, mean_attention_rows
 try:  # tests/core as a package
     from .planted_scenes import (
         ABLATION_SCENES,
+        BACKGROUND_PHRASE,
         END_OF_TEXT,
         FAILURE_SCENES,
         GEOMETRY_SCENES,
         PHOTOS,
         Scene,
+        background_scene,
         collage,
         mean_iou,
     )
 except ImportError:  # tests/core as a plain directory on sys.path (pytest's default rootdir-less import)
     from planted_scenes import (
         ABLATION_SCENES,
+        BACKGROUND_PHRASE,
         END_OF_TEXT,
         FAILURE_SCENES,
         GEOMETRY_SCENES,
         PHOTOS,
         Scene,
+        background_scene,
         collage,
         mean_iou,
     )
@@ -237,6 +241,22 @@ def test_remedies_make_no_scene_worse(name: str) -> None:
     assert remedied >= today - 0.002, f"{name}: mean IoU {remedied:.3f} with all remedies, {today:.3f} today"
     if name == "background":
         assert mean_over(name, REGRESSION_SEEDS, ALL_ON_THRESHOLD) >= 0.9
+
+
+def test_a_background_phrase_frees_the_background_scene() -> None:
+    """The user's background words (background "tokens" with the phrase's positions, not the end-of-text token) take
+    the background scene to the goal, alone and with the other remedies, on every seed."""
+    ious = {}
+    for label, config in (("paper", MaskConfig()), ("phrase", REMEDIES["background"]), ("all on", ALL_ON)):
+        ious[label] = []
+        for seed in FAILURE_SEEDS:
+            scene = background_scene(seed, end_of_text=BACKGROUND_PHRASE)
+            tokens = scene.background_tokens if config.background == "tokens" else ()
+            masks = extract_masks(scene.q, scene.k, scene.subject_tokens, scene.grid_hw, scene.image, config, tokens)
+            ious[label].append(mean_iou(masks, scene))
+    assert len(scene.background_tokens) == 2 and float(np.mean(ious["paper"])) <= 0.6, ious
+    for label in ("phrase", "all on"):
+        assert float(np.mean(ious[label])) >= GOAL and min(ious[label]) >= GOAL - 0.01, ious
 
 
 def test_remedy_table() -> None:

@@ -1,7 +1,8 @@
 """Background "tokens" through the webui hook's path (processing.start_run, tier "forge"): the host's own T5 engine
 names the end-of-text token whose attention is the background class, and a family without one (SDXL's
-cross-attention) says so and keeps the background free by the threshold instead. Only the LoRA extension's name
-lookup (`networks`) is a stand-in."""
+cross-attention) says so and keeps the background free by the threshold instead. The user's background words, where
+given, are the background class instead, found by the host's engine as a subject's words are (FLUX.1 and SDXL).
+Only the LoRA extension's name lookup (`networks`) is a stand-in."""
 
 from __future__ import annotations
 
@@ -95,3 +96,91 @@ def test_the_other_background_settings_pass_unchanged(forge, forge_root, tiny_un
     p, args, _, _ = flux_job(forge, forge_root, tiny_unet, monkeypatch, [PROMPT], background=background)
     job = start_run(p, args, torch.zeros(1, 16, *LATENT))
     assert job.plan.mask_config.background == background and job.plan.background_positions == ()
+
+
+def piece_positions(engine, prompt: str, phrase: str) -> tuple[int, ...]:
+    """Where the words of `phrase` (each one T5 piece, "▁word") sit in the pieces of `prompt` (emphasis parsed
+    away), counted by hand."""
+    plain = prompt.replace("(", "").replace(":1.2)", "")
+    pieces = engine.tokenizer.convert_ids_to_tokens(engine.tokenizer(plain, add_special_tokens=False).input_ids)
+    wanted = ["▁" + word for word in phrase.split()]
+    for start in range(len(pieces) - len(wanted) + 1):
+        if pieces[start : start + len(wanted)] == wanted:
+            return tuple(range(start, start + len(wanted)))
+    raise AssertionError(f"{phrase!r} not in {pieces}")
+
+
+def test_background_words_are_the_background_class_instead_of_the_end_of_text(
+    forge, forge_root, tiny_unet, monkeypatch
+):
+    prompts = [PROMPT, "a starry sky over " + PROMPT]
+    p, args, _, engine = flux_job(
+        forge, forge_root, tiny_unet, monkeypatch, prompts, background="tokens", background_words="hall"
+    )
+    seen = []
+    real = job_module.extract_masks
+
+    def recording(q, k, words, grid_hw, image, config, background_tokens=(), earlier_maps=()):
+        seen.append(tuple(background_tokens))
+        return real(q, k, words, grid_hw, image, config, background_tokens, earlier_maps)
+
+    monkeypatch.setattr(job_module, "extract_masks", recording)
+    job = start_run(p, args, torch.zeros(2, 16, *LATENT))
+    assert job is not None and p.freefuse_state.warnings == []
+    expected = tuple(piece_positions(engine, prompt, "hall") for prompt in prompts)
+    assert job.plan.background_positions == expected and job.plan.mask_config.background == "tokens"
+    assert expected[1][0] > expected[0][0]  # each image's own positions: the second prompt is longer before them
+    for image, background in zip(job.plan.word_positions, expected, strict=True):
+        assert not {t for subject in image for t in subject} & set(background)
+    out = forge.sample(p.sd_model.forge_objects.unet, steps=4, batch=2, cond=forge.conditions(2, job.plan.text_length),
+                       latent_hw=LATENT)  # fmt: skip
+    assert torch.isfinite(out).all() and job.failure is None and seen == list(expected)
+
+
+def test_background_words_missing_from_the_prompt_are_named_and_the_threshold_used(
+    forge, forge_root, tiny_unet, monkeypatch
+):
+    p, args, _, _ = flux_job(
+        forge, forge_root, tiny_unet, monkeypatch, [PROMPT], background="tokens", background_words="misty forest"
+    )
+    job = start_run(p, args, torch.zeros(1, 16, *LATENT))
+    assert job is not None and job.plan.background_positions == () and job.plan.mask_config.background == "threshold"
+    assert p.freefuse_state.warnings == [
+        "the background words (misty forest) are not in the prompt: places where no subject scores high stay free "
+        "instead"
+    ]
+
+
+def test_background_words_with_another_background_setting_are_named_and_left_out(
+    forge, forge_root, tiny_unet, monkeypatch
+):
+    p, args, _, _ = flux_job(forge, forge_root, tiny_unet, monkeypatch, [PROMPT], background_words="hall")
+    job = start_run(p, args, torch.zeros(1, 16, *LATENT))
+    assert job is not None and job.plan.background_positions == () and job.plan.mask_config.background == "off"
+    assert p.freefuse_state.warnings == [
+        "the background words (hall) count only when places no subject claims 'Stay free where the background "
+        "words look': made without them"
+    ]
+
+
+def test_sdxl_reads_background_words_through_its_cross_attention(forge, forge_root, monkeypatch):
+    unet = sdxl_env.make_sdxl_patcher(forge, sdxl_env.make_tiny_sdxl(forge))
+    try:
+        p, args, _ = sdxl_job(forge, forge_root, unet, monkeypatch, background="tokens", background_words="a hall")
+        seen = []
+        real = job_module.extract_cross_masks
+
+        def recording(*args, **kwargs):
+            seen.append((args[7].background, tuple(args[10])))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(job_module, "extract_cross_masks", recording)
+        job = start_run(p, args, torch.zeros(1, 4, *SDXL_LATENT))
+        assert job is not None and p.freefuse_state.warnings == []
+        # CLIP: BOS, "zorbo" in two pieces, "the knight and quill the wizard in" -> "a hall" at 10, 11
+        assert job.plan.background_positions == ((10, 11),) and job.plan.mask_config.background == "tokens"
+        out = sdxl_env.sample(forge, p.sd_model.forge_objects.unet, steps=4, cfg_scale=3.0, latent_hw=SDXL_LATENT)
+        assert torch.isfinite(out).all() and job.failure is None and job.capture_count == 1
+        assert seen == [("tokens", (10, 11))]
+    finally:
+        forge.unload(unet)

@@ -1,12 +1,12 @@
 // FreeFuse in Forge's page: (a) a live hint under each subject's activation words: a half-filled row (a LoRA without
 // words, words without a LoRA), else the phrases that are not in the prompt; (b) while the FreeFuse accordion is
 // open, a click on a LoRA card puts that LoRA into the first subject row without one (its words come from its
-// metadata, or the hint asks for them); (c) the Lora tab's refresh also refreshes the rows' LoRA lists; (d) the
+// metadata, or the hint asks for them), and the same hint under the background words; (c) the Lora tab's refresh also refreshes the rows' LoRA lists; (d) the
 // dropdowns' empty choice is not listed; (e) two subject rows show at first: "Add subject" shows one more, and a
 // row holding a LoRA or words always shows (pasted parameters, Fill from prompt, a card click). Element ids match
 // scripts/freefuse.py ui(): freefuse-{tab}, freefuse-{tab}-subject-{i}, freefuse-{tab}-lora-{i},
-// freefuse-{tab}-words-{i}, freefuse-{tab}-add-subject, freefuse-{tab}-reread-loras; this file adds
-// freefuse-{tab}-missing-{i}.
+// freefuse-{tab}-words-{i}, freefuse-{tab}-add-subject, freefuse-{tab}-reread-loras, freefuse-{tab}-background-words;
+// this file adds freefuse-{tab}-missing-{i} and freefuse-{tab}-missing-background.
 (function() {
     "use strict";
 
@@ -73,9 +73,13 @@
 
     /** The warning element of row i, created at the end of the words block on first use. */
     function warning(tab, i) {
-        const id = `freefuse-${tab}-missing-${i}`;
+        return hint(`freefuse-${tab}-missing-${i}`, `freefuse-${tab}-words-${i}`);
+    }
+
+    /** The hint element `id`, created at the end of the block `blockId` on first use. */
+    function hint(id, blockId) {
         let element = app().querySelector("#" + id);
-        const block = app().querySelector(`#freefuse-${tab}-words-${i}`);
+        const block = app().querySelector("#" + blockId);
         if (!element && block) {
             element = document.createElement("div");
             element.id = id;
@@ -131,7 +135,9 @@
             words.push(box ? box.value : "");
             loras.push(lora ? lora.value.trim() : "");
         }
-        const seen = JSON.stringify([prompt.value, words, loras, added[tab] || 0]);
+        const backgroundBox = field(`freefuse-${tab}-background-words`);
+        const background = backgroundBox ? backgroundBox.value : "";
+        const seen = JSON.stringify([prompt.value, words, loras, background, added[tab] || 0]);
         if (lastSeen[tab] === seen) return;
         lastSeen[tab] = seen;
         showRows(tab, words, loras);
@@ -143,10 +149,18 @@
             let message = missing.length ? "Not in the prompt: " + missing.join(", ") : "";
             if (loras[i] && !phrases) message = NO_WORDS;
             if (!loras[i] && phrases) message = NO_LORA;
-            // Write only what changed: every write is a DOM mutation, and mutations call onAfterUiUpdate again.
-            if (element.textContent !== message) element.textContent = message;
-            if (element.hidden !== !message) element.hidden = !message;
+            show(element, message);
         });
+        const missing = missingPhrases(prompt.value, background);
+        const element = hint(`freefuse-${tab}-missing-background`, `freefuse-${tab}-background-words`);
+        if (element) show(element, missing.length ? "Not in the prompt: " + missing.join(", ") : "");
+    }
+
+    /** Write a hint's message, hidden when empty: only what changed, since every write is a DOM mutation and
+     * mutations call onAfterUiUpdate again. */
+    function show(element, message) {
+        if (element.textContent !== message) element.textContent = message;
+        if (element.hidden !== !message) element.hidden = !message;
     }
 
     function isOpen(tab) {

@@ -315,8 +315,8 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
     FieldHelp(
         "background_words",
         "Background words",
-        'Words of the prompt that describe the background (commas separate phrases). With "Stay free where the '
-        "background words look\", where they look gets no subject LoRA; empty: where the prompt's end looks.",
+        'Words of the prompt that describe the background (commas separate phrases). With the choice "Stay free '
+        "where background words look\", where they look gets no subject LoRA; empty: where the prompt's end looks.",
     ),
     FieldHelp(
         "sink_filter",
@@ -378,7 +378,7 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
         (
             "Go to some subject (default)",
             "Stay free where no subject scores high",
-            "Stay free where the background words look",
+            "Stay free where background words look",
         ),
     ),
     FieldHelp(

@@ -50,7 +50,7 @@ test("a card's LoRA name: the alias in its onclick, else data-name", () => {
 });
 
 /** A fake page: a prompt and four FreeFuse rows of one tab, found by querySelector("#id"). */
-function fakePage(prompt, rows) {
+function fakePage(prompt, rows, background = null) {
     const blocks = {};
     const element = (value) => {
         const children = [];
@@ -73,6 +73,7 @@ function fakePage(prompt, rows) {
         blocks[`freefuse-txt2img-subject-${i}`] = element("");
     });
     blocks["freefuse-txt2img-add-subject"] = element("");
+    if (background !== null) block("freefuse-txt2img-background-words", background);
     const root = {querySelector: (selector) => blocks[selector.replace(/^#/, "").replace(/ textarea$/, "")] || null};
     return {blocks, globals: {gradioApp: () => root, document: {createElement: () => element("")}}};
 }
@@ -85,6 +86,22 @@ test("refresh: a warning element per row, listing only what is missing", () => {
     assert.equal(page.blocks["freefuse-txt2img-missing-1"].hidden, false);
     assert.equal(page.blocks["freefuse-txt2img-missing-1"].textContent, "Not in the prompt: daiyu lin");
     assert.equal(page.blocks["freefuse-txt2img-missing-2"].hidden, true);
+});
+
+test("refresh: the background words get the same hint, under their own box", () => {
+    const rows = [["harry", "harry potter"], ["", ""], ["", ""], ["", ""]];
+    let page = fakePage("Harry Potter in a misty forest", rows, "misty forest, night sky");
+    load(page.globals).refresh("txt2img");
+    assert.equal(page.blocks["freefuse-txt2img-missing-background"].hidden, false);
+    assert.equal(page.blocks["freefuse-txt2img-missing-background"].textContent, "Not in the prompt: night sky");
+    assert.deepEqual(page.blocks["freefuse-txt2img-background-words"].children.map((c) => c.id),
+        ["freefuse-txt2img-missing-background"]);
+    page = fakePage("Harry Potter in a misty forest", rows, "misty forest");
+    load(page.globals).refresh("txt2img");
+    assert.equal(page.blocks["freefuse-txt2img-missing-background"].hidden, true);
+    page = fakePage("Harry Potter", rows);  // a page without the box (an older accordion): no hint, no error
+    load(page.globals).refresh("txt2img");
+    assert.equal(page.blocks["freefuse-txt2img-missing-background"], undefined);
 });
 
 test("addLora: the first row without a LoRA, once per LoRA", () => {

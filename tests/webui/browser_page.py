@@ -263,8 +263,9 @@ class Page:
         """The element's box on screen: top, bottom, left, right, height."""
         return self.js("return document.querySelector(arguments[0]).getBoundingClientRect().toJSON();", css)
 
-    def missing(self, row: int) -> str:
-        """The text of freefuse.js's live warning under a row's words; "" when hidden or absent."""
+    def missing(self, row: int | str) -> str:
+        """The text of freefuse.js's live warning under a row's words (row "background": under the background
+        words); "" when hidden or absent."""
         return self.js(
             "const e = document.getElementById(arguments[0]); return e && !e.hidden ? e.textContent : '';",
             f"{FF}-missing-{row}",

@@ -25,6 +25,7 @@ PROMPT = "a photo of a cat and a dog in a garden <lora:tiny_lora_a:0.8> <lora:ti
 # javascript/freefuse.js's hints under a half-filled row
 NO_WORDS = "No activation words: this row acts as an ordinary LoRA until you type its subject's words"
 NO_LORA = "No LoRA: these words bind nothing until you pick one"
+BACKGROUND_WORDS = f"#{FF}-background-words input, #{FF}-background-words textarea"  # a one-line Textbox
 
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=MISSING)  # before the webui fixture starts a server
 
@@ -149,6 +150,14 @@ def _run(page: Page, webui) -> None:
     page.number(f"{FF}-capture-block", 1)
     page.open_accordion(f"{FF}-loras")
     page.choose(f"{FF}-text-loras", "Own words only")
+    # the background named by words of the prompt: a phrase the prompt lacks is named live under their box
+    page.open_accordion(f"{FF}-recipe")
+    page.choose(f"{FF}-background", "Stay free where background words look")
+    page.type_into(BACKGROUND_WORDS, "misty forest")
+    page.wait(lambda d: page.missing("background") == "Not in the prompt: misty forest", "the background words' hint")
+    page.shot("background-words-missing")
+    page.type_into(BACKGROUND_WORDS, "garden")
+    page.wait(lambda d: page.missing("background") == "", "the background words' hint to go")
     _assert_accordion(page, BINDINGS, "1", True)
     # a half-filled third row (a LoRA, no words yet), added with "Add subject": its hint says so, and it must not
     # cost the job
@@ -189,6 +198,8 @@ def _run(page: Page, webui) -> None:
         "FreeFuse capture block: 1",
         "FreeFuse show masks: True",
         "FreeFuse text loras: own_words",  # the stored value of the plain label "Own words only"
+        "FreeFuse background: tokens",
+        "FreeFuse background words: garden",
         "FreeFuse coverage:",
         # the half-filled row, numbered as on screen, is the job's one warning
         'FreeFuse warnings: "row 3 (c_new): no activation words: it acts as an ordinary LoRA"',
@@ -238,6 +249,8 @@ def _run(page: Page, webui) -> None:
     page.wait_value(f"#{TAB}_steps input[type=number]", "6")
     page.wait_value(f"#{FF}-capture-block input[type=number]", "1")
     page.wait_value(f"#{FF}-text-loras input", "Own words only")  # the pasted own_words, shown by its label
+    page.wait_value(BACKGROUND_WORDS, "garden")
+    page.wait_value(f"#{FF}-background input", "Stay free where background words look")
     page.open_accordion(f"{FF}-timing")
     _assert_accordion(page, BINDINGS, "1", True)
     if webui.neo:  # this Neo release leaves the pasted text in the prompt box (classic replaces it with the prompt)

@@ -242,6 +242,27 @@ def test_average_steps_runs_changes_the_masks_and_is_recorded(webui):
     assert webui.log().count("FreeFuse: masks made at step 3") >= 2
 
 
+def test_background_words_free_the_background_and_are_recorded(webui):
+    """Background words through the API: "garden" is the background class (token-wise masks on a 128 px image), so
+    the two subjects' masks no longer cover the whole image, unlike the same job without a background; the infotext
+    records the words. Words the prompt lacks are named in the warnings, and the image is still made."""
+    job = dict(capture_step=3, superpixel_vote=False)
+    size = dict(steps=6, width=128, height=128)
+    paper = webui.txt2img(tagged(webui), **size, alwayson_scripts=freefuse(webui, **job))
+    result = webui.txt2img(
+        tagged(webui), **size, alwayson_scripts=freefuse(webui, **job, background="tokens", background_words="garden")
+    )
+    assert "FreeFuse warnings" not in result.infotext, result.infotext
+    assert "FreeFuse background: tokens" in result.infotext and "FreeFuse background words: garden" in result.infotext
+    assert sum(p for percents in infotext_coverage(paper.infotext).values() for p in percents) >= 99.9
+    assert sum(p for percents in infotext_coverage(result.infotext).values() for p in percents) < 99.9
+    missing = webui.txt2img(
+        tagged(webui), **size, alwayson_scripts=freefuse(webui, **job, background="tokens", background_words="forest")
+    )
+    assert len(missing.images) == 1 and "FreeFuse coverage" in missing.infotext
+    assert "the background words (forest) are not in the prompt" in missing.infotext, missing.infotext
+
+
 def _rgb(image) -> bytes:
     """The RGB bytes of a decoded PNG (classic Forge can hide the parameters in a saved file's alpha channel)."""
     if image.channels == 3:

@@ -140,12 +140,13 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
     if note := args.capture_step_note(steps):
         state.warn(note)
     previous = state.masks if is_hr and args.hires_masks == "reuse" else None
-    background = _background_positions(p, prompts, family, args, state)
+    word_positions = tuple(tuple(words[s.lora][b] for s in subjects) for b in range(len(prompts)))
+    background = _apart_from_subjects(_background_positions(p, prompts, family, args, state), word_positions, state)
     mask_config = args.mask
     if args.mask.background == "tokens" and not background:
         mask_config = replace(args.mask, background="threshold")
     plan = JobPlan(
-        word_positions=tuple(tuple(words[s.lora][b] for s in subjects) for b in range(len(prompts))),
+        word_positions=word_positions,
         text_length=text_length,
         capture_step=capture - 1,
         mask_config=mask_config,
@@ -235,6 +236,26 @@ def _background_positions(p, prompts: list[str], family: Family, args: FreeFuseA
         chunks, _ = engine.tokenize_line(prompt)
         positions.append((chunks[0].tokens.index(end),))  # every T5 chunk ends its pieces with it
     return tuple(positions)
+
+
+def _apart_from_subjects(background: tuple, word_positions: tuple, state: RunState) -> tuple:
+    """[image] -> the background positions that are no subject's words (a shared token counts for its subject, and
+    is named); () with a warning (the job uses "threshold" instead) when none is left."""
+    if not background:
+        return background
+    kept = []
+    for positions, subjects in zip(background, word_positions, strict=True):
+        taken = {t for subject in subjects for t in subject}
+        kept.append(tuple(t for t in positions if t not in taken))
+    if all(kept) and kept == list(background):
+        return background
+    if not all(kept):
+        state.warn(
+            "the background words are a subject's own words: places where no subject scores high stay free instead"
+        )
+        return ()
+    state.warn("some background words are also a subject's words: they count for the subject only")
+    return tuple(kept)
 
 
 def _distinct_rows(subjects, state: RunState) -> list:

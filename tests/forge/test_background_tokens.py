@@ -184,3 +184,26 @@ def test_sdxl_reads_background_words_through_its_cross_attention(forge, forge_ro
         assert seen == [("tokens", (10, 11))]
     finally:
         forge.unload(unet)
+
+
+@pytest.mark.parametrize(
+    ("words", "warning", "kept"),
+    [
+        ("the knight", "the background words are a subject's own words: places where no subject scores high stay "
+         "free instead", False),
+        ("knight, hall", "some background words are also a subject's words: they count for the subject only", True),
+    ],
+)  # fmt: skip
+def test_background_words_that_are_a_subjects_words_count_for_the_subject(
+    forge, forge_root, tiny_unet, monkeypatch, words, warning, kept
+):
+    p, args, _, engine = flux_job(
+        forge, forge_root, tiny_unet, monkeypatch, [PROMPT], background="tokens", background_words=words
+    )
+    job = start_run(p, args, torch.zeros(1, 16, *LATENT))
+    assert job is not None and p.freefuse_state.warnings == [warning]
+    if kept:
+        assert job.plan.background_positions == (piece_positions(engine, PROMPT, "hall"),)
+        assert job.plan.mask_config.background == "tokens"
+    else:
+        assert job.plan.background_positions == () and job.plan.mask_config.background == "threshold"

@@ -221,6 +221,7 @@ def table_row(scores: dict[str, list[dict]]) -> dict:
     row["identity_P2"] = interval([s["identity"] for s in scores["P2"]])[0]
     row["images"] = len(every)
     row["identity_values"] = [s["identity"] for s in every]  # per image, in seed order: paired across configurations
+    row["both_right_values"] = [s["both_right"] for s in every]
     return row
 
 
@@ -297,11 +298,13 @@ def print_results(rows: dict, iou: dict, iou_seeds: int, blocks: int) -> None:
     """The table, each configuration's share of its oracle's gain (SHARES) with its interval, and the IoU table."""
     print(format_table(rows))
     for name, oracle in SHARES:
-        share = oracle_share(rows, name, oracle)
-        if share is not None:
-            bounds = oracle_share_interval(rows, name, oracle)
-            spread = f" (95% bootstrap interval {bounds[0]:.0%} to {bounds[1]:.0%})" if bounds else ""
-            print(f"\n{name.strip()}: {share:.0%} of the identity gain of '{oracle}' over merged use{spread}")
+        for metric in SHARE_METRICS:
+            share = oracle_share(rows, name, oracle, metric)
+            if share is not None:
+                bounds = oracle_share_interval(rows, name, oracle, metric)
+                spread = f" (95% bootstrap interval {bounds[0]:.0%} to {bounds[1]:.0%})" if bounds else ""
+                what = metric.replace("_", " ")
+                print(f"\n{name.strip()}: {share:.0%} of the {what} gain of '{oracle}' over merged use{spread}")
     if iou:
         print_iou(iou, iou_seeds, blocks)
 
@@ -331,19 +334,25 @@ SHARES = (
 )
 
 
-def oracle_share(rows: dict, name: str, oracle: str) -> float | None:
-    merged = rows.get("both merged", {}).get("identity", (None,))[0]
+SHARE_METRICS = ("identity", "both_right")  # the oracle's gain is shared out on both (issue 17)
+
+
+def oracle_share(rows: dict, name: str, oracle: str, metric: str = "identity") -> float | None:
+    """(configuration - merged) / (oracle - merged) of `metric`'s mean; None without those rows or a gain."""
+    merged = rows.get("both merged", {}).get(metric, (None,))[0]
     if merged is None or name not in rows or oracle not in rows:
         return None
-    gain = rows[oracle]["identity"][0] - merged
-    return (rows[name]["identity"][0] - merged) / gain if gain > 0 else None
+    gain = rows[oracle][metric][0] - merged
+    return (rows[name][metric][0] - merged) / gain if gain > 0 else None
 
 
-def oracle_share_interval(rows: dict, name: str, oracle: str, draws: int = 4000) -> tuple[float, float] | None:
+def oracle_share_interval(
+    rows: dict, name: str, oracle: str, metric: str = "identity", draws: int = 4000
+) -> tuple[float, float] | None:
     """95% percentile-bootstrap interval of oracle_share: the same images (seed, prompt) resampled in all three
     configurations at once, since every configuration scores the same seeds."""
     try:
-        values = np.array([rows[n]["identity_values"] for n in ("both merged", name, oracle)], dtype=np.float64)
+        values = np.array([rows[n][f"{metric}_values"] for n in ("both merged", name, oracle)], dtype=np.float64)
     except KeyError:
         return None
     picks = np.random.default_rng(0).integers(values.shape[1], size=(draws, values.shape[1]))

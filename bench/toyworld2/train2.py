@@ -54,6 +54,9 @@ def main(argv=None) -> None:
     parser.add_argument("--lora-lr", type=float, help="override each LoRA's learning rate")
     parser.add_argument("--resume", type=Path, help="a folder with transformer.safetensors: LoRAs only")
     parser.add_argument("--characters", default=",".join(world.CHARACTERS), help="which LoRAs to train")
+    parser.add_argument(
+        "--image-only", default="", help="characters whose LoRA leaves out the text-stream layers (as world 1's)"
+    )
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     for key in ("base_steps", "lora_steps", "lora_lr"):
@@ -97,7 +100,8 @@ def main(argv=None) -> None:
         state = {k: v.float().contiguous() for k, v in base.state_dict().items()}
         save_file(state, str(args.out / "transformer.safetensors"))
     for name in args.characters.split(","):
-        lora = train.train_lora(base, name, latents[name], cap_idx[name], cond, cfg, log, gen, text_stream=True)
+        text_stream = name not in args.image_only.split(",")
+        lora = train.train_lora(base, name, latents[name], cap_idx[name], cond, cfg, log, gen, text_stream=text_stream)
         save_file(lora, str(args.out / f"toy2_{name}.safetensors"), metadata={"ss_network_dim": str(train.LORA_RANK)})
     log.data["total_seconds"] = round(time.perf_counter() - started, 1)
     log.path.write_text(__import__("json").dumps(log.data, indent=1))

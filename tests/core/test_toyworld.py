@@ -249,14 +249,16 @@ def test_word_maps_split_iou_and_lora_merge(tmp_path):
     assert torch.allclose(model.double_blocks[0].img_attn.qkv.weight, before + up @ down)
 
 
-def test_oracle_share_and_its_bootstrap_interval():
-    """benchmark.py: FreeFuse's share of the oracle's gain over merged use, with a paired bootstrap interval that
-    holds the point estimate, narrows with more images, and is absent when there is no gain to share."""
+@pytest.mark.parametrize("metric", ["identity", "both_right"])
+def test_oracle_share_and_its_bootstrap_interval(metric):
+    """benchmark.py: FreeFuse's share of the oracle's gain over merged use (in identity, and in both right), with a
+    paired bootstrap interval that holds the point estimate, narrows with more images, and is absent when there is
+    no gain to share."""
     import benchmark
 
     def rows(merged, own, oracle):
         return {
-            name: {"identity": (float(np.mean(v)), 0.0), "identity_values": list(v)}
+            name: {metric: (float(np.mean(v)), 0.0), f"{metric}_values": list(v)}
             for name, v in (("both merged", merged), ("FreeFuse", own), ("oracle", oracle))
         }
 
@@ -265,11 +267,12 @@ def test_oracle_share_and_its_bootstrap_interval():
         oracle = rng.choice([0.0, 0.5, 1.0], size=n, p=[0.4, 0.4, 0.2])
         own = np.where(rng.random(n) < 0.5, oracle, 0.0)  # each oracle success kept with probability 1/2
         table = rows(np.zeros(n), own, oracle)
-        share = benchmark.oracle_share(table, "FreeFuse", "oracle")
-        low, high = benchmark.oracle_share_interval(table, "FreeFuse", "oracle")
+        share = benchmark.oracle_share(table, "FreeFuse", "oracle", metric)
+        low, high = benchmark.oracle_share_interval(table, "FreeFuse", "oracle", metric)
         assert low < share < high and low < 0.5 < high
         assert (high - low) < (0.5 if n == 64 else 0.12)
-    assert benchmark.oracle_share_interval(rows(np.zeros(8), np.zeros(8), np.zeros(8)), "FreeFuse", "oracle") is None
+    empty = rows(np.zeros(8), np.zeros(8), np.zeros(8))
+    assert benchmark.oracle_share_interval(empty, "FreeFuse", "oracle", metric) is None
 
 
 def test_load_conditioning_picks_the_rows_of_the_captions_asked_for(tmp_path):

@@ -355,7 +355,7 @@ def _where(index: int, after_break: set[int], family: Family | None) -> str:
 
 def _background_words(p, prompts: list[str], family: Family, words: str, state: RunState) -> tuple:
     """[image] -> the text positions of the background words, found as a subject's are; () with a warning (the job
-    keeps the background free by the threshold instead) when they are in no prompt."""
+    keeps the background free by the threshold instead) when a prompt holds none of them."""
     per_image, _, after_break = _search_words(p, prompts, [words], family)
     results = [image[0] for image in per_image]
     if not all(r.found for r in results):

@@ -210,11 +210,7 @@ def cross_score_maps(
     Eq. 5 is read from the cross-attention's probabilities (cross_attention_columns), or with "image_queries" as
     softmax over the image of k_t q_img^T; Eq. 9-10 from the same block's image self-attention (self_q, self_k)."""
     used_rows = sorted({i for group in groups for i in group})
-    if config.cross_attention == "image_queries":
-        cross = mean_attention_rows(text_k[:, used_rows], image_q)  # (R, N): softmax over the image tokens
-    else:
-        cross = cross_attention_columns(image_q, text_k, used_rows)  # (R, N): the model's probabilities
-    cross, sinks = _sink_filtered(cross, grid_hw, config)  # Eq. 6-7
+    cross, sinks = _sink_filtered(_cross_block_rows(image_q, text_k, used_rows, config), grid_hw, config)  # Eq. 5-7
     return _refined_maps(cross, sinks, used_rows, groups, self_q, self_k, config)
 
 
@@ -259,8 +255,7 @@ def background_score_map(
     0.95-1.0 fell to 0.70-0.88 with the authors' unshifted map times 0.95). No self-attention step (Eq. 9-10): the
     top 1% tokens would be one patch of the background, whose self-attention leaves out the rest of it."""
     cross, _ = _filtered_cross_rows(q, k, sorted(set(rows)), grid_hw, config, n_text)
-    above_even = (cross.mean(dim=0) - 1.0 / cross.shape[1]).clamp_min_(0.0)
-    return above_even.mul_(scale)
+    return _above_even(cross, scale)
 
 
 def cross_background_map(
@@ -275,14 +270,20 @@ def cross_background_map(
     """background_score_map read from a cross-attention block, (h*w,) float32: the background tokens' mean column
     of the model's probabilities (Eq. 5 as cross_score_maps reads it, Eq. 6-8), its excess over 1 / (h*w), times
     `scale`. image_q: (H, N, D), text_k: (H, T, D); rows: text positions in [0, T)."""
-    rows = sorted(set(rows))
+    cross, _ = _sink_filtered(_cross_block_rows(image_q, text_k, sorted(set(rows)), config), grid_hw, config)
+    return _above_even(cross, scale)
+
+
+def _above_even(cross: torch.Tensor, scale: float) -> torch.Tensor:
+    """(R, N) rows over the image tokens -> their mean's excess over the even share 1 / N, times scale: (N,)."""
+    return (cross.mean(dim=0) - 1.0 / cross.shape[1]).clamp_min_(0.0).mul_(scale)
+
+
+def _cross_block_rows(image_q: torch.Tensor, text_k: torch.Tensor, rows: list[int], config: MaskConfig) -> torch.Tensor:
+    """Eq. 5 from a cross-attention block for the given text rows: (R, N), each a distribution over the image."""
     if config.cross_attention == "image_queries":
-        cross = mean_attention_rows(text_k[:, rows], image_q)  # (R, N): softmax over the image tokens
-    else:
-        cross = cross_attention_columns(image_q, text_k, rows)  # (R, N): the model's probabilities
-    cross, _ = _sink_filtered(cross, grid_hw, config)  # Eq. 6-7
-    above_even = (cross.mean(dim=0) - 1.0 / cross.shape[1]).clamp_min_(0.0)
-    return above_even.mul_(scale)
+        return mean_attention_rows(text_k[:, rows], image_q)  # softmax over the image tokens
+    return cross_attention_columns(image_q, text_k, rows)  # the model's probabilities, normalised over the image
 
 
 def _filtered_cross_rows(

@@ -247,7 +247,7 @@ def _apart_from_subjects(background: tuple, word_positions: tuple, state: RunSta
     for positions, subjects in zip(background, word_positions, strict=True):
         taken = {t for subject in subjects for t in subject}
         kept.append(tuple(t for t in positions if t not in taken))
-    if all(kept) and kept == list(background):
+    if kept == list(background):
         return background
     if not all(kept):
         state.warn(

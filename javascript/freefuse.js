@@ -1,11 +1,11 @@
 // FreeFuse in Forge's page: (a) a live hint under each subject's activation words: a half-filled row (a LoRA without
-// words, words without a LoRA), else the phrases that are not in the prompt; (b) while the FreeFuse accordion is
-// open, a click on a LoRA card puts that LoRA into the first subject row without one (its words come from its
-// metadata, or the hint asks for them), and the same hint under the background words; (c) the Lora tab's refresh
-// also refreshes the rows' LoRA lists; (d) the dropdowns' empty choice is not listed; (e) two subject rows show at
-// first: "Add subject" shows one more, and a row holding a LoRA or words always shows (pasted parameters, Fill from
-// prompt, a card click). Element ids match scripts/freefuse.py ui(): freefuse-{tab}, freefuse-{tab}-subject-{i},
-// freefuse-{tab}-lora-{i}, freefuse-{tab}-words-{i}, freefuse-{tab}-add-subject, freefuse-{tab}-reread-loras, freefuse-{tab}-background-words;
+// words, words without a LoRA), else the phrases that are not in the prompt; (b) while the FreeFuse accordion is open,
+// a click on a LoRA card puts that LoRA into the first subject row without one (its words come from its metadata, or
+// the hint asks for them), and the same hint under the background words; (c) the Lora tab's refresh also refreshes the
+// rows' LoRA lists; (d) the dropdowns' empty choice is not listed; (e) two subject rows show at first: "Add subject"
+// shows one more, and a row holding a LoRA or words always shows (pasted parameters, Fill from prompt, a card click).
+// Element ids match scripts/freefuse.py ui(): freefuse-{tab}, freefuse-{tab}-subject-{i}, freefuse-{tab}-lora-{i},
+// freefuse-{tab}-words-{i}, freefuse-{tab}-add-subject, freefuse-{tab}-reread-loras, freefuse-{tab}-background-words;
 // this file adds freefuse-{tab}-missing-{i} and freefuse-{tab}-missing-background.
 (function() {
     "use strict";

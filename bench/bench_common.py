@@ -35,6 +35,40 @@ def ratio_line(label: str, ratios: Sequence[float]) -> str:
     )
 
 
+def matmul_seconds(dtype, size: int = 512, rounds: int = 3) -> float:
+    """Best of `rounds` timings of one Linear's product, (size, size) tokens by a (size, size) weight, in dtype on the
+    CPU (torch's threads)."""
+    import time
+
+    import torch
+
+    x = torch.randn(size, size).to(dtype)
+    weight = torch.randn(size, size).to(dtype)
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        torch.nn.functional.linear(x, weight)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def precision_note(dtype_name: str, seconds: float, float32_seconds: float) -> str:
+    """One line on how fast the CPU multiplies in the bench's dtype against float32. Without native bf16/fp16
+    kernels (AVX2-only CPUs) torch emulates them several times slower than float32, and the model's products then
+    swamp everything else: a ratio measured so says little about the same run on hardware that has them."""
+    times = seconds / float32_seconds
+    line = (
+        f"CPU Linear of 512 x 512 tokens and features: {dtype_name} {seconds * 1e3:.1f} ms, "
+        f"float32 {float32_seconds * 1e3:.1f} ms ({times:.1f}x float32's)"
+    )
+    if dtype_name != "float32" and times > 2.0:
+        line += (
+            f"; no native {dtype_name} products on this CPU: they are emulated, so this run's ratios are set by the "
+            "emulation. --dtype float32 measures this CPU's native precision"
+        )
+    return line
+
+
 def interleaved_rounds(run: Callable[[str, dict], object], cases: Sequence[str], rounds: int) -> dict[str, list[dict]]:
     """Every round runs each case once, the order reversed every other round; run(case, timings) fills its timings
     dict. Returns, per case, the timings of each of its runs in round order."""

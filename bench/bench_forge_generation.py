@@ -64,7 +64,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from bench_common import REPO, lib_root, ratio_line, spread
+from bench_common import REPO, lib_root, matmul_seconds, precision_note, ratio_line, spread
 
 sys.path.insert(0, lib_root(sys.argv))
 sys.path.insert(0, str(REPO / "tests"))  # forge_locator
@@ -512,6 +512,9 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, device {args.device} ({device_name}), {args.threads} CPU thread(s), {args.dtype}"
     )
+    if not cuda:
+        dtype = getattr(torch, args.dtype)
+        print(precision_note(args.dtype, matmul_seconds(dtype), matmul_seconds(torch.float32)))
     n_img = (size["latent"] // 2) ** 2
     print(
         f"model: hidden {size['hidden']}, {size['heads']} heads x {size['hidden'] // size['heads']}, "

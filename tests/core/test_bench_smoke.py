@@ -118,3 +118,19 @@ def test_slic_size_smoke():
     rows = re.findall(r"^\s+(\d+)\s+(\d\.\d{3})\s+(\d\.\d{3})\s", stdout, re.M)
     assert [size for size, *_ in rows] == ["64", "512"]
     assert all(0.5 < float(iou) <= 1.0 for _, iou, _ in rows)  # masks that find the planted regions at both sizes
+
+
+def test_precision_note_says_when_the_benchs_dtype_is_emulated():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_common
+    finally:
+        sys.path.remove(str(BENCH))
+    emulated = bench_common.precision_note("bfloat16", 0.028, 0.0036)
+    assert "7.8x float32's" in emulated and "emulated" in emulated and "--dtype float32" in emulated
+    native = bench_common.precision_note("bfloat16", 0.0019, 0.0036)
+    assert "0.5x float32's" in native and "emulated" not in native
+    assert "emulated" not in bench_common.precision_note("float32", 0.0036, 0.0036)
+    import torch
+
+    assert bench_common.matmul_seconds(torch.float32, size=8, rounds=1) > 0

@@ -102,6 +102,7 @@ CONFIGS = {
     "  self-attention seeds 3%": ("both", freefuse(self_attention_top_fraction=0.03), False),
     "  attention bias 2": ("both", freefuse(attention_bias=2.0), False),
     "  attention bias 5": ("both", freefuse(attention_bias=5.0), False),
+    "  own words + attention bias 5": ("both", freefuse(text_loras="own_words", attention_bias=5.0), False),
     "oracle masks (paper timing)": ("both", freefuse(), True),
     "oracle masks + attention bias 5": ("both", freefuse(attention_bias=5.0), True),
     "oracle masks + joint + restart": ("both", freefuse(restart=True), True),

@@ -12,7 +12,9 @@ Model: Forge's IntegratedFluxTransformer2DModel with random weights (tests/forge
 Forge's UnetPatcher, sampled with Forge's k-diffusion Euler over sampling_function_inner, cfg 1 (FLUX.1-dev's
 distilled guidance: one model call per step). Default: hidden 1536 (12 heads of 128), 1 double + 2 single blocks
 (FLUX's 1 : 2), a 64x64 latent (32x32 = 1024 image tokens), 64 text tokens (FLUX's 1 : 16 with the image's), bf16,
-8 steps: about 10 s a run on one core of the 2-core CPU. --full: FLUX.1-dev's dimensions
+8 steps: about 4-10 s a run on one core of a CPU with native bf16 products (AVX-512 BF16, AMX). One without them
+emulates bf16 at about 8x float32's time, which swamps the ratios; the run's first lines say so (precision_note):
+there, --dtype float32 measures the CPU's native precision (about 20 s a run). --full: FLUX.1-dev's dimensions
 (hidden 3072, 24 heads, 19 double + 38 single blocks), a 128x128 latent (1024 px), 256 text tokens, bf16, 28 steps.
 --smoke shrinks either to seconds on a CPU (2 heads of 64, a 16x16 latent, 16 text tokens, 4 steps, 3 rounds; with
 --full 18 double + 2 single blocks, so the capture stays at double_blocks.17) and runs the same code otherwise: the

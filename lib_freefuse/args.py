@@ -110,8 +110,8 @@ class FreeFuseArgs:
     slic_image: str = "vae"  # image for SLIC: "vae" decode of x0 or Forge's fast latent "preview"
     show_masks: bool = False  # add a mask overlay per image to the output
     hires_masks: str = "reuse"  # hires fix pass 2: "reuse" pass-1 masks resized, or "extract" again
-    text_loras: str = "all"  # subject LoRAs on text tokens once masks exist: "all" (the paper), "own_words", "none"
-    attention_bias: float = 0.0  # once masks exist, words and regions pushed together (core.attention_bias); 0: off
+    text_loras: str = "own_words"  # subject LoRAs on text tokens once masks exist: "own_words", "all" (paper), "none"
+    attention_bias: float = 5.0  # once masks exist, words and regions pushed together (core.attention_bias); 0: off
     average_steps: bool = False  # masks from the mean of every step's maps up to the capture step (beyond the paper)
     background_words: str = ""  # the prompt's words of the background, for background "tokens" ("": end-of-text)
     mask: MaskConfig = MaskConfig()  # flat in the dict form
@@ -297,15 +297,16 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
     FieldHelp(
         "text_loras",
         "Subject LoRAs on the prompt's words",
-        "Once the masks exist: which subject LoRAs act on the prompt's own tokens.",
+        "Once the masks exist: which subject LoRAs act on the prompt's own tokens. Own words keeps the LoRAs' "
+        "conflict out of the words all subjects share.",
         TEXT_LORA_CHOICES,
-        ("All but on others' words (default)", "Own words only", "None"),
+        ("Own words only (default)", "All but on others' words", "None"),
     ),
     FieldHelp(
         "attention_bias",
         "Words keep to their regions (0 = off)",
         "Once the masks exist, each subject's words and its region look more at each other and less at the other "
-        "subjects' (5: a strong push). FLUX.1, FLUX.2 Klein and Chroma only.",
+        "subjects' (5, the default: a strong push). FLUX.1, FLUX.2 Klein and Chroma; other models go without it.",
     ),
     FieldHelp(
         "average_steps",

@@ -26,7 +26,11 @@ KEYS_WITHOUT_PREFIX = (BINDINGS_KEY,)  # every other key starts with "FreeFuse "
 
 # Defaults that changed, with the version that changed them: an infotext written before it ran with the old value,
 # which is not in it (defaults are left out), so it is filled in on the way back to reproduce that image.
-CHANGED_DEFAULTS: tuple[tuple[tuple[int, ...], str, object], ...] = (((0, 2, 0), "slic_max_side", 512),)
+CHANGED_DEFAULTS: tuple[tuple[tuple[int, ...], str, object], ...] = (
+    ((0, 2, 0), "slic_max_side", 512),
+    ((0, 5, 0), "text_loras", "all"),  # own words and b = 5: they won in both toy worlds (README, issue 17)
+    ((0, 5, 0), "attention_bias", 0.0),
+)
 
 _ROW_SEPARATOR = "; "
 _WEIGHTED_NAME = re.compile(r"(.*?) \(([^()]*)\)")  # "b (0.9)"

@@ -39,7 +39,18 @@ LAST_BLOCK = 2  # the toy transformer has 3 double blocks: the paper's late bloc
 METRICS = ("present", "identity", "both_right", "wrong_colour")
 
 
+# The paper's rules where the extension's defaults (0.5.0: own words, b = 5) go beyond it: every "paper" row and
+# its variants pin them, so that they measure what they measured before the defaults changed.
+PAPER = {"text_loras": "all", "attention_bias": 0.0}
+
+
 def freefuse(**settings) -> dict:
+    """alwayson_scripts of FreeFuse with the paper's settings, then `settings`."""
+    return extension_defaults(**{**PAPER, **settings})
+
+
+def extension_defaults(**settings) -> dict:
+    """alwayson_scripts of FreeFuse with the extension's own defaults, then `settings`."""
     args = {
         "enabled": True,
         "subjects": [{"lora": "toy_zorb", "words": "zorb"}, {"lora": "toy_quil", "words": "quil"}],
@@ -62,6 +73,7 @@ CONFIGS = {
     "QUIL LoRA alone": ("quil", None, False),
     "both merged": ("both", None, False),
     "FreeFuse (paper defaults)": ("both", freefuse(), False),
+    "FreeFuse (defaults)": ("both", extension_defaults(), False),
     "  sink filter off": ("both", freefuse(sink_filter=False), False),
     "  self-attention off": ("both", freefuse(self_attention=False), False),
     "  superpixel vote off": ("both", freefuse(superpixel_vote=False), False),
@@ -104,6 +116,7 @@ CONFIGS = {
     "  attention bias 5": ("both", freefuse(attention_bias=5.0), False),
     "  own words + attention bias 5": ("both", freefuse(text_loras="own_words", attention_bias=5.0), False),
     "oracle masks (paper timing)": ("both", freefuse(), True),
+    "oracle masks (defaults)": ("both", extension_defaults(), True),
     "oracle masks + attention bias 5": ("both", freefuse(attention_bias=5.0), True),
     "oracle masks + joint + restart": ("both", freefuse(restart=True), True),
     "oracle masks + off before + restart": ("both", freefuse(pre_mask="off", restart=True), True),
@@ -328,6 +341,8 @@ def format_table(rows: dict) -> str:
 # (configuration, the oracle row with the same timing) whose share of the oracle's identity gain is printed
 SHARES = (
     ("FreeFuse (paper defaults)", "oracle masks (paper timing)"),
+    ("FreeFuse (defaults)", "oracle masks (defaults)"),
+    ("  own words + attention bias 5", "oracle masks (defaults)"),
     ("  joint + restart", "oracle masks + joint + restart"),
     ("  off before masks + restart", "oracle masks + off before + restart"),
     ("  attention bias 5", "oracle masks + attention bias 5"),

@@ -9,7 +9,7 @@ import torch
 __all__ = ["call_token_masks", "text_token_masks"]
 
 
-TEXT_LORA_CHOICES = ("all", "own_words", "none")
+TEXT_LORA_CHOICES = ("own_words", "all", "none")  # the extension's default first (args.FreeFuseArgs)
 
 
 def text_token_masks(

@@ -32,7 +32,8 @@ MODULATION_MODES = ("per_token", "global", "off")
 
 @dataclass(frozen=True)
 class JobPlan:
-    """What the script resolved before sampling."""
+    """What the script resolved before sampling. Its defaults are the paper's method (every extra off); the user's
+    defaults live in args.FreeFuseArgs, and processing passes every setting explicitly."""
 
     word_positions: tuple[tuple[tuple[int, ...], ...], ...]  # [image][subject] -> token positions in its prompt
     text_length: int  # length of the tokenised prompt those positions index (the period of a repeated context)

@@ -202,8 +202,11 @@ def _capture_site(args: FreeFuseArgs, family: Family, model, state: RunState) ->
 
 
 def _attention_bias(args: FreeFuseArgs, family: Family, state: RunState) -> float:
-    """The setting's attention bias, or 0 with a warning where the family's attention cannot take it."""
+    """The setting's attention bias, or 0 where the family's attention cannot take it: silently for the default
+    (it is on where it can be), with a warning for a value the user chose."""
     if args.attention_bias > 0 and not family.attention_bias:
+        if args.attention_bias == FreeFuseArgs.attention_bias:
+            return 0.0
         state.warn(f"keeping words to their regions is not available for {family.name} models: made without it")
         return 0.0
     return args.attention_bias

@@ -128,13 +128,26 @@ def test_a_sequence_of_another_length_is_refused():
         job.attention_bias(12, torch.float32, torch.device("cpu"))
 
 
-def test_a_family_without_it_warns_and_runs_without_it():
+def test_a_family_without_it_warns_for_a_chosen_bias_and_runs_without_it():
     from lib_freefuse.args import FreeFuseArgs
     from lib_freefuse.families import FLUX1, SDXL_FAMILY
     from lib_freefuse.forge.processing import RunState, _attention_bias
 
-    args = FreeFuseArgs(attention_bias=5.0)
+    args = FreeFuseArgs(attention_bias=2.0)
     state = RunState()
-    assert _attention_bias(args, FLUX1, state) == 5.0 and not state.warnings
+    assert _attention_bias(args, FLUX1, state) == 2.0 and not state.warnings
     assert _attention_bias(args, SDXL_FAMILY, state) == 0.0
     assert state.warnings == ["keeping words to their regions is not available for SDXL models: made without it"]
+
+
+def test_the_default_bias_is_on_where_the_family_can_take_it_and_silently_off_elsewhere():
+    from lib_freefuse.args import FreeFuseArgs
+    from lib_freefuse.families import FLUX1, SDXL_FAMILY
+    from lib_freefuse.forge.processing import RunState, _attention_bias
+
+    state = RunState()
+    assert FreeFuseArgs().attention_bias == 5.0
+    assert _attention_bias(FreeFuseArgs(), FLUX1, state) == 5.0
+    assert _attention_bias(FreeFuseArgs(), SDXL_FAMILY, state) == 0.0
+    assert _attention_bias(FreeFuseArgs(attention_bias=0.0), FLUX1, state) == 0.0
+    assert not state.warnings

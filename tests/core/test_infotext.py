@@ -108,6 +108,27 @@ def test_an_old_infotext_keeps_the_defaults_it_was_made_with(version, given, pas
     assert FreeFuseArgs().mask.slic_max_side != 512  # else this test proves nothing
 
 
+@pytest.mark.parametrize(
+    ("version", "written", "text_loras", "bias"),
+    [
+        ("0.4.0", {}, "all", 0.0),  # made before own words and b = 5 were the defaults: pasted back as made
+        ("0.4.0", {"text_loras": "none", "attention_bias": "2"}, "none", 2.0),
+        ("0.5.0", {}, "own_words", 5.0),
+        ("0.5.0", {"text_loras": "all", "attention_bias": "0"}, "all", 0.0),  # the paper's values, written out
+    ],
+)
+def test_infotexts_before_0_5_paste_back_the_papers_text_loras_and_no_bias(version, written, text_loras, bias):
+    params = {BINDINGS_KEY: "a: cat", VERSION_KEY: version, **{setting_key(k): v for k, v in written.items()}}
+    args = args_from_params(forge_roundtrip(params))
+    assert (args.text_loras, args.attention_bias) == (text_loras, bias)
+
+
+def test_the_papers_values_are_written_now_that_they_are_not_the_defaults():
+    paper = FreeFuseArgs.from_dict({"enabled": True, "subjects": [{"lora": "a", "words": "cat"}], "text_loras": "all"})
+    params = infotext_params(FreeFuseArgs.from_dict({**paper.to_dict(), "attention_bias": 0}))
+    assert params[setting_key("text_loras")] == "all" and params[setting_key("attention_bias")] == 0.0
+
+
 def test_an_xyz_cell_drops_the_bindings_of_the_cell_before():
     cell = SimpleNamespace(extra_generation_params={"Steps": 6, **infotext_params(ARGS)})
     clear_previous_cell(cell)

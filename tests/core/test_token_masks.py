@@ -66,5 +66,5 @@ def test_text_lora_modes(mode):
 
 
 def test_text_lora_mode_is_checked():
-    with pytest.raises(ValueError, match="^mode: expected one of all, own_words, none"):
+    with pytest.raises(ValueError, match="^mode: expected one of own_words, all, none"):
         text_token_masks([(1,), (2,)], text_tokens=4, mode="some")

@@ -97,7 +97,7 @@ def test_every_setting_axis_sets_a_key_of_the_argument_model():
         ("pre-mask LoRA mode", "Joint", "joint"),
         ("modulation", "per_token", "per_token"),
         ("modulation", "Whole image", "global"),  # the label the dropdown shows: its stored value
-        ("LoRAs on text tokens", "Own words only", "own_words"),
+        ("LoRAs on text tokens", "All but on others' words", "all"),
         ("LoRAs on text tokens", "None", "none"),
         ("background", "Go to some subject (default)", "off"),
         ("word-to-image attention", "Image_Queries", "image_queries"),
@@ -255,11 +255,12 @@ def test_registered_options_apply_format_confirm_and_offer_choices():
     assert step.type is int and step.choices is None
     assert restart.type is str and restart.choices() == ["False", "True"]
     texts = options["FreeFuse LoRAs on text tokens"]
-    assert texts.choices() == ["All but on others' words (default)", "Own words only", "None"]
+    assert texts.choices() == ["Own words only (default)", "All but on others' words", "None"]
     labelled = SimpleNamespace()
-    texts.apply(labelled, "Own words only", texts.choices())
-    assert getattr(labelled, OVERRIDES_ATTR) == {"text_loras": "own_words"}
-    assert texts.format_value(labelled, texts, "Own words only") == "FreeFuse LoRAs on text tokens: Own words only"
+    texts.apply(labelled, "All but on others' words", texts.choices())
+    assert getattr(labelled, OVERRIDES_ATTR) == {"text_loras": "all"}
+    label = "All but on others' words"
+    assert texts.format_value(labelled, texts, label) == f"FreeFuse LoRAs on text tokens: {label}"
     cell = SimpleNamespace()
     step.apply(cell, 2, [1, 2])
     restart.apply(cell, "True", ["False", "True"])

@@ -141,7 +141,7 @@ def _run(page: Page, webui) -> None:
     # the calm accordion: two rows, "Show masks", then three closed sections; rows 3-4 come with "Add subject"
     _assert_calm_accordion(page)
     # bind the two LoRAs, masks (shown first), capture block 1 (the tiny model has 2 double blocks), a plain-language
-    # choice (stored as own_words), "Start over once the masks exist" off
+    # choice (stored as all), "Start over once the masks exist" off
     for row, (lora, words) in enumerate(BINDINGS):
         page.type_into(f"#{FF}-words-{row} textarea", words)  # words first: picking a LoRA fills only empty words
         page.choose(f"{FF}-lora-{row}", lora)
@@ -149,7 +149,7 @@ def _run(page: Page, webui) -> None:
     page.open_accordion(f"{FF}-timing")
     page.number(f"{FF}-capture-block", 1)
     page.open_accordion(f"{FF}-loras")
-    page.choose(f"{FF}-text-loras", "Own words only")
+    page.choose(f"{FF}-text-loras", "All but on others' words")
     # the background named by words of the prompt: a phrase the prompt lacks is named live under their box
     page.open_accordion(f"{FF}-recipe")
     page.choose(f"{FF}-background", "Stay free where background words look")
@@ -197,7 +197,7 @@ def _run(page: Page, webui) -> None:
         'FreeFuse: "tiny_lora_a: cat; tiny_lora_b: dog"',  # the bindings as one readable line
         "FreeFuse capture block: 1",
         "FreeFuse show masks: True",
-        "FreeFuse text loras: own_words",  # the stored value of the plain label "Own words only"
+        "FreeFuse text loras: all",  # the stored value of the plain label "All but on others' words"
         "FreeFuse background: tokens",
         "FreeFuse background words: garden",
         "FreeFuse coverage:",
@@ -248,7 +248,7 @@ def _run(page: Page, webui) -> None:
     )
     page.wait_value(f"#{TAB}_steps input[type=number]", "6")
     page.wait_value(f"#{FF}-capture-block input[type=number]", "1")
-    page.wait_value(f"#{FF}-text-loras input", "Own words only")  # the pasted own_words, shown by its label
+    page.wait_value(f"#{FF}-text-loras input", "All but on others' words")  # the pasted all, shown by its label
     page.wait_value(BACKGROUND_WORDS, "garden")
     page.wait_value(f"#{FF}-background input", "Stay free where background words look")
     page.open_accordion(f"{FF}-timing")
@@ -542,7 +542,7 @@ def _run_xyz(page: Page, webui) -> None:
     page.choose(XYZ_SCRIPT, "X/Y/Z plot")
     page.choose(f"{XYZ}_x_type", "FreeFuse LoRAs on text tokens")
     page.find(f"#{TAB}_script_container #xyz_grid_fill_x_tool_button").click()
-    labels = ["All but on others' words (default)", "Own words only", "None"]
+    labels = ["Own words only (default)", "All but on others' words", "None"]
     page.wait(lambda d: x_values()[:3] == labels, f"the X values {labels} (they read {x_values()})")
     page.js(f"document.querySelector('#{TAB}_script_container').scrollIntoView({{block: 'center'}})")
     page.shot("xyz-labels")

@@ -203,6 +203,9 @@ def test_problems_are_named_and_the_image_is_made(webui, settings, warning):
     assert f"FreeFuse: {warning}" in webui.log() or warning in webui.log()
 
 
+PAPER = {"text_loras": "all", "attention_bias": 0.0}  # the paper's rules where the defaults (0.5.0) go beyond it
+
+
 @pytest.mark.parametrize(
     "settings",
     [
@@ -211,17 +214,22 @@ def test_problems_are_named_and_the_image_is_made(webui, settings, warning):
         {"text_loras": "none"},
         {"background": "tokens"},
         {"attention_bias": 5.0},
+        {"text_loras": "own_words", "attention_bias": 5.0},
     ],
-    ids=["image-queries", "text-own-words", "text-none", "background-end-of-text", "attention-bias"],
+    ids=["image-queries", "text-own-words", "text-none", "background-end-of-text", "attention-bias", "defaults"],
 )
 def test_options_beyond_the_paper_run_change_the_image_and_are_recorded(webui, settings):
-    """Each option beyond the paper is accepted by the API, makes masks, changes the image against the paper's
-    settings on the same seed, and is written into the infotext."""
-    paper = webui.txt2img(tagged(webui), steps=6, alwayson_scripts=freefuse(webui))
-    result = webui.txt2img(tagged(webui), steps=6, alwayson_scripts=freefuse(webui, **settings))
+    """Each option beyond the paper, over the paper's settings, is accepted by the API, makes masks, changes the image
+    against the paper's settings on the same seed, and is in the infotext: written where it is not the default,
+    left out where it is (as every default), and the paper's values written out where they are no longer defaults."""
+    paper = webui.txt2img(tagged(webui), steps=6, alwayson_scripts=freefuse(webui, **PAPER))
+    run = {**PAPER, **settings}
+    result = webui.txt2img(tagged(webui), steps=6, alwayson_scripts=freefuse(webui, **run))
     assert "FreeFuse coverage" in result.infotext and "FreeFuse warnings" not in result.infotext, result.infotext
-    ((key, value),) = settings.items()
-    assert f"FreeFuse {key.replace('_', ' ')}: {value}" in result.infotext, result.infotext
+    defaults = FreeFuseArgs().to_dict()  # flat: the mask settings beside the others
+    for key, value in run.items():
+        written = f"FreeFuse {key.replace('_', ' ')}: {value}" in result.infotext
+        assert written == (value != defaults[key]), (key, value, result.infotext)
     assert result.images[0].pixels != paper.images[0].pixels
 
 

@@ -137,11 +137,11 @@ def test_a_show_masks_axis_puts_each_true_cells_mask_overlay_in_the_grid(webui):
 def test_a_choice_axis_takes_the_accordions_labels_and_writes_the_stored_values(webui):
     """X: "FreeFuse LoRAs on text tokens" picked by its plain labels from the dropdown (what the page lists), and a
     stored value typed as the API and older grids give it: each cell records the stored value, as the accordion."""
-    labels = ["Own words only", "None"]
+    labels = ["All but on others' words", "None"]
     result = plot(webui, tagged(webui), plot_args(webui, ("FreeFuse LoRAs on text tokens", labels)))
     assert len(result.images) == 3
-    own, none = result.info["infotexts"][1:]
-    assert "FreeFuse text loras: own_words" in own and "FreeFuse text loras: none" in none, (own, none)
-    assert 'X Values: "Own words only,None"' in result.info["infotexts"][0], result.info["infotexts"][0]  # the grid's
-    typed = plot(webui, tagged(webui), plot_args(webui, ("FreeFuse LoRAs on text tokens", ["own_words"])))
-    assert "FreeFuse text loras: own_words" in typed.info["infotexts"][-1]
+    paper, none = result.info["infotexts"][1:]
+    assert "FreeFuse text loras: all" in paper and "FreeFuse text loras: none" in none, (paper, none)
+    assert 'X Values: "All but on others\' words,None"' in result.info["infotexts"][0], result.info["infotexts"][0]
+    typed = plot(webui, tagged(webui), plot_args(webui, ("FreeFuse LoRAs on text tokens", ["all"])))
+    assert "FreeFuse text loras: all" in typed.info["infotexts"][-1]

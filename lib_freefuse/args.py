@@ -113,11 +113,12 @@ class FreeFuseArgs:
     text_loras: str = "own_words"  # subject LoRAs on text tokens once masks exist: "own_words", "all" (paper), "none"
     attention_bias: float = 5.0  # once masks exist, words and regions pushed together (core.attention_bias); 0: off
     average_steps: bool = False  # masks from the mean of every step's maps up to the capture step (beyond the paper)
+    average_blocks: bool = False  # masks from the mean of every block's maps up to the capture block (beyond the paper)
     background_words: str = ""  # the prompt's words of the background, for background "tokens" ("": end-of-text)
     mask: MaskConfig = MaskConfig()  # flat in the dict form
 
     def __post_init__(self) -> None:
-        for flag in ("enabled", "restart", "average_steps", "show_masks"):
+        for flag in ("enabled", "restart", "average_steps", "average_blocks", "show_masks"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}: expected True or False, got {_show(getattr(self, flag))}")
         if not isinstance(self.subjects, (tuple, list)) or not all(
@@ -314,6 +315,12 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
         "Masks from the attention of every step up to the capture step, averaged: steadier than one step's.",
     ),
     FieldHelp(
+        "average_blocks",
+        "Average the blocks up to the capture",
+        "Masks from the attention of every block up to the capture block, averaged: one block's stray attention "
+        "counts less. Not on SDXL.",
+    ),
+    FieldHelp(
         "background_words",
         "Background words",
         'Words of the prompt that describe the background (commas separate phrases). With the choice "Stay free '
@@ -416,7 +423,7 @@ SECTIONS: tuple[Section, ...] = (
     Section(
         "timing",
         "When the masks are made",
-        (("capture_step", "capture_block"), ("average_steps",), ("hires_masks",), ("restart",)),
+        (("capture_step", "capture_block"), ("average_steps", "average_blocks"), ("hires_masks",), ("restart",)),
     ),
     Section("loras", "How the subject LoRAs act", (("pre_mask", "modulation"), ("text_loras", "attention_bias"))),
     Section(
@@ -681,6 +688,7 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     **dict.fromkeys(_CHOICES, _as_choice),
     "restart": _as_bool,
     "average_steps": _as_bool,
+    "average_blocks": _as_bool,
     "background_words": _as_text,
     "show_masks": _as_bool,
     "attention_bias": _as_float,

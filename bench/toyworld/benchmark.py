@@ -111,6 +111,8 @@ CONFIGS = {
         False,
     ),
     "  average steps up to the capture": ("both", freefuse(average_steps=True), False),
+    "  average blocks up to the capture": ("both", freefuse(average_blocks=True), False),
+    "  defaults + average blocks": ("both", extension_defaults(average_blocks=True), False),
     "  self-attention seeds 3%": ("both", freefuse(self_attention_top_fraction=0.03), False),
     "  attention bias 2": ("both", freefuse(attention_bias=2.0), False),
     "  attention bias 5": ("both", freefuse(attention_bias=5.0), False),

@@ -285,6 +285,26 @@ def analyse_configs(path: Path, step: int = 5) -> dict[str, float]:
     return {name: float(np.mean(v)) for name, v in results.items()}
 
 
+def analyse_blocks(path: Path, step: int = 5) -> dict[str, float]:
+    """At `step`: each block's masks and the masks of the mean of every block's maps (what `average_blocks` does,
+    voted on the last block's capture), IoU and figure accuracy (figures from that step's x0)."""
+    captures = torch.load(path, weights_only=False)
+    blocks = sorted(b for b, s in captures if s == step)
+    results: dict[str, list[float]] = {}
+    for i in range(len(captures[(blocks[0], step)])):
+        records = {b: captures[(b, step)][i] for b in blocks}
+        last = records[blocks[-1]]
+        figure = figure_tokens(last)
+        maps = {b: paper_maps(c) for b, c in records.items()}
+        variants = {f"block {b}": (records[b], maps[b]) for b in blocks}
+        variants["mean of blocks"] = (last, torch.stack([maps[b] for b in reversed(blocks)]).mean(0))
+        for name, (c, m) in variants.items():
+            masks = masks_of(c, m)
+            results.setdefault(f"{name}: IoU", []).append(iou(c, masks))
+            results.setdefault(f"{name}: figure accuracy", []).append(figure_accuracy(c, masks, figure))
+    return {name: float(np.mean(v)) for name, v in results.items()}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -300,6 +320,7 @@ def main(argv=None) -> None:
     a.add_argument("files", type=Path, nargs="+")
     a.add_argument("--steps-only", action="store_true", help="only the windows over capture steps")
     a.add_argument("--configs", action="store_true", help="only the mask settings of CONFIG_VARIANTS, at step 5")
+    a.add_argument("--blocks", action="store_true", help="only each block and the mean of blocks, at step 5")
     args = parser.parse_args(argv)
     if args.command == "collect":
         blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else None
@@ -309,7 +330,15 @@ def main(argv=None) -> None:
         else:
             collect_second(args.forge.resolve(), args.seeds, args.out, blocks, steps)
         return
-    analysis = analyse_configs if args.configs else analyse_steps if args.steps_only else analyse
+    analysis = (
+        analyse_configs
+        if args.configs
+        else analyse_blocks
+        if args.blocks
+        else analyse_steps
+        if args.steps_only
+        else analyse
+    )
     tables = {path.name: analysis(path) for path in args.files}
     names = list(dict.fromkeys(n for t in tables.values() for n in t))
     print("| variant | " + " | ".join(tables) + " |")

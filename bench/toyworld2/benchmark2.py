@@ -92,6 +92,7 @@ def freefuse_patcher(merged_unet, characters: list[str], settings: dict, prompt:
         background_positions=((world2.end_position(prompt),),) * batch,
         attention_bias=args.attention_bias,
         average_steps=args.average_steps,
+        average_blocks=args.average_blocks,
     )
     job = FreeFuseJob(plan, decode, family=FLUX1)
     return patch_unet(merged_unet, job, deltas, args.capture_block, merged, forge_env.host_adapter(), FLUX1), job

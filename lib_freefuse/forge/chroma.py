@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..families import CHROMA
 from ..hosts import Host
 from .chroma_modulation import MaskRows, PerTokenApproximator, PerTokenFinalLayer, PerTokenSlices
-from .flux1 import CaptureBlock, install_attention_bias  # Chroma's double blocks are FLUX.1's: the same capture
+from .flux1 import install_attention_bias, install_capture  # Chroma's double blocks are FLUX.1's: the same capture
 from .job import FreeFuseJob
 from .lora_layers import MaskedLinearPatch
 from .patching import SubjectDeltas, stream_masks, unpatched
@@ -19,8 +19,7 @@ def install(clone, model, job: FreeFuseJob, subject_deltas: SubjectDeltas, captu
     modulation MLP's layers are run per mask row (chroma_modulation.py)."""
     if not 0 <= capture_block < len(model.double_blocks):
         raise ValueError(f"capture_block: {capture_block} is not one of the model's {len(model.double_blocks)} blocks")
-    block = f"diffusion_model.double_blocks.{capture_block}.forward"
-    clone.add_object_patch(block, CaptureBlock(unpatched(clone, block), job))
+    install_capture(clone, job, capture_block)
     install_attention_bias(clone, job)
     rows = MaskRows()
     for module, deltas in subject_deltas.items():

@@ -30,8 +30,7 @@ def install(
     family: whose layer roles (FLUX.1's, or FLUX.2 Klein's: the same blocks, modulation at the model's level)."""
     if not 0 <= capture_block < len(model.double_blocks):
         raise ValueError(f"capture_block: {capture_block} is not one of the model's {len(model.double_blocks)} blocks")
-    block = f"diffusion_model.double_blocks.{capture_block}.forward"
-    clone.add_object_patch(block, CaptureBlock(unpatched(clone, block), job))
+    install_capture(clone, job, capture_block)
     install_attention_bias(clone, job)
     for module, deltas in subject_deltas.items():
         role = family.layer_role(module)
@@ -48,21 +47,31 @@ def install(
             clone.add_object_patch(name, patch)
 
 
+def install_capture(clone, job: FreeFuseJob, capture_block: int) -> None:
+    """The capture block's patch; with average_blocks, every double block before it hands its maps over too."""
+    earlier = range(capture_block) if job.plan.average_blocks else ()
+    for index in (*earlier, capture_block):
+        block = f"diffusion_model.double_blocks.{index}.forward"
+        store = job.store_attention if index == capture_block else job.store_block_maps
+        clone.add_object_patch(block, CaptureBlock(unpatched(clone, block), job, store=store))
+
+
 class CaptureBlock:
     """Forward of the capture block: during the capture call, hands q and k (after QK-norm and RoPE) to the job.
     Takes whatever the host's block takes (classic: img, txt, vec, pe; Neo adds attn_mask, transformer_options).
     capturing(store, on_error): the context in which the block's attention also stores q and k (default FLUX.1's
     swap of backend.nn.flux.attention; another family passes its own)."""
 
-    def __init__(self, original_forward, job: FreeFuseJob, capturing=None):
+    def __init__(self, original_forward, job: FreeFuseJob, capturing=None, store=None):
         self.original_forward = original_forward
         self.job = job
         self.capturing = capturing or _capturing_attention
+        self.store = store or job.store_attention
 
     def __call__(self, *args, **kwargs):
         if not self.job.capturing:
             return self.original_forward(*args, **kwargs)
-        with self.capturing(self.job.store_attention, self.job.capture_failed):
+        with self.capturing(self.store, self.job.capture_failed):
             return self.original_forward(*args, **kwargs)
 
 

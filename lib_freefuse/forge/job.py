@@ -48,6 +48,7 @@ class JobPlan:
     # (its end-of-text token), read when mask_config.background is "tokens"
     attention_bias: float = 0.0  # once the masks exist, push words and regions together (core.attention_bias); 0 off
     average_steps: bool = False  # the masks from the mean of the score maps of every step up to the capture step
+    average_blocks: bool = False  # and of every block up to the capture block, in the same call (store_block_maps)
 
     @property
     def n_images(self) -> int:
@@ -119,6 +120,7 @@ class FreeFuseJob:
         self._call: _Call | None = None
         self._captured: tuple[torch.Tensor, torch.Tensor] | _CrossCapture | None = None
         self._earlier_maps: list[list[torch.Tensor]] = []  # [step][image] (L, h, w): average_steps' earlier steps
+        self._block_maps: list[list[torch.Tensor]] = []  # [block][image] (L, h, w): this call's earlier blocks' maps
 
     # -- the model wrapper's side -------------------------------------------------------------------------------
     def begin_call(
@@ -140,14 +142,17 @@ class FreeFuseJob:
         if x.shape[0] != len(chunks) * self.plan.n_images:
             self.fail(f"a model call has batch {x.shape[0]}, expected {len(chunks)} x {self.plan.n_images} images")
         self._call = _Call(step, chunks, grid, text_tokens, reference_tokens, grids)
+        self._block_maps = []
 
     def end_call(self, denoised: torch.Tensor) -> None:
         """After the call: if attention was captured in it, make the masks from it and the predicted x0."""
         captured, self._captured = self._captured, None
         call, self._call = self._call, None
+        blocks, self._block_maps = self._block_maps, []
         if captured is None or call is None or self.failure:
             return
         try:
+            self._earlier_maps.extend(blocks)  # average_blocks: the earlier blocks' maps of this call
             if call.step < self.plan.capture_step:  # average_steps: an earlier step's maps, kept for the mean
                 self._earlier_maps.append(self._score_maps(captured, call.grid_hw))
                 return
@@ -171,6 +176,7 @@ class FreeFuseJob:
         """The call raised (an interrupt, an error elsewhere): forget it."""
         self._call = None
         self._captured = None
+        self._block_maps = []
 
     # -- the capture block's side -------------------------------------------------------------------------------
     @property
@@ -192,6 +198,14 @@ class FreeFuseJob:
         keep = call.text_tokens + call.grid_hw[0] * call.grid_hw[1]  # without reference tokens (Kontext)
         self._captured = tuple(self._cond_rows(t, call)[:, :, :keep].detach() for t in (q, k))
         self.capture_count += 1
+
+    def store_block_maps(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """average_blocks: q, k of a block before the capture block, as store_attention's; its score maps (Eq. 5-10)
+        are kept for the mean with the capture block's (the tensors themselves are not)."""
+        call = self._call
+        keep = call.text_tokens + call.grid_hw[0] * call.grid_hw[1]
+        kept = tuple(self._cond_rows(t, call)[:, :, :keep].detach() for t in (q, k))
+        self._block_maps.append(self._score_maps(kept, call.grid_hw))
 
     def store_cross_attention(
         self, image_q: torch.Tensor, text_k: torch.Tensor, self_q: torch.Tensor, self_k: torch.Tensor

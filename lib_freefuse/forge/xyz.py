@@ -84,6 +84,7 @@ AXES: tuple[Axis, ...] = (
     _choice_axis("pre-mask LoRA mode", "pre_mask"),
     Axis(f"{LABEL_PREFIX}restart", "restart", str, BOOL_CHOICES),
     Axis(f"{LABEL_PREFIX}average steps", "average_steps", str, BOOL_CHOICES),
+    Axis(f"{LABEL_PREFIX}average blocks", "average_blocks", str, BOOL_CHOICES),
     _choice_axis("modulation", "modulation"),
     _choice_axis("word-to-image attention", "cross_attention"),
     _choice_axis("LoRAs on text tokens", "text_loras"),

@@ -39,8 +39,10 @@ def install(clone, model, job: FreeFuseJob, subject_deltas: SubjectDeltas, captu
         source = job.vector_masks if role.stream == "vector" else PaddedMasks(job, layout, role.stream)
         name = f"diffusion_model.{module}.forward"
         clone.add_object_patch(name, MaskedLinearPatch(unpatched(clone, name), deltas, source, job.layer_failed))
-    block = f"diffusion_model.{sites[capture_block]}.forward"
-    clone.add_object_patch(block, CaptureLayer(unpatched(clone, block), job, layout))
+    for index in (*(range(capture_block) if job.plan.average_blocks else ()), capture_block):
+        block = f"diffusion_model.{sites[index]}.forward"
+        store = job.store_attention if index == capture_block else job.store_block_maps
+        clone.add_object_patch(block, CaptureLayer(unpatched(clone, block), job, layout, store))
 
 
 @dataclass
@@ -91,15 +93,16 @@ class CaptureLayer:
     """Forward of the capture layer: during the capture call, hands q and k (after QK-norm and RoPE, pads dropped)
     to the job."""
 
-    def __init__(self, original_forward, job: FreeFuseJob, layout: TokenLayout):
+    def __init__(self, original_forward, job: FreeFuseJob, layout: TokenLayout, store=None):
         self.original_forward = original_forward
         self.job = job
         self.layout = layout
+        self.store = store or job.store_attention  # average_blocks: job.store_block_maps before the capture layer
 
     def __call__(self, *args, **kwargs):
         if not self.job.capturing:
             return self.original_forward(*args, **kwargs)
-        with _capturing_attention(self.job.store_attention, self.job.capture_failed, self.layout):
+        with _capturing_attention(self.store, self.job.capture_failed, self.layout):
             return self.original_forward(*args, **kwargs)
 
 

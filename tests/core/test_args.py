@@ -50,6 +50,7 @@ OWN_KEYS = (
     "text_loras",
     "attention_bias",
     "average_steps",
+    "average_blocks",
     "background_words",
 )
 TWO = [{"lora": "harry", "words": "harry potter"}, {"lora": "daiyu", "words": "daiyu lin", "weight": 0.9}]
@@ -120,6 +121,7 @@ def changed_everywhere() -> FreeFuseArgs:
         text_loras="all",
         attention_bias=2.0,
         average_steps=not FreeFuseArgs().average_steps,
+        average_blocks=not FreeFuseArgs().average_blocks,
         background_words="misty forest, night sky",
         sink_filter=False,
         sink_top_fraction=0.02,

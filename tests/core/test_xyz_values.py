@@ -150,8 +150,8 @@ def test_choice_axes_offer_their_choices_and_every_choice_is_valid():
 def test_choice_axes_show_the_accordions_plain_labels_and_set_the_stored_values():
     """The dropdown lists what the accordion shows (lib_freefuse.args.FIELD_HELP); each label sets its value."""
     for a in AXES:
-        if a.key in ("enabled", "restart", "average_steps", "show_masks", "sink_filter", "self_attention",
-                     "superpixel_vote"):  # fmt: skip
+        if a.key in ("enabled", "restart", "average_steps", "average_blocks", "show_masks", "sink_filter",
+                     "self_attention", "superpixel_vote"):  # fmt: skip
             assert a.choice_labels == () and a.shown_choices == a.choices == ("False", "True")
             continue
         if not a.choices:

@@ -107,14 +107,16 @@ DEFAULTS_BOTH_RIGHT_AT_LEAST = 10 / 32
 def test_mask_signals_rebuilds_the_jobs_masks_from_the_kept_inputs(forge, forge_root, tmp_path):
     """bench/toyworld/mask_signals.py on the second world at smoke size: what it collects is what the job handed
     extract_masks, and its offline "paper" masks are the job's own masks (so its other variants are comparable);
-    with average_steps the job's masks are the offline mean of the steps' maps."""
+    with average_steps the job's masks are the offline mean of the steps' maps, with average_blocks the mean of the
+    blocks' maps at the capture step."""
     sys.path.insert(0, str(TOYWORLD2.parent / "toyworld"))
     import mask_signals
 
     path = tmp_path / "captures.pt"
-    mask_signals.collect_second(forge_root, seeds=1, out=path, blocks=[1], steps=[1, 2, 3])
+    mask_signals.collect_second(forge_root, seeds=1, out=path, blocks=[0, 1], steps=[1, 2, 3])
     captures = torch.load(path, weights_only=False)
-    assert sorted(captures) == [(1, 1), (1, 2), (1, 3)] and all(len(r) == 2 for r in captures.values())  # 2 prompts
+    assert sorted(captures) == [(b, s) for b in (0, 1) for s in (1, 2, 3)]
+    assert all(len(r) == 2 for r in captures.values())  # 2 prompts
     for record in captures[(1, 3)]:
         offline = mask_signals.masks_of(record, mask_signals.paper_maps(record))
         assert torch.equal(offline, record["masks"])
@@ -128,9 +130,22 @@ def test_mask_signals_rebuilds_the_jobs_masks_from_the_kept_inputs(forge, forge_
     offline = mask_signals.masks_of(captures[(1, 3)][0], torch.stack(maps).mean(0))
     assert torch.equal(averaged[0]["masks"], offline)
     assert not torch.equal(offline, captures[(1, 3)][0]["masks"])  # the mean moved some owners: the check can tell
+    blocks = []
+    with torch.inference_mode():
+        settings = {"capture_block": 1, "capture_step": 3, "average_blocks": True}
+        benchmark2.World(benchmark2.MODEL).images("both", settings, False, prompt, 1000, 1, blocks)
+    maps = [mask_signals.paper_maps(captures[(b, 3)][0]) for b in (1, 0)]  # the job's order: the capture block first
+    offline = mask_signals.masks_of(captures[(1, 3)][0], torch.stack(maps).mean(0))
+    assert len(blocks) == 1 and torch.equal(blocks[0]["masks"], offline)
+    assert not torch.equal(offline, captures[(1, 3)][0]["masks"])
     table = mask_signals.analyse_steps(path)
     assert 0 <= table["mean of steps 1..s, block 1, step 3: figure accuracy"] <= 1
     assert set(mask_signals.analyse(path)) >= {"paper, block 1, step 3", "mean of steps, block 1"}
+    by_block = mask_signals.analyse_blocks(path, step=3)
+    assert set(by_block) == {
+        f"{v}: {m}" for v in ("block 0", "block 1", "mean of blocks") for m in ("IoU", "figure accuracy")
+    }
+    assert all(0 <= value <= 1 for value in by_block.values())
     configs = mask_signals.analyse_configs(path, step=3)
     assert configs["paper, block 1: IoU"] == pytest.approx(table["paper, block 1, step 3: IoU"])
 

@@ -17,6 +17,7 @@ MORE = (
     "pre-mask LoRA mode",
     "restart",
     "average steps",
+    "average blocks",
     "modulation",
     "word-to-image attention",
     "LoRAs on text tokens",

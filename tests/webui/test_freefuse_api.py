@@ -250,6 +250,21 @@ def test_average_steps_runs_changes_the_masks_and_is_recorded(webui):
     assert webui.log().count("FreeFuse: masks made at step 3") >= 2
 
 
+def test_average_blocks_runs_changes_the_masks_and_is_recorded(webui):
+    """average_blocks through the API: with the capture at the tiny model's block 1 the masks come from the mean of
+    blocks 0 and 1, so the masks (their coverage) and the image differ from the same job without it (token-wise
+    masks on a 128 px image); the infotext records it."""
+    job = dict(capture_step=3, superpixel_vote=False)
+    size = dict(steps=6, width=128, height=128)
+    alone = webui.txt2img(tagged(webui), **size, alwayson_scripts=freefuse(webui, **job))
+    result = webui.txt2img(tagged(webui), **size, alwayson_scripts=freefuse(webui, **job, average_blocks=True))
+    assert "FreeFuse coverage" in result.infotext and "FreeFuse warnings" not in result.infotext, result.infotext
+    assert "FreeFuse average blocks: True" in result.infotext and "FreeFuse average blocks" not in alone.infotext
+    coverage = re.compile(r'FreeFuse coverage: "[^"]*"')
+    assert coverage.search(result.infotext).group() != coverage.search(alone.infotext).group()
+    assert result.images[0].pixels != alone.images[0].pixels
+
+
 def test_background_words_free_the_background_and_are_recorded(webui):
     """Background words through the API: "garden" is the background class (token-wise masks on a 128 px image), so
     the two subjects' masks no longer cover the whole image, unlike the same job without a background; the infotext

@@ -40,7 +40,7 @@ SLIC_IMAGE_CHOICES = ("vae", "preview")
 HIRES_MASKS_CHOICES = ("reuse", "extract")
 # MaskConfig's background "tokens": the positions of the user's background words (FreeFuseArgs.background_words), or
 # without them the prompt's end-of-text token (families with one: FLUX.1, Chroma), found by the host's text engine.
-BACKGROUND_CHOICES = ("off", "threshold", "tokens")
+BACKGROUND_CHOICES = ("off", "threshold", "tokens", "nearest")
 WEIGHT_LIMIT = 10.0
 MAX_CAPTURE_STEP = 10_000  # bounds that no real run reaches, so that pasted junk stays out of logs and infotext
 MAX_CAPTURE_BLOCK = 999
@@ -381,12 +381,14 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
         "background",
         "Places no subject claims",
         "Given to some subject, or kept free of subject LoRAs (background, unnamed objects): where no subject "
-        "scores high, or where the background words (else the end of the prompt) look.",
+        "scores high, or where the background words (else the end of the prompt) look; or, where no subject scores "
+        "high, given to the subject nearest to it.",
         BACKGROUND_CHOICES,
         (
             "Go to some subject (default)",
             "Stay free where no subject scores high",
             "Stay free where background words look",
+            "Nearest subject where none scores high",
         ),
     ),
     FieldHelp(

@@ -66,7 +66,8 @@ TAGS = {
     "quil": " <lora:toy_quil:1>",
     "both": " <lora:toy_zorb:1> <lora:toy_quil:1>",
 }
-# name -> (LoRA tags, alwayson_scripts or None, oracle masks)
+# name -> (LoRA tags, alwayson_scripts or None, oracle masks: True for the true halves, "figures" for the figure
+# tokens of each half alone, read from the capture's x0)
 CONFIGS = {
     "base": ("none", None, False),
     "ZORB LoRA alone": ("zorb", None, False),
@@ -113,12 +114,20 @@ CONFIGS = {
     "  average steps up to the capture": ("both", freefuse(average_steps=True), False),
     "  average blocks up to the capture": ("both", freefuse(average_blocks=True), False),
     "  defaults + average blocks": ("both", extension_defaults(average_blocks=True), False),
+    "  defaults + nearest 0.5": ("both", extension_defaults(background="nearest"), False),
+    "  defaults + nearest 2": ("both", extension_defaults(background="nearest", background_threshold=2.0), False),
+    "  defaults + average blocks + nearest 2": (
+        "both",
+        extension_defaults(average_blocks=True, background="nearest", background_threshold=2.0),
+        False,
+    ),
     "  self-attention seeds 3%": ("both", freefuse(self_attention_top_fraction=0.03), False),
     "  attention bias 2": ("both", freefuse(attention_bias=2.0), False),
     "  attention bias 5": ("both", freefuse(attention_bias=5.0), False),
     "  own words + attention bias 5": ("both", freefuse(text_loras="own_words", attention_bias=5.0), False),
     "oracle masks (paper timing)": ("both", freefuse(), True),
     "oracle masks (defaults)": ("both", extension_defaults(), True),
+    "oracle figures (defaults)": ("both", extension_defaults(), "figures"),
     "oracle masks + attention bias 5": ("both", freefuse(attention_bias=5.0), True),
     "oracle masks + joint + restart": ("both", freefuse(restart=True), True),
     "oracle masks + off before + restart": ("both", freefuse(pre_mask="off", restart=True), True),
@@ -216,7 +225,7 @@ def run_images(webui, scorer, name, tags, scripts, oracle, seeds, steps, data_di
     oracle_file = data_dir / "oracle"
     scores = {key: [] for key in ("P1", "P2")}
     if oracle:
-        oracle_file.write_text("on")
+        oracle_file.write_text(oracle if isinstance(oracle, str) else "on")  # "figures": the seam's other oracle
     try:
         for key, (prompt, left) in world.benchmark_prompts().items():
             for start in range(0, seeds, BATCH):

@@ -99,7 +99,7 @@ def freefuse_patcher(merged_unet, characters: list[str], settings: dict, prompt:
 
 
 @contextlib.contextmanager
-def mask_seam(oracle: bool, dump: list | None, keep_inputs: bool = False):
+def mask_seam(oracle: bool | str, dump: list | None, keep_inputs: bool = False):
     """While open: the job's masks are the true halves (oracle), and/or every extraction is appended to dump (with
     keep_inputs, also its q, k, grid, image and mask config)."""
     import lib_freefuse.forge.job as job_module
@@ -113,6 +113,8 @@ def mask_seam(oracle: bool, dump: list | None, keep_inputs: bool = False):
             masks = torch.zeros(len(subject_tokens), h, w, device=q.device)
             masks[order[0], :, : w // 2] = 1
             masks[order[1], :, w // 2 :] = 1
+            if oracle == "figures":  # each half's figure tokens alone (benchmark.CONFIGS)
+                masks *= torch.from_numpy(world.figure_tokens(np.asarray(image, np.float32), grid_hw)).to(masks)
         else:
             masks = original(q, k, subject_tokens, grid_hw, image, config, *args, **kwargs)
         if dump is not None:

@@ -19,8 +19,9 @@ CONTRASTIVE_CHOICES = ("off", "strongest", "authors")
 # "tokens" - the attention of given background tokens (an end-of-text token, a background phrase) above its even
 # share 1/N is one more class in the vote (masks.background_score_map); "threshold" - a superpixel where every
 # subject's score is below background_threshold times the even share 1/N (each map is a distribution over the N
-# image tokens). What the background wins gets no subject LoRA.
-BACKGROUND_CHOICES = ("off", "tokens", "threshold")
+# image tokens). What the background wins gets no subject LoRA. "nearest" - where "threshold" would leave a place free,
+# it goes to the subject that owns the nearest place instead (superpixel.give_free_to_nearest).
+BACKGROUND_CHOICES = ("off", "tokens", "threshold", "nearest")
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class MaskConfig:
     cross_attention: str = "text_queries"  # CROSS_ATTENTION_CHOICES: Eq. 5 as the paper, or the transposed scores
     contrastive: str = "off"  # CONTRASTIVE_CHOICES: Eq. 9's top tokens by M_l (the paper) or by a contrast
     background: str = "off"  # BACKGROUND_CHOICES: "off" gives every superpixel to some subject, as the paper
-    background_threshold: float = 0.5  # "threshold": multiple of the even score 1/N below which nobody owns
+    background_threshold: float = 0.5  # "threshold", "nearest": multiple of the even score 1/N below which nobody owns
     fill_holes: float = 0.0  # pieces of an owner (or of background) below this share of the image join their surround
 
     def __post_init__(self) -> None:

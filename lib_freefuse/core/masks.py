@@ -23,6 +23,7 @@ from .attention import (
 from .config import MaskConfig
 from .superpixel import (
     fill_holes,
+    give_free_to_nearest,
     owner_to_pixel_masks,
     pixel_masks_to_tokens,
     resize_image,
@@ -170,11 +171,11 @@ def _masks_from_maps(
     """Eq. 11-13 (or the token-wise argmax without the vote) for (L, h, w) score maps -> (L, *out_hw) masks."""
     grid_hw = tuple(maps.shape[-2:])
     out_hw = tuple(out_hw or grid_hw)
-    threshold = config.background_threshold if config.background == "threshold" else None
+    threshold = config.background_threshold if config.background in ("threshold", "nearest") else None
     if config.superpixel_vote:
         return _vote_masks(maps, _as_image(image), grid_hw, config, background, threshold, out_hw)
     # Without voting each token goes to the subject with the largest score: the paper's "holes".
-    owner = _filled(token_owners(maps, background, threshold), config)
+    owner = _owners(lambda t: token_owners(maps, background, t), threshold, config, maps.shape[0])
     masks = owner_to_pixel_masks(owner, maps.shape[0])
     if out_hw != grid_hw:
         masks = F.interpolate(masks[None], size=out_hw, mode="nearest-exact")[0]
@@ -324,9 +325,19 @@ def _vote_masks(
     small = resize_image(image, (h * s, w * s))
     n_segments = config.n_segments or round(math.sqrt(image.shape[0] * image.shape[1]))
     segments = slic_segments(small, min(n_segments, small.shape[0] * small.shape[1]), config.compactness)
-    owner = _filled(vote_superpixels(maps, segments, background, threshold), config)
+    owner = _owners(lambda t: vote_superpixels(maps, segments, background, t), threshold, config, maps.shape[0])
     pixel_masks = owner_to_pixel_masks(owner, maps.shape[0])
     return pixel_masks_to_tokens(pixel_masks, tuple(out_hw or grid_hw), soft=config.soft)
+
+
+def _owners(owners_at, threshold: float | None, config: MaskConfig, n_subjects: int) -> torch.Tensor:
+    """The owner map of owners_at(threshold) (index n_subjects: nobody); with background "nearest" its free places
+    go to the nearest owner (none owned at all: the map without the threshold); then fill_holes."""
+    owner = owners_at(threshold)
+    if config.background == "nearest":
+        owned = bool((owner != n_subjects).any())
+        owner = give_free_to_nearest(owner, n_subjects) if owned else owners_at(None)
+    return _filled(owner, config)
 
 
 def _filled(owner: torch.Tensor, config: MaskConfig) -> torch.Tensor:

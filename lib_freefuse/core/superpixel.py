@@ -78,6 +78,19 @@ def token_owners(
     return winner.cpu()
 
 
+def give_free_to_nearest(owner: torch.Tensor, n_subjects: int) -> torch.Tensor:
+    """Every free pixel (owner == n_subjects) goes to the owner of the nearest owned pixel (Euclidean distance; ties as
+    scipy's distance transform breaks them). owner: (H, W) int64 -> (H, W) int64; unchanged when nothing or
+    everything is owned."""
+    free = (owner == n_subjects).numpy()
+    if not free.any() or free.all():
+        return owner
+    _, (rows, cols) = ndimage.distance_transform_edt(free, return_indices=True)
+    result = owner.numpy().copy()
+    result[free] = result[rows[free], cols[free]]
+    return torch.from_numpy(result)
+
+
 def fill_holes(owner: torch.Tensor, min_size: int, max_passes: int = 4) -> torch.Tensor:
     """Each connected piece (4-neighbour) of one owner smaller than `min_size` pixels goes to the owner that most of
     the pixels touching it have (ties: the lowest index), smallest piece first (ties: the one whose first pixel comes

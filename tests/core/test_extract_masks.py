@@ -210,6 +210,8 @@ BEYOND_THE_PAPER = [
     MaskConfig(background="tokens", superpixel_vote=False),
     MaskConfig(background="threshold", background_threshold=0.9),
     MaskConfig(background="threshold", background_threshold=0.9, soft=True, fill_holes=0.05),
+    MaskConfig(background="nearest", background_threshold=2.0),
+    MaskConfig(background="nearest", background_threshold=2.0, superpixel_vote=False, fill_holes=0.05),
 ]
 
 
@@ -218,7 +220,7 @@ def test_output_contract_with_the_options_beyond_the_paper(config):
     masks = extract_masks(**inputs(), config=config, background_tokens=[6])
     assert masks.shape == (2, *GRID) and masks.dtype == torch.float32
     assert masks.min() >= 0 and masks.max() <= 1 and torch.all(masks.sum(dim=0) <= 1 + 1e-6)
-    if config.background == "off":  # the subjects share the whole image, as the paper's vote does
+    if config.background in ("off", "nearest"):  # the subjects share the whole image, as the paper's vote does
         torch.testing.assert_close(masks.sum(dim=0), torch.ones(GRID))
     if not config.soft:
         assert set(masks.unique().tolist()) <= {0.0, 1.0}

@@ -8,7 +8,8 @@ one post-import patch, to `lib_freefuse.forge.job.extract_masks`:
   token positions, so the benchmark can score masks against the true regions.
 - $FREEFUSE_TOY_ORACLE_FILE: while that file exists, the masks are the true regions instead: the subject whose
   words come first in the prompt owns the left half of the token grid, the other the right half (every benchmark
-  prompt reads "A on the left and B on the right").
+  prompt reads "A on the left and B on the right"). A file that reads "figures" gives each subject only the figure
+  tokens of its half (read from the capture's x0), the grey background nobody's.
 - $FREEFUSE_TOY_KEEP_INPUTS (with the dump): each record also keeps the extraction's inputs (q, k, grid, x0 image,
   mask config), for experiments on the mask pipeline itself (bench/toyworld/mask_signals.py).
 """
@@ -46,6 +47,18 @@ def oracle_masks(subject_tokens, grid_hw, device):
     return masks
 
 
+def figure_tokens(image, grid_hw, device):
+    """(h, w) float: 1 on the tokens of the x0 image (H_px, W_px, 3) in [0, 1] that are mostly not the grey
+    background (bench/toyworld/world.py's rule, repeated here: the seam runs inside the webui)."""
+    import numpy as np
+    import torch
+
+    h, w = grid_hw
+    contrast = np.abs(np.asarray(image, np.float32) - 0.5).max(-1)
+    tokens = contrast.reshape(h, contrast.shape[0] // h, w, contrast.shape[1] // w).mean((1, 3)) > 0.15
+    return torch.from_numpy(tokens).to(device=device, dtype=torch.float32)
+
+
 def patch_job(module):
     import torch
 
@@ -56,6 +69,8 @@ def patch_job(module):
         oracle = os.environ.get(ORACLE_ENV)
         if oracle and os.path.exists(oracle):
             masks = oracle_masks(subject_tokens, grid_hw, q.device)
+            if Path(oracle).read_text().strip() == "figures":
+                masks = masks * figure_tokens(image, grid_hw, q.device)
         else:
             masks = original(q, k, subject_tokens, grid_hw, image, config, *args, **kwargs)
         dump = os.environ.get(DUMP_ENV)

@@ -8,23 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 from test_average_steps import NO_VOTE, owners_as_masks, qk
-from test_equations import GROUPS, N_TEXT, naive_score_maps
+from test_average_steps import flux_job as average_steps_job
+from test_equations import N_TEXT, naive_score_maps
 
-from lib_freefuse.forge.job import FreeFuseJob, JobPlan
+from lib_freefuse.forge.job import FreeFuseJob
 
 pytestmark = pytest.mark.core
 
 
 def flux_job(average_blocks: bool, average_steps: bool = False, capture_step: int = 1) -> FreeFuseJob:
-    plan = JobPlan(
-        word_positions=(tuple(tuple(g) for g in GROUPS),),
-        text_length=N_TEXT,
-        capture_step=capture_step,
-        mask_config=NO_VOTE,
-        average_steps=average_steps,
-        average_blocks=average_blocks,
-    )
-    return FreeFuseJob(plan, decode=None)
+    return average_steps_job(average_steps, capture_step, average_blocks)
 
 
 def cfg(t: torch.Tensor) -> torch.Tensor:

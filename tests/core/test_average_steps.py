@@ -89,13 +89,14 @@ def test_cross_attention_masks_follow_the_mean_of_the_steps_maps():
 # The job: which calls capture, and what the masks are made of
 
 
-def flux_job(average_steps: bool, capture_step: int = 2) -> FreeFuseJob:
+def flux_job(average_steps: bool, capture_step: int = 2, average_blocks: bool = False) -> FreeFuseJob:
     plan = JobPlan(
         word_positions=(tuple(tuple(g) for g in GROUPS),),
         text_length=N_TEXT,
         capture_step=capture_step,
         mask_config=NO_VOTE,
         average_steps=average_steps,
+        average_blocks=average_blocks,
     )
     return FreeFuseJob(plan, decode=None)
 

@@ -115,6 +115,7 @@ CONFIGS = {
     "  average blocks up to the capture": ("both", freefuse(average_blocks=True), False),
     "  defaults + average blocks": ("both", extension_defaults(average_blocks=True), False),
     "  defaults + nearest 0.5": ("both", extension_defaults(background="nearest"), False),
+    "  defaults + nearest 1": ("both", extension_defaults(background="nearest", background_threshold=1.0), False),
     "  defaults + nearest 2": ("both", extension_defaults(background="nearest", background_threshold=2.0), False),
     "  defaults + average blocks + nearest 2": (
         "both",

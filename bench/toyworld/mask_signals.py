@@ -330,15 +330,9 @@ def main(argv=None) -> None:
         else:
             collect_second(args.forge.resolve(), args.seeds, args.out, blocks, steps)
         return
-    analysis = (
-        analyse_configs
-        if args.configs
-        else analyse_blocks
-        if args.blocks
-        else analyse_steps
-        if args.steps_only
-        else analyse
-    )
+    analysis = analyse_steps if args.steps_only else analyse
+    analysis = analyse_blocks if args.blocks else analysis
+    analysis = analyse_configs if args.configs else analysis
     tables = {path.name: analysis(path) for path in args.files}
     names = list(dict.fromkeys(n for t in tables.values() for n in t))
     print("| variant | " + " | ".join(tables) + " |")

@@ -49,10 +49,8 @@ def install(
 
 def install_capture(clone, job: FreeFuseJob, capture_block: int) -> None:
     """The capture block's patch; with average_blocks, every double block before it hands its maps over too."""
-    earlier = range(capture_block) if job.plan.average_blocks else ()
-    for index in (*earlier, capture_block):
+    for index, store in job.capture_stores(capture_block):
         block = f"diffusion_model.double_blocks.{index}.forward"
-        store = job.store_attention if index == capture_block else job.store_block_maps
         clone.add_object_patch(block, CaptureBlock(unpatched(clone, block), job, store=store))
 
 

@@ -194,18 +194,25 @@ class FreeFuseJob:
     def store_attention(self, q: torch.Tensor, k: torch.Tensor) -> None:
         """q, k: (B, H, L_txt + N_img [+ N_ref], D) after QK-norm and RoPE; the conditional rows of the text and
         generated-image tokens are kept."""
-        call = self._call
-        keep = call.text_tokens + call.grid_hw[0] * call.grid_hw[1]  # without reference tokens (Kontext)
-        self._captured = tuple(self._cond_rows(t, call)[:, :, :keep].detach() for t in (q, k))
+        self._captured = self._kept_rows(q, k)
         self.capture_count += 1
 
     def store_block_maps(self, q: torch.Tensor, k: torch.Tensor) -> None:
         """average_blocks: q, k of a block before the capture block, as store_attention's; its score maps (Eq. 5-10)
         are kept for the mean with the capture block's (the tensors themselves are not)."""
+        self._block_maps.append(self._score_maps(self._kept_rows(q, k), self._call.grid_hw))
+
+    def capture_stores(self, capture_block: int) -> list[tuple[int, Callable[[torch.Tensor, torch.Tensor], None]]]:
+        """(site index, what its q, k go to) for each site a family patches: the capture block's to store_attention;
+        with average_blocks, every earlier site's to store_block_maps."""
+        earlier = range(capture_block) if self.plan.average_blocks else ()
+        return [(index, self.store_block_maps) for index in earlier] + [(capture_block, self.store_attention)]
+
+    def _kept_rows(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditional rows of q, k (B, H, T, D) over the text and generated-image tokens (no reference ones)."""
         call = self._call
-        keep = call.text_tokens + call.grid_hw[0] * call.grid_hw[1]
-        kept = tuple(self._cond_rows(t, call)[:, :, :keep].detach() for t in (q, k))
-        self._block_maps.append(self._score_maps(kept, call.grid_hw))
+        keep = call.text_tokens + call.grid_hw[0] * call.grid_hw[1]  # without reference tokens (Kontext)
+        return tuple(self._cond_rows(t, call)[:, :, :keep].detach() for t in (q, k))
 
     def store_cross_attention(
         self, image_q: torch.Tensor, text_k: torch.Tensor, self_q: torch.Tensor, self_k: torch.Tensor

@@ -28,9 +28,8 @@ def install(clone, model, job: FreeFuseJob, subject_deltas: SubjectDeltas, captu
         raise ValueError(
             f"capture_block: {capture_block} is not one of the model's {len(model.transformer_blocks)} blocks"
         )
-    for index in (*(range(capture_block) if job.plan.average_blocks else ()), capture_block):
+    for index, store in job.capture_stores(capture_block):
         block = f"diffusion_model.transformer_blocks.{index}.forward"
-        store = job.store_attention if index == capture_block else job.store_block_maps
         clone.add_object_patch(block, CaptureBlock(unpatched(clone, block), job, _capturing_attention, store))
     modulated: set[str] = set()  # blocks whose _modulate takes per-token parameters
     for module, deltas in subject_deltas.items():

@@ -39,9 +39,8 @@ def install(clone, model, job: FreeFuseJob, subject_deltas: SubjectDeltas, captu
         source = job.vector_masks if role.stream == "vector" else PaddedMasks(job, layout, role.stream)
         name = f"diffusion_model.{module}.forward"
         clone.add_object_patch(name, MaskedLinearPatch(unpatched(clone, name), deltas, source, job.layer_failed))
-    for index in (*(range(capture_block) if job.plan.average_blocks else ()), capture_block):
+    for index, store in job.capture_stores(capture_block):
         block = f"diffusion_model.{sites[index]}.forward"
-        store = job.store_attention if index == capture_block else job.store_block_maps
         clone.add_object_patch(block, CaptureLayer(unpatched(clone, block), job, layout, store))
 
 

@@ -29,9 +29,7 @@ class KeepingJob(FreeFuseJob):
         self.handed: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
     def store_block_maps(self, q, k):
-        call = self._call
-        keep = call.text_tokens + call.grid_hw[0] * call.grid_hw[1]
-        self.handed.append(("block", *(self._cond_rows(t, call)[:, :, :keep].clone() for t in (q, k))))
+        self.handed.append(("block", *(t.clone() for t in self._kept_rows(q, k))))
         super().store_block_maps(q, k)
 
     def store_attention(self, q, k):

@@ -49,13 +49,14 @@ def oracle_masks(subject_tokens, grid_hw, device):
 
 def figure_tokens(image, grid_hw, device):
     """(h, w) float: 1 on the tokens of the x0 image (H_px, W_px, 3) in [0, 1] that are mostly not the grey
-    background (bench/toyworld/world.py's rule, repeated here: the seam runs inside the webui)."""
+    background (world.figure_tokens, the toy world's own rule)."""
     import numpy as np
     import torch
 
-    h, w = grid_hw
-    contrast = np.abs(np.asarray(image, np.float32) - 0.5).max(-1)
-    tokens = contrast.reshape(h, contrast.shape[0] // h, w, contrast.shape[1] // w).mean((1, 3)) > 0.15
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/toyworld: world.py
+    import world
+
+    tokens = world.figure_tokens(np.asarray(image, np.float32), tuple(grid_hw))
     return torch.from_numpy(tokens).to(device=device, dtype=torch.float32)
 
 

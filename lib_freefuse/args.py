@@ -22,7 +22,7 @@ import numbers
 import re
 import reprlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from lib_freefuse.core import (
@@ -41,6 +41,10 @@ HIRES_MASKS_CHOICES = ("reuse", "extract")
 # MaskConfig's background "tokens": the positions of the user's background words (FreeFuseArgs.background_words), or
 # without them the prompt's end-of-text token (families with one: FLUX.1, Chroma), found by the host's text engine.
 BACKGROUND_CHOICES = ("off", "threshold", "tokens", "nearest")
+# The mask settings where the extension's defaults leave the paper's (MaskConfig keeps the paper's own): the seeds of
+# Eq. 9 where each subject leads (0.6.0, with average_blocks: it won in both toy worlds and on the planted leak; README).
+EXTENSION_MASK = MaskConfig(contrastive="leading")
+CONTRASTIVE_UI_ORDER = ("leading", "off", "strongest", "authors")  # the default first, as the dropdown shows them
 WEIGHT_LIMIT = 10.0
 MAX_CAPTURE_STEP = 10_000  # bounds that no real run reaches, so that pasted junk stays out of logs and infotext
 MAX_CAPTURE_BLOCK = 999
@@ -113,9 +117,9 @@ class FreeFuseArgs:
     text_loras: str = "own_words"  # subject LoRAs on text tokens once masks exist: "own_words", "all" (paper), "none"
     attention_bias: float = 5.0  # once masks exist, words and regions pushed together (core.attention_bias); 0: off
     average_steps: bool = False  # masks from the mean of every step's maps up to the capture step (beyond the paper)
-    average_blocks: bool = False  # masks from the mean of every block's maps up to the capture block (beyond the paper)
+    average_blocks: bool = True  # masks from the mean of every block's maps up to the capture block (beyond the paper)
     background_words: str = ""  # the prompt's words of the background, for background "tokens" ("": end-of-text)
-    mask: MaskConfig = MaskConfig()  # flat in the dict form
+    mask: MaskConfig = EXTENSION_MASK  # flat in the dict form
 
     def __post_init__(self) -> None:
         for flag in ("enabled", "restart", "average_steps", "average_blocks", "show_masks"):
@@ -152,7 +156,7 @@ class FreeFuseArgs:
 
     @classmethod
     def defaults(cls) -> FreeFuseArgs:
-        """Every setting at its default: FreeFuse off, no subjects, the paper's method."""
+        """Every setting at its default: FreeFuse off, no subjects, the extension's defaults (README "Settings")."""
         return cls()
 
     @classmethod
@@ -173,7 +177,7 @@ class FreeFuseArgs:
             if name in values:
                 target = mask if name in _MASK_PARSERS else own
                 target[name] = _PARSERS[name](name, values[name])
-        return cls(**own, mask=MaskConfig(**mask))
+        return cls(**own, mask=replace(EXTENSION_MASK, **mask))
 
     def to_dict(self, only_changed: bool = False) -> dict[str, Any]:
         """The flat dict form, JSON-ready; with only_changed, defaults are left out (as infotext wants)."""
@@ -317,8 +321,8 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
     FieldHelp(
         "average_blocks",
         "Average the blocks up to the capture",
-        "Masks from the attention of every block up to the capture block, averaged: one block's stray attention "
-        "counts less. Not on SDXL.",
+        "Masks from the attention of every block up to the capture block, averaged (on by default): one block's "
+        "stray attention counts less. Not on SDXL.",
     ),
     FieldHelp(
         "background_words",
@@ -373,9 +377,11 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
     FieldHelp(
         "contrastive",
         "Strongest points of a subject",
-        "Where each mask grows from; a contrast helps when words point at both subjects.",
-        CONTRASTIVE_CHOICES,
-        ("Its own strongest (default)", "Beats each other subject", "Beats the others together"),
+        "Where each mask grows from: by default a subject's strongest places among those where it scores above "
+        "every other subject, so words that also point at another subject do not grow the mask there.",
+        CONTRASTIVE_UI_ORDER,
+        ("Its strongest where it leads (default)", "Its own strongest", "Beats each other subject",
+         "Beats the others together"),
     ),
     FieldHelp(
         "background",

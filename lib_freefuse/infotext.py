@@ -30,6 +30,8 @@ CHANGED_DEFAULTS: tuple[tuple[tuple[int, ...], str, object], ...] = (
     ((0, 2, 0), "slic_max_side", 512),
     ((0, 5, 0), "text_loras", "all"),  # own words and b = 5: they won in both toy worlds (README, issue 17)
     ((0, 5, 0), "attention_bias", 0.0),
+    ((0, 6, 0), "average_blocks", False),  # blocks averaged, seeds where a subject leads: won in both toy worlds
+    ((0, 6, 0), "contrastive", "off"),
 )
 
 _ROW_SEPARATOR = "; "

@@ -41,12 +41,22 @@ METRICS = ("present", "identity", "both_right", "wrong_colour")
 
 # The paper's rules where the extension's defaults (0.5.0: own words, b = 5) go beyond it: every "paper" row and
 # its variants pin them, so that they measure what they measured before the defaults changed.
-PAPER = {"text_loras": "all", "attention_bias": 0.0}
+PAPER = {"text_loras": "all", "attention_bias": 0.0, "average_blocks": False, "contrastive": "off"}
 
 
 def freefuse(**settings) -> dict:
     """alwayson_scripts of FreeFuse with the paper's settings, then `settings`."""
     return extension_defaults(**{**PAPER, **settings})
+
+
+# The extension's defaults of 0.5.0 (own words, b = 5) where 0.6.0 changed them: the rows "  defaults + ..." pin them,
+# as their committed JSONs were made (0.6.0 added the blocks' average and the seeds where a subject leads).
+DEFAULTS_0_5 = {"average_blocks": False, "contrastive": "off"}
+
+
+def defaults_0_5(**settings) -> dict:
+    """alwayson_scripts of FreeFuse with the defaults of 0.5.0, then `settings`."""
+    return extension_defaults(**{**DEFAULTS_0_5, **settings})
 
 
 def extension_defaults(**settings) -> dict:
@@ -75,6 +85,7 @@ CONFIGS = {
     "both merged": ("both", None, False),
     "FreeFuse (paper defaults)": ("both", freefuse(), False),
     "FreeFuse (defaults)": ("both", extension_defaults(), False),
+    "FreeFuse (0.5.0 defaults)": ("both", defaults_0_5(), False),
     "  sink filter off": ("both", freefuse(sink_filter=False), False),
     "  self-attention off": ("both", freefuse(self_attention=False), False),
     "  superpixel vote off": ("both", freefuse(superpixel_vote=False), False),
@@ -103,6 +114,13 @@ CONFIGS = {
     ),
     "  contrastive seeds (beats each other)": ("both", freefuse(contrastive="strongest"), False),
     "  contrastive seeds (authors)": ("both", freefuse(contrastive="authors"), False),
+    "  contrastive seeds (where it leads)": ("both", freefuse(contrastive="leading"), False),
+    "  0.5.0 defaults + seeds where it leads": ("both", defaults_0_5(contrastive="leading"), False),
+    "  0.5.0 defaults + average blocks + seeds where it leads (0.6.0)": (
+        "both",
+        defaults_0_5(average_blocks=True, contrastive="leading"),
+        False,
+    ),
     "  background from end-of-text": ("both", freefuse(background="tokens"), False),
     "  background threshold": ("both", freefuse(background="threshold"), False),
     "  fill holes 0.01": ("both", freefuse(fill_holes=0.01), False),
@@ -113,13 +131,13 @@ CONFIGS = {
     ),
     "  average steps up to the capture": ("both", freefuse(average_steps=True), False),
     "  average blocks up to the capture": ("both", freefuse(average_blocks=True), False),
-    "  defaults + average blocks": ("both", extension_defaults(average_blocks=True), False),
-    "  defaults + nearest 0.5": ("both", extension_defaults(background="nearest"), False),
-    "  defaults + nearest 1": ("both", extension_defaults(background="nearest", background_threshold=1.0), False),
-    "  defaults + nearest 2": ("both", extension_defaults(background="nearest", background_threshold=2.0), False),
+    "  defaults + average blocks": ("both", defaults_0_5(average_blocks=True), False),
+    "  defaults + nearest 0.5": ("both", defaults_0_5(background="nearest"), False),
+    "  defaults + nearest 1": ("both", defaults_0_5(background="nearest", background_threshold=1.0), False),
+    "  defaults + nearest 2": ("both", defaults_0_5(background="nearest", background_threshold=2.0), False),
     "  defaults + average blocks + nearest 2": (
         "both",
-        extension_defaults(average_blocks=True, background="nearest", background_threshold=2.0),
+        defaults_0_5(average_blocks=True, background="nearest", background_threshold=2.0),
         False,
     ),
     "  self-attention seeds 3%": ("both", freefuse(self_attention_top_fraction=0.03), False),
@@ -354,6 +372,7 @@ def format_table(rows: dict) -> str:
 SHARES = (
     ("FreeFuse (paper defaults)", "oracle masks (paper timing)"),
     ("FreeFuse (defaults)", "oracle masks (defaults)"),
+    ("FreeFuse (0.5.0 defaults)", "oracle masks (defaults)"),
     ("  own words + attention bias 5", "oracle masks (defaults)"),
     ("  joint + restart", "oracle masks + joint + restart"),
     ("  off before masks + restart", "oracle masks + off before + restart"),

@@ -31,6 +31,7 @@ sys.path[:0] = [str(ROOT), str(HERE), str(HERE.parent / "toyworld2")]
 import world  # noqa: E402
 
 STEPS = (2, 5, 8)
+PAPER_MASKS = {"average_blocks": False, "contrastive": "off"}  # the paper's masks where the defaults (0.6.0) go beyond
 
 
 def collect_first(forge: Path, python: str, seeds: int, out: Path, blocks=None, steps=STEPS) -> None:
@@ -80,7 +81,7 @@ def collect_second(forge: Path, seeds: int, out: Path, blocks=None, steps=STEPS)
                 for prompt, _ in world.benchmark_prompts().values():
                     for start in range(0, seeds, benchmark2.BATCH):
                         n = min(benchmark2.BATCH, seeds - start)
-                        settings = {"capture_block": block, "capture_step": step}
+                        settings = {"capture_block": block, "capture_step": step, **PAPER_MASKS}
                         w.images("both", settings, False, prompt, 1000 + start, n, records, keep=True)
                 captures[(block, step)] = records
                 print(f"  block {block}, step {step}: {len(records)} captures", flush=True)
@@ -104,22 +105,21 @@ def head_rows(c: dict) -> tuple[torch.Tensor, list[int]]:
     return torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1), rows
 
 
-def paper_maps(c: dict, head_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq. 5-10 (L, N) with the heads of Eq. 5 weighted (None: the paper's mean)."""
-    from lib_freefuse.core.attention import self_attention_maps, subject_maps
-    from lib_freefuse.core.masks import _sink_filtered
+def paper_maps(c: dict, head_weights: torch.Tensor | None = None, contrastive: str = "off") -> torch.Tensor:
+    """Eq. 5-10 (L, N) with the heads of Eq. 5 weighted (None: the paper's mean) and Eq. 9's seeds by `contrastive`
+    (MaskConfig's rule; "off": the paper's)."""
+    from dataclasses import replace
+
+    from lib_freefuse.core.masks import _refined_maps, _sink_filtered
 
     per_head, rows = head_rows(c)
     w = torch.ones(per_head.shape[0]) if head_weights is None else head_weights
     cross = (per_head * (w / w.sum())[:, None, None]).sum(0)
-    cross, _ = _sink_filtered(cross, c["grid"], c["config"])
-    row_of = {t: r for r, t in enumerate(rows)}
-    maps = subject_maps(cross, [[row_of[t] for t in g] for g in c["subject_tokens"]])
+    cross, sinks = _sink_filtered(cross, c["grid"], c["config"])
     n_text = n_text_of(c)
-    if c["config"].self_attention:
-        maps = self_attention_maps(c["q"][:, n_text:].float(), c["k"][:, n_text:].float(), maps,
-                                   c["config"].self_attention_top_fraction)  # fmt: skip
-    return maps
+    config = replace(c["config"], contrastive=contrastive)
+    return _refined_maps(cross, sinks, rows, c["subject_tokens"], c["q"][:, n_text:].float(),
+                         c["k"][:, n_text:].float(), config)  # fmt: skip
 
 
 def masks_of(c: dict, maps: torch.Tensor) -> torch.Tensor:
@@ -285,24 +285,39 @@ def analyse_configs(path: Path, step: int = 5) -> dict[str, float]:
     return {name: float(np.mean(v)) for name, v in results.items()}
 
 
-def analyse_blocks(path: Path, step: int = 5) -> dict[str, float]:
+def analyse_blocks(path: Path, step: int = 5, seed_rules: tuple[str, ...] = ("off",)) -> dict[str, float]:
     """At `step`: each block's masks and the masks of the mean of every block's maps (what `average_blocks` does,
-    voted on the last block's capture), IoU and figure accuracy (figures from that step's x0)."""
+    voted on the last block's capture), IoU and figure accuracy (figures from that step's x0), per rule of Eq. 9's
+    seeds; with several rules also per prompt (the captures hold the first prompt's images, then the second's) and
+    the largest mask's share of the image (one subject taking both figures shows there)."""
     captures = torch.load(path, weights_only=False)
     blocks = sorted(b for b, s in captures if s == step)
+    n_images = len(captures[(blocks[0], step)])
     results: dict[str, list[float]] = {}
-    for i in range(len(captures[(blocks[0], step)])):
+    for i in range(n_images):
         records = {b: captures[(b, step)][i] for b in blocks}
         last = records[blocks[-1]]
         figure = figure_tokens(last)
-        maps = {b: paper_maps(c) for b, c in records.items()}
-        variants = {f"block {b}": (records[b], maps[b]) for b in blocks}
-        variants["mean of blocks"] = (last, torch.stack([maps[b] for b in reversed(blocks)]).mean(0))
-        for name, (c, m) in variants.items():
-            masks = masks_of(c, m)
-            results.setdefault(f"{name}: IoU", []).append(iou(c, masks))
-            results.setdefault(f"{name}: figure accuracy", []).append(figure_accuracy(c, masks, figure))
+        prompt = "P1" if i < n_images // 2 else "P2"
+        for rule in seed_rules:
+            maps = {b: paper_maps(c, contrastive=rule) for b, c in records.items()}
+            variants = {f"block {b}": (records[b], maps[b]) for b in blocks}
+            variants["mean of blocks"] = (last, torch.stack([maps[b] for b in reversed(blocks)]).mean(0))
+            for name, (c, m) in variants.items():
+                masks = masks_of(c, m)
+                name = name if seed_rules == ("off",) else f"seeds {rule}, {name}"
+                measured = {"IoU": iou(c, masks), "figure accuracy": figure_accuracy(c, masks, figure)}
+                if seed_rules != ("off",):
+                    measured["largest mask's share"] = float((masks > 0.5).float().mean(dim=(1, 2)).max())
+                    measured.update({f"{k} {prompt}": v for k, v in list(measured.items())})
+                for key, value in measured.items():
+                    results.setdefault(f"{name}: {key}", []).append(value)
     return {name: float(np.mean(v)) for name, v in results.items()}
+
+
+def analyse_seeds(path: Path) -> dict[str, float]:
+    """analyse_blocks with the paper's seeds and the seeds where a subject leads (`contrastive` "leading")."""
+    return analyse_blocks(path, seed_rules=("off", "leading"))
 
 
 def main(argv=None) -> None:
@@ -321,6 +336,7 @@ def main(argv=None) -> None:
     a.add_argument("--steps-only", action="store_true", help="only the windows over capture steps")
     a.add_argument("--configs", action="store_true", help="only the mask settings of CONFIG_VARIANTS, at step 5")
     a.add_argument("--blocks", action="store_true", help="only each block and the mean of blocks, at step 5")
+    a.add_argument("--seeds", action="store_true", help="as --blocks, for the paper's seeds and the leading ones")
     args = parser.parse_args(argv)
     if args.command == "collect":
         blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else None
@@ -333,6 +349,7 @@ def main(argv=None) -> None:
     analysis = analyse_steps if args.steps_only else analyse
     analysis = analyse_blocks if args.blocks else analysis
     analysis = analyse_configs if args.configs else analysis
+    analysis = analyse_seeds if args.seeds else analysis
     tables = {path.name: analysis(path) for path in args.files}
     names = list(dict.fromkeys(n for t in tables.values() for n in t))
     print("| variant | " + " | ".join(tables) + " |")

@@ -109,16 +109,22 @@ def self_attention_maps(
 def contrastive_scores(maps: torch.Tensor, rule: str) -> torch.Tensor:
     """How much more subject l's words attend to each token than the other subjects' do. maps: (L, N) -> (L, N).
 
-    "strongest": M_l - max_{m != l} M_m; "authors" (the authors' later code): L * M_l - sum_{m != l} M_m. With one
-    subject both are M_l.
+    "strongest": M_l - max_{m != l} M_m; "authors" (the authors' later code): L * M_l - sum_{m != l} M_m;
+    "leading": M_l where l's map is the largest of all (where it would win Eq. 12's vote), ranked before every
+    token where another subject leads (those keep their order by M_l, so a subject that leads fewer tokens than
+    Eq. 9 takes still gets its count). With one subject all three are M_l.
     """
     n_subjects = maps.shape[0]
     if n_subjects == 1:
         return maps.clone()
+    if rule == "leading":
+        leads = maps == maps.amax(dim=0, keepdim=True)
+        behind = maps.amax() - maps.amin() + 1.0  # larger than any two tokens' difference: leaders rank first
+        return torch.where(leads, maps, maps - behind)
     if rule == "authors":
         return (n_subjects + 1) * maps - maps.sum(dim=0, keepdim=True)
     if rule != "strongest":
-        raise ValueError(f"rule: expected 'strongest' or 'authors', got {rule!r}")
+        raise ValueError(f"rule: expected 'strongest', 'authors' or 'leading', got {rule!r}")
     # the largest other map per token: the largest map, or the second largest where l itself is the largest
     top2 = maps.topk(2, dim=0)
     is_first = torch.arange(n_subjects, device=maps.device)[:, None] == top2.indices[0][None, :]

@@ -12,9 +12,11 @@ from dataclasses import dataclass, fields
 CROSS_ATTENTION_CHOICES = ("text_queries", "image_queries")
 # Which tokens seed Eq. 9's self-attention (T_l): "off" - the top tokens of the subject's map M_l (the paper);
 # "strongest" - the top tokens of M_l - max_{m != l} M_m; "authors" - of L * M_l - sum_{m != l} M_m (the authors'
-# later code). Both contrastive rules leave out every token that the sink filter dropped from any subject's row.
+# later code); "leading" - the top tokens of M_l among those where M_l is the largest map (where l would win the
+# vote), which keeps the seeds off a place another subject's words claim more strongly. The contrastive rules leave
+# out every token that the sink filter dropped from any subject's row.
 # Without Eq. 9-10 (self_attention off) there are no seeds and the setting changes nothing.
-CONTRASTIVE_CHOICES = ("off", "strongest", "authors")
+CONTRASTIVE_CHOICES = ("off", "strongest", "authors", "leading")
 # What becomes of the image that no subject claims: "off" - every superpixel goes to some subject (the paper);
 # "tokens" - the attention of given background tokens (an end-of-text token, a background phrase) above its even
 # share 1/N is one more class in the vote (masks.background_score_map); "threshold" - a superpixel where every

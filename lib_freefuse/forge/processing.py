@@ -158,7 +158,7 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
         background_positions=background,
         attention_bias=_attention_bias(args, family, state),
         average_steps=args.average_steps,
-        average_blocks=_average_blocks(args, family, state),
+        average_blocks=_average_blocks(args, family),
     )
     job = FreeFuseJob(plan, _decoder(p, args.slic_image), family=family)
     _record_schedule(p, job)
@@ -213,13 +213,11 @@ def _attention_bias(args: FreeFuseArgs, family: Family, state: RunState) -> floa
     return args.attention_bias
 
 
-def _average_blocks(args: FreeFuseArgs, family: Family, state: RunState) -> bool:
-    """The setting, or False with a warning on a family whose capture is a cross-attention block (SDXL: its blocks
-    sit at several resolutions, so their maps have no common grid to average on)."""
-    if args.average_blocks and family.attention != "joint":
-        state.warn(f"averaging the blocks up to the capture is not available for {family.name} models: made without it")
-        return False
-    return args.average_blocks
+def _average_blocks(args: FreeFuseArgs, family: Family) -> bool:
+    """The setting, or False on a family whose capture is a cross-attention block (SDXL: its blocks sit at several
+    resolutions, so their maps have no common grid to average on). Silently: it is the default (0.6.0), on where it
+    can be, as the attention bias is."""
+    return args.average_blocks and family.attention == "joint"
 
 
 def _background_positions(p, prompts: list[str], family: Family, args: FreeFuseArgs, state: RunState) -> tuple:

@@ -67,16 +67,12 @@ def test_an_aborted_call_leaves_no_block_maps_behind():
     assert torch.equal(job.masks[0], owners_as_masks(naive_mean))
 
 
-def test_a_cross_attention_family_runs_without_it_and_says_so():
+def test_on_by_default_where_the_family_can_and_off_on_a_cross_attention_family():
     from lib_freefuse.args import FreeFuseArgs
     from lib_freefuse.families import FLUX1, QWEN_IMAGE, SDXL_FAMILY, Z_IMAGE
-    from lib_freefuse.forge.processing import RunState, _average_blocks
+    from lib_freefuse.forge.processing import _average_blocks
 
-    state = RunState()
-    on = FreeFuseArgs(average_blocks=True)
-    assert all(_average_blocks(on, family, state) for family in (FLUX1, QWEN_IMAGE, Z_IMAGE)) and not state.warnings
-    assert _average_blocks(on, SDXL_FAMILY, state) is False
-    assert state.warnings == [
-        "averaging the blocks up to the capture is not available for SDXL models: made without it"
-    ]
-    assert _average_blocks(FreeFuseArgs(), SDXL_FAMILY, RunState()) is False
+    assert FreeFuseArgs().average_blocks is True  # the default since 0.6.0
+    assert all(_average_blocks(FreeFuseArgs(), family) for family in (FLUX1, QWEN_IMAGE, Z_IMAGE))
+    assert _average_blocks(FreeFuseArgs(), SDXL_FAMILY) is False
+    assert not any(_average_blocks(FreeFuseArgs(average_blocks=False), f) for f in (FLUX1, QWEN_IMAGE, Z_IMAGE))

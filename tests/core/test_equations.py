@@ -181,6 +181,9 @@ def test_eq9_10_self_attention_maps_match_full_matrix(qk, fraction):
         MaskConfig(contrastive="strongest", sink_filter=False),
         MaskConfig(contrastive="authors", cross_attention="image_queries"),
         MaskConfig(contrastive="strongest", self_attention=False),
+        MaskConfig(contrastive="leading", sink_top_fraction=0.05, self_attention_top_fraction=0.05),
+        MaskConfig(contrastive="leading", self_attention_top_fraction=0.3),
+        MaskConfig(contrastive="leading", cross_attention="image_queries", sink_filter=False),
     ],
 )
 def test_eq5_to_10_score_maps_match_naive_pipeline(qk, config):
@@ -206,14 +209,29 @@ def naive_score_maps(q, k, config: MaskConfig, skip_sinks: bool = True) -> torch
     maps = torch.stack([cross[g].mean(dim=0) for g in GROUPS])
     if not config.self_attention:
         return maps
+    a_self = naive_softmax_rows(q[:, N_TEXT:], k[:, N_TEXT:])
+    top = max(1, math.floor(N_IMG * config.self_attention_top_fraction))
+    if config.contrastive == "leading":
+        seeds = [naive_leading_seeds(maps, l, sink_any if skip_sinks else None, top) for l in range(len(GROUPS))]
+        return torch.stack([a_self[s].mean(dim=0) for s in seeds])
     seeds_by = maps
     if config.contrastive != "off":
         seeds_by = torch.stack([naive_contrast(maps, l, config.contrastive) for l in range(len(GROUPS))])
         if skip_sinks:
             seeds_by = seeds_by.masked_fill(sink_any, -math.inf)
-    a_self = naive_softmax_rows(q[:, N_TEXT:], k[:, N_TEXT:])
-    top = max(1, math.floor(N_IMG * config.self_attention_top_fraction))
     return torch.stack([a_self[s.argsort(descending=True, stable=True)[:top]].mean(dim=0) for s in seeds_by])
+
+
+def naive_leading_seeds(maps: torch.Tensor, l: int, sinks: torch.Tensor | None, top: int) -> list[int]:
+    """The "leading" seeds from config.py's words: the tokens where M_l is the largest map, strongest first, then
+    the others by M_l; tokens that are a sink of any subject's row last."""
+
+    def rank(j: int) -> tuple:
+        leads = all(float(maps[l, j]) >= float(maps[m, j]) for m in range(maps.shape[0]))
+        is_sink = sinks is not None and bool(sinks[j])
+        return (not is_sink, leads, float(maps[l, j]))
+
+    return sorted(range(maps.shape[1]), key=rank, reverse=True)[:top]
 
 
 def naive_contrast(maps: torch.Tensor, l: int, rule: str) -> torch.Tensor:
@@ -237,6 +255,23 @@ def test_contrastive_scores_match_their_definition(rule, n_subjects):
     maps[:, 7] = 0.5  # a token where every subject ties
     expected = torch.stack([naive_contrast(maps, l, rule) for l in range(n_subjects)])
     torch.testing.assert_close(contrastive_scores(maps, rule), expected)
+
+
+@pytest.mark.parametrize("n_subjects", [1, 2, 4])
+def test_leading_seeds_are_a_subjects_strongest_tokens_among_those_it_leads(n_subjects):
+    maps = torch.rand(n_subjects, 50, generator=torch.Generator().manual_seed(n_subjects))
+    maps[:, 7] = 0.5  # a token where every subject ties: each of them leads it
+    scores = contrastive_scores(maps, "leading")
+    for l in range(n_subjects):
+        order = scores[l].argsort(descending=True, stable=True).tolist()
+        assert order == naive_leading_seeds(maps, l, None, 50)
+
+
+def test_leading_seeds_leave_a_place_another_subject_claims_more_strongly():
+    """The planted leak in two tokens: subject 0's words attend most to token 3, which subject 1 claims more."""
+    maps = torch.tensor([[0.1, 0.2, 0.0, 0.6, 0.1], [0.0, 0.0, 0.1, 0.8, 0.1]])
+    assert contrastive_scores(maps, "leading")[0].argmax() == 1  # its own strongest (the paper's seed) is token 3
+    assert contrastive_scores(maps, "leading")[1].argmax() == 3
 
 
 def test_contrastive_seeds_skip_sinks_that_the_test_config_really_meets(qk):

@@ -102,6 +102,8 @@ def test_every_setting_axis_sets_a_key_of_the_argument_model():
         ("background", "Go to some subject (default)", "off"),
         ("word-to-image attention", "Image_Queries", "image_queries"),
         ("contrastive seeds", "Strongest", "strongest"),
+        ("contrastive seeds", "Its strongest where it leads (default)", "leading"),
+        ("contrastive seeds", "Its own strongest", "off"),
         ("background", "threshold", "threshold"),
         ("background", "Tokens", "tokens"),
         ("background threshold", 0.75, 0.75),

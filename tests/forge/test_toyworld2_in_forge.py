@@ -123,7 +123,7 @@ def test_mask_signals_rebuilds_the_jobs_masks_from_the_kept_inputs(forge, forge_
     benchmark2 = sys.modules["benchmark2"]
     averaged = []
     prompt, _ = benchmark2.world.benchmark_prompts()["P1"]
-    settings = {"capture_block": 1, "capture_step": 3, "average_steps": True}
+    settings = {"capture_block": 1, "capture_step": 3, "average_steps": True, **mask_signals.PAPER_MASKS}
     with torch.inference_mode():
         benchmark2.World(benchmark2.MODEL).images("both", settings, False, prompt, 1000, 1, averaged)
     maps = [mask_signals.paper_maps(captures[(1, s)][0]) for s in (3, 1, 2)]  # the job's order: this step, then earlier
@@ -132,12 +132,19 @@ def test_mask_signals_rebuilds_the_jobs_masks_from_the_kept_inputs(forge, forge_
     assert not torch.equal(offline, captures[(1, 3)][0]["masks"])  # the mean moved some owners: the check can tell
     blocks = []
     with torch.inference_mode():
-        settings = {"capture_block": 1, "capture_step": 3, "average_blocks": True}
+        settings = {"capture_block": 1, "capture_step": 3, "average_blocks": True, "contrastive": "off"}
         benchmark2.World(benchmark2.MODEL).images("both", settings, False, prompt, 1000, 1, blocks)
     maps = [mask_signals.paper_maps(captures[(b, 3)][0]) for b in (1, 0)]  # the job's order: the capture block first
     offline = mask_signals.masks_of(captures[(1, 3)][0], torch.stack(maps).mean(0))
     assert len(blocks) == 1 and torch.equal(blocks[0]["masks"], offline)
     assert not torch.equal(offline, captures[(1, 3)][0]["masks"])
+    defaults = []  # 0.6.0: the blocks' mean of the maps whose seeds lie where each subject leads
+    with torch.inference_mode():
+        settings = {"capture_block": 1, "capture_step": 3}
+        benchmark2.World(benchmark2.MODEL).images("both", settings, False, prompt, 1000, 1, defaults)
+    maps = [mask_signals.paper_maps(captures[(b, 3)][0], contrastive="leading") for b in (1, 0)]
+    offline = mask_signals.masks_of(captures[(1, 3)][0], torch.stack(maps).mean(0))
+    assert len(defaults) == 1 and torch.equal(defaults[0]["masks"], offline)
     table = mask_signals.analyse_steps(path)
     assert 0 <= table["mean of steps 1..s, block 1, step 3: figure accuracy"] <= 1
     assert set(mask_signals.analyse(path)) >= {"paper, block 1, step 3", "mean of steps, block 1"}
@@ -146,6 +153,9 @@ def test_mask_signals_rebuilds_the_jobs_masks_from_the_kept_inputs(forge, forge_
         f"{v}: {m}" for v in ("block 0", "block 1", "mean of blocks") for m in ("IoU", "figure accuracy")
     }
     assert all(0 <= value <= 1 for value in by_block.values())
+    by_seeds = mask_signals.analyse_blocks(path, step=3, seed_rules=("off", "leading"))
+    assert by_seeds["seeds off, block 1: IoU"] == pytest.approx(by_block["block 1: IoU"])
+    assert {"seeds leading, mean of blocks: figure accuracy P2", "seeds off, block 0: largest mask's share"} <= set(by_seeds)
     configs = mask_signals.analyse_configs(path, step=3)
     assert configs["paper, block 1: IoU"] == pytest.approx(table["paper, block 1, step 3: IoU"])
 

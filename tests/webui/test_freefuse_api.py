@@ -203,7 +203,8 @@ def test_problems_are_named_and_the_image_is_made(webui, settings, warning):
     assert f"FreeFuse: {warning}" in webui.log() or warning in webui.log()
 
 
-PAPER = {"text_loras": "all", "attention_bias": 0.0}  # the paper's rules where the defaults (0.5.0) go beyond it
+# the paper's rules where the defaults (0.5.0, 0.6.0) go beyond it
+PAPER = {"text_loras": "all", "attention_bias": 0.0, "average_blocks": False, "contrastive": "off"}
 
 
 @pytest.mark.parametrize(
@@ -215,8 +216,12 @@ PAPER = {"text_loras": "all", "attention_bias": 0.0}  # the paper's rules where 
         {"background": "tokens"},
         {"attention_bias": 5.0},
         {"text_loras": "own_words", "attention_bias": 5.0},
+        {"text_loras": "own_words", "attention_bias": 5.0, "average_blocks": True, "contrastive": "leading"},
     ],
-    ids=["image-queries", "text-own-words", "text-none", "background-end-of-text", "attention-bias", "defaults"],
+    ids=[
+        "image-queries", "text-own-words", "text-none", "background-end-of-text", "attention-bias", "defaults-0.5",
+        "defaults",
+    ],  # fmt: skip
 )
 def test_options_beyond_the_paper_run_change_the_image_and_are_recorded(webui, settings):
     """Each option beyond the paper, over the paper's settings, is accepted by the API, makes masks, changes the image
@@ -253,13 +258,13 @@ def test_average_steps_runs_changes_the_masks_and_is_recorded(webui):
 def test_average_blocks_runs_changes_the_masks_and_is_recorded(webui):
     """average_blocks through the API: with the capture at the tiny model's block 1 the masks come from the mean of
     blocks 0 and 1, so the masks (their coverage) and the image differ from the same job without it (token-wise
-    masks on a 128 px image); the infotext records it."""
+    masks on a 128 px image); the infotext records it where it is not the default (0.6.0: on)."""
     job = dict(capture_step=3, superpixel_vote=False)
     size = dict(steps=6, width=128, height=128)
-    alone = webui.txt2img(tagged(webui), **size, alwayson_scripts=freefuse(webui, **job))
-    result = webui.txt2img(tagged(webui), **size, alwayson_scripts=freefuse(webui, **job, average_blocks=True))
+    alone = webui.txt2img(tagged(webui), **size, alwayson_scripts=freefuse(webui, **job, average_blocks=False))
+    result = webui.txt2img(tagged(webui), **size, alwayson_scripts=freefuse(webui, **job))
     assert "FreeFuse coverage" in result.infotext and "FreeFuse warnings" not in result.infotext, result.infotext
-    assert "FreeFuse average blocks: True" in result.infotext and "FreeFuse average blocks" not in alone.infotext
+    assert "FreeFuse average blocks: False" in alone.infotext and "FreeFuse average blocks" not in result.infotext
     coverage = re.compile(r'FreeFuse coverage: "[^"]*"')
     assert coverage.search(result.infotext).group() != coverage.search(alone.infotext).group()
     assert result.images[0].pixels != alone.images[0].pixels

@@ -21,7 +21,8 @@ BATCH = 8
 STEPS = 24
 BOTH = " <lora:toy_zorb:1> <lora:toy_quil:1>"
 SUBJECTS = [{"lora": "toy_zorb", "words": "zorb"}, {"lora": "toy_quil", "words": "quil"}]
-PAPER = {"text_loras": "all", "attention_bias": 0.0}  # the paper's rules where the defaults (0.5.0) go beyond it
+# the paper's rules where the defaults (0.5.0, 0.6.0) go beyond it
+PAPER = {"text_loras": "all", "attention_bias": 0.0, "average_blocks": False, "contrastive": "off"}
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ HIRES_MASKS_CHOICES = ("reuse", "extract")
 # without them the prompt's end-of-text token (families with one: FLUX.1, Chroma), found by the host's text engine.
 BACKGROUND_CHOICES = ("off", "threshold", "tokens", "nearest")
 # The mask settings where the extension's defaults leave the paper's (MaskConfig keeps the paper's own): the seeds of
-# Eq. 9 where each subject leads (0.6.0, with average_blocks: it won in both toy worlds and on the planted leak; README).
+# Eq. 9 where each subject leads (0.6.0, with average_blocks: won in both toy worlds and on the planted leak; README).
 EXTENSION_MASK = MaskConfig(contrastive="leading")
 CONTRASTIVE_UI_ORDER = ("leading", "off", "strongest", "authors")  # the default first, as the dropdown shows them
 WEIGHT_LIMIT = 10.0
@@ -380,8 +380,12 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
         "Where each mask grows from: by default a subject's strongest places among those where it scores above "
         "every other subject, so words that also point at another subject do not grow the mask there.",
         CONTRASTIVE_UI_ORDER,
-        ("Its strongest where it leads (default)", "Its own strongest", "Beats each other subject",
-         "Beats the others together"),
+        (
+            "Its strongest where it leads (default)",
+            "Its own strongest",
+            "Beats each other subject",
+            "Beats the others together",
+        ),
     ),
     FieldHelp(
         "background",

@@ -124,6 +124,7 @@ CONFIGS = {
     "  background from end-of-text": ("both", freefuse(background="tokens"), False),
     "  background threshold": ("both", freefuse(background="threshold"), False),
     "  fill holes 0.01": ("both", freefuse(fill_holes=0.01), False),
+    "  defaults + fill holes 0.01": ("both", extension_defaults(fill_holes=0.01), False),
     "  all three remedies": (
         "both",
         freefuse(contrastive="strongest", background="tokens", fill_holes=0.01),

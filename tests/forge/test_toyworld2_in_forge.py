@@ -155,7 +155,9 @@ def test_mask_signals_rebuilds_the_jobs_masks_from_the_kept_inputs(forge, forge_
     assert all(0 <= value <= 1 for value in by_block.values())
     by_seeds = mask_signals.analyse_blocks(path, step=3, seed_rules=("off", "leading"))
     assert by_seeds["seeds off, block 1: IoU"] == pytest.approx(by_block["block 1: IoU"])
-    assert {"seeds leading, mean of blocks: figure accuracy P2", "seeds off, block 0: largest mask's share"} <= set(by_seeds)
+    assert {"seeds leading, mean of blocks: figure accuracy P2", "seeds off, block 0: largest mask's share"} <= set(
+        by_seeds
+    )
     configs = mask_signals.analyse_configs(path, step=3)
     assert configs["paper, block 1: IoU"] == pytest.approx(table["paper, block 1, step 3: IoU"])
 

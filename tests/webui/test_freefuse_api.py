@@ -219,9 +219,14 @@ PAPER = {"text_loras": "all", "attention_bias": 0.0, "average_blocks": False, "c
         {"text_loras": "own_words", "attention_bias": 5.0, "average_blocks": True, "contrastive": "leading"},
     ],
     ids=[
-        "image-queries", "text-own-words", "text-none", "background-end-of-text", "attention-bias", "defaults-0.5",
+        "image-queries",
+        "text-own-words",
+        "text-none",
+        "background-end-of-text",
+        "attention-bias",
+        "defaults-0.5",
         "defaults",
-    ],  # fmt: skip
+    ],
 )
 def test_options_beyond_the_paper_run_change_the_image_and_are_recorded(webui, settings):
     """Each option beyond the paper, over the paper's settings, is accepted by the API, makes masks, changes the image

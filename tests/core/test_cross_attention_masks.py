@@ -14,9 +14,9 @@ from lib_freefuse.core.attention import cross_attention_columns
 from lib_freefuse.core.masks import BACKGROUND_SCALE, cross_background_map, cross_score_maps
 
 try:  # tests/core as a package
-    from .planted_scenes import BACKGROUND_PHRASE, GEOMETRY_SCENES, background_scene, mean_iou
+    from .planted_scenes import BACKGROUND_PHRASE, GEOMETRY_SCENES, background_scene, leak_scene, mean_iou
 except ImportError:  # tests/core as a plain directory on sys.path
-    from planted_scenes import BACKGROUND_PHRASE, GEOMETRY_SCENES, background_scene, mean_iou
+    from planted_scenes import BACKGROUND_PHRASE, GEOMETRY_SCENES, background_scene, leak_scene, mean_iou
 
 pytestmark = pytest.mark.core
 
@@ -142,6 +142,31 @@ def test_bad_cross_inputs_name_the_argument(tensors):
     nan = {**tensors, "text_k": tensors["text_k"].clone().fill_(float("nan"))}
     with pytest.raises(ValueError, match="^text_k: contains NaN"):
         extract_cross_masks(**nan, subject_tokens=GROUPS, grid_hw=GRID, config=MaskConfig(superpixel_vote=False))
+
+
+def cross_scene_iou(scene, config: MaskConfig = MaskConfig()) -> float:
+    """Mean IoU of a planted scene's masks made through a cross-attention (as the test below reads it)."""
+    h, w = scene.grid_hw
+    n_text = scene.q.shape[1] - h * w
+    masks = extract_cross_masks(
+        scene.k[:, n_text:], scene.q[:, :n_text], scene.q[:, n_text:], scene.k[:, n_text:], scene.subject_tokens,
+        scene.grid_hw, scene.image, config, out_hw=(2 * h, 2 * w),
+    )  # fmt: skip
+    return mean_iou(torch.nn.functional.avg_pool2d(masks[None], 2)[0], scene)
+
+
+@pytest.mark.parametrize("name", [*sorted(GEOMETRY_SCENES), "leak"])
+def test_seeds_where_a_subject_leads_cost_no_scene_through_a_cross_attention(name):
+    """SDXL's path takes the extension's default seeds too: every planted scene read through a cross-attention is
+    found as well with them as with the paper's (0.002 of IoU allowed on average over the seeds). The leak scene
+    does not fail there: its extra logits on the other figure are spread over the text tokens by the softmax."""
+    make = leak_scene if name == "leak" else GEOMETRY_SCENES[name]
+    paper, leading = [], []
+    for seed in (0, 1):
+        scene = make(seed)
+        paper.append(cross_scene_iou(scene))
+        leading.append(cross_scene_iou(scene, MaskConfig(contrastive="leading")))
+    assert np.mean(leading) >= np.mean(paper) - 0.002 and min(leading) >= 0.85, (paper, leading)
 
 
 @pytest.mark.parametrize("seed", (0, 1))

@@ -125,6 +125,12 @@ CONFIGS = {
     "  background threshold": ("both", freefuse(background="threshold"), False),
     "  fill holes 0.01": ("both", freefuse(fill_holes=0.01), False),
     "  defaults + fill holes 0.01": ("both", extension_defaults(fill_holes=0.01), False),
+    "  defaults + average steps": ("both", extension_defaults(average_steps=True), False),
+    "  defaults + nearest 1 (0.6.0)": (
+        "both",
+        extension_defaults(background="nearest", background_threshold=1.0),
+        False,
+    ),
     "  all three remedies": (
         "both",
         freefuse(contrastive="strongest", background="tokens", fill_holes=0.01),

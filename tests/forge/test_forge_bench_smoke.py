@@ -42,5 +42,7 @@ def test_forge_generation_smoke(forge_root, flags, shape):
     assert "where the time goes" in out  # the breakdown (in the timed rounds, or in separate runs with --full)
     found = {label: (float(low), float(median), float(high)) for label, median, low, high, _ in RATIO_LINE.findall(out)}
     measures = ("setup + sampler", "thread CPU time of setup + sampler")
-    assert set(found) == {f"{case} / (a) merged, {what}" for case in ("(b) paper", "(c) restart") for what in measures}
+    assert re.search(r"\(d\) defaults: finite True, .*failure None, captures 1, passes 1, mask coverage \d", out)
+    cases = ("(b) paper", "(c) restart", "(d) defaults")
+    assert set(found) == {f"{case} / (a) merged, {what}" for case in cases for what in measures}
     assert all(0 < low <= median <= high for low, median, high in found.values())

@@ -112,15 +112,16 @@ def contrastive_scores(maps: torch.Tensor, rule: str) -> torch.Tensor:
     "strongest": M_l - max_{m != l} M_m; "authors" (the authors' later code): L * M_l - sum_{m != l} M_m;
     "leading": M_l where l's map is the largest of all (where it would win Eq. 12's vote), ranked before every
     token where another subject leads (those keep their order by M_l, so a subject that leads fewer tokens than
-    Eq. 9 takes still gets its count). With one subject all three are M_l.
+    Eq. 9 takes still gets its count; float64, for ranking only). With one subject all three are M_l.
     """
     n_subjects = maps.shape[0]
     if n_subjects == 1:
         return maps.clone()
     if rule == "leading":
         leads = maps == maps.amax(dim=0, keepdim=True)
-        behind = maps.amax() - maps.amin() + 1.0  # larger than any two tokens' difference: leaders rank first
-        return torch.where(leads, maps, maps - behind)
+        exact = maps.double()  # float64: the shift below keeps the order of values ~1/N apart (float32 would not)
+        behind = exact.amax() - exact.amin() + 1.0  # larger than any two tokens' difference: leaders rank first
+        return torch.where(leads, exact, exact - behind)
     if rule == "authors":
         return (n_subjects + 1) * maps - maps.sum(dim=0, keepdim=True)
     if rule != "strongest":

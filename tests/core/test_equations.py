@@ -267,6 +267,13 @@ def test_leading_seeds_are_a_subjects_strongest_tokens_among_those_it_leads(n_su
         assert order == naive_leading_seeds(maps, l, None, 50)
 
 
+def test_leading_seeds_keep_the_order_of_map_values_a_float32_shift_would_merge():
+    """Subject 0 leads one token only; its other seeds are ranked by values 1e-9 apart, as a 4096-token map's are."""
+    maps = torch.tensor([[1e-3, 2e-4, 2e-4 + 1e-9, 2e-4 + 2e-9], [0.0, 5e-3, 5e-3, 5e-3]])
+    order = contrastive_scores(maps, "leading")[0].argsort(descending=True, stable=True).tolist()
+    assert order == naive_leading_seeds(maps, 0, None, 4) == [0, 3, 2, 1]
+
+
 def test_leading_seeds_leave_a_place_another_subject_claims_more_strongly():
     """The planted leak in two tokens: subject 0's words attend most to token 3, which subject 1 claims more."""
     maps = torch.tensor([[0.1, 0.2, 0.0, 0.6, 0.1], [0.0, 0.0, 0.1, 0.8, 0.1]])

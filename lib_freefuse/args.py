@@ -38,12 +38,16 @@ PRE_MASK_CHOICES = ("joint", "off")
 MODULATION_CHOICES = ("per_token", "global", "off")
 SLIC_IMAGE_CHOICES = ("vae", "preview")
 HIRES_MASKS_CHOICES = ("reuse", "extract")
-# MaskConfig's background "tokens": the positions of the user's background words (FreeFuseArgs.background_words), or
+# MaskConfig's background "words": the positions of the user's background words (FreeFuseArgs.background_words), if
+# any; "tokens": the same, or
 # without them the prompt's end-of-text token (families with one: FLUX.1, Chroma), found by the host's text engine.
-BACKGROUND_CHOICES = ("off", "threshold", "tokens", "nearest")
+BACKGROUND_CHOICES = ("words", "off", "threshold", "tokens", "nearest")  # the default first, as the dropdown shows them
 # The mask settings where the extension's defaults leave the paper's (MaskConfig keeps the paper's own): the seeds of
-# Eq. 9 where each subject leads (0.6.0, with average_blocks: won in both toy worlds and on the planted leak; README).
-EXTENSION_MASK = MaskConfig(contrastive="leading")
+# Eq. 9 where each subject leads (0.6.0, with average_blocks: won in both toy worlds and on the planted leak; README);
+# stray pieces under 1% of the image filled, each subject keeping its largest, and the background words' places kept
+# free where the user gives any (0.7.0: the planted wide canvas and background, no scene worse, neither toy world
+# changed; README).
+EXTENSION_MASK = MaskConfig(contrastive="leading", background="words", fill_holes=0.01)
 CONTRASTIVE_UI_ORDER = ("leading", "off", "strongest", "authors")  # the default first, as the dropdown shows them
 WEIGHT_LIMIT = 10.0
 MAX_CAPTURE_STEP = 10_000  # bounds that no real run reaches, so that pasted junk stays out of logs and infotext
@@ -118,7 +122,7 @@ class FreeFuseArgs:
     attention_bias: float = 5.0  # once masks exist, words and regions pushed together (core.attention_bias); 0: off
     average_steps: bool = False  # masks from the mean of every step's maps up to the capture step (beyond the paper)
     average_blocks: bool = True  # masks from the mean of every block's maps up to the capture block (beyond the paper)
-    background_words: str = ""  # the prompt's words of the background, for background "tokens" ("": end-of-text)
+    background_words: str = ""  # the prompt's background words, for background "words" and "tokens"
     mask: MaskConfig = EXTENSION_MASK  # flat in the dict form
 
     def __post_init__(self) -> None:
@@ -390,14 +394,16 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
     FieldHelp(
         "background",
         "Places no subject claims",
-        "Given to some subject, or kept free of subject LoRAs (background, unnamed objects): where no subject "
+        "Kept free of subject LoRAs (background, unnamed objects) where the background words below look, if you "
+        "give any, else given to some subject; or given to some subject always; or kept free where no subject "
         "scores high, or where the background words (else the end of the prompt) look; or, where no subject scores "
         "high, given to the subject nearest to it.",
         BACKGROUND_CHOICES,
         (
-            "Go to some subject (default)",
+            "Free where background words look, if given (default)",
+            "Go to some subject",
             "Stay free where no subject scores high",
-            "Stay free where background words look",
+            "Stay free where background words (else the prompt's end) look",
             "Nearest subject where none scores high",
         ),
     ),

@@ -32,6 +32,8 @@ CHANGED_DEFAULTS: tuple[tuple[tuple[int, ...], str, object], ...] = (
     ((0, 5, 0), "attention_bias", 0.0),
     ((0, 6, 0), "average_blocks", False),  # blocks averaged, seeds where a subject leads: won in both toy worlds
     ((0, 6, 0), "contrastive", "off"),
+    ((0, 7, 0), "fill_holes", 0.0),  # stray pieces filled: the planted wide canvas, neither toy world changed
+    ((0, 7, 0), "background", "off"),  # the background words' places free where given: the planted background
 )
 
 _ROW_SEPARATOR = "; "

@@ -39,9 +39,9 @@ LAST_BLOCK = 2  # the toy transformer has 3 double blocks: the paper's late bloc
 METRICS = ("present", "identity", "both_right", "wrong_colour")
 
 
-# The paper's rules where the extension's defaults (0.5.0: own words, b = 5) go beyond it: every "paper" row and
-# its variants pin them, so that they measure what they measured before the defaults changed.
-PAPER = {"text_loras": "all", "attention_bias": 0.0, "average_blocks": False, "contrastive": "off"}
+# The paper's rules where the extension's defaults (0.5.0: own words, b = 5; 0.6.0; 0.7.0: fill holes) go beyond it:
+# every "paper" row and its variants pin them, so that they measure what they measured before the defaults changed.
+PAPER = {"text_loras": "all", "attention_bias": 0.0, "average_blocks": False, "contrastive": "off", "fill_holes": 0.0}
 
 
 def freefuse(**settings) -> dict:
@@ -51,7 +51,7 @@ def freefuse(**settings) -> dict:
 
 # The extension's defaults of 0.5.0 (own words, b = 5) where 0.6.0 changed them: the rows "  defaults + ..." pin them,
 # as their committed JSONs were made (0.6.0 added the blocks' average and the seeds where a subject leads).
-DEFAULTS_0_5 = {"average_blocks": False, "contrastive": "off"}
+DEFAULTS_0_5 = {"average_blocks": False, "contrastive": "off", "fill_holes": 0.0}
 
 
 def defaults_0_5(**settings) -> dict:
@@ -86,6 +86,7 @@ CONFIGS = {
     "FreeFuse (paper defaults)": ("both", freefuse(), False),
     "FreeFuse (defaults)": ("both", extension_defaults(), False),
     "FreeFuse (0.5.0 defaults)": ("both", defaults_0_5(), False),
+    "FreeFuse (0.6.0 defaults)": ("both", extension_defaults(fill_holes=0.0), False),
     "  sink filter off": ("both", freefuse(sink_filter=False), False),
     "  self-attention off": ("both", freefuse(self_attention=False), False),
     "  superpixel vote off": ("both", freefuse(superpixel_vote=False), False),
@@ -125,10 +126,10 @@ CONFIGS = {
     "  background threshold": ("both", freefuse(background="threshold"), False),
     "  fill holes 0.01": ("both", freefuse(fill_holes=0.01), False),
     "  defaults + fill holes 0.01": ("both", extension_defaults(fill_holes=0.01), False),
-    "  defaults + average steps": ("both", extension_defaults(average_steps=True), False),
+    "  defaults + average steps": ("both", extension_defaults(average_steps=True, fill_holes=0.0), False),
     "  defaults + nearest 1 (0.6.0)": (
         "both",
-        extension_defaults(background="nearest", background_threshold=1.0),
+        extension_defaults(background="nearest", background_threshold=1.0, fill_holes=0.0),
         False,
     ),
     "  all three remedies": (
@@ -380,6 +381,7 @@ SHARES = (
     ("FreeFuse (paper defaults)", "oracle masks (paper timing)"),
     ("FreeFuse (defaults)", "oracle masks (defaults)"),
     ("FreeFuse (0.5.0 defaults)", "oracle masks (defaults)"),
+    ("FreeFuse (0.6.0 defaults)", "oracle masks (defaults)"),
     ("  own words + attention bias 5", "oracle masks (defaults)"),
     ("  joint + restart", "oracle masks + joint + restart"),
     ("  off before masks + restart", "oracle masks + off before + restart"),

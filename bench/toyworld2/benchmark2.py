@@ -89,7 +89,7 @@ def freefuse_patcher(merged_unet, characters: list[str], settings: dict, prompt:
         modulation=args.modulation,
         text_loras=args.text_loras,
         restart=args.restart,
-        background_positions=((world2.end_position(prompt),),) * batch,
+        background_positions=((world2.end_position(prompt),),) * batch if args.mask.background == "tokens" else (),
         attention_bias=args.attention_bias,
         average_steps=args.average_steps,
         average_blocks=args.average_blocks,

@@ -22,8 +22,9 @@ CONTRASTIVE_CHOICES = ("off", "strongest", "authors", "leading")
 # share 1/N is one more class in the vote (masks.background_score_map); "threshold" - a superpixel where every
 # subject's score is below background_threshold times the even share 1/N (each map is a distribution over the N
 # image tokens). What the background wins gets no subject LoRA. "nearest" - where "threshold" would leave a place free,
-# it goes to the subject that owns the nearest place instead (superpixel.give_free_to_nearest).
-BACKGROUND_CHOICES = ("off", "tokens", "threshold", "nearest")
+# it goes to the subject that owns the nearest place instead (superpixel.give_free_to_nearest). "words" - as "tokens"
+# where background tokens are given (the user's background words), as "off" where none are.
+BACKGROUND_CHOICES = ("off", "tokens", "threshold", "nearest", "words")
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def extract_masks(
     subject_tokens: one sequence of text-token positions per subject. grid_hw: (h, w), row-major.
     image: predicted x0 as (H_px, W_px, 3) RGB in [0, 1] (or uint8); needed when `config.superpixel_vote` is on.
     background_tokens: text positions whose attention is the background (an end-of-text token, a background
-    phrase); used when `config.background` is "tokens", ignored otherwise.
+    phrase); used when `config.background` is "tokens" or "words" (which may have none), ignored otherwise.
     earlier_maps: (L, h, w) score maps of the same image at earlier steps (joint_score_maps), averaged with this
     step's before the vote (beyond the paper: `average_steps`); none, the paper's single step.
     Returns (L, h, w) float32 masks in [0, 1] on q's device, disjoint (sum over subjects <= 1; with a background
@@ -131,7 +131,7 @@ def extract_cross_masks(
     owners without the vote are enlarged (nearest). earlier_maps: (L, h, w) maps of earlier steps
     (cross_subject_maps), averaged with this step's. background_tokens: text positions whose attention is the
     background (a background phrase's words; the CLIP context has no end-of-text token that attends like T5's),
-    used when `config.background` is "tokens". Returns (L, *out_hw) float32 in [0, 1], disjoint.
+    used when `config.background` is "tokens" or "words". Returns (L, *out_hw) float32 in [0, 1], disjoint.
     """
     groups = _check_cross_inputs(image_q, text_k, self_q, self_k, subject_tokens, grid_hw, image, config)
     background_rows = _check_background_tokens(background_tokens, text_k.shape[1], config)
@@ -337,13 +337,14 @@ def _owners(owners_at, threshold: float | None, config: MaskConfig, n_subjects: 
     if config.background == "nearest":
         owned = bool((owner != n_subjects).any())
         owner = give_free_to_nearest(owner, n_subjects) if owned else owners_at(None)
-    return _filled(owner, config)
+    return _filled(owner, config, n_subjects)
 
 
-def _filled(owner: torch.Tensor, config: MaskConfig) -> torch.Tensor:
-    """fill_holes at `config.fill_holes` of the owner map's area (unchanged when that is under one pixel)."""
+def _filled(owner: torch.Tensor, config: MaskConfig, n_subjects: int) -> torch.Tensor:
+    """fill_holes at `config.fill_holes` of the owner map's area (unchanged when that is under one pixel); each
+    subject keeps its largest piece."""
     min_size = math.floor(config.fill_holes * owner.numel())
-    return fill_holes(owner, min_size) if min_size >= 1 else owner
+    return fill_holes(owner, min_size, n_subjects=n_subjects) if min_size >= 1 else owner
 
 
 def _as_image(image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -416,13 +417,16 @@ def _check_cross_inputs(image_q, text_k, self_q, self_k, subject_tokens, grid_hw
 
 
 def _check_background_tokens(background_tokens, n_text: int, config: MaskConfig) -> list[int]:
-    """The background rows to use: validated positions with background "tokens", nothing otherwise."""
-    if config.background != "tokens":
+    """The background rows to use: validated positions with background "tokens" or "words" (which may have none),
+    nothing otherwise."""
+    if config.background not in ("tokens", "words"):
         return []
     if isinstance(background_tokens, torch.Tensor):
         background_tokens = background_tokens.tolist()
     if isinstance(background_tokens, (str, bytes)) or not isinstance(background_tokens, Sequence):
         raise ValueError(f"background_tokens: expected a sequence of token positions, got {background_tokens!r}")
+    if len(background_tokens) == 0 and config.background == "words":
+        return []
     if len(background_tokens) == 0:
         raise ValueError("background_tokens: background is 'tokens' but no background token positions were given")
     for p in background_tokens:

@@ -91,11 +91,14 @@ def give_free_to_nearest(owner: torch.Tensor, n_subjects: int) -> torch.Tensor:
     return torch.from_numpy(result)
 
 
-def fill_holes(owner: torch.Tensor, min_size: int, max_passes: int = 4) -> torch.Tensor:
+def fill_holes(owner: torch.Tensor, min_size: int, max_passes: int = 4, n_subjects: int = 0) -> torch.Tensor:
     """Each connected piece (4-neighbour) of one owner smaller than `min_size` pixels goes to the owner that most of
     the pixels touching it have (ties: the lowest index), smallest piece first (ties: the one whose first pixel comes
     first in row-major order). owner: (H, W) int64 -> (H, W) int64.
 
+    The largest piece of each subject (owner index below `n_subjects`; ties: the first in row-major order) is never
+    filled: a subject drawn small keeps its mask, only its stray pieces go. Pieces of the other owners (background)
+    have no such guard.
     A pass relabels the pieces once; merging can leave new small pieces behind (an island inside an island), so
     passes repeat until nothing changes, at most `max_passes` times.
     """
@@ -104,10 +107,11 @@ def fill_holes(owner: torch.Tensor, min_size: int, max_passes: int = 4) -> torch
     for _ in range(max_passes):
         pieces, count = _pieces(result)
         sizes = np.bincount(pieces.ravel(), minlength=count + 1)
-        small = np.flatnonzero(sizes[1:] < min_size) + 1
+        first_pixel = np.unique(pieces.ravel(), return_index=True)[1]  # per label 1..count, in label order
+        kept = _largest_pieces(result, sizes, first_pixel, n_subjects)
+        small = np.setdiff1d(np.flatnonzero(sizes[1:] < min_size) + 1, kept)  # labels, ascending
         if small.size == 0:
             break
-        first_pixel = np.unique(pieces.ravel(), return_index=True)[1]  # per label 1..count, in label order
         boxes = ndimage.find_objects(pieces)
         changed = False
         for piece in small[np.lexsort((first_pixel[small - 1], sizes[small]))]:  # smallest first, then scan order
@@ -128,6 +132,18 @@ def fill_holes(owner: torch.Tensor, min_size: int, max_passes: int = 4) -> torch
 
 
 _CROSS = ndimage.generate_binary_structure(2, 1)
+
+
+def _largest_pieces(owner: np.ndarray, sizes: np.ndarray, first_pixel: np.ndarray, n_subjects: int) -> np.ndarray:
+    """Labels (1..count) of each subject's largest piece, ties to the first in row-major order. sizes: (count + 1,)
+    pixels per label; first_pixel: (count,) flat index of each label's first pixel."""
+    piece_owner = owner.ravel()[first_pixel]  # (count,)
+    largest = []
+    for subject in range(n_subjects):
+        labels = np.flatnonzero(piece_owner == subject) + 1
+        if labels.size:
+            largest.append(labels[np.lexsort((first_pixel[labels - 1], -sizes[labels]))[0]])
+    return np.asarray(largest, dtype=np.int64)
 
 
 def _pieces(owner: np.ndarray) -> tuple[np.ndarray, int]:

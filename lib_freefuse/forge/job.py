@@ -45,7 +45,7 @@ class JobPlan:
     initial_masks: torch.Tensor | None = None  # (B_img, L, h, w) from an earlier pass: used from the first step
     restart: bool = False  # once the masks exist, sample again from the first step with them (authors' later code)
     background_positions: tuple[tuple[int, ...], ...] = ()  # [image] -> text positions of the background class
-    # (its end-of-text token), read when mask_config.background is "tokens"
+    # (its end-of-text token), read when mask_config.background is "tokens" or "words"
     attention_bias: float = 0.0  # once the masks exist, push words and regions together (core.attention_bias); 0 off
     average_steps: bool = False  # the masks from the mean of the score maps of every step up to the capture step
     average_blocks: bool = False  # and of every block up to the capture block, in the same call (store_block_maps)
@@ -396,7 +396,8 @@ class FreeFuseJob:
         images = self.decode(denoised) if config.superpixel_vote else [None] * n_images
         words = [list(w) for w in self.plan.word_positions]
         earlier = [[step[b] for step in self._earlier_maps] for b in range(n_images)]
-        background = self.plan.background_positions if config.background == "tokens" else [()] * n_images
+        positions = self.plan.background_positions if config.background in ("tokens", "words") else ()
+        background = positions or [()] * n_images  # "words" without words: none
         if isinstance(captured, _CrossCapture):
             c = captured
             masks = [

@@ -24,8 +24,13 @@ from .job import FreeFuseJob, JobPlan
 from .lora_layers import subject_deltas
 
 _REFUSALS = {"Qwen-Image": qwen_image.refusal}  # family -> p -> why FreeFuse cannot run this job, or None
-# the background "tokens" choice as the accordion shows it, for messages
-_TOKENS_LABEL = next(label for label, value in help_for("background").shown_choices() if value == "tokens")
+# the background "words" choice as the accordion shows it, for messages
+_WORDS_LABEL = next(label for label, value in help_for("background").shown_choices() if value == "words")
+# what becomes of the background when its words cannot be used, per background setting
+_WITHOUT_WORDS = {
+    "tokens": "places where no subject scores high stay free instead",
+    "words": "every place goes to some subject",
+}
 _CONTEXT_PIECES = {
     "FLUX.2 Klein": flux2.context_pieces,
     "Qwen-Image": qwen_image.context_pieces,
@@ -141,7 +146,8 @@ def start_run(p, args: FreeFuseArgs, x: torch.Tensor) -> FreeFuseJob | None:
         state.warn(note)
     previous = state.masks if is_hr and args.hires_masks == "reuse" else None
     word_positions = tuple(tuple(words[s.lora][b] for s in subjects) for b in range(len(prompts)))
-    background = _apart_from_subjects(_background_positions(p, prompts, family, args, state), word_positions, state)
+    background = _background_positions(p, prompts, family, args, state)
+    background = _apart_from_subjects(background, word_positions, _WITHOUT_WORDS.get(args.mask.background, ""), state)
     mask_config = args.mask
     if args.mask.background == "tokens" and not background:
         mask_config = replace(args.mask, background="threshold")
@@ -221,19 +227,22 @@ def _average_blocks(args: FreeFuseArgs, family: Family) -> bool:
 
 
 def _background_positions(p, prompts: list[str], family: Family, args: FreeFuseArgs, state: RunState) -> tuple:
-    """[image] -> text positions of the background class, for the background "tokens": the background words' where
-    given, else (position of the end-of-text token,) in the prompt's context; () when that setting is off, or (with
-    a warning; the job uses "threshold" instead) when the words are not in the prompt or the family has no such
-    token."""
-    if args.mask.background != "tokens":
+    """[image] -> text positions of the background class: for the background "tokens" the background words' where
+    given, else (position of the end-of-text token,) in the prompt's context; for "words" the background words' where
+    given. () for the other settings, for "words" without words, or (with a warning; "tokens" uses "threshold"
+    instead, "words" gives every place to some subject) when the words are not in the prompt or, for "tokens" without
+    words, the family has no such token."""
+    if args.mask.background not in ("tokens", "words"):
         if args.background_words:
             state.warn(
                 f"the background words ({args.background_words}) count only when places no subject claims "
-                f"{_TOKENS_LABEL!r}: made without them"
+                f"{_WORDS_LABEL!r}: made without them"
             )
         return ()
     if args.background_words:
-        return _background_words(p, prompts, family, args.background_words, state)
+        return _background_words(p, prompts, family, args.background_words, _WITHOUT_WORDS[args.mask.background], state)
+    if args.mask.background == "words":
+        return ()
     engine = getattr(p.sd_model, family.text_engine)
     end = getattr(engine, "id_end", None)
     if not family.end_of_text or end is None:
@@ -249,9 +258,9 @@ def _background_positions(p, prompts: list[str], family: Family, args: FreeFuseA
     return tuple(positions)
 
 
-def _apart_from_subjects(background: tuple, word_positions: tuple, state: RunState) -> tuple:
+def _apart_from_subjects(background: tuple, word_positions: tuple, instead: str, state: RunState) -> tuple:
     """[image] -> the background positions that are no subject's words (a shared token counts for its subject, and
-    is named); () with a warning (the job uses "threshold" instead) when none is left."""
+    is named); () with a warning saying what the job does `instead` when none is left."""
     if not background:
         return background
     kept = []
@@ -261,9 +270,7 @@ def _apart_from_subjects(background: tuple, word_positions: tuple, state: RunSta
     if kept == list(background):
         return background
     if not all(kept):
-        state.warn(
-            "the background words are a subject's own words: places where no subject scores high stay free instead"
-        )
+        state.warn(f"the background words are a subject's own words: {instead}")
         return ()
     state.warn("some background words are also a subject's words: they count for the subject only")
     return tuple(kept)
@@ -364,17 +371,14 @@ def _where(index: int, after_break: set[int], family: Family | None) -> str:
     return "are not in the prompt"
 
 
-def _background_words(p, prompts: list[str], family: Family, words: str, state: RunState) -> tuple:
-    """[image] -> the text positions of the background words, found as a subject's are; () with a warning (the job
-    keeps the background free by the threshold instead) when a prompt holds none of them."""
+def _background_words(p, prompts: list[str], family: Family, words: str, instead: str, state: RunState) -> tuple:
+    """[image] -> the text positions of the background words, found as a subject's are; () with a warning saying what
+    the job does `instead` when a prompt holds none of them."""
     per_image, _, after_break = _search_words(p, prompts, [words], family)
     results = [image[0] for image in per_image]
     if not all(r.found for r in results):
         missing = sorted({m for r in results for m in r.missing})
-        state.warn(
-            f"the background words ({', '.join(missing)}) {_where(0, after_break, family)}: "
-            "places where no subject scores high stay free instead"
-        )
+        state.warn(f"the background words ({', '.join(missing)}) {_where(0, after_break, family)}: {instead}")
         return ()
     for r in results:
         if r.missing:

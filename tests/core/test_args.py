@@ -75,16 +75,16 @@ def test_defaults_are_the_papers_method_switched_off_with_the_extensions_choices
     assert (args.enabled, args.subjects, args.capture_step, args.capture_block) == (False, (), None, 17)
     assert (args.pre_mask, args.restart, args.modulation, args.slic_image) == ("joint", False, "per_token", "vae")
     assert (args.show_masks, args.hires_masks) == (False, "reuse")
-    # beyond the paper since 0.5.0 / 0.6.0 (README "Settings"): everything else in the masks is the paper's
+    # beyond the paper since 0.5.0 / 0.6.0 / 0.7.0 (README "Settings"): everything else in the masks is the paper's
     assert (args.text_loras, args.attention_bias, args.average_blocks) == ("own_words", 5.0, True)
-    assert args.mask == dataclasses.replace(MaskConfig(), contrastive="leading")
+    assert args.mask == dataclasses.replace(MaskConfig(), contrastive="leading", background="words", fill_holes=0.01)
     assert args.capture_block_name == "double_blocks.17"
 
 
 def test_mask_keys_not_given_keep_the_extensions_defaults():
-    given = FreeFuseArgs.from_dict({"fill_holes": 0.01}).mask
-    assert given == dataclasses.replace(MaskConfig(), contrastive="leading", fill_holes=0.01)
-    assert FreeFuseArgs.from_dict({"contrastive": "off"}).mask == MaskConfig()
+    given = FreeFuseArgs.from_dict({"fill_holes": 0.02}).mask
+    assert given == dataclasses.replace(MaskConfig(), contrastive="leading", background="words", fill_holes=0.02)
+    assert FreeFuseArgs.from_dict({"contrastive": "off", "background": "off", "fill_holes": 0}).mask == MaskConfig()
     assert FreeFuseArgs().updated({"background": "threshold"}).mask.contrastive == "leading"
 
 
@@ -147,7 +147,7 @@ def changed_everywhere() -> FreeFuseArgs:
         contrastive="strongest",
         background="threshold",
         background_threshold=0.8,
-        fill_holes=0.01,
+        fill_holes=0.02,
     )
 
 
@@ -310,12 +310,12 @@ def test_mask_config_rules_apply_and_name_the_field(key, value):
     rejects(f"^{key}: ", **{key: value})
 
 
-def test_options_beyond_the_paper_parse_and_default_to_the_paper_but_the_seeds():
+def test_options_beyond_the_paper_parse_and_default_to_the_extensions_choices():
     args = parse(contrastive="Authors", background=" THRESHOLD", background_threshold="0.8", fill_holes=0.02)
     assert (args.mask.contrastive, args.mask.background) == ("authors", "threshold")
     assert (args.mask.background_threshold, args.mask.fill_holes) == (0.8, 0.02)
     defaults = FreeFuseArgs().mask
-    assert (defaults.contrastive, defaults.background, defaults.fill_holes) == ("leading", "off", 0.0)
+    assert (defaults.contrastive, defaults.background, defaults.fill_holes) == ("leading", "words", 0.01)
 
 
 def test_background_from_tokens_is_offered_and_unknown_modes_are_named():

@@ -385,10 +385,11 @@ def test_eq11_13_vote_matches_naive():
     assert np.array_equal(got.numpy(), naive_vote(maps, segments))
 
 
-def naive_fill_holes(owner: np.ndarray, min_size: int, max_passes: int = 4) -> np.ndarray:
+def naive_fill_holes(owner: np.ndarray, min_size: int, max_passes: int = 4, n_subjects: int = 0) -> np.ndarray:
     """fill_holes with a flood fill: every pass finds the 4-connected pieces, then, smallest first (ties in scan
     order of their first pixel), gives each piece under min_size pixels to the owner most common among the pixels
-    that touch it (each counted once; ties to the lowest owner)."""
+    that touch it (each counted once; ties to the lowest owner), except each subject's (owner < n_subjects) largest
+    piece of the pass (ties: the first found in scan order)."""
     owner = owner.copy()
     h, w = owner.shape
     for _ in range(max_passes):
@@ -408,8 +409,14 @@ def naive_fill_holes(owner: np.ndarray, min_size: int, max_passes: int = 4) -> n
                             seen[ny, nx] = True
                             stack.append((ny, nx))
                 pieces.append(piece)
+        kept = set()
+        for subject in range(n_subjects):
+            own_pieces = [i for i, p in enumerate(pieces) if owner[p[0]] == subject]
+            if own_pieces:
+                kept.add(max(own_pieces, key=lambda i: (len(pieces[i]), -i)))
         changed = False
-        for piece in sorted((p for p in pieces if len(p) < min_size), key=len):
+        small = [p for i, p in enumerate(pieces) if len(p) < min_size and i not in kept]
+        for piece in sorted(small, key=len):
             inside = set(piece)
             own = owner[piece[0]]
             ring = {
@@ -429,13 +436,28 @@ def naive_fill_holes(owner: np.ndarray, min_size: int, max_passes: int = 4) -> n
     return owner
 
 
+@pytest.mark.parametrize("n_subjects", [0, 2, 3])
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("min_size", [2, 5, 12])
-def test_fill_holes_matches_naive(seed, min_size):
+def test_fill_holes_matches_naive(seed, min_size, n_subjects):
     rng = np.random.default_rng(seed)
     owner = rng.choice(3, size=(14, 17), p=[0.6, 0.3, 0.1])
-    got = fill_holes(torch.from_numpy(owner), min_size).numpy()
-    assert np.array_equal(got, naive_fill_holes(owner, min_size))
+    got = fill_holes(torch.from_numpy(owner), min_size, n_subjects=n_subjects).numpy()
+    assert np.array_equal(got, naive_fill_holes(owner, min_size, n_subjects=n_subjects))
+
+
+def test_fill_holes_keeps_a_small_subjects_largest_piece():
+    """A subject drawn small (one piece under min_size) keeps it; its stray pieces still go; the background's don't
+    count as a subject's."""
+    owner = np.zeros((12, 12), dtype=np.int64)
+    owner[1:3, 1:3] = 1  # subject 1's only piece besides ...
+    owner[9, 9] = 1  # ... a stray pixel
+    owner[5:7, 8:10] = 2  # a piece of background
+    got = fill_holes(torch.from_numpy(owner), min_size=5, n_subjects=2).numpy()
+    expected = np.zeros((12, 12), dtype=np.int64)
+    expected[1:3, 1:3] = 1
+    assert np.array_equal(got, expected)
+    assert not fill_holes(torch.from_numpy(owner), min_size=5).numpy().any()  # no subjects named: all go
 
 
 def test_fill_holes_closes_small_islands_and_keeps_large_ones():

@@ -244,6 +244,19 @@ def test_background_leaves_part_of_the_image_to_nobody_and_the_rest_as_before():
     assert torch.equal(masks[:, ~nobody], paper[:, ~nobody])
 
 
+def test_background_words_are_the_tokens_class_where_given_and_off_where_not():
+    """background "words": with background tokens, the "tokens" masks; with none, the masks of "off" (no error)."""
+    args = inputs(1)
+    words, tokens = MaskConfig(background="words"), MaskConfig(background="tokens")
+    assert torch.equal(extract_masks(**args, config=words), extract_masks(**args))
+    assert torch.equal(
+        extract_masks(**args, config=words, background_tokens=[6]),
+        extract_masks(**args, config=tokens, background_tokens=[6]),
+    )
+    with pytest.raises(ValueError, match="^background_tokens:"):
+        extract_masks(**args, config=words, background_tokens=[N_TEXT])
+
+
 def test_background_tokens_are_ignored_unless_asked_for():
     args = inputs(2)
     assert torch.equal(extract_masks(**args, background_tokens=[6]), extract_masks(**args))

@@ -99,7 +99,8 @@ def test_every_setting_axis_sets_a_key_of_the_argument_model():
         ("modulation", "Whole image", "global"),  # the label the dropdown shows: its stored value
         ("LoRAs on text tokens", "All but on others' words", "all"),
         ("LoRAs on text tokens", "None", "none"),
-        ("background", "Go to some subject (default)", "off"),
+        ("background", "Go to some subject", "off"),
+        ("background", "Free where background words look, if given (default)", "words"),
         ("word-to-image attention", "Image_Queries", "image_queries"),
         ("contrastive seeds", "Strongest", "strongest"),
         ("contrastive seeds", "Its strongest where it leads (default)", "leading"),

@@ -72,10 +72,12 @@ def test_a_flux_job_reads_the_background_from_each_prompts_end_of_text_token(for
     assert tuple(job.masks.shape) == (2, 2, *GRID)
 
 
-def test_background_tokens_off_by_default_names_no_token(forge, forge_root, tiny_unet, monkeypatch):
+def test_by_default_without_background_words_no_token_is_the_background(forge, forge_root, tiny_unet, monkeypatch):
+    """The default "words" without background words: no background class, not even the end-of-text token."""
     p, args, _, _ = flux_job(forge, forge_root, tiny_unet, monkeypatch, [PROMPT])
     job = start_run(p, args, torch.zeros(1, 16, *LATENT))
-    assert job is not None and job.plan.background_positions == () and job.plan.mask_config.background == "off"
+    assert job is not None and job.plan.background_positions == () and job.plan.mask_config.background == "words"
+    assert p.freefuse_state.warnings == []
 
 
 def test_sdxl_has_no_end_of_text_background_and_says_so(forge, forge_root, monkeypatch):
@@ -154,12 +156,46 @@ def test_background_words_missing_from_the_prompt_are_named_and_the_threshold_us
 def test_background_words_with_another_background_setting_are_named_and_left_out(
     forge, forge_root, tiny_unet, monkeypatch
 ):
-    p, args, _, _ = flux_job(forge, forge_root, tiny_unet, monkeypatch, [PROMPT], background_words="hall")
+    p, args, _, _ = flux_job(
+        forge, forge_root, tiny_unet, monkeypatch, [PROMPT], background="off", background_words="hall"
+    )
     job = start_run(p, args, torch.zeros(1, 16, *LATENT))
     assert job is not None and job.plan.background_positions == () and job.plan.mask_config.background == "off"
     assert p.freefuse_state.warnings == [
-        "the background words (hall) count only when places no subject claims 'Stay free where background words "
-        "look': made without them"
+        "the background words (hall) count only when places no subject claims 'Free where background words look, "
+        "if given (default)': made without them"
+    ]
+
+
+def test_by_default_the_background_words_are_the_background_class(forge, forge_root, tiny_unet, monkeypatch):
+    """The default "words": the user's background words are found and handed to the masks as with "tokens"."""
+    prompts = [PROMPT, "a starry sky over " + PROMPT]
+    p, args, _, engine = flux_job(forge, forge_root, tiny_unet, monkeypatch, prompts, background_words="hall")
+    seen = []
+    real = job_module.extract_masks
+
+    def recording(q, k, words, grid_hw, image, config, background_tokens=(), earlier_maps=()):
+        seen.append((config.background, tuple(background_tokens)))
+        return real(q, k, words, grid_hw, image, config, background_tokens, earlier_maps)
+
+    monkeypatch.setattr(job_module, "extract_masks", recording)
+    job = start_run(p, args, torch.zeros(2, 16, *LATENT))
+    assert job is not None and p.freefuse_state.warnings == []
+    expected = tuple(piece_positions(engine, prompt, "hall") for prompt in prompts)
+    assert job.plan.background_positions == expected and job.plan.mask_config.background == "words"
+    out = forge.sample(p.sd_model.forge_objects.unet, steps=4, batch=2, cond=forge.conditions(2, job.plan.text_length),
+                       latent_hw=LATENT)  # fmt: skip
+    assert torch.isfinite(out).all() and job.failure is None and seen == [("words", e) for e in expected]
+
+
+def test_by_default_background_words_missing_from_the_prompt_leave_every_place_to_a_subject(
+    forge, forge_root, tiny_unet, monkeypatch
+):
+    p, args, _, _ = flux_job(forge, forge_root, tiny_unet, monkeypatch, [PROMPT], background_words="misty forest")
+    job = start_run(p, args, torch.zeros(1, 16, *LATENT))
+    assert job is not None and job.plan.background_positions == () and job.plan.mask_config.background == "words"
+    assert p.freefuse_state.warnings == [
+        "the background words (misty forest) are not in the prompt: every place goes to some subject"
     ]
 
 

@@ -26,6 +26,7 @@ PROMPT = "a photo of a cat and a dog in a garden <lora:tiny_lora_a:0.8> <lora:ti
 NO_WORDS = "No activation words: this row acts as an ordinary LoRA until you type its subject's words"
 NO_LORA = "No LoRA: these words bind nothing until you pick one"
 BACKGROUND_WORDS = f"#{FF}-background-words input, #{FF}-background-words textarea"  # a one-line Textbox
+BACKGROUND_DEFAULT = "Free where background words look, if given (default)"
 
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=MISSING)  # before the webui fixture starts a server
 
@@ -152,7 +153,7 @@ def _run(page: Page, webui) -> None:
     page.choose(f"{FF}-text-loras", "All but on others' words")
     # the background named by words of the prompt: a phrase the prompt lacks is named live under their box
     page.open_accordion(f"{FF}-recipe")
-    page.choose(f"{FF}-background", "Stay free where background words look")
+    assert page.value(f"#{FF}-background input") == BACKGROUND_DEFAULT  # words given are used as they come
     page.type_into(BACKGROUND_WORDS, "misty forest")
     page.wait(lambda d: page.missing("background") == "Not in the prompt: misty forest", "the background words' hint")
     page.shot("background-words-missing")
@@ -198,7 +199,6 @@ def _run(page: Page, webui) -> None:
         "FreeFuse capture block: 1",
         "FreeFuse show masks: True",
         "FreeFuse text loras: all",  # the stored value of the plain label "All but on others' words"
-        "FreeFuse background: tokens",
         "FreeFuse background words: garden",
         "FreeFuse coverage:",
         # the half-filled row, numbered as on screen, is the job's one warning
@@ -206,6 +206,7 @@ def _run(page: Page, webui) -> None:
     ):
         assert expected in infotext, f"{expected!r} not in the infotext:\n{infotext}"
     assert infotext.count("FreeFuse warnings") == 1 and "FreeFuse subjects" not in infotext, infotext
+    assert "FreeFuse background:" not in infotext, infotext  # the default, left out
     page.find(f'#{TAB}_gallery .thumbnail-item img[src="{images[1]["src"]}"]').click()  # preview the overlay
     page.wait(
         lambda d: page.js(
@@ -250,7 +251,7 @@ def _run(page: Page, webui) -> None:
     page.wait_value(f"#{FF}-capture-block input[type=number]", "1")
     page.wait_value(f"#{FF}-text-loras input", "All but on others' words")  # the pasted all, shown by its label
     page.wait_value(BACKGROUND_WORDS, "garden")
-    page.wait_value(f"#{FF}-background input", "Stay free where background words look")
+    page.wait_value(f"#{FF}-background input", BACKGROUND_DEFAULT)
     page.open_accordion(f"{FF}-timing")
     _assert_accordion(page, BINDINGS, "1", True)
     if webui.neo:  # this Neo release leaves the pasted text in the prompt box (classic replaces it with the prompt)

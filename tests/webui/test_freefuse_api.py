@@ -203,8 +203,15 @@ def test_problems_are_named_and_the_image_is_made(webui, settings, warning):
     assert f"FreeFuse: {warning}" in webui.log() or warning in webui.log()
 
 
-# the paper's rules where the defaults (0.5.0, 0.6.0) go beyond it
-PAPER = {"text_loras": "all", "attention_bias": 0.0, "average_blocks": False, "contrastive": "off"}
+# the paper's rules where the defaults (0.5.0, 0.6.0, 0.7.0) go beyond it
+PAPER = {
+    "text_loras": "all",
+    "attention_bias": 0.0,
+    "average_blocks": False,
+    "contrastive": "off",
+    "background": "off",
+    "fill_holes": 0.0,
+}
 
 
 @pytest.mark.parametrize(
@@ -217,6 +224,14 @@ PAPER = {"text_loras": "all", "attention_bias": 0.0, "average_blocks": False, "c
         {"attention_bias": 5.0},
         {"text_loras": "own_words", "attention_bias": 5.0},
         {"text_loras": "own_words", "attention_bias": 5.0, "average_blocks": True, "contrastive": "leading"},
+        {
+            "text_loras": "own_words",
+            "attention_bias": 5.0,
+            "average_blocks": True,
+            "contrastive": "leading",
+            "background": "words",
+            "fill_holes": 0.01,
+        },
     ],
     ids=[
         "image-queries",
@@ -225,6 +240,7 @@ PAPER = {"text_loras": "all", "attention_bias": 0.0, "average_blocks": False, "c
         "background-end-of-text",
         "attention-bias",
         "defaults-0.5",
+        "defaults-0.6",
         "defaults",
     ],
 )
@@ -275,25 +291,27 @@ def test_average_blocks_runs_changes_the_masks_and_is_recorded(webui):
     assert result.images[0].pixels != alone.images[0].pixels
 
 
-def test_background_words_free_the_background_and_are_recorded(webui):
-    """Background words through the API: "garden" is the background class (token-wise masks on a 128 px image), so
-    the two subjects' masks no longer cover the whole image, unlike the same job without a background; the infotext
-    records the words. Words the prompt lacks are named in the warnings, and the image is still made."""
-    job = dict(capture_step=3, superpixel_vote=False)
+@pytest.mark.parametrize("background", ["words", "tokens"])
+def test_background_words_free_the_background_and_are_recorded(webui, background):
+    """Background words through the API, by default ("words") and with "tokens": "garden" is the background class
+    (token-wise masks on a 128 px image), so the two subjects' masks no longer cover the whole image, unlike the same
+    job without background words; the infotext records the words (and the setting where it is not the default). Words
+    the prompt lacks are named in the warnings with what the job did instead, and the image is still made."""
+    job = dict(capture_step=3, superpixel_vote=False, background=background)
     size = dict(steps=6, width=128, height=128)
-    paper = webui.txt2img(tagged(webui), **size, alwayson_scripts=freefuse(webui, **job))
-    result = webui.txt2img(
-        tagged(webui), **size, alwayson_scripts=freefuse(webui, **job, background="tokens", background_words="garden")
-    )
+    without = webui.txt2img(tagged(webui), **size, alwayson_scripts=freefuse(webui, **job))
+    result = webui.txt2img(tagged(webui), **size, alwayson_scripts=freefuse(webui, **job, background_words="garden"))
     assert "FreeFuse warnings" not in result.infotext, result.infotext
-    assert "FreeFuse background: tokens" in result.infotext and "FreeFuse background words: garden" in result.infotext
-    assert sum(p for percents in infotext_coverage(paper.infotext).values() for p in percents) >= 99.9
+    assert "FreeFuse background words: garden" in result.infotext
+    assert ("FreeFuse background: tokens" in result.infotext) == (background == "tokens"), result.infotext
+    assert "FreeFuse background: words" not in result.infotext
+    if background == "words":  # no words, no background: every place to some subject
+        assert sum(p for percents in infotext_coverage(without.infotext).values() for p in percents) >= 99.9
     assert sum(p for percents in infotext_coverage(result.infotext).values() for p in percents) < 99.9
-    missing = webui.txt2img(
-        tagged(webui), **size, alwayson_scripts=freefuse(webui, **job, background="tokens", background_words="forest")
-    )
+    missing = webui.txt2img(tagged(webui), **size, alwayson_scripts=freefuse(webui, **job, background_words="forest"))
     assert len(missing.images) == 1 and "FreeFuse coverage" in missing.infotext
-    assert "the background words (forest) are not in the prompt" in missing.infotext, missing.infotext
+    instead = {"words": "every place goes to some subject", "tokens": "places where no subject scores high stay free"}
+    assert f"the background words (forest) are not in the prompt: {instead[background]}" in missing.infotext
 
 
 def _rgb(image) -> bytes:

@@ -21,8 +21,15 @@ BATCH = 8
 STEPS = 24
 BOTH = " <lora:toy_zorb:1> <lora:toy_quil:1>"
 SUBJECTS = [{"lora": "toy_zorb", "words": "zorb"}, {"lora": "toy_quil", "words": "quil"}]
-# the paper's rules where the defaults (0.5.0, 0.6.0) go beyond it
-PAPER = {"text_loras": "all", "attention_bias": 0.0, "average_blocks": False, "contrastive": "off"}
+# the paper's rules where the defaults (0.5.0, 0.6.0, 0.7.0) go beyond it
+PAPER = {
+    "text_loras": "all",
+    "attention_bias": 0.0,
+    "average_blocks": False,
+    "contrastive": "off",
+    "background": "off",
+    "fill_holes": 0.0,
+}
 
 
 @pytest.fixture(scope="module")

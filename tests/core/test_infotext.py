@@ -123,6 +123,25 @@ def test_infotexts_before_0_5_paste_back_the_papers_text_loras_and_no_bias(versi
     assert (args.text_loras, args.attention_bias) == (text_loras, bias)
 
 
+@pytest.mark.parametrize(
+    ("version", "written", "background", "fill_holes"),
+    [
+        ("0.6.0", {}, "off", 0.0),  # made before the background words and hole filling were the defaults
+        ("0.6.0", {"background_words": "forest"}, "off", 0.0),  # its words were left out then: so they are again
+        ("0.6.0", {"background": "tokens", "fill_holes": "0.02"}, "tokens", 0.02),
+        ("0.7.0", {}, "words", 0.01),
+        ("0.7.0", {"background": "off", "fill_holes": "0.0"}, "off", 0.0),  # the paper's values, written out
+    ],
+)
+def test_infotexts_before_0_7_paste_back_no_background_words_class_and_no_hole_filling(
+    version, written, background, fill_holes
+):
+    params = {BINDINGS_KEY: "a: cat", VERSION_KEY: version, **{setting_key(k): v for k, v in written.items()}}
+    args = args_from_params(forge_roundtrip(params))
+    assert (args.mask.background, args.mask.fill_holes) == (background, fill_holes)
+    assert args.background_words == written.get("background_words", "")
+
+
 def test_the_papers_values_are_written_now_that_they_are_not_the_defaults():
     paper = FreeFuseArgs.from_dict({"enabled": True, "subjects": [{"lora": "a", "words": "cat"}], "text_loras": "all"})
     params = infotext_params(FreeFuseArgs.from_dict({**paper.to_dict(), "attention_bias": 0}))

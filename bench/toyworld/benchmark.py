@@ -127,6 +127,7 @@ CONFIGS = {
     "  fill holes 0.01": ("both", freefuse(fill_holes=0.01), False),
     "  defaults + fill holes 0.01": ("both", extension_defaults(fill_holes=0.01), False),
     "  defaults + average steps": ("both", extension_defaults(average_steps=True, fill_holes=0.0), False),
+    "  defaults + average steps (0.7.0)": ("both", extension_defaults(average_steps=True), False),
     "  defaults + nearest 1 (0.6.0)": (
         "both",
         extension_defaults(background="nearest", background_threshold=1.0, fill_holes=0.0),
@@ -242,22 +243,25 @@ def interval(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(half)
 
 
-def run_config(webui, scorer, name, seeds, steps, data_dir, sheet=None) -> dict:
+def run_config(webui, scorer, name, seeds, steps, data_dir, sheet=None, first_seed=0) -> dict:
     tags, scripts, oracle = CONFIGS[name]
-    return run_images(webui, scorer, name, TAGS[tags], scripts, oracle, seeds, steps, data_dir, sheet)
+    return run_images(webui, scorer, name, TAGS[tags], scripts, oracle, seeds, steps, data_dir, sheet, first_seed)
 
 
-def run_images(webui, scorer, name, tags, scripts, oracle, seeds, steps, data_dir, sheet=None) -> dict:
-    """One table row: seeds x both prompts (each + `tags`), with `scripts`, oracle masks if `oracle`, scored."""
+def run_images(webui, scorer, name, tags, scripts, oracle, seeds, steps, data_dir, sheet=None, first_seed=0) -> dict:
+    """One table row: seeds x both prompts (each + `tags`), with `scripts`, oracle masks if `oracle`, scored. The
+    seeds are 1000 + first_seed onwards: a run from first_seed N continues one of N seeds (batches of BATCH
+    consecutive seeds, so N a multiple of BATCH gives the same images as one longer run)."""
     oracle_file = data_dir / "oracle"
     scores = {key: [] for key in ("P1", "P2")}
     if oracle:
         oracle_file.write_text(oracle if isinstance(oracle, str) else "on")  # "figures": the seam's other oracle
     try:
         for key, (prompt, left) in world.benchmark_prompts().items():
-            for start in range(0, seeds, BATCH):
-                images = generate(webui, prompt + tags, 1000 + start, min(BATCH, seeds - start), steps, scripts)
-                if sheet is not None and start == 0:
+            for start in range(first_seed, first_seed + seeds, BATCH):
+                n = min(BATCH, first_seed + seeds - start)
+                images = generate(webui, prompt + tags, 1000 + start, n, steps, scripts)
+                if sheet is not None and start == first_seed:
                     sheet.append((name, key, images[:4]))
                 scores[key] += [score_image(h, left) for h in read_halves(scorer, images)]
     finally:
@@ -434,6 +438,7 @@ def main(argv=None) -> None:
     parser.add_argument("--forge", type=Path, default=Path(os.environ.get("FORGE_DIR", "")))
     parser.add_argument("--python", default=os.environ.get("FORGE_PYTHON"), help="the Python of Forge's webui")
     parser.add_argument("--seeds", type=int, default=32, help="seeds per prompt")
+    parser.add_argument("--first-seed", type=int, default=0, help="start there (continue a run of that many seeds)")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--configs", help="a subset: names as printed, stripped, separated by ';'")
     parser.add_argument("--iou", action="store_true", help="also mask IoU per capture block and step")
@@ -463,7 +468,7 @@ def main(argv=None) -> None:
 def run_second_world(args, names: list[str]) -> None:
     """The same configurations in the second world, with the Forge python (its benchmark prints its own table)."""
     command = [args.python, str(HERE.parent / "toyworld2" / "benchmark2.py"), "--forge", str(args.forge.resolve()),
-               "--seeds", str(args.seeds), "--steps", str(args.steps),
+               "--seeds", str(args.seeds), "--first-seed", str(args.first_seed), "--steps", str(args.steps),
                "--configs", ";".join(n.strip() for n in names)]  # fmt: skip
     if args.iou:
         command += ["--iou", "--iou-seeds", str(args.iou_seeds)]
@@ -483,7 +488,7 @@ def run_first_world(args, names: list[str]) -> None:
     try:
         for name in names:
             t = time.monotonic()
-            rows[name] = run_config(webui, scorer, name, args.seeds, args.steps, data_dir, sheet)
+            rows[name] = run_config(webui, scorer, name, args.seeds, args.steps, data_dir, sheet, args.first_seed)
             print(
                 f"{name.strip()}: identity {rows[name]['identity'][0]:.3f} ({time.monotonic() - t:.0f} s)", flush=True
             )

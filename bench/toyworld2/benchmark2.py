@@ -177,12 +177,14 @@ def settings_of(scripts: dict | None) -> dict | None:
     return args
 
 
-def run_config(w: World, scorer, name: str, seeds: int) -> dict:
+def run_config(w: World, scorer, name: str, seeds: int, first_seed: int = 0) -> dict:
+    """One table row, seeds 1000 + first_seed onwards (as benchmark.run_images)."""
     tags, scripts, oracle = first.CONFIGS[name]
     scores = {"P1": [], "P2": []}
     for key, (prompt, left) in world.benchmark_prompts().items():
-        for start in range(0, seeds, BATCH):
-            images = w.images(tags, settings_of(scripts), oracle, prompt, 1000 + start, min(BATCH, seeds - start))
+        for start in range(first_seed, first_seed + seeds, BATCH):
+            n = min(BATCH, first_seed + seeds - start)
+            images = w.images(tags, settings_of(scripts), oracle, prompt, 1000 + start, n)
             scores[key] += [score_image(h, left) for h in read_halves(scorer, images)]
     return first.table_row(scores)
 
@@ -213,6 +215,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--forge", type=Path, default=Path(os.environ.get("FORGE_DIR", "")))
     parser.add_argument("--seeds", type=int, default=32, help="seeds per prompt")
+    parser.add_argument("--first-seed", type=int, default=0, help="start there (continue a run of that many seeds)")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--configs", help="a subset: names as printed, stripped, separated by ';'")
     parser.add_argument("--iou", action="store_true", help="also mask IoU per capture block and step")
@@ -235,7 +238,7 @@ def main(argv=None) -> None:
     with torch.inference_mode():
         for name in names:
             t = time.monotonic()
-            rows[name] = run_config(w, scorer, name, args.seeds)
+            rows[name] = run_config(w, scorer, name, args.seeds, args.first_seed)
             seconds = time.monotonic() - t
             print(f"{name.strip()}: identity {rows[name]['identity'][0]:.3f} ({seconds:.0f} s)", flush=True)
         iou = iou_sweep(w, args.iou_seeds, [2, 5, 8]) if args.iou else {}

@@ -86,6 +86,12 @@ def test_freefuse_keeps_the_second_worlds_characters_apart_where_merging_fails(b
     assert paper["both_right"][0] >= BOTH_RIGHT_AT_LEAST, paper
     assert defaults["identity"][0] >= merged["identity"][0] + DEFAULTS_GAIN_AT_LEAST, defaults
     assert defaults["both_right"][0] >= DEFAULTS_BOTH_RIGHT_AT_LEAST, defaults
+    # --first-seed: seeds 8-15 alone are the images of seeds 8-15 within the 16 (P1's, then P2's)
+    with torch.inference_mode():
+        later = benchmark2.run_config(world, scorer, "FreeFuse (defaults)", seeds=8, first_seed=8)
+    values = defaults["identity_values"]
+    assert len(set(values[8:16] + values[24:32])) > 1  # else the check below proves little
+    assert later["identity_values"] == values[8:16] + values[24:32]
 
 
 QUALITY_ROWS = ("both merged", "FreeFuse (paper defaults)", "FreeFuse (defaults)")

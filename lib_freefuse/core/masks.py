@@ -425,9 +425,9 @@ def _check_background_tokens(background_tokens, n_text: int, config: MaskConfig)
         background_tokens = background_tokens.tolist()
     if isinstance(background_tokens, (str, bytes)) or not isinstance(background_tokens, Sequence):
         raise ValueError(f"background_tokens: expected a sequence of token positions, got {background_tokens!r}")
-    if len(background_tokens) == 0 and config.background == "words":
-        return []
     if len(background_tokens) == 0:
+        if config.background == "words":
+            return []  # no background words given: as "off"
         raise ValueError("background_tokens: background is 'tokens' but no background token positions were given")
     for p in background_tokens:
         if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= p < n_text:

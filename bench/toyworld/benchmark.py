@@ -41,7 +41,14 @@ METRICS = ("present", "identity", "both_right", "wrong_colour")
 
 # The paper's rules where the extension's defaults (0.5.0: own words, b = 5; 0.6.0; 0.7.0: fill holes) go beyond it:
 # every "paper" row and its variants pin them, so that they measure what they measured before the defaults changed.
-PAPER = {"text_loras": "all", "attention_bias": 0.0, "average_blocks": False, "contrastive": "off", "fill_holes": 0.0}
+PAPER = {
+    "text_loras": "all",
+    "attention_bias": 0.0,
+    "average_blocks": False,
+    "contrastive": "off",
+    "background": "off",
+    "fill_holes": 0.0,
+}
 
 
 def freefuse(**settings) -> dict:

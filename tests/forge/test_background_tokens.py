@@ -44,9 +44,8 @@ def flux_job(forge, forge_root, unet, monkeypatch, prompts, **settings):
     return p, args, merged, engine
 
 
-def test_a_flux_job_reads_the_background_from_each_prompts_end_of_text_token(forge, forge_root, tiny_unet, monkeypatch):
-    prompts = [PROMPT, PROMPT + ", under a starry sky at night"]
-    p, args, _, engine = flux_job(forge, forge_root, tiny_unet, monkeypatch, prompts, background="tokens")
+def recorded_extractions(monkeypatch) -> list:
+    """[(config.background, background tokens)] of each extract_masks call the job makes from now on."""
     seen = []
     real = job_module.extract_masks
 
@@ -55,6 +54,13 @@ def test_a_flux_job_reads_the_background_from_each_prompts_end_of_text_token(for
         return real(q, k, words, grid_hw, image, config, background_tokens, earlier_maps)
 
     monkeypatch.setattr(job_module, "extract_masks", recording)
+    return seen
+
+
+def test_a_flux_job_reads_the_background_from_each_prompts_end_of_text_token(forge, forge_root, tiny_unet, monkeypatch):
+    prompts = [PROMPT, PROMPT + ", under a starry sky at night"]
+    p, args, _, engine = flux_job(forge, forge_root, tiny_unet, monkeypatch, prompts, background="tokens")
+    seen = recorded_extractions(monkeypatch)
     job = start_run(p, args, torch.zeros(2, 16, *LATENT))
     assert job is not None and p.freefuse_state.warnings == []
     # </s> right after each prompt's pieces, counted by the tokenizer itself on the text without the emphasis
@@ -119,14 +125,7 @@ def test_background_words_are_the_background_class_instead_of_the_end_of_text(
     p, args, _, engine = flux_job(
         forge, forge_root, tiny_unet, monkeypatch, prompts, background="tokens", background_words="hall"
     )
-    seen = []
-    real = job_module.extract_masks
-
-    def recording(q, k, words, grid_hw, image, config, background_tokens=(), earlier_maps=()):
-        seen.append(tuple(background_tokens))
-        return real(q, k, words, grid_hw, image, config, background_tokens, earlier_maps)
-
-    monkeypatch.setattr(job_module, "extract_masks", recording)
+    seen = recorded_extractions(monkeypatch)
     job = start_run(p, args, torch.zeros(2, 16, *LATENT))
     assert job is not None and p.freefuse_state.warnings == []
     expected = tuple(piece_positions(engine, prompt, "hall") for prompt in prompts)
@@ -136,7 +135,7 @@ def test_background_words_are_the_background_class_instead_of_the_end_of_text(
         assert not {t for subject in image for t in subject} & set(background)
     out = forge.sample(p.sd_model.forge_objects.unet, steps=4, batch=2, cond=forge.conditions(2, job.plan.text_length),
                        latent_hw=LATENT)  # fmt: skip
-    assert torch.isfinite(out).all() and job.failure is None and seen == list(expected)
+    assert torch.isfinite(out).all() and job.failure is None and seen == [("tokens", e) for e in expected]
 
 
 def test_background_words_missing_from_the_prompt_are_named_and_the_threshold_used(
@@ -171,14 +170,7 @@ def test_by_default_the_background_words_are_the_background_class(forge, forge_r
     """The default "words": the user's background words are found and handed to the masks as with "tokens"."""
     prompts = [PROMPT, "a starry sky over " + PROMPT]
     p, args, _, engine = flux_job(forge, forge_root, tiny_unet, monkeypatch, prompts, background_words="hall")
-    seen = []
-    real = job_module.extract_masks
-
-    def recording(q, k, words, grid_hw, image, config, background_tokens=(), earlier_maps=()):
-        seen.append((config.background, tuple(background_tokens)))
-        return real(q, k, words, grid_hw, image, config, background_tokens, earlier_maps)
-
-    monkeypatch.setattr(job_module, "extract_masks", recording)
+    seen = recorded_extractions(monkeypatch)
     job = start_run(p, args, torch.zeros(2, 16, *LATENT))
     assert job is not None and p.freefuse_state.warnings == []
     expected = tuple(piece_positions(engine, prompt, "hall") for prompt in prompts)

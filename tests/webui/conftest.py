@@ -50,6 +50,15 @@ TOY_WORLD_FILES = (
     (TOY_WORLD / "toy_zorb.safetensors", "Lora"),
     (TOY_WORLD / "toy_quil.safetensors", "Lora"),
 )
+# the paper's rules where the extension's defaults (0.5.0, 0.6.0, 0.7.0) go beyond it
+PAPER = {
+    "text_loras": "all",
+    "attention_bias": 0.0,
+    "average_blocks": False,
+    "contrastive": "off",
+    "background": "off",
+    "fill_holes": 0.0,
+}
 EXTENSION_NAME = "sd-forge-freefuse"
 TEST_EXTENSION_NAME = "freefuse-test-per-image-prompts"  # webui_extension/: a prompt per image of a batch
 

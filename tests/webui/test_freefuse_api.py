@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import PAPER
 
 from lib_freefuse.args import FreeFuseArgs
 from lib_freefuse.infotext import coverage_from_text
@@ -201,17 +202,6 @@ def test_problems_are_named_and_the_image_is_made(webui, settings, warning):
     assert len(result.images) == 1
     assert warning in result.infotext, result.infotext
     assert f"FreeFuse: {warning}" in webui.log() or warning in webui.log()
-
-
-# the paper's rules where the defaults (0.5.0, 0.6.0, 0.7.0) go beyond it
-PAPER = {
-    "text_loras": "all",
-    "attention_bias": 0.0,
-    "average_blocks": False,
-    "contrastive": "off",
-    "background": "off",
-    "fill_holes": 0.0,
-}
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TOY_WORLD
+from conftest import PAPER, TOY_WORLD
 
 sys.path.insert(0, str(TOY_WORLD.parent))
 
@@ -21,15 +21,6 @@ BATCH = 8
 STEPS = 24
 BOTH = " <lora:toy_zorb:1> <lora:toy_quil:1>"
 SUBJECTS = [{"lora": "toy_zorb", "words": "zorb"}, {"lora": "toy_quil", "words": "quil"}]
-# the paper's rules where the defaults (0.5.0, 0.6.0, 0.7.0) go beyond it
-PAPER = {
-    "text_loras": "all",
-    "attention_bias": 0.0,
-    "average_blocks": False,
-    "contrastive": "off",
-    "background": "off",
-    "fill_holes": 0.0,
-}
 
 
 @pytest.fixture(scope="module")

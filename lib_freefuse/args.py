@@ -48,6 +48,16 @@ BACKGROUND_CHOICES = ("words", "off", "threshold", "tokens", "nearest")  # the d
 # free where the user gives any (0.7.0: the planted wide canvas and background, no scene worse, neither toy world
 # changed; README).
 EXTENSION_MASK = MaskConfig(contrastive="leading", background="words", fill_holes=0.01)
+# The paper's values of every setting whose extension default goes beyond it: FreeFuseArgs.from_dict(PAPER_SETTINGS)
+# (with subjects) runs the paper's method, as the benchmarks' and tests' "paper" rows do.
+PAPER_SETTINGS = {
+    "text_loras": "all",
+    "attention_bias": 0.0,
+    "average_blocks": False,
+    "contrastive": "off",
+    "background": "off",
+    "fill_holes": 0.0,
+}
 CONTRASTIVE_UI_ORDER = ("leading", "off", "strongest", "authors")  # the default first, as the dropdown shows them
 WEIGHT_LIMIT = 10.0
 MAX_CAPTURE_STEP = 10_000  # bounds that no real run reaches, so that pasted junk stays out of logs and infotext
@@ -722,6 +732,7 @@ __all__ = [
     "MAX_CAPTURE_BLOCK",
     "MAX_CAPTURE_STEP",
     "MODULATION_CHOICES",
+    "PAPER_SETTINGS",
     "PRE_MASK_CHOICES",
     "SECTIONS",
     "SLIC_IMAGE_CHOICES",

@@ -31,7 +31,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 MODEL = HERE / "model"
 SEAM = HERE / "webui_seam"
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "webui")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "webui")]
+from lib_freefuse.args import PAPER_SETTINGS  # noqa: E402
 
 STEPS = 24
 BATCH = 8  # images per API call (consecutive seeds, as Forge numbers a batch)
@@ -41,14 +42,7 @@ METRICS = ("present", "identity", "both_right", "wrong_colour")
 
 # The paper's rules where the extension's defaults (0.5.0: own words, b = 5; 0.6.0; 0.7.0: fill holes) go beyond it:
 # every "paper" row and its variants pin them, so that they measure what they measured before the defaults changed.
-PAPER = {
-    "text_loras": "all",
-    "attention_bias": 0.0,
-    "average_blocks": False,
-    "contrastive": "off",
-    "background": "off",
-    "fill_holes": 0.0,
-}
+PAPER = PAPER_SETTINGS
 
 
 def freefuse(**settings) -> dict:

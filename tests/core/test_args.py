@@ -19,6 +19,7 @@ from lib_freefuse.args import (
     FIELD_HELP,
     HIRES_MASKS_CHOICES,
     MODULATION_CHOICES,
+    PAPER_SETTINGS,
     PRE_MASK_CHOICES,
     SECTIONS,
     SLIC_IMAGE_CHOICES,
@@ -79,6 +80,17 @@ def test_defaults_are_the_papers_method_switched_off_with_the_extensions_choices
     assert (args.text_loras, args.attention_bias, args.average_blocks) == ("own_words", 5.0, True)
     assert args.mask == dataclasses.replace(MaskConfig(), contrastive="leading", background="words", fill_holes=0.01)
     assert args.capture_block_name == "double_blocks.17"
+
+
+def test_paper_settings_are_the_papers_method_and_name_every_default_beyond_it():
+    paper = FreeFuseArgs.from_dict(PAPER_SETTINGS)
+    assert paper.mask == MaskConfig() and (paper.text_loras, paper.attention_bias, paper.average_blocks) == (
+        "all",
+        0.0,
+        False,
+    )
+    defaults = FreeFuseArgs().to_dict()
+    assert {k for k, v in paper.to_dict().items() if v != defaults[k]} == set(PAPER_SETTINGS)
 
 
 def test_mask_keys_not_given_keep_the_extensions_defaults():

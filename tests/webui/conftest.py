@@ -42,6 +42,8 @@ from pathlib import Path
 import pytest
 from forge_locator import REPO_ROOT, find_forge, is_neo
 
+from lib_freefuse.args import PAPER_SETTINGS
+
 HERE = Path(__file__).resolve().parent
 HOOK_DIR = HERE / "webui_hook"
 TOY_WORLD = REPO_ROOT / "bench" / "toyworld" / "model"
@@ -50,15 +52,7 @@ TOY_WORLD_FILES = (
     (TOY_WORLD / "toy_zorb.safetensors", "Lora"),
     (TOY_WORLD / "toy_quil.safetensors", "Lora"),
 )
-# the paper's rules where the extension's defaults (0.5.0, 0.6.0, 0.7.0) go beyond it
-PAPER = {
-    "text_loras": "all",
-    "attention_bias": 0.0,
-    "average_blocks": False,
-    "contrastive": "off",
-    "background": "off",
-    "fill_holes": 0.0,
-}
+PAPER = PAPER_SETTINGS  # the paper's rules where the extension's defaults go beyond it
 EXTENSION_NAME = "sd-forge-freefuse"
 TEST_EXTENSION_NAME = "freefuse-test-per-image-prompts"  # webui_extension/: a prompt per image of a batch
 

@@ -341,8 +341,8 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
     FieldHelp(
         "background_words",
         "Background words",
-        'Words of the prompt that describe the background (commas separate phrases). With the choice "Stay free '
-        "where background words look\", where they look gets no subject LoRA; empty: where the prompt's end looks.",
+        "Words of the prompt that describe the background (commas separate phrases): where they look gets no "
+        "subject LoRA.",
     ),
     FieldHelp(
         "sink_filter",
@@ -404,13 +404,11 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
     FieldHelp(
         "background",
         "Places no subject claims",
-        "Kept free of subject LoRAs (background, unnamed objects) where the background words below look, if you "
-        "give any, else given to some subject; or given to some subject always; or kept free where no subject "
-        "scores high, or where the background words (else the end of the prompt) look; or, where no subject scores "
-        "high, given to the subject nearest to it.",
+        "By default the subject LoRAs leave alone where the background words look (none given: every place goes "
+        "to some subject). Or free what no subject scores high, or give that to the nearest subject.",
         BACKGROUND_CHOICES,
         (
-            "Free where background words look, if given (default)",
+            "Free where background words look (default)",
             "Go to some subject",
             "Stay free where no subject scores high",
             "Stay free where background words (else the prompt's end) look",

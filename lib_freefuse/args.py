@@ -408,10 +408,10 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
         "to some subject). Or free what no subject scores high, or give that to the nearest subject.",
         BACKGROUND_CHOICES,
         (
-            "Free where background words look (default)",
+            "Free at background words (default)",
             "Go to some subject",
             "Stay free where no subject scores high",
-            "Stay free where background words (else the prompt's end) look",
+            "Free at background words or prompt end",
             "Nearest subject where none scores high",
         ),
     ),

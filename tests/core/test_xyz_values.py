@@ -100,7 +100,7 @@ def test_every_setting_axis_sets_a_key_of_the_argument_model():
         ("LoRAs on text tokens", "All but on others' words", "all"),
         ("LoRAs on text tokens", "None", "none"),
         ("background", "Go to some subject", "off"),
-        ("background", "Free where background words look (default)", "words"),
+        ("background", "Free at background words (default)", "words"),
         ("word-to-image attention", "Image_Queries", "image_queries"),
         ("contrastive seeds", "Strongest", "strongest"),
         ("contrastive seeds", "Its strongest where it leads (default)", "leading"),

@@ -161,8 +161,8 @@ def test_background_words_with_another_background_setting_are_named_and_left_out
     job = start_run(p, args, torch.zeros(1, 16, *LATENT))
     assert job is not None and job.plan.background_positions == () and job.plan.mask_config.background == "off"
     assert p.freefuse_state.warnings == [
-        "the background words (hall) count only when places no subject claims 'Free where background words look "
-        "(default)': made without them"
+        "the background words (hall) count only when places no subject claims 'Free at background words (default)': "
+        "made without them"
     ]
 
 

@@ -26,7 +26,7 @@ PROMPT = "a photo of a cat and a dog in a garden <lora:tiny_lora_a:0.8> <lora:ti
 NO_WORDS = "No activation words: this row acts as an ordinary LoRA until you type its subject's words"
 NO_LORA = "No LoRA: these words bind nothing until you pick one"
 BACKGROUND_WORDS = f"#{FF}-background-words input, #{FF}-background-words textarea"  # a one-line Textbox
-BACKGROUND_DEFAULT = "Free where background words look (default)"
+BACKGROUND_DEFAULT = "Free at background words (default)"
 
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=MISSING)  # before the webui fixture starts a server
 

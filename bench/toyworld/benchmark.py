@@ -244,6 +244,11 @@ def interval(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(half)
 
 
+def seed_batches(first_seed: int, seeds: int, batch: int = BATCH) -> list[tuple[int, int]]:
+    """(start, count) of each batch of at most `batch` consecutive seeds from first_seed, `seeds` in all."""
+    return [(start, min(batch, first_seed + seeds - start)) for start in range(first_seed, first_seed + seeds, batch)]
+
+
 def run_config(webui, scorer, name, seeds, steps, data_dir, sheet=None, first_seed=0) -> dict:
     tags, scripts, oracle = CONFIGS[name]
     return run_images(webui, scorer, name, TAGS[tags], scripts, oracle, seeds, steps, data_dir, sheet, first_seed)
@@ -259,8 +264,7 @@ def run_images(webui, scorer, name, tags, scripts, oracle, seeds, steps, data_di
         oracle_file.write_text(oracle if isinstance(oracle, str) else "on")  # "figures": the seam's other oracle
     try:
         for key, (prompt, left) in world.benchmark_prompts().items():
-            for start in range(first_seed, first_seed + seeds, BATCH):
-                n = min(BATCH, first_seed + seeds - start)
+            for start, n in seed_batches(first_seed, seeds):
                 images = generate(webui, prompt + tags, 1000 + start, n, steps, scripts)
                 if sheet is not None and start == first_seed:
                     sheet.append((name, key, images[:4]))

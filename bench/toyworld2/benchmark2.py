@@ -182,8 +182,7 @@ def run_config(w: World, scorer, name: str, seeds: int, first_seed: int = 0) -> 
     tags, scripts, oracle = first.CONFIGS[name]
     scores = {"P1": [], "P2": []}
     for key, (prompt, left) in world.benchmark_prompts().items():
-        for start in range(first_seed, first_seed + seeds, BATCH):
-            n = min(BATCH, first_seed + seeds - start)
+        for start, n in first.seed_batches(first_seed, seeds, BATCH):
             images = w.images(tags, settings_of(scripts), oracle, prompt, 1000 + start, n)
             scores[key] += [score_image(h, left) for h in read_halves(scorer, images)]
     return first.table_row(scores)

@@ -25,6 +25,7 @@ CONTRASTIVE_CHOICES = ("off", "strongest", "authors", "leading")
 # it goes to the subject that owns the nearest place instead (superpixel.give_free_to_nearest). "words" - as "tokens"
 # where background tokens are given (the user's background words), as "off" where none are.
 BACKGROUND_CHOICES = ("off", "tokens", "threshold", "nearest", "words")
+BACKGROUND_FROM_TOKENS = ("tokens", "words")  # the choices that read background token positions
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from .attention import (
     self_attention_maps,
     subject_maps,
 )
-from .config import MaskConfig
+from .config import BACKGROUND_FROM_TOKENS, MaskConfig
 from .superpixel import (
     fill_holes,
     give_free_to_nearest,
@@ -419,7 +419,7 @@ def _check_cross_inputs(image_q, text_k, self_q, self_k, subject_tokens, grid_hw
 def _check_background_tokens(background_tokens, n_text: int, config: MaskConfig) -> list[int]:
     """The background rows to use: validated positions with background "tokens" or "words" (which may have none),
     nothing otherwise."""
-    if config.background not in ("tokens", "words"):
+    if config.background not in BACKGROUND_FROM_TOKENS:
         return []
     if isinstance(background_tokens, torch.Tensor):
         background_tokens = background_tokens.tolist()

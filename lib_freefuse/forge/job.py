@@ -22,6 +22,7 @@ from ..core import (
     text_token_masks,
 )
 from ..core.attention_bias import joint_attention_bias
+from ..core.config import BACKGROUND_FROM_TOKENS
 from ..core.steps import StepCounter
 from ..families import FLUX1, Family
 from ..log import logger
@@ -396,7 +397,7 @@ class FreeFuseJob:
         images = self.decode(denoised) if config.superpixel_vote else [None] * n_images
         words = [list(w) for w in self.plan.word_positions]
         earlier = [[step[b] for step in self._earlier_maps] for b in range(n_images)]
-        positions = self.plan.background_positions if config.background in ("tokens", "words") else ()
+        positions = self.plan.background_positions if config.background in BACKGROUND_FROM_TOKENS else ()
         background = positions or [()] * n_images  # "words" without words: none
         if isinstance(captured, _CrossCapture):
             c = captured

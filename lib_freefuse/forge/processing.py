@@ -15,6 +15,7 @@ import torch
 
 from ..args import FreeFuseArgs, help_for
 from ..core import find_subject_tokens
+from ..core.config import BACKGROUND_FROM_TOKENS
 from ..families import FLUX1, Family, detect, unsupported
 from ..hosts import Host, HostUnsupported, SubjectPatches, for_unet
 from ..log import logger
@@ -232,7 +233,7 @@ def _background_positions(p, prompts: list[str], family: Family, args: FreeFuseA
     given. () for the other settings, for "words" without words, or (with a warning; "tokens" uses "threshold"
     instead, "words" gives every place to some subject) when the words are not in the prompt or, for "tokens" without
     words, the family has no such token."""
-    if args.mask.background not in ("tokens", "words"):
+    if args.mask.background not in BACKGROUND_FROM_TOKENS:
         if args.background_words:
             state.warn(
                 f"the background words ({args.background_words}) count only when places no subject claims "

@@ -156,6 +156,8 @@ CONFIGS = {
     "  own words + attention bias 5": ("both", freefuse(text_loras="own_words", attention_bias=5.0), False),
     "  defaults + LoRAs off before masks": ("both", extension_defaults(pre_mask="off"), False),
     "  defaults + off before + restart": ("both", extension_defaults(pre_mask="off", restart=True), False),
+    "  defaults + restart": ("both", extension_defaults(restart=True), False),
+    "oracle masks (defaults, restart)": ("both", extension_defaults(restart=True), True),
     "oracle masks (paper timing)": ("both", freefuse(), True),
     "oracle masks (defaults)": ("both", extension_defaults(), True),
     "oracle figures (defaults)": ("both", extension_defaults(), "figures"),

@@ -78,7 +78,8 @@ TAGS = {
     "both": " <lora:toy_zorb:1> <lora:toy_quil:1>",
 }
 # name -> (LoRA tags, alwayson_scripts or None, oracle masks: True for the true halves, "figures" for the figure
-# tokens of each half alone, read from the capture's x0)
+# tokens of each half alone, read from the capture's x0, a mode of world.MIXED_ORACLES for the extracted masks with
+# the figure tokens, or all the others, put right)
 CONFIGS = {
     "base": ("none", None, False),
     "ZORB LoRA alone": ("zorb", None, False),
@@ -161,6 +162,8 @@ CONFIGS = {
     "oracle masks (paper timing)": ("both", freefuse(), True),
     "oracle masks (defaults)": ("both", extension_defaults(), True),
     "oracle figures (defaults)": ("both", extension_defaults(), "figures"),
+    "FreeFuse, truth on figures (defaults)": ("both", extension_defaults(), "truth on figures"),
+    "FreeFuse, truth off figures (defaults)": ("both", extension_defaults(), "truth off figures"),
     "oracle masks (defaults, off before)": ("both", extension_defaults(pre_mask="off"), True),
     "oracle masks (defaults, off before + restart)": ("both", extension_defaults(pre_mask="off", restart=True), True),
     "oracle masks + attention bias 5": ("both", freefuse(attention_bias=5.0), True),

@@ -245,6 +245,22 @@ def figure_tokens(image: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
     return contrast.reshape(h, contrast.shape[0] // h, w, contrast.shape[1] // w).mean((1, 3)) > FIGURE_CONTRAST
 
 
+# The benchmarks' diagnostic oracles (benchmark.CONFIGS): the extracted masks with one part put right, so that the
+# rest of the oracle's gain can be told apart: "truth on figures" (each figure token to its half's subject, the rest
+# as extracted) and "truth off figures" (the figures as extracted, every other token to its half's subject).
+MIXED_ORACLES = ("truth on figures", "truth off figures")
+
+
+def mixed_masks(extracted, halves, figure, mode: str):
+    """(L, h, w) masks: `extracted` where `mode` keeps the extraction, `halves` (the true halves) elsewhere; figure:
+    (h, w) 0/1 of the same type (torch or numpy)."""
+    if mode == "truth on figures":
+        return extracted * (1 - figure) + halves * figure
+    if mode == "truth off figures":
+        return extracted * figure + halves * (1 - figure)
+    raise ValueError(f"mode: expected one of {', '.join(MIXED_ORACLES)}, got {mode!r}")
+
+
 def figure_accuracy(masks: np.ndarray, figure: np.ndarray) -> float:
     """(2, h, w) bool masks of the left and the right subject, (h, w) figure tokens -> the share of the figure tokens
     that the subject of their half owns: where each LoRA paints a figure (the halves' IoU also counts the background,

@@ -430,3 +430,20 @@ def test_figure_accuracy_counts_the_figures_tokens_in_their_own_halfs_mask():
     half[0, 1, :2], half[1, 1, :2] = False, True  # one of the figure's two token rows given to the right subject
     assert world.figure_accuracy(half, figure) == 0.5
     assert world.figure_accuracy(swapped, np.zeros((8, 8), bool)) == 1.0
+
+
+def test_mixed_oracle_masks_put_one_part_right():
+    """world.mixed_masks: the extraction where the mode keeps it, the true halves on the rest; both modes together
+    rebuild each side."""
+    rng = np.random.default_rng(0)
+    extracted = (rng.random((2, 4, 6)) > 0.5).astype(np.float32)
+    halves = np.zeros((2, 4, 6), np.float32)
+    halves[0, :, :3] = halves[1, :, 3:] = 1
+    figure = (rng.random((4, 6)) > 0.6).astype(np.float32)
+    on = world.mixed_masks(extracted, halves, figure, "truth on figures")
+    off = world.mixed_masks(extracted, halves, torch.from_numpy(figure).numpy(), "truth off figures")
+    inside, outside = figure.astype(bool), ~figure.astype(bool)
+    assert np.array_equal(on[:, inside], halves[:, inside]) and np.array_equal(on[:, outside], extracted[:, outside])
+    assert np.array_equal(off[:, inside], extracted[:, inside]) and np.array_equal(off[:, outside], halves[:, outside])
+    with pytest.raises(ValueError, match="truth on figures"):
+        world.mixed_masks(extracted, halves, figure, "figures")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,6 +57,26 @@ def test_the_oracle_seam_gives_the_true_halves_and_is_undone(benchmark2, second_
     assert torch.equal(masks[0], 1 - masks[1])
     assert len(own) == 1 and not torch.equal(own[0]["masks"], masks)
     assert not torch.equal(oracle_images, own_images)
+
+
+def test_the_mixed_oracles_put_one_part_right_and_keep_the_extraction_elsewhere(benchmark2, second_world):
+    """The modes "truth on figures" and "truth off figures": the job's own extraction (the same as without the
+    seam, since the steps before it are the same) with the figure tokens of the capture's x0, or all the other
+    tokens, given to the subject of their half."""
+    prompt, _ = benchmark2.world.benchmark_prompts()["P1"]
+    runs = {}
+    with torch.inference_mode():
+        for mode in (False, True, *benchmark2.world.MIXED_ORACLES):
+            dump = []
+            second_world.images("both", {}, mode, prompt, seed=3, n=1, dump=dump, keep=True)
+            (runs[mode],) = dump
+    own, halves = runs[False]["masks"], runs[True]["masks"]
+    figure = benchmark2.world.figure_tokens(np.asarray(runs[False]["image"], np.float32), runs[False]["grid"])
+    assert figure.any() and (~figure).any()
+    inside, outside = torch.from_numpy(figure), torch.from_numpy(~figure)
+    on, off = runs["truth on figures"]["masks"], runs["truth off figures"]["masks"]
+    assert torch.equal(on[:, inside], halves[:, inside]) and torch.equal(on[:, outside], own[:, outside])
+    assert torch.equal(off[:, inside], own[:, inside]) and torch.equal(off[:, outside], halves[:, outside])
 
 
 def test_each_lora_changes_the_picture_and_merging_both_differs_from_either(benchmark2, second_world):

@@ -9,7 +9,8 @@ one post-import patch, to `lib_freefuse.forge.job.extract_masks`:
 - $FREEFUSE_TOY_ORACLE_FILE: while that file exists, the masks are the true regions instead: the subject whose
   words come first in the prompt owns the left half of the token grid, the other the right half (every benchmark
   prompt reads "A on the left and B on the right"). A file that reads "figures" gives each subject only the figure
-  tokens of its half (read from the capture's x0), the grey background nobody's.
+  tokens of its half (read from the capture's x0), the grey background nobody's; one that reads a mode of
+  world.MIXED_ORACLES keeps the extracted masks and puts the figure tokens (or the others) right.
 - $FREEFUSE_TOY_KEEP_INPUTS (with the dump): each record also keeps the extraction's inputs (q, k, grid, x0 image,
   mask config), for experiments on the mask pipeline itself (bench/toyworld/mask_signals.py).
 """
@@ -47,16 +48,23 @@ def oracle_masks(subject_tokens, grid_hw, device):
     return masks
 
 
+def world_module():
+    """bench/toyworld/world.py."""
+    folder = str(Path(__file__).resolve().parents[1])
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    import world
+
+    return world
+
+
 def figure_tokens(image, grid_hw, device):
     """(h, w) float: 1 on the tokens of the x0 image (H_px, W_px, 3) in [0, 1] that are mostly not the grey
     background (world.figure_tokens, the toy world's own rule)."""
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/toyworld: world.py
-    import world
-
-    tokens = world.figure_tokens(np.asarray(image, np.float32), tuple(grid_hw))
+    tokens = world_module().figure_tokens(np.asarray(image, np.float32), tuple(grid_hw))
     return torch.from_numpy(tokens).to(device=device, dtype=torch.float32)
 
 
@@ -69,9 +77,13 @@ def patch_job(module):
     def extract_masks(q, k, subject_tokens, grid_hw, image=None, config=None, *args, **kwargs):  # the job's call
         oracle = os.environ.get(ORACLE_ENV)
         if oracle and os.path.exists(oracle):
+            mode = Path(oracle).read_text().strip()
             masks = oracle_masks(subject_tokens, grid_hw, q.device)
-            if Path(oracle).read_text().strip() == "figures":
+            if mode == "figures":
                 masks = masks * figure_tokens(image, grid_hw, q.device)
+            elif mode != "on":  # world.MIXED_ORACLES: the extraction with one part put right
+                extracted = original(q, k, subject_tokens, grid_hw, image, config, *args, **kwargs)
+                masks = world_module().mixed_masks(extracted, masks, figure_tokens(image, grid_hw, q.device), mode)
         else:
             masks = original(q, k, subject_tokens, grid_hw, image, config, *args, **kwargs)
         dump = os.environ.get(DUMP_ENV)

@@ -405,6 +405,10 @@ SHARES = (
     ("  off before masks + restart", "oracle masks + off before + restart"),
     ("  attention bias 5", "oracle masks + attention bias 5"),
     ("  text tokens: own words only", "oracle masks, text own words"),
+    ("  defaults + off before + restart", "oracle masks (defaults, off before + restart)"),
+    ("  defaults + restart", "oracle masks (defaults, restart)"),
+    ("FreeFuse, truth on figures (defaults)", "oracle masks (defaults)"),
+    ("FreeFuse, truth off figures (defaults)", "oracle masks (defaults)"),
 )
 
 

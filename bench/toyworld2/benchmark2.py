@@ -113,7 +113,8 @@ def mask_seam(oracle: bool | str, dump: list | None, keep_inputs: bool = False):
             masks = torch.zeros(len(subject_tokens), h, w, device=q.device)
             masks[order[0], :, : w // 2] = 1
             masks[order[1], :, w // 2 :] = 1
-            figure = torch.from_numpy(world.figure_tokens(np.asarray(image, np.float32), grid_hw)).to(masks)
+            if oracle == "figures" or oracle in world.MIXED_ORACLES:
+                figure = torch.from_numpy(world.figure_tokens(np.asarray(image, np.float32), grid_hw)).to(masks)
             if oracle == "figures":  # each half's figure tokens alone (benchmark.CONFIGS)
                 masks *= figure
             elif oracle in world.MIXED_ORACLES:  # the extraction with one part put right

@@ -115,11 +115,11 @@ def mask_seam(oracle: bool | str, dump: list | None, keep_inputs: bool = False):
             masks[order[1], :, w // 2 :] = 1
             if oracle == "figures" or oracle in world.MIXED_ORACLES:
                 figure = torch.from_numpy(world.figure_tokens(np.asarray(image, np.float32), grid_hw)).to(masks)
-            if oracle == "figures":  # each half's figure tokens alone (benchmark.CONFIGS)
-                masks *= figure
-            elif oracle in world.MIXED_ORACLES:  # the extraction with one part put right
-                extracted = original(q, k, subject_tokens, grid_hw, image, config, *args, **kwargs)
-                masks = world.mixed_masks(extracted, masks, figure, oracle)
+                if oracle == "figures":  # each half's figure tokens alone (benchmark.CONFIGS)
+                    masks *= figure
+                else:  # the extraction with one part put right
+                    extracted = original(q, k, subject_tokens, grid_hw, image, config, *args, **kwargs)
+                    masks = world.mixed_masks(extracted, masks, figure, oracle)
         else:
             masks = original(q, k, subject_tokens, grid_hw, image, config, *args, **kwargs)
         if dump is not None:

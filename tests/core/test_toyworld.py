@@ -441,7 +441,7 @@ def test_mixed_oracle_masks_put_one_part_right():
     halves[0, :, :3] = halves[1, :, 3:] = 1
     figure = (rng.random((4, 6)) > 0.6).astype(np.float32)
     on = world.mixed_masks(extracted, halves, figure, "truth on figures")
-    off = world.mixed_masks(extracted, halves, torch.from_numpy(figure).numpy(), "truth off figures")
+    off = world.mixed_masks(extracted, halves, figure, "truth off figures")
     inside, outside = figure.astype(bool), ~figure.astype(bool)
     assert np.array_equal(on[:, inside], halves[:, inside]) and np.array_equal(on[:, outside], extracted[:, outside])
     assert np.array_equal(off[:, inside], extracted[:, inside]) and np.array_equal(off[:, outside], halves[:, outside])

@@ -1,3 +1,3 @@
 """FreeFuse for Stable Diffusion WebUI Forge: multi-subject LoRA fusion via auto masking at test time."""
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"

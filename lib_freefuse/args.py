@@ -28,6 +28,7 @@ from typing import Any
 from lib_freefuse.core import (
     CONTRASTIVE_CHOICES,
     CROSS_ATTENTION_CHOICES,
+    SURROUNDINGS_CHOICES,
     TEXT_LORA_CHOICES,
     MaskConfig,
     default_capture_step,
@@ -46,8 +47,9 @@ BACKGROUND_CHOICES = ("words", "off", "threshold", "tokens", "nearest")  # the d
 # Eq. 9 where each subject leads (0.6.0, with average_blocks: won in both toy worlds and on the planted leak; README);
 # stray pieces under 1% of the image filled, each subject keeping its largest, and the background words' places kept
 # free where the user gives any (0.7.0: the planted wide canvas and background, no scene worse, neither toy world
-# changed; README).
-EXTENSION_MASK = MaskConfig(contrastive="leading", background="words", fill_holes=0.01)
+# changed; README); the places no subject clearly leads to the nearest one that does (0.8.0: won in both toy worlds,
+# no planted scene worse; README).
+EXTENSION_MASK = MaskConfig(contrastive="leading", background="words", fill_holes=0.01, surroundings="nearest_lead")
 # The paper's values of every setting whose extension default goes beyond it: FreeFuseArgs.from_dict(PAPER_SETTINGS)
 # (with subjects) runs the paper's method, as the benchmarks' and tests' "paper" rows do.
 PAPER_SETTINGS = {
@@ -57,8 +59,10 @@ PAPER_SETTINGS = {
     "contrastive": "off",
     "background": "off",
     "fill_holes": 0.0,
+    "surroundings": "vote",
 }
 CONTRASTIVE_UI_ORDER = ("leading", "off", "strongest", "authors")  # the default first, as the dropdown shows them
+SURROUNDINGS_UI_ORDER = ("nearest_lead", "vote")
 WEIGHT_LIMIT = 10.0
 MAX_CAPTURE_STEP = 10_000  # bounds that no real run reaches, so that pasted junk stays out of logs and infotext
 MAX_CAPTURE_BLOCK = 999
@@ -425,6 +429,15 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
         "Fill holes smaller than",
         "Mask pieces below this share of the image join their surround (0: off).",
     ),
+    FieldHelp(
+        "surroundings",
+        "Where no subject clearly leads",
+        "After the vote, a place where no subject's words look at least 3 times more than every other's goes to the "
+        "subject that clearly leads nearest to it, so each LoRA acts around its own subject (default); or it keeps "
+        "what the regions' vote gave it.",
+        SURROUNDINGS_UI_ORDER,
+        ("Nearest clear subject (default)", "As the vote gives it"),
+    ),
 )
 
 
@@ -472,7 +485,7 @@ SECTIONS: tuple[Section, ...] = (
             Section(
                 "background",
                 "Background and holes",
-                (("background", "background_words"), ("background_threshold", "fill_holes")),
+                (("background", "background_words"), ("background_threshold", "fill_holes"), ("surroundings",)),
             ),
         ),
     ),
@@ -704,6 +717,7 @@ _MASK_CHOICES: dict[str, tuple[str, ...]] = {
     "cross_attention": CROSS_ATTENTION_CHOICES,
     "contrastive": CONTRASTIVE_CHOICES,
     "background": BACKGROUND_CHOICES,
+    "surroundings": SURROUNDINGS_CHOICES,
 }
 _MASK_PARSERS = {f.name: _mask_parser(f.type) for f in fields(MaskConfig)}
 _PARSERS: dict[str, Callable[[str, object], Any]] = {

@@ -52,12 +52,22 @@ def freefuse(**settings) -> dict:
 
 # The extension's defaults of 0.5.0 (own words, b = 5) where 0.6.0 changed them: the rows "  defaults + ..." pin them,
 # as their committed JSONs were made (0.6.0 added the blocks' average and the seeds where a subject leads).
-DEFAULTS_0_5 = {"average_blocks": False, "contrastive": "off", "fill_holes": 0.0}
+DEFAULTS_0_5 = {"average_blocks": False, "contrastive": "off", "fill_holes": 0.0, "surroundings": "vote"}
 
 
 def defaults_0_5(**settings) -> dict:
     """alwayson_scripts of FreeFuse with the defaults of 0.5.0, then `settings`."""
     return extension_defaults(**{**DEFAULTS_0_5, **settings})
+
+
+# The extension's defaults of 0.7.0 where 0.8.0 changed them: the rows "  defaults + ..." measured with 0.7.0 pin
+# them, as their committed JSONs were made (0.8.0 gave the places no subject clearly leads to the nearest clear one).
+DEFAULTS_0_7 = {"surroundings": "vote"}
+
+
+def defaults_0_7(**settings) -> dict:
+    """alwayson_scripts of FreeFuse with the defaults of 0.7.0, then `settings`."""
+    return extension_defaults(**{**DEFAULTS_0_7, **settings})
 
 
 def extension_defaults(**settings) -> dict:
@@ -88,7 +98,8 @@ CONFIGS = {
     "FreeFuse (paper defaults)": ("both", freefuse(), False),
     "FreeFuse (defaults)": ("both", extension_defaults(), False),
     "FreeFuse (0.5.0 defaults)": ("both", defaults_0_5(), False),
-    "FreeFuse (0.6.0 defaults)": ("both", extension_defaults(fill_holes=0.0), False),
+    "FreeFuse (0.6.0 defaults)": ("both", defaults_0_7(fill_holes=0.0), False),
+    "FreeFuse (0.7.0 defaults)": ("both", defaults_0_7(), False),
     "  sink filter off": ("both", freefuse(sink_filter=False), False),
     "  self-attention off": ("both", freefuse(self_attention=False), False),
     "  superpixel vote off": ("both", freefuse(superpixel_vote=False), False),
@@ -127,12 +138,12 @@ CONFIGS = {
     "  background from end-of-text": ("both", freefuse(background="tokens"), False),
     "  background threshold": ("both", freefuse(background="threshold"), False),
     "  fill holes 0.01": ("both", freefuse(fill_holes=0.01), False),
-    "  defaults + fill holes 0.01": ("both", extension_defaults(fill_holes=0.01), False),
-    "  defaults + average steps": ("both", extension_defaults(average_steps=True, fill_holes=0.0), False),
-    "  defaults + average steps (0.7.0)": ("both", extension_defaults(average_steps=True), False),
+    "  defaults + fill holes 0.01": ("both", defaults_0_7(fill_holes=0.01), False),
+    "  defaults + average steps": ("both", defaults_0_7(average_steps=True, fill_holes=0.0), False),
+    "  defaults + average steps (0.7.0)": ("both", defaults_0_7(average_steps=True), False),
     "  defaults + nearest 1 (0.6.0)": (
         "both",
-        extension_defaults(background="nearest", background_threshold=1.0, fill_holes=0.0),
+        defaults_0_7(background="nearest", background_threshold=1.0, fill_holes=0.0),
         False,
     ),
     "  all three remedies": (
@@ -155,15 +166,15 @@ CONFIGS = {
     "  attention bias 2": ("both", freefuse(attention_bias=2.0), False),
     "  attention bias 5": ("both", freefuse(attention_bias=5.0), False),
     "  own words + attention bias 5": ("both", freefuse(text_loras="own_words", attention_bias=5.0), False),
-    "  defaults + LoRAs off before masks": ("both", extension_defaults(pre_mask="off"), False),
-    "  defaults + off before + restart": ("both", extension_defaults(pre_mask="off", restart=True), False),
-    "  defaults + restart": ("both", extension_defaults(restart=True), False),
+    "  defaults + LoRAs off before masks": ("both", defaults_0_7(pre_mask="off"), False),
+    "  defaults + off before + restart": ("both", defaults_0_7(pre_mask="off", restart=True), False),
+    "  defaults + restart": ("both", defaults_0_7(restart=True), False),
     "oracle masks (defaults, restart)": ("both", extension_defaults(restart=True), True),
     "oracle masks (paper timing)": ("both", freefuse(), True),
     "oracle masks (defaults)": ("both", extension_defaults(), True),
     "oracle figures (defaults)": ("both", extension_defaults(), "figures"),
-    "FreeFuse, truth on figures (defaults)": ("both", extension_defaults(), "truth on figures"),
-    "FreeFuse, truth off figures (defaults)": ("both", extension_defaults(), "truth off figures"),
+    "FreeFuse, truth on figures (defaults)": ("both", defaults_0_7(), "truth on figures"),
+    "FreeFuse, truth off figures (defaults)": ("both", defaults_0_7(), "truth off figures"),
     "oracle masks (defaults, off before)": ("both", extension_defaults(pre_mask="off"), True),
     "oracle masks (defaults, off before + restart)": ("both", extension_defaults(pre_mask="off", restart=True), True),
     "oracle masks + attention bias 5": ("both", freefuse(attention_bias=5.0), True),
@@ -400,6 +411,7 @@ SHARES = (
     ("FreeFuse (defaults)", "oracle masks (defaults)"),
     ("FreeFuse (0.5.0 defaults)", "oracle masks (defaults)"),
     ("FreeFuse (0.6.0 defaults)", "oracle masks (defaults)"),
+    ("FreeFuse (0.7.0 defaults)", "oracle masks (defaults)"),
     ("  own words + attention bias 5", "oracle masks (defaults)"),
     ("  joint + restart", "oracle masks + joint + restart"),
     ("  off before masks + restart", "oracle masks + off before + restart"),

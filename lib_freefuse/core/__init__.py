@@ -4,7 +4,13 @@ Depends on torch, numpy and scikit-image (with SciPy, which scikit-image is buil
 gradio.
 """
 
-from .config import BACKGROUND_CHOICES, CONTRASTIVE_CHOICES, CROSS_ATTENTION_CHOICES, MaskConfig
+from .config import (
+    BACKGROUND_CHOICES,
+    CONTRASTIVE_CHOICES,
+    CROSS_ATTENTION_CHOICES,
+    SURROUNDINGS_CHOICES,
+    MaskConfig,
+)
 from .lora import StackedLoRA, masked_lora_delta
 from .masks import cross_subject_maps, extract_cross_masks, extract_masks, joint_score_maps
 from .prompt import SubjectTokens, byte_level_pieces, find_subject_tokens, split_phrases
@@ -16,6 +22,7 @@ __all__ = [
     "BACKGROUND_CHOICES",
     "CONTRASTIVE_CHOICES",
     "CROSS_ATTENTION_CHOICES",
+    "SURROUNDINGS_CHOICES",
     "TEXT_LORA_CHOICES",
     "MaskConfig",
     "StackedLoRA",

@@ -26,6 +26,11 @@ CONTRASTIVE_CHOICES = ("off", "strongest", "authors", "leading")
 # where background tokens are given (the user's background words), as "off" where none are.
 BACKGROUND_CHOICES = ("off", "tokens", "threshold", "nearest", "words")
 BACKGROUND_FROM_TOKENS = ("tokens", "words")  # the choices that read background token positions
+# What becomes of the places where no subject clearly leads, after the vote: "vote" - they keep the vote's owner
+# (the paper); "nearest_lead" - each goes to the subject that clearly leads at the nearest place (its map there at
+# least 3 times every other's; surroundings.nearest_lead), so that weak attention in a figure's surroundings no longer
+# decides which LoRA acts there, distance to where a subject is clear does. Places nobody owns stay free.
+SURROUNDINGS_CHOICES = ("vote", "nearest_lead")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class MaskConfig:
     background: str = "off"  # BACKGROUND_CHOICES: "off" gives every superpixel to some subject, as the paper
     background_threshold: float = 0.5  # "threshold", "nearest": multiple of the even score 1/N below which nobody owns
     fill_holes: float = 0.0  # pieces of an owner (or of background) below this share of the image join their surround
+    surroundings: str = "vote"  # SURROUNDINGS_CHOICES: where no subject clearly leads, the vote (paper) or distance
 
     def __post_init__(self) -> None:
         for flag in ("sink_filter", "self_attention", "superpixel_vote", "soft"):
@@ -62,6 +68,7 @@ class MaskConfig:
             ("cross_attention", CROSS_ATTENTION_CHOICES),
             ("contrastive", CONTRASTIVE_CHOICES),
             ("background", BACKGROUND_CHOICES),
+            ("surroundings", SURROUNDINGS_CHOICES),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}: expected one of {choices}, got {getattr(self, name)!r}")

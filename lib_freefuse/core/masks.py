@@ -32,6 +32,7 @@ from .superpixel import (
     token_owners,
     vote_superpixels,
 )
+from .surroundings import nearest_lead
 
 __all__ = [
     "BACKGROUND_SCALE",
@@ -168,17 +169,21 @@ def _masks_from_maps(
     background: torch.Tensor | None,
     out_hw: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Eq. 11-13 (or the token-wise argmax without the vote) for (L, h, w) score maps -> (L, *out_hw) masks."""
+    """Eq. 11-13 (or the token-wise argmax without the vote) for (L, h, w) score maps -> (L, *out_hw) masks; then, with
+    `surroundings` "nearest_lead", the places no subject clearly leads to the nearest one that does."""
     grid_hw = tuple(maps.shape[-2:])
     out_hw = tuple(out_hw or grid_hw)
     threshold = config.background_threshold if config.background in ("threshold", "nearest") else None
     if config.superpixel_vote:
-        return _vote_masks(maps, _as_image(image), grid_hw, config, background, threshold, out_hw)
-    # Without voting each token goes to the subject with the largest score: the paper's "holes".
-    owner = _owners(lambda t: token_owners(maps, background, t), threshold, config, maps.shape[0])
-    masks = owner_to_pixel_masks(owner, maps.shape[0])
-    if out_hw != grid_hw:
-        masks = F.interpolate(masks[None], size=out_hw, mode="nearest-exact")[0]
+        masks = _vote_masks(maps, _as_image(image), grid_hw, config, background, threshold, out_hw)
+    else:
+        # Without voting each token goes to the subject with the largest score: the paper's "holes".
+        owner = _owners(lambda t: token_owners(maps, background, t), threshold, config, maps.shape[0])
+        masks = owner_to_pixel_masks(owner, maps.shape[0])
+        if out_hw != grid_hw:
+            masks = F.interpolate(masks[None], size=out_hw, mode="nearest-exact")[0]
+    if config.surroundings == "nearest_lead":
+        masks = nearest_lead(masks, maps)
     return masks
 
 

@@ -93,6 +93,7 @@ AXES: tuple[Axis, ...] = (
     _choice_axis("background", "background"),
     Axis(f"{LABEL_PREFIX}background threshold", "background_threshold", float),
     Axis(f"{LABEL_PREFIX}fill holes", "fill_holes", float),
+    _choice_axis("surroundings", "surroundings"),
     Axis(f"{LABEL_PREFIX}superpixel image size", "slic_max_side", int),
     Axis(f"{LABEL_PREFIX}show masks", "show_masks", str, BOOL_CHOICES),  # True: the cell shows its mask overlay
     *_weight_axes(),

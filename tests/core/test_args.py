@@ -76,9 +76,12 @@ def test_defaults_are_the_papers_method_switched_off_with_the_extensions_choices
     assert (args.enabled, args.subjects, args.capture_step, args.capture_block) == (False, (), None, 17)
     assert (args.pre_mask, args.restart, args.modulation, args.slic_image) == ("joint", False, "per_token", "vae")
     assert (args.show_masks, args.hires_masks) == (False, "reuse")
-    # beyond the paper since 0.5.0 / 0.6.0 / 0.7.0 (README "Settings"): everything else in the masks is the paper's
+    # beyond the paper since 0.5.0 / 0.6.0 / 0.7.0 / 0.8.0 (README "Settings"): everything else in the masks is the
+    # paper's
     assert (args.text_loras, args.attention_bias, args.average_blocks) == ("own_words", 5.0, True)
-    assert args.mask == dataclasses.replace(MaskConfig(), contrastive="leading", background="words", fill_holes=0.01)
+    assert args.mask == dataclasses.replace(
+        MaskConfig(), contrastive="leading", background="words", fill_holes=0.01, surroundings="nearest_lead"
+    )
     assert args.capture_block_name == "double_blocks.17"
 
 
@@ -95,8 +98,11 @@ def test_paper_settings_are_the_papers_method_and_name_every_default_beyond_it()
 
 def test_mask_keys_not_given_keep_the_extensions_defaults():
     given = FreeFuseArgs.from_dict({"fill_holes": 0.02}).mask
-    assert given == dataclasses.replace(MaskConfig(), contrastive="leading", background="words", fill_holes=0.02)
-    assert FreeFuseArgs.from_dict({"contrastive": "off", "background": "off", "fill_holes": 0}).mask == MaskConfig()
+    assert given == dataclasses.replace(
+        MaskConfig(), contrastive="leading", background="words", fill_holes=0.02, surroundings="nearest_lead"
+    )
+    paper_mask = {"contrastive": "off", "background": "off", "fill_holes": 0, "surroundings": "vote"}
+    assert FreeFuseArgs.from_dict(paper_mask).mask == MaskConfig()
     assert FreeFuseArgs().updated({"background": "threshold"}).mask.contrastive == "leading"
 
 
@@ -160,6 +166,7 @@ def changed_everywhere() -> FreeFuseArgs:
         background="threshold",
         background_threshold=0.8,
         fill_holes=0.02,
+        surroundings="vote",
     )
 
 

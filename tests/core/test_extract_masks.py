@@ -171,6 +171,8 @@ def test_bad_config_type_names_config():
         ("fill_holes", -0.01),
         ("fill_holes", 0.5),
         ("fill_holes", "0.01"),
+        ("surroundings", "nearest"),
+        ("surroundings", None),
     ],
 )
 def test_bad_config_value_names_the_field(field, value):
@@ -196,6 +198,7 @@ def test_config_defaults_follow_algorithm_md():
         "background": "off",
         "background_threshold": 0.5,
         "fill_holes": 0.0,
+        "surroundings": "vote",
     }
     with pytest.raises(dataclasses.FrozenInstanceError):
         MaskConfig().soft = True  # type: ignore[misc]

@@ -222,6 +222,15 @@ def test_problems_are_named_and_the_image_is_made(webui, settings, warning):
             "background": "words",
             "fill_holes": 0.01,
         },
+        {
+            "text_loras": "own_words",
+            "attention_bias": 5.0,
+            "average_blocks": True,
+            "contrastive": "leading",
+            "background": "words",
+            "fill_holes": 0.01,
+            "surroundings": "nearest_lead",
+        },
     ],
     ids=[
         "image-queries",
@@ -231,6 +240,7 @@ def test_problems_are_named_and_the_image_is_made(webui, settings, warning):
         "attention-bias",
         "defaults-0.5",
         "defaults-0.6",
+        "defaults-0.7",
         "defaults",
     ],
 )

@@ -432,9 +432,8 @@ FIELD_HELP: tuple[FieldHelp, ...] = (
     FieldHelp(
         "surroundings",
         "Where no subject clearly leads",
-        "After the vote, a place where no subject's words look at least 3 times more than every other's goes to the "
-        "subject that clearly leads nearest to it, so each LoRA acts around its own subject (default); or it keeps "
-        "what the regions' vote gave it.",
+        "A place where no subject's words look at least 3 times more than any other's goes to the nearest subject "
+        "that does, so each LoRA acts around its own subject (default); or it keeps what the image regions gave it.",
         SURROUNDINGS_UI_ORDER,
         ("Nearest clear subject (default)", "As the vote gives it"),
     ),

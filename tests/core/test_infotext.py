@@ -142,6 +142,20 @@ def test_infotexts_before_0_7_paste_back_no_background_words_class_and_no_hole_f
     assert args.background_words == written.get("background_words", "")
 
 
+@pytest.mark.parametrize(
+    ("version", "written", "surroundings"),
+    [
+        ("0.7.0", {}, "vote"),  # made before the nearest clear subject was the default: pasted back as made
+        ("0.7.0", {"surroundings": "nearest_lead"}, "nearest_lead"),
+        ("0.8.0", {}, "nearest_lead"),
+        ("0.8.0", {"surroundings": "vote"}, "vote"),  # the paper's value, written out
+    ],
+)
+def test_infotexts_before_0_8_paste_back_the_votes_surroundings(version, written, surroundings):
+    params = {BINDINGS_KEY: "a: cat", VERSION_KEY: version, **{setting_key(k): v for k, v in written.items()}}
+    assert args_from_params(forge_roundtrip(params)).mask.surroundings == surroundings
+
+
 def test_the_papers_values_are_written_now_that_they_are_not_the_defaults():
     paper = FreeFuseArgs.from_dict({"enabled": True, "subjects": [{"lora": "a", "words": "cat"}], "text_loras": "all"})
     params = infotext_params(FreeFuseArgs.from_dict({**paper.to_dict(), "attention_bias": 0}))

@@ -26,6 +26,7 @@ MORE = (
     "background",
     "background threshold",
     "fill holes",
+    "surroundings",
     "superpixel image size",
     "show masks",
     "subject LoRA weight",

@@ -204,6 +204,12 @@ def test_problems_are_named_and_the_image_is_made(webui, settings, warning):
     assert f"FreeFuse: {warning}" in webui.log() or warning in webui.log()
 
 
+# The extension's defaults of each version, over the paper's settings (each adds to the one before).
+DEFAULTS_0_5 = {"text_loras": "own_words", "attention_bias": 5.0}
+DEFAULTS_0_6 = {**DEFAULTS_0_5, "average_blocks": True, "contrastive": "leading"}
+DEFAULTS_0_7 = {**DEFAULTS_0_6, "background": "words", "fill_holes": 0.01}
+
+
 @pytest.mark.parametrize(
     "settings",
     [
@@ -212,25 +218,10 @@ def test_problems_are_named_and_the_image_is_made(webui, settings, warning):
         {"text_loras": "none"},
         {"background": "tokens"},
         {"attention_bias": 5.0},
-        {"text_loras": "own_words", "attention_bias": 5.0},
-        {"text_loras": "own_words", "attention_bias": 5.0, "average_blocks": True, "contrastive": "leading"},
-        {
-            "text_loras": "own_words",
-            "attention_bias": 5.0,
-            "average_blocks": True,
-            "contrastive": "leading",
-            "background": "words",
-            "fill_holes": 0.01,
-        },
-        {
-            "text_loras": "own_words",
-            "attention_bias": 5.0,
-            "average_blocks": True,
-            "contrastive": "leading",
-            "background": "words",
-            "fill_holes": 0.01,
-            "surroundings": "nearest_lead",
-        },
+        DEFAULTS_0_5,
+        DEFAULTS_0_6,
+        DEFAULTS_0_7,
+        {**DEFAULTS_0_7, "surroundings": "nearest_lead"},
     ],
     ids=[
         "image-queries",

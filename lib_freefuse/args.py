@@ -47,8 +47,8 @@ BACKGROUND_CHOICES = ("words", "off", "threshold", "tokens", "nearest")  # the d
 # Eq. 9 where each subject leads (0.6.0, with average_blocks: won in both toy worlds and on the planted leak; README);
 # stray pieces under 1% of the image filled, each subject keeping its largest, and the background words' places kept
 # free where the user gives any (0.7.0: the planted wide canvas and background, no scene worse, neither toy world
-# changed; README); the places no subject clearly leads to the nearest one that does (0.8.0: won in both toy worlds,
-# no planted scene worse; README).
+# changed; README); the places no subject clearly leads to the nearest one that does (0.8.0: won in the first toy
+# world, a tie leaning up in the second, no planted scene worse; README).
 EXTENSION_MASK = MaskConfig(contrastive="leading", background="words", fill_holes=0.01, surroundings="nearest_lead")
 # The paper's values of every setting whose extension default goes beyond it: FreeFuseArgs.from_dict(PAPER_SETTINGS)
 # (with subjects) runs the paper's method, as the benchmarks' and tests' "paper" rows do.

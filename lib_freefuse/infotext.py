@@ -34,7 +34,7 @@ CHANGED_DEFAULTS: tuple[tuple[tuple[int, ...], str, object], ...] = (
     ((0, 6, 0), "contrastive", "off"),
     ((0, 7, 0), "fill_holes", 0.0),  # stray pieces filled: the planted wide canvas, neither toy world changed
     ((0, 7, 0), "background", "off"),  # the background words' places free where given: the planted background
-    ((0, 8, 0), "surroundings", "vote"),  # unclear places to the nearest clear subject: won in both toy worlds
+    ((0, 8, 0), "surroundings", "vote"),  # unclear places to the nearest clear subject: won in the first toy world
 )
 
 _ROW_SEPARATOR = "; "

@@ -16,7 +16,8 @@ __all__ = ["LEAD_RATIO", "LEAD_REACH", "clear_places", "nearest_lead"]
 
 # A subject clearly leads where its map is at least this many times every other subject's. Chosen from the first toy
 # world's captures among 1, 1.5, 2 and 3 (offline mask accuracy); through the job 2 changed nothing in either world,
-# 3 won in both (README "The toy world"); 4 and above lose the planted leak scene (one seed 0.68 at 4).
+# 3 won in the first, on seeds no choice had seen too, and leaned the same way in the second (README "The toy
+# world"); 4 and above lose the planted leak scene (one seed 0.68 at 4).
 LEAD_RATIO = 3.0
 # Places a subject owns within this many tokens of one it clearly leads count as clear too: a subject whose map has
 # holes, or whose words another subject's also reach, keeps its own region (planted leak and wide canvas: without it

@@ -50,19 +50,17 @@ def freefuse(**settings) -> dict:
     return extension_defaults(**{**PAPER, **settings})
 
 
-# The extension's defaults of 0.5.0 (own words, b = 5) where 0.6.0 changed them: the rows "  defaults + ..." pin them,
-# as their committed JSONs were made (0.6.0 added the blocks' average and the seeds where a subject leads).
-DEFAULTS_0_5 = {"average_blocks": False, "contrastive": "off", "fill_holes": 0.0, "surroundings": "vote"}
+# The extension's defaults of 0.7.0 where 0.8.0 changed them: the rows "  defaults + ..." measured with 0.7.0 pin
+# them, as their committed JSONs were made (0.8.0 gave the places no subject clearly leads to the nearest clear one).
+DEFAULTS_0_7 = {"surroundings": "vote"}
+# The extension's defaults of 0.5.0 (own words, b = 5) where 0.6.0 and later changed them: the rows "  defaults + ..."
+# pin them, as their committed JSONs were made (0.6.0 added the blocks' average and the seeds where a subject leads).
+DEFAULTS_0_5 = {**DEFAULTS_0_7, "average_blocks": False, "contrastive": "off", "fill_holes": 0.0}
 
 
 def defaults_0_5(**settings) -> dict:
     """alwayson_scripts of FreeFuse with the defaults of 0.5.0, then `settings`."""
     return extension_defaults(**{**DEFAULTS_0_5, **settings})
-
-
-# The extension's defaults of 0.7.0 where 0.8.0 changed them: the rows "  defaults + ..." measured with 0.7.0 pin
-# them, as their committed JSONs were made (0.8.0 gave the places no subject clearly leads to the nearest clear one).
-DEFAULTS_0_7 = {"surroundings": "vote"}
 
 
 def defaults_0_7(**settings) -> dict:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage  # installed with scikit-image, which is built on it
 
+from .superpixel import give_free_to_nearest
+
 __all__ = ["LEAD_RATIO", "LEAD_REACH", "clear_places", "nearest_lead"]
 
 # A subject clearly leads where its map is at least this many times every other subject's. Chosen from the first toy
@@ -69,8 +71,8 @@ def nearest_lead(
     clear = clear_places(owner, scores, ratio, reach)
     if not bool(clear.any()):
         return masks
-    _, (rows, cols) = ndimage.distance_transform_edt(~clear.numpy(), return_indices=True)
-    nearest = torch.from_numpy(owner.numpy()[rows, cols])
+    unclear_freed = torch.where(clear, owner, torch.full_like(owner, n_subjects))
+    nearest = give_free_to_nearest(unclear_freed, n_subjects)  # each place: the owner of the nearest clear place
     moved = (owner < n_subjects) & (nearest != owner)
     if not bool(moved.any()):
         return masks
